@@ -1,0 +1,326 @@
+"""Checkpoints: DeepSpeed's engine checkpoint plus what it does not save, made atomic by a manifest.
+
+Layout under ``<run>/checkpoints`` (docs/run-directory.md)::
+
+    step_0000040/                    one folder per step (the DeepSpeed tag)
+      mp_rank_00_model_states.pt     DeepSpeed's files (model, ZeRO optimizer partitions, scheduler)
+      zero_pp_rank_*_optim_states.pt
+      kit_rank_00000.pt              per-rank RNG state (torch, numpy, python): DeepSpeed saves none
+      MANIFEST.json                  written LAST: every file's size and sha256, step, consumed samples,
+                                     world size, model shape. No manifest = not a checkpoint.
+    latest                           the newest complete tag (DeepSpeed's own format), moved after the
+                                     manifest, so DeepSpeed tools and zero_to_fp32 find it too
+    .pins/<tag>                      pinned against retention (spike policy), with the reason
+    .busy/<tag>                      in use (upload in progress): never deleted while there
+
+A save killed at any point leaves a folder without a manifest; resume ignores it and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kit.errors import CheckpointError
+
+MANIFEST = "MANIFEST.json"
+LATEST = "latest"
+PINS = ".pins"
+BUSY = ".busy"
+RANK_STATE = "kit_rank_{rank:05d}.pt"
+MANIFEST_VERSION = 1
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def step_of(tag: str) -> int | None:
+    if tag.startswith("step_") and tag[5:].isdigit():
+        return int(tag[5:])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    step: int
+    tag: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def consumed(self) -> int:
+        return int(self.manifest["kit"]["consumed"])
+
+    @property
+    def bytes(self) -> int:
+        return sum(f["size"] for f in self.manifest["files"].values())
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prepare_tag_dir(root: Path, tag: str) -> Path:
+    """Before a save: a same-named folder without a manifest is a killed earlier save; remove it."""
+    path = root / tag
+    if path.exists() and not (path / MANIFEST).exists():
+        shutil.rmtree(path)
+    if (path / MANIFEST).exists():
+        raise CheckpointError(f"{path} is already a complete checkpoint; refusing to overwrite it")
+    return path
+
+
+def save_rank_state(path: Path, rank: int) -> None:
+    import torch
+
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (RANK_STATE.format(rank=rank) + ".tmp")
+    torch.save(rng_state(), tmp)
+    os.replace(tmp, path / RANK_STATE.format(rank=rank))
+
+
+def load_rank_state(path: Path, rank: int) -> None:
+    import torch
+
+    f = path / RANK_STATE.format(rank=rank)
+    if not f.exists():
+        raise CheckpointError(f"{f} is missing: this checkpoint was written by fewer ranks; "
+                              "resume with the world size it was saved with, or `kit reshape` it")
+    set_rng_state(torch.load(f, weights_only=False))
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(path: Path, step: int, kit_state: dict[str, Any], threads: int = 4) -> dict[str, Any]:
+    """Hash every file of the tag folder and write MANIFEST.json atomically (the commit point)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        digests = list(pool.map(sha256, files))
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "tag": path.name,
+        "step": step,
+        "created": time.time(),
+        "files": {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": d}
+                  for p, d in zip(files, digests, strict=True)},
+        "kit": kit_state,
+    }
+    tmp = path / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MANIFEST)
+    _fsync_dir(path)
+    return manifest
+
+
+def set_latest(root: Path, tag: str) -> None:
+    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.write_text(tag)
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / MANIFEST} is unreadable ({e}); delete the folder or restore it") from None
+    return m if isinstance(m, dict) else None
+
+
+def verify(ckpt: Checkpoint, hashes: bool = True) -> list[str]:
+    """Problems with a checkpoint against its manifest (empty = fine)."""
+    problems = []
+    for rel, info in ckpt.manifest["files"].items():
+        p = ckpt.path / rel
+        if not p.exists():
+            problems.append(f"{rel}: missing")
+        elif p.stat().st_size != info["size"]:
+            problems.append(f"{rel}: size {p.stat().st_size} != {info['size']}")
+        elif hashes and sha256(p) != info["sha256"]:
+            problems.append(f"{rel}: sha256 mismatch")
+    return problems
+
+
+def scan(root: Path) -> tuple[list[Checkpoint], list[Path]]:
+    """Complete checkpoints (oldest first) and incomplete step folders under ``root``."""
+    complete: list[Checkpoint] = []
+    incomplete: list[Path] = []
+    if not root.is_dir():
+        return complete, incomplete
+    for p in sorted(root.iterdir()):
+        step = step_of(p.name)
+        if step is None or not p.is_dir():
+            continue
+        m = read_manifest(p)
+        if m is None:
+            incomplete.append(p)
+        else:
+            complete.append(Checkpoint(step, p.name, p, m))
+    complete.sort(key=lambda c: c.step)
+    return complete, incomplete
+
+
+def find_resume(
+    root: Path, hashes: bool = False, before_step: int | None = None
+) -> tuple[Checkpoint | None, list[str]]:
+    """The newest complete, intact checkpoint (optionally at or before a step) and notes on what was
+    passed over and why, so the trainer can say which it resumed from."""
+    complete, incomplete = scan(root)
+    notes = [f"{p.name}: incomplete (no {MANIFEST}), ignored" for p in incomplete]
+    for ckpt in reversed(complete):
+        if before_step is not None and ckpt.step > before_step:
+            continue
+        problems = verify(ckpt, hashes=hashes)
+        if problems:
+            notes.append(f"{ckpt.tag}: corrupt ({'; '.join(problems[:3])}), skipped")
+            continue
+        return ckpt, notes
+    return None, notes
+
+
+def load(root: Path, tag: str) -> Checkpoint:
+    path = root / tag
+    m = read_manifest(path)
+    if m is None:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); choose another step")
+    step = step_of(tag)
+    return Checkpoint(step if step is not None else int(m["step"]), tag, path, m)
+
+
+def check_compatible(ckpt: Checkpoint, world_size: int, model: dict[str, Any], vocab_size: int) -> None:
+    kit = ckpt.manifest["kit"]
+    if kit.get("world_size") != world_size:
+        raise CheckpointError(
+            f"checkpoint {ckpt.tag} was written by {kit.get('world_size')} data-parallel ranks, this segment "
+            f"has {world_size}; run with {kit.get('world_size')} ranks, or `kit reshape` the checkpoint"
+        )
+    theirs = kit.get("model", {})
+    keys = ("hidden_size", "n_layer", "n_head")
+    diff = [f"model.{k} {theirs.get(k)} != {model[k]}" for k in keys if theirs.get(k) != model[k]]
+    if kit.get("vocab_size") != vocab_size:
+        diff.append(f"vocab {kit.get('vocab_size')} != {vocab_size}")
+    if diff:
+        raise CheckpointError(f"checkpoint {ckpt.tag} is of a different model ({', '.join(diff)}); "
+                              "resume with the recipe it was trained with")
+
+
+# ------------------------------------------------------------------------------------ pins and busy
+
+
+def pin(root: Path, tag: str, reason: str) -> None:
+    (root / PINS).mkdir(parents=True, exist_ok=True)
+    (root / PINS / tag).write_text(reason)
+
+
+def unpin(root: Path, tag: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (root / PINS / tag).unlink()
+
+
+def pinned(root: Path) -> set[str]:
+    d = root / PINS
+    return {p.name for p in d.iterdir()} if d.is_dir() else set()
+
+
+@contextlib.contextmanager
+def busy(root: Path, tag: str, who: str) -> Iterator[None]:
+    """Mark a checkpoint in use (an upload): retention will not delete it meanwhile."""
+    d = root / BUSY
+    d.mkdir(parents=True, exist_ok=True)
+    marker = d / f"{tag}.{who}.{os.getpid()}"
+    marker.write_text(who)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+
+
+def busy_tags(root: Path) -> set[str]:
+    d = root / BUSY
+    return {p.name.split(".", 1)[0] for p in d.iterdir()} if d.is_dir() else set()
+
+
+# ----------------------------------------------------------------------------------------- retention
+
+
+def retention_plan(root: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """What to delete: complete checkpoints beyond the newest ``keep_last``, except multiples of
+    ``keep_every``, pinned or busy ones; and incomplete folders older than the newest complete one."""
+    complete, incomplete = scan(root)
+    keep = {c.tag for c in complete[-keep_last:]}
+    keep |= {c.tag for c in complete if keep_every and c.step % keep_every == 0}
+    keep |= pinned(root) | busy_tags(root)
+    doomed = [c.path for c in complete if c.tag not in keep]
+    newest = complete[-1].step if complete else -1
+    doomed += [p for p in incomplete if (step_of(p.name) or 0) < newest and p.name not in keep]
+    return doomed
+
+
+def apply_retention(root: Path, keep_last: int, keep_every: int, on_delete: Any = None) -> list[str]:
+    deleted = []
+    for path in retention_plan(root, keep_last, keep_every):
+        try:
+            # Remove the manifest first: a half-deleted folder must never look complete.
+            with contextlib.suppress(FileNotFoundError):
+                (path / MANIFEST).unlink()
+            shutil.rmtree(path)
+        except OSError as e:  # log and carry on: a failed delete must not stop training
+            if on_delete:
+                on_delete(path.name, f"delete failed: {e}")
+            continue
+        deleted.append(path.name)
+        if on_delete:
+            on_delete(path.name, "")
+    return deleted

@@ -1,0 +1,179 @@
+"""Core verbs: ``kit validate``, ``kit plan``, ``kit train`` and ``kit demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from kit.cli import add_recipe_args
+from kit.config import RunConfig, load_recipe
+from kit.errors import KitError
+
+
+def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    if verb == "demo":
+        p.add_argument("--name", default="", help="run name (default: demo-<date-time>, never reused)")
+        p.add_argument("--runs-dir", default="runs", help="where the run directory goes (default: ./runs)")
+        p.add_argument("--steps", type=int, default=0, help="total steps (default: the recipe's)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value of the embedded recipe (jobs/tiny.toml)")
+        return
+    add_recipe_args(p)
+    if verb in ("validate", "plan"):
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    if verb == "train":
+        p.add_argument("--stop-after-steps", type=int, default=0,
+                       help="end the segment after N steps, saving first (a simulated allocation boundary)")
+
+
+def run(args: argparse.Namespace, verb: str) -> int:
+    return {"validate": validate, "plan": plan, "train": train, "demo": demo}[verb](args)
+
+
+def validate(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.json:
+        print(json.dumps(cfg.to_dict(), indent=1))
+    else:
+        print(cfg.to_toml())
+        print(f"# OK: {args.recipe} is valid (config digest {cfg.digest()}); run directory {cfg.run_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float | int | str]:
+    """What a recipe costs: parameters, batch, FLOPs, and bytes per GPU for its ZeRO stage."""
+    from kit.model import param_count, step_flops
+
+    n = param_count(cfg.model, cfg.data.vocab_size)
+    world = cfg.world_size(local=local)
+    gb = cfg.batch.micro_batch_size * cfg.batch.grad_accum * world
+    tokens = gb * cfg.model.seq_length
+    flops = step_flops(cfg.model, cfg.data.vocab_size, gb)
+    half = cfg.deepspeed.precision == "bf16"
+    w, g, o = (2 if half else 4) * n, (2 if half else 4) * n, (12 if half else 8) * n
+    z = cfg.deepspeed.zero_stage
+    per_gpu = w / (world if z >= 3 else 1) + g / (world if z >= 2 else 1) + o / (world if z >= 1 else 1)
+    ckpt_bytes = (4 if half else 0) * n + w + o  # fp32 master (bf16) + weights + moments
+    return {"parameters": n, "world_size": world, "global_batch": gb, "tokens_per_step": tokens,
+            "total_tokens": tokens * cfg.trainer.max_steps, "flops_per_step": flops,
+            "state_bytes_per_gpu": per_gpu, "checkpoint_bytes": ckpt_bytes,
+            "steps": cfg.trainer.max_steps}
+
+
+def plan(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    s = sizing(cfg)
+    peak = cfg.trainer.peak_tflops or 312.0
+    step_s = float(s["flops_per_step"]) / (int(s["world_size"]) * peak * 0.45 * 1e12)
+    s["assumed_tflops_per_gpu"] = round(peak * 0.45, 1)
+    s["step_time_s_at_45pct_mfu"] = step_s
+    s["days_at_45pct_mfu"] = step_s * cfg.trainer.max_steps / 86400
+    limit_h = _hours(cfg.slurm.time_limit)
+    s["segments_needed"] = int(step_s * cfg.trainer.max_steps / 3600 / max(limit_h, 1e-9)) + 1
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    gib = 2**30
+    print(f"recipe {args.recipe}: run {cfg.run.name}")
+    print(f"  parameters           {s['parameters'] / 1e9:.3f} B")
+    print(f"  ranks                {s['world_size']} ({cfg.slurm.nodes} nodes x {cfg.slurm.gpus_per_node} GPUs)")
+    print(f"  global batch         {s['global_batch']} samples = {s['tokens_per_step']:,} tokens")
+    print(f"  training             {cfg.trainer.max_steps:,} steps = {float(s['total_tokens']) / 1e9:.1f} B tokens")
+    print(f"  FLOPs per step       {float(s['flops_per_step']):.3e}")
+    print(f"  model state per GPU  {float(s['state_bytes_per_gpu']) / gib:.1f} GiB (ZeRO-{cfg.deepspeed.zero_stage}, "
+          "before activations)")
+    print(f"  checkpoint size      {float(s['checkpoint_bytes']) / gib:.1f} GiB")
+    print(f"  at {s['assumed_tflops_per_gpu']} TFLOP/s per GPU: {step_s:.2f} s/step, "
+          f"{s['days_at_45pct_mfu']:.1f} days, ~{s['segments_needed']} allocations of {cfg.slurm.time_limit}")
+    if float(s["state_bytes_per_gpu"]) > 80 * gib:
+        print("  WARNING: model state alone exceeds an 80 GB GPU: use ZeRO-3, more GPUs, or tensor/pipeline "
+              "parallelism (BLOOM-176B used TP=4, PP=12 with Megatron-DeepSpeed)")
+    return 0
+
+
+def _hours(limit: str) -> float:
+    days = 0
+    if "-" in limit:
+        d, limit = limit.split("-", 1)
+        days = int(d)
+    parts = [int(x) for x in limit.split(":")]
+    if len(parts) == 1:
+        return days * 24 + parts[0] / 60
+    while len(parts) < 3:
+        parts.append(0)
+    h, m, sec = parts[:3]
+    return days * 24 + h + m / 60 + sec / 3600
+
+
+# --------------------------------------------------------------------------------------- train, demo
+
+
+def train(args: argparse.Namespace) -> int:
+    from kit.launch import create_run, run_local_segment
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    rd = create_run(cfg)
+    out = run_local_segment(rd, cfg, stop_after_steps=args.stop_after_steps)
+    if out.reason == "crashed":
+        raise KitError(f"the segment failed (exit {out.returncode}); see the output above and {rd.ledger}")
+    print(f"segment ended: {out.reason} at step {out.step}; run directory {rd.path}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """The embedded default, end to end: data, tokenizer, 2 ranks with ZeRO, a simulated allocation
+    boundary, resume, finish; then where everything is."""
+    from rich.console import Console
+
+    from kit.launch import create_run, run_local_segment
+    from kit.ledger import read_all
+
+    console = Console()
+    name = args.name or f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+    overrides = [f'run.name="{name}"', f'run.runs_dir="{Path(args.runs_dir).absolute()}"', *args.overrides]
+    if args.steps:
+        overrides.append(f"trainer.max_steps={args.steps}")
+    recipe = Path(__file__).resolve().parent.parent / "jobs" / "tiny.toml"
+    cfg = load_recipe(recipe, overrides)
+    if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()):
+        raise KitError(f"{cfg.run_dir} already exists; pick another --name (nothing was changed)")
+    t0 = time.time()
+    console.rule(f"kit demo: {name}")
+    console.print(f"1/4 data: {len(cfg.data.sources)} languages from this machine's gettext catalogues, "
+                  f"byte-level BPE of {cfg.data.vocab_size} tokens")
+    rd = create_run(cfg, log=lambda m: console.print(f"    {m}"))
+    half = cfg.trainer.max_steps // 2
+    console.print(f"2/4 segment 1: {cfg.trainer.nproc} ranks, ZeRO-{cfg.deepspeed.zero_stage}, "
+                  f"{cfg.deepspeed.precision}; the allocation 'ends' after step {half}")
+    first = run_local_segment(rd, cfg, stop_after_steps=half, seg="demo-1", quiet=True)
+    _expect(first.reason, "segment_limit", rd)
+    console.print(f"    saved and left at step {first.step} (as at a Slurm time limit)")
+    console.print("3/4 segment 2: a new process resumes from the newest complete checkpoint")
+    second = run_local_segment(rd, cfg, seg="demo-2", quiet=True)
+    _expect(second.reason, "done", rd)
+    events = read_all(rd.path)
+    steps = [e for e in events if e["kind"] == "step"]
+    loaded = [e for e in events if e["kind"] == "ckpt_loaded"]
+    console.print(f"    resumed from {loaded[-1]['tag'] if loaded else '?'}; finished at step {second.step}")
+    console.print("4/4 results")
+    if steps:
+        console.print(f"    loss {steps[0]['loss']:.3f} at step {steps[0]['step']} -> {steps[-1]['loss']:.3f} "
+                      f"at step {steps[-1]['step']}; {steps[-1]['tokens_per_s']:,.0f} tokens/s")
+    console.print(f"    run directory  {rd.path}")
+    console.print(f"    ledger         {rd.ledger}  ({len(events)} events)")
+    console.print(f"    TensorBoard    {rd.tensorboard}  (tensorboard --logdir {rd.tensorboard})")
+    console.print(f"    checkpoints    {rd.checkpoints}  (latest: {(rd.checkpoints / 'latest').read_text()})")
+    console.print(f"    watch it       kit monitor {rd.path}")
+    console.rule(f"done in {time.time() - t0:.0f}s")
+    return 0
+
+
+def _expect(reason: str, want: str, rd: object) -> None:
+    if reason != want:
+        raise KitError(f"demo segment ended with {reason!r}, expected {want!r}; see the ledger in {rd}")

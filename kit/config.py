@@ -1,0 +1,586 @@
+"""Run recipes: one TOML file describes a whole run, loaded into typed, validated dataclasses.
+
+Why dataclasses and not a dict: every component reads typed fields, a typo fails at load time with
+the dotted key and the nearest valid one, and the resolved recipe is frozen into the run directory
+(``run.toml``) so that every segment of a months-long chain runs the same thing.
+
+Each section owns a ``@dataclass(kw_only=True, slots=True)`` with a docstring under every field and
+its own checks in ``__post_init__``; cross-section checks live in :meth:`RunConfig.check`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kit.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSection:
+    name: str = "tiny"
+    """Run name: the run directory is ``<runs_dir>/<name>`` and the Slurm job name is ``kit-<name>``."""
+    runs_dir: str = "runs"
+    """Where run directories live (a shared filesystem on a cluster). Relative paths are relative to
+    the current directory when the recipe is loaded, then frozen as absolute paths."""
+    seed: int = 1234
+    """Seed for model init, data order and dropout. Same seed + same world size = same run."""
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ \t\n") or self.name.startswith("."):
+            raise ConfigError(f"run.name must be a plain folder name (no spaces or slashes), got {self.name!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    """A BLOOM-architecture model (transformers' BloomForCausalLM), built from these shapes."""
+
+    hidden_size: int = 64
+    """Width of the model (BLOOM-176B: 14336)."""
+    n_layer: int = 2
+    """Number of transformer blocks (BLOOM-176B: 70)."""
+    n_head: int = 4
+    """Attention heads; hidden_size must be a multiple of it (BLOOM-176B: 112)."""
+    seq_length: int = 32
+    """Tokens per sample (BLOOM: 2048)."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP (BLOOM: 0.0)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (BLOOM: 0.0)."""
+    layer_norm_epsilon: float = 1e-5
+    """LayerNorm epsilon."""
+    initializer_range: float = 0.02
+    """Std of the normal init (BLOOM-176B used 0.0048)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward (BLOOM did; costs ~33% more compute, counted in TFLOP/s)."""
+    attn_implementation: str = "eager"
+    """transformers attention kernel: "eager" or "sdpa" (sdpa for GPUs)."""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "n_layer", "n_head", "seq_length"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key} must be greater than 0, got {getattr(self, key)}")
+        if self.hidden_size % self.n_head:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be a multiple of model.n_head ({self.n_head})"
+            )
+        for key in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.attn_implementation not in ("eager", "sdpa"):
+            raise ConfigError(f'model.attn_implementation must be "eager" or "sdpa", got {self.attn_implementation!r}')
+
+
+SOURCE_FORMATS = ("text", "jsonl", "parquet", "gettext")
+
+
+@dataclass(kw_only=True, slots=True)
+class SourceSection:
+    """One data source of the mixture, with its language/source label."""
+
+    name: str
+    """Label used in the ledger, the postmortem and the shard file names."""
+    path: str
+    """File, folder or glob. For format "gettext", a locale folder such as /usr/share/locale."""
+    format: str = "text"
+    """text (documents separated by blank lines), jsonl (a "text" field per line), parquet (a
+    "text" column) or gettext (the msgstr strings of compiled .mo catalogues)."""
+    language: str = ""
+    """Language code, for the mixture report and the spike postmortem ("mul" for mixed sources)."""
+    weight: float = 0.0
+    """Sampling weight. 0 means: derived from the source's size with data.alpha smoothing."""
+    languages: list[str] = field(default_factory=list)
+    """gettext only: restrict to these locale folders (empty = all)."""
+    max_bytes: int = 0
+    """Stop reading this source after this many bytes of text (0 = all)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ConfigError(f"data.sources[{self.name}].format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        if self.weight < 0:
+            raise ConfigError(f"data.sources[{self.name}].weight must be >= 0, got {self.weight}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSection:
+    sources: list[SourceSection] = field(default_factory=list)
+    """The mixture: one entry per source ([[data.sources]] tables)."""
+    tokenizer: str = ""
+    """An existing tokenizer.json to reuse. Empty: train a byte-level BPE on the run's own data."""
+    vocab_size: int = 1024
+    """Vocabulary size of the BPE trained on the data (BLOOM: 250880). Also the model's vocab."""
+    alpha: float = 0.3
+    """Smoothing exponent for derived weights, p_i ~ size_i ** alpha (BigScience smoothed languages)."""
+    prepared: str = ""
+    """Where tokenized shards live. Empty: <run dir>/data (prepared once, reused by every segment)."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 260:
+            raise ConfigError(f"data.vocab_size must be at least 260 (256 bytes + specials), got {self.vocab_size}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ConfigError(f"data.alpha must be in (0, 1], got {self.alpha}")
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"data.sources: names must be unique, repeated: {', '.join(dupes)}")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimSection:
+    lr: float = 1e-3
+    """Peak learning rate after warm-up (BLOOM-176B: 6e-5)."""
+    min_lr: float = 1e-4
+    """Floor of the cosine decay (BLOOM-176B: 6e-6)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    decay_steps: int = 0
+    """Cosine decay length in steps after warm-up; 0 = until trainer.max_steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (BLOOM: 0.1)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2 (BLOOM: 0.95)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be greater than 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.warmup_steps and optim.decay_steps must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+
+
+@dataclass(kw_only=True, slots=True)
+class BatchSection:
+    micro_batch_size: int = 4
+    """Samples per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step. Global batch = micro_batch_size * grad_accum * data-parallel ranks."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size <= 0:
+            raise ConfigError(f"batch.micro_batch_size must be greater than 0, got {self.micro_batch_size}")
+        if self.grad_accum <= 0:
+            raise ConfigError(f"batch.grad_accum must be greater than 0, got {self.grad_accum}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DeepSpeedSection:
+    zero_stage: int = 1
+    """ZeRO stage 0, 1, 2 or 3 (BLOOM-176B: 1, with tensor and pipeline parallelism)."""
+    precision: str = "fp32"
+    """bf16 or fp32 (fp16 is not supported: it needs loss scaling and is refused on CPU)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config merged last, for settings the kit does not model."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f'deepspeed.precision must be "bf16" or "fp32", got {self.precision!r}')
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointSection:
+    interval_steps: int = 20
+    """Save every this many optimizer steps (and at the end, on stop, and before a deadline)."""
+    keep_last: int = 3
+    """Keep the newest K complete checkpoints..."""
+    keep_every: int = 0
+    """...and every checkpoint whose step is a multiple of N (0 = none), as BigScience kept every 1k."""
+    verify_on_resume: bool = False
+    """Hash every file against the manifest before resuming (sizes are always checked)."""
+
+    def __post_init__(self) -> None:
+        if self.interval_steps <= 0:
+            raise ConfigError(f"checkpoint.interval_steps must be greater than 0, got {self.interval_steps}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be at least 1, got {self.keep_last}")
+        if self.keep_every < 0:
+            raise ConfigError(f"checkpoint.keep_every must be >= 0, got {self.keep_every}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerSection:
+    max_steps: int = 60
+    """Optimizer steps of the whole run (all segments together)."""
+    log_interval: int = 1
+    """Write step metrics to the ledger and TensorBoard every N steps."""
+    nproc: int = 2
+    """Local ranks when run without Slurm (`kit train`, `kit demo`)."""
+    deadline: str = ""
+    """Stop (saving first) before this time: ISO 8601, or empty. Under Slurm the job's end time is
+    used too, whichever is earlier."""
+    stop_margin_s: float = 30.0
+    """Minimum margin before a deadline; the trainer adds measured step and save times to it."""
+    stop_after_steps: int = 0
+    """End this segment (saving first) after this many steps, as if its allocation ended (0 = off).
+    Used by the demo and the tests to simulate allocation boundaries."""
+    peak_tflops: float = 0.0
+    """Accelerator's dense bf16 peak for MFU (A100: 312, H100 SXM: 989). 0 = from the GPU name."""
+    threads: int = 1
+    """OMP/MKL threads per rank (keep it fixed: a different count changes the arithmetic)."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0:
+            raise ConfigError(f"trainer.max_steps must be greater than 0, got {self.max_steps}")
+        if self.log_interval <= 0:
+            raise ConfigError(f"trainer.log_interval must be greater than 0, got {self.log_interval}")
+        if self.nproc <= 0:
+            raise ConfigError(f"trainer.nproc must be greater than 0, got {self.nproc}")
+        if self.deadline:
+            from datetime import datetime
+
+            try:
+                datetime.fromisoformat(self.deadline)
+            except ValueError:
+                raise ConfigError(
+                    f"trainer.deadline must be an ISO 8601 time like 2026-12-01T06:00:00, got {self.deadline!r}"
+                ) from None
+
+
+@dataclass(kw_only=True, slots=True)
+class SlurmSection:
+    nodes: int = 1
+    """Nodes per allocation (BLOOM-176B: 48)."""
+    gpus_per_node: int = 0
+    """GPUs per node; one task per GPU. 0 = CPU tasks (tasks_per_node)."""
+    tasks_per_node: int = 0
+    """Tasks per node when gpus_per_node is 0 (CPU runs); 0 = trainer.nproc."""
+    cpus_per_task: int = 1
+    """CPU cores per task."""
+    mem_gb: float = 0
+    """Memory per node in GB (0 = Slurm's default)."""
+    partition: str = ""
+    """Partition (empty = the cluster's default)."""
+    account: str = ""
+    """Account to charge."""
+    qos: str = ""
+    """Quality of service."""
+    reservation: str = ""
+    """Reservation name."""
+    time_limit: str = "20:00:00"
+    """Wall time of one allocation, [D-]HH:MM:SS or minutes. Jean Zay gave BLOOM 20 h."""
+    exclude: list[str] = field(default_factory=list)
+    """Nodes never to use (the chain adds nodes implicated in failures)."""
+    sbatch_args: dict[str, Any] = field(default_factory=dict)
+    """Extra sbatch parameters, passed to submitit's slurm_additional_parameters."""
+    srun_args: list[str] = field(default_factory=list)
+    """Extra srun arguments."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ChainSection:
+    max_segments: int = 200
+    """Stop the chain after this many segments (a four-month run on 20 h needs ~150)."""
+    deadline: str = ""
+    """Do not start segments after this ISO 8601 time (empty = none)."""
+    crash_loop_limit: int = 3
+    """Stop with an alert after this many segments in a row end without progress."""
+    backoff_s: float = 60.0
+    """Delay before resubmitting after a crash, doubled per consecutive crash."""
+    signal_lead_s: int = 0
+    """Seconds before the time limit that Slurm signals the job; 0 = derived from save time."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ContainerSection:
+    image: str = ""
+    """Apptainer image (.sif) each segment runs in; empty = the host environment."""
+    binds: list[str] = field(default_factory=list)
+    """Bind mounts, "src[:dst[:opts]]" (scratch, checkpoint filesystems, /dev/infiniband)."""
+    target: str = ""
+    """Image target of containers/pins.toml (a100, h100) the preflight checks against."""
+
+
+@dataclass(kw_only=True, slots=True)
+class HealthSection:
+    enabled: bool = True
+    """Sample GPU (NVML) and host (psutil) health on local rank 0 of each node."""
+    period_s: float = 10.0
+    """Seconds between health samples."""
+    gpu_temp_max_c: float = 85.0
+    """Alert above this GPU temperature (C)."""
+    hang_floor_s: float = 300.0
+    """The hang watchdog never fires sooner than this after the last completed step."""
+    hang_ceiling_s: float = 1800.0
+    """...and always fires after this."""
+    hang_factor: float = 10.0
+    """Bound = clamp(factor * recent median step time, floor, ceiling)."""
+    straggler_interval: int = 50
+    """Gather per-rank timings every N steps (0 = off)."""
+    straggler_threshold: float = 0.05
+    """Report ranks slower than the median by this fraction (BLOOM found a GPU 5% slow)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SpikesSection:
+    policy: str = "log"
+    """What to do on a loss spike: log, skip (no update for that batch) or rollback."""
+    window: int = 50
+    """Steps of history for the rolling median/MAD."""
+    threshold: float = 6.0
+    """A spike is a loss more than this many robust deviations above the rolling median."""
+    warmup_steps: int = 20
+    """No detection before this many steps of history."""
+    rollback_steps: int = 100
+    """Roll back to the newest complete checkpoint at least this many steps before the spike."""
+    skip_batches: int = 200
+    """After a rollback, skip this many batches from the spike on (PaLM skipped 200-500)."""
+    max_rollbacks: int = 5
+    """Stop the chain with an alert after this many rollbacks."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("log", "skip", "rollback"):
+            raise ConfigError(f'spikes.policy must be "log", "skip" or "rollback", got {self.policy!r}')
+
+
+@dataclass(kw_only=True, slots=True)
+class DoctorSection:
+    enabled: bool = True
+    """Run the preflight on every node at the start of every segment."""
+    min_busbw_gbps: float = 0.0
+    """Fail the preflight below this all-reduce bus bandwidth (GB/s; 0 = report only)."""
+    min_free_checkpoints: float = 2.0
+    """Require free space for this many checkpoints on the checkpoint filesystem."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """The whole recipe. Sections map one-to-one to TOML tables."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+    chain: ChainSection = field(default_factory=ChainSection)
+    container: ContainerSection = field(default_factory=ContainerSection)
+    health: HealthSection = field(default_factory=HealthSection)
+    spikes: SpikesSection = field(default_factory=SpikesSection)
+    doctor: DoctorSection = field(default_factory=DoctorSection)
+
+    def check(self) -> None:
+        """Checks that span sections."""
+        if self.optim.warmup_steps >= self.trainer.max_steps:
+            raise ConfigError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must be less than "
+                f"trainer.max_steps ({self.trainer.max_steps})"
+            )
+        if not self.data.sources:
+            raise ConfigError("data.sources is empty: add at least one [[data.sources]] table with a name and a path")
+        if self.deepspeed.precision == "bf16" and self.deepspeed.zero_stage == 0:
+            # DeepSpeed's bf16 optimizer wrapper needs ZeRO >= 1 to keep fp32 master weights.
+            raise ConfigError("deepspeed.precision = \"bf16\" needs deepspeed.zero_stage >= 1 (fp32 master weights)")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.runs_dir) / self.run.name
+
+    def world_size(self, local: bool = True) -> int:
+        """Data-parallel ranks: trainer.nproc locally, nodes x tasks per node under Slurm."""
+        if local:
+            return self.trainer.nproc
+        per_node = self.slurm.gpus_per_node or self.slurm.tasks_per_node or self.trainer.nproc
+        return self.slurm.nodes * per_node
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    def digest(self) -> str:
+        """Hash of what determines the arithmetic (model, data, optimizer, batch, seed, ZeRO)."""
+        d = self.to_dict()
+        keep = {k: d[k] for k in ("model", "data", "optim", "batch", "deepspeed")}
+        keep["seed"] = d["run"]["seed"]
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------- loading & overrides
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a TOML recipe, apply ``dotted.key=value`` overrides, build and validate the config.
+
+    Relative ``runs_dir`` and source paths are resolved against the current directory, except source
+    paths that exist relative to the recipe file (recipes that ship their own data).
+    """
+    path = Path(path)
+    if not path.exists():
+        builtin = Path(__file__).resolve().parent.parent / "jobs" / path.name
+        if path.parent == Path(".") and builtin.exists():
+            path = builtin
+        else:
+            raise ConfigError(f"recipe {path} does not exist: give a path to a .toml file (see jobs/ for examples)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(raw)
+    cfg.run.runs_dir = str(Path(cfg.run.runs_dir).expanduser().absolute())
+    for src in cfg.data.sources:
+        p = Path(src.path).expanduser()
+        if not p.is_absolute() and (path.parent / p).exists() and not p.exists():
+            p = path.parent / p
+        src.path = str(p.absolute()) if not any(c in src.path for c in "*?[") else str(p)
+    cfg.check()
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as a TOML literal, else a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set trainer.max_steps=100")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a table")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, raw, "")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table, found {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        k = unknown[0]
+        near = difflib.get_close_matches(k, names, n=1, cutoff=0.5)
+        hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
+        raise ConfigError(f"unknown key {prefix}{k}{hint}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{prefix}{f.name} is required")
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], raw[f.name], f"{prefix}{f.name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")  # type: ignore[arg-type]
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, found {type(value).__name__} {value!r}")
+        if dataclasses.is_dataclass(item_tp):
+            out = []
+            for i, v in enumerate(value):
+                label = v.get("name", i) if isinstance(v, dict) else i
+                out.append(_build(item_tp, v, f"{key}[{label}]."))  # type: ignore[arg-type]
+            return out
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, found {type(value).__name__} {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key} must be {_TYPE_NAMES[tp]}, found {type(value).__name__} {value!r}")
+    return value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def dumps_toml(d: dict[str, Any]) -> str:
+    """Write the resolved config as TOML (scalars, lists, tables, arrays of tables: all we use)."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {scalar(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    def table(name: str, t: dict[str, Any]) -> None:
+        plain = {k: v for k, v in t.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        arrays = {k: v for k, v in t.items() if k not in plain}
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {scalar(v)}" for k, v in plain.items())
+        lines.append("")
+        for k, items in arrays.items():
+            for item in items:
+                lines.append(f"[[{name}.{k}]]")
+                lines.extend(f"{ik} = {scalar(iv)}" for ik, iv in item.items())
+                lines.append("")
+
+    for name, t in d.items():
+        table(name, t)
+    return "\n".join(lines)
+
+
+def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """All dotted keys of the recipe, for error messages and docs."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(describe_keys(tp, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+        else:
+            out.append(prefix + f.name)
+    return out

@@ -1,0 +1,25 @@
+"""Exit statuses of a training segment: the contract between the trainer and the chain.
+
+The chain (kit.jobs) reads them to decide: end the chain, requeue at once, or resubmit with
+backoff and count a failure. Anything not listed (a crash, a signal) counts as a failure.
+"""
+
+from __future__ import annotations
+
+DONE = 0  # trainer.max_steps reached: the chain ends
+STOPPED = 0  # the operator's `stop` switch: the chain ends (the ledger says which)
+REQUEUE = 75  # saved at an allocation boundary (signal, deadline, stop_after_steps): continue the chain
+PREFLIGHT = 76  # `kit doctor` failed on this node: exclude the node, resubmit, not a training failure
+HANG = 77  # the hang watchdog ended the segment: exclude the suspect node, resubmit
+GIVE_UP = 78  # the trainer asks the chain to stop (rollback cap, unrecoverable state): alert, end
+USAGE = 2  # a bad command line or recipe (nothing ran)
+
+REASONS = {
+    "done": DONE,
+    "stop": STOPPED,
+    "signal": REQUEUE,
+    "deadline": REQUEUE,
+    "segment_limit": REQUEUE,
+    "give_up": GIVE_UP,
+    "hang": HANG,
+}

@@ -1,0 +1,65 @@
+"""Local launches: prepare a run directory and start ranks with torch's launcher (torchrun).
+
+Under Slurm the chain (kit.jobs) launches ranks through submitit instead; both end in kit.segment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kit import exitcodes
+from kit.config import RunConfig
+from kit.data import prepare
+from kit.ledger import LedgerWriter, read_all
+from kit.rundir import RunDir
+
+
+def create_run(cfg: RunConfig, log: object = print) -> RunDir:
+    """Create (or reopen, with the same frozen config) the run directory and prepare its data."""
+    rd = RunDir(cfg.run_dir)
+    new = rd.create(cfg)
+    if new:
+        with LedgerWriter(rd.path, "cli") as led:
+            led.emit("run_created", name=cfg.run.name, config_digest=cfg.digest())
+    data_dir = Path(cfg.data.prepared) if cfg.data.prepared else rd.data
+    prepare(cfg, data_dir, log=log)
+    return rd
+
+
+def torchrun_cmd(run_dir: Path, nproc: int, stop_after_steps: int = 0) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "kit.segment", str(run_dir), "--boundary-exit-code", "0"]
+    if stop_after_steps:
+        cmd += ["--stop-after-steps", str(stop_after_steps)]
+    return cmd
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentOutcome:
+    returncode: int
+    reason: str  # the trainer's segment_ended reason, or "crashed" when there is none
+    step: int
+
+    @property
+    def exit_code(self) -> int:
+        return exitcodes.REASONS.get(self.reason, self.returncode or 1)
+
+
+def run_local_segment(rd: RunDir, cfg: RunConfig, stop_after_steps: int = 0, seg: str = "local",
+                      extra_env: dict[str, str] | None = None, quiet: bool = False) -> SegmentOutcome:
+    """One segment on this machine with trainer.nproc ranks; says how it ended (from the ledger)."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(cfg.trainer.threads), "KIT_SEGMENT": seg,
+                "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"})
+    env.update(extra_env or {})
+    out = subprocess.DEVNULL if quiet else None
+    proc = subprocess.run(torchrun_cmd(rd.path, cfg.trainer.nproc, stop_after_steps), env=env,
+                          stdout=out, stderr=out)
+    ended = [e for e in read_all(rd.path, {"segment_ended"}) if e.get("seg") == seg]
+    if proc.returncode != 0 or not ended:
+        return SegmentOutcome(proc.returncode, "crashed", ended[-1]["step"] if ended else -1)
+    return SegmentOutcome(0, ended[-1]["reason"], ended[-1]["step"])

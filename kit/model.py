@@ -1,0 +1,81 @@
+"""The model: transformers' BLOOM architecture built from the recipe, and its FLOP count.
+
+FLOPs per optimizer step (Megatron-LM / BigScience formula, docs/metrics.md)::
+
+    F = 24 * c * B * s * l * h^2 * (1 + s / (6 h) + V / (16 l h))
+
+B global batch (samples), s sequence length, l layers, h hidden size, V vocabulary, and c = 3
+(forward + backward) or 4 with activation recomputation, which BigScience counted in its ~150
+TFLOP/s per A100. ``tflops`` in the ledger uses c as the run actually computes (hardware FLOPs);
+``mfu`` uses c = 3 (model FLOPs) divided by the accelerator's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kit.config import ModelSection
+
+# Dense bf16 peak TFLOP/s by GPU name fragment, for MFU when trainer.peak_tflops is 0.
+PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0}
+
+
+def bloom_config(m: ModelSection, vocab_size: int) -> Any:
+    from transformers import BloomConfig
+
+    return BloomConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        layer_norm_epsilon=m.layer_norm_epsilon,
+        initializer_range=m.initializer_range,
+        use_cache=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=True,
+    )
+
+
+def build_model(m: ModelSection, vocab_size: int) -> Any:
+    from transformers import BloomForCausalLM
+
+    config = bloom_config(m, vocab_size)
+    config._attn_implementation = m.attn_implementation
+    model = BloomForCausalLM(config)
+    if m.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def param_count(m: ModelSection, vocab_size: int) -> int:
+    """Parameters of a BLOOM model (tied embeddings), without building it."""
+    h, layer = m.hidden_size, m.n_layer
+    per_layer = 12 * h * h + 13 * h  # qkv, dense, 4h MLP (weights + biases) and two LayerNorms
+    return vocab_size * h + 2 * h + layer * per_layer + 2 * h  # + embedding LN + final LN
+
+
+def step_flops(m: ModelSection, vocab_size: int, global_batch: int, recompute: bool | None = None) -> float:
+    c = 4 if (m.activation_checkpointing if recompute is None else recompute) else 3
+    h, layer, s, v = m.hidden_size, m.n_layer, m.seq_length, vocab_size
+    return 24.0 * c * global_batch * s * layer * h * h * (1 + s / (6 * h) + v / (16 * layer * h))
+
+
+def peak_tflops(configured: float) -> float:
+    """The accelerator's dense bf16 peak: configured, else from the CUDA device name, else 0 (N/A)."""
+    if configured > 0:
+        return configured
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0)
+            for frag, peak in PEAK_BF16_TFLOPS.items():
+                if frag in name:
+                    return peak
+    except Exception:  # no CUDA runtime: MFU is simply not available
+        return 0.0
+    return 0.0

@@ -1,0 +1,174 @@
+"""The run directory: the contract between the job, the monitor and the tools.
+
+Layout (documented in docs/run-directory.md)::
+
+    runs/<name>/
+      run.toml        resolved, frozen config of the whole chain (written once, checked after)
+      ledger/         append-only JSON Lines, one file per writer (kit.ledger)
+      checkpoints/    step_000100/ ... complete once MANIFEST.json is written; `latest` (kit.checkpoint)
+      tensorboard/    event files
+      control/        operator switches: stop, save-now (consumed, acknowledged in the ledger)
+      data/           tokenizer.json and token shards, prepared once (kit.data)
+      slurm/          submitit's folder (logs of every allocation)
+      exports/        converted checkpoints
+      stacks/         stack dumps from the hang watchdog
+
+The monitor and the tools only read it (the monitor writes control files on an operator's say-so).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kit.config import RunConfig, dumps_toml, from_dict
+from kit.errors import ConfigError, RunDirError
+
+RUN_TOML = "run.toml"
+LEDGER = "ledger"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+CONTROL = "control"
+DATA = "data"
+SLURM = "slurm"
+EXPORTS = "exports"
+STACKS = "stacks"
+
+# Control switches: files an operator (or `kit stop`, or the monitor) creates under control/.
+STOP = "stop"
+SAVE_NOW = "save-now"
+SWITCHES = (STOP, SAVE_NOW)
+
+
+class RunDir:
+    """Paths of one run directory, and its creation/freezing rules."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ---- paths
+    @property
+    def run_toml(self) -> Path:
+        return self.path / RUN_TOML
+
+    @property
+    def ledger(self) -> Path:
+        return self.path / LEDGER
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def control(self) -> Path:
+        return self.path / CONTROL
+
+    @property
+    def data(self) -> Path:
+        return self.path / DATA
+
+    @property
+    def slurm(self) -> Path:
+        return self.path / SLURM
+
+    @property
+    def exports(self) -> Path:
+        return self.path / EXPORTS
+
+    @property
+    def stacks(self) -> Path:
+        return self.path / STACKS
+
+    def exists(self) -> bool:
+        return self.run_toml.exists()
+
+    # ---- creation
+    def create(self, cfg: RunConfig) -> bool:
+        """Create the directory and freeze the config; returns True if it was new.
+
+        An existing run keeps its frozen run.toml: a recipe that changes what determines the
+        arithmetic (model, data, optimizer, batch, seed, ZeRO) is refused, so a resubmission
+        cannot silently train a different model into the same checkpoints.
+        """
+        new = not self.exists()
+        try:
+            for sub in (LEDGER, CHECKPOINTS, TENSORBOARD, CONTROL, DATA, SLURM, EXPORTS, STACKS):
+                (self.path / sub).mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(
+                f"run directory {self.path} is not writable ({e.strerror}); choose another run.runs_dir "
+                "or fix its permissions"
+            ) from None
+        if new:
+            tmp = self.run_toml.with_suffix(".toml.tmp")
+            tmp.write_text(cfg.to_toml())
+            os.replace(tmp, self.run_toml)
+        else:
+            frozen = self.load_config()
+            if frozen.digest() != cfg.digest():
+                raise ConfigError(
+                    f"{self.run_toml} was frozen with a different model/data/optimizer/batch/seed/ZeRO "
+                    "setup than this recipe; resume with the same recipe, or give the run a new run.name"
+                )
+        return new
+
+    def load_config(self) -> RunConfig:
+        import tomllib
+
+        try:
+            raw = tomllib.loads(self.run_toml.read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"{self.path} is not a run directory (no {RUN_TOML}); check the path") from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise RunDirError(f"{self.run_toml} cannot be read: {e}") from None
+        return from_dict(raw)
+
+    def update_frozen(self, cfg: RunConfig) -> None:
+        """Rewrite run.toml (non-arithmetic settings such as Slurm resources may change)."""
+        tmp = self.run_toml.with_suffix(".toml.tmp")
+        tmp.write_text(dumps_toml(cfg.to_dict()))
+        os.replace(tmp, self.run_toml)
+
+    # ---- control switches
+    def request(self, switch: str, reason: str = "") -> Path:
+        """Ask the running job to act (stop, save-now) at its next step boundary."""
+        if switch not in SWITCHES:
+            raise ValueError(f"unknown switch {switch!r}; one of {SWITCHES}")
+        self.control.mkdir(parents=True, exist_ok=True)
+        p = self.control / switch
+        p.write_text(reason or switch)
+        return p
+
+    def pending(self, switch: str) -> bool:
+        return (self.control / switch).exists()
+
+    def consume(self, switch: str) -> str | None:
+        """Remove a switch file; returns its text, or None if it was not there."""
+        p = self.control / switch
+        try:
+            text = p.read_text()
+            p.unlink()
+        except FileNotFoundError:
+            return None
+        return text
+
+
+def resolve_run(arg: str | Path, runs_dir: str | Path = "runs") -> RunDir:
+    """A run given by path or by name (looked up under runs_dir)."""
+    p = Path(arg)
+    if (p / RUN_TOML).exists():
+        return RunDir(p)
+    q = Path(runs_dir) / str(arg)
+    if (q / RUN_TOML).exists():
+        return RunDir(q)
+    raise RunDirError(f"no run directory at {p} or {q} (a run directory holds {RUN_TOML}); check the name")

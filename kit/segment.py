@@ -1,0 +1,66 @@
+"""Per-rank entry point of one training segment: ``python -m kit.segment RUN_DIR``.
+
+Every rank of every launcher (torchrun locally, srun under Slurm) runs this. It reads the frozen
+``run.toml`` of the run directory, never the recipe, so that every segment of a chain trains the
+same thing. Its exit status is one of kit.exitcodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kit import exitcodes
+from kit.errors import KitError
+
+
+def run_segment(run_dir: str, stop_after_steps: int = 0, seg: str = "") -> str:
+    """Train one segment in this process (distributed env from the environment); returns the reason."""
+    from kit import dist
+    from kit.rundir import RunDir
+    from kit.trainer import Trainer
+
+    rd = RunDir(run_dir)
+    cfg = rd.load_config()
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.trainer.threads))
+    env = dist.from_environ()
+    dist.init(env)
+    trainer = Trainer(cfg, rd, env, seg=seg, stop_after_steps=stop_after_steps)
+    trainer.setup()
+    return trainer.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kit.segment", description=__doc__)
+    p.add_argument("run_dir")
+    p.add_argument("--stop-after-steps", type=int, default=0,
+                   help="end this segment after N steps, saving first (simulated allocation boundary)")
+    p.add_argument("--boundary-exit-code", type=int, default=exitcodes.REQUEUE,
+                   help="exit status at an allocation boundary (torchrun launches use 0: any other "
+                        "status makes torchrun report a failure; the launcher reads the ledger instead)")
+    p.add_argument("--seg", default="", help="segment id for the ledger (default: $KIT_SEGMENT or 'local')")
+    args = p.parse_args(argv)
+    try:
+        reason = run_segment(args.run_dir, args.stop_after_steps, args.seg)
+    except KitError as e:
+        print(f"kit: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        _destroy()
+    code = exitcodes.REASONS.get(reason, 1)
+    return args.boundary_exit_code if code == exitcodes.REQUEUE else code
+
+
+def _destroy() -> None:
+    try:
+        import torch.distributed as d
+
+        if d.is_available() and d.is_initialized():
+            d.destroy_process_group()
+    except Exception as e:  # teardown of a broken group must not mask the real exit status
+        print(f"kit: warning: destroy_process_group failed: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

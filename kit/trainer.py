@@ -1,0 +1,384 @@
+"""One training segment: a BLOOM model inside a DeepSpeed engine, from resume to save-and-exit.
+
+The loop's invariants (what makes months of chained allocations lose nothing):
+- Every decision that changes control flow (stop, save now, signal, deadline, non-finite loss) is
+  taken collectively: each rank contributes a flag to ONE all-reduce per step that also carries the
+  loss, so all ranks save and leave at the same step boundary. Rank 0 alone deciding is the bug that
+  hangs a job.
+- A checkpoint is DeepSpeed's engine save + per-rank RNG + a manifest written last (kit.checkpoint).
+- Data position is the number of samples consumed; the sampler is a pure function of it (kit.data).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kit import checkpoint as ck
+from kit import exitcodes
+from kit.config import RunConfig
+from kit.data import MixtureDataset, prepare, rank_micro_indices, wait_for_meta
+from kit.dist import DistEnv
+from kit.errors import CheckpointError
+from kit.faults import fault_point
+from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
+from kit.metrics import MetricSink
+from kit.model import build_model, peak_tflops, step_flops
+from kit.rundir import SAVE_NOW, STOP, RunDir
+
+# Positions in the per-step all-reduce vector.
+LOSS, NONFINITE, F_STOP, F_SAVE, F_SIGNAL, F_DEADLINE, NFLAGS = range(7)
+
+
+def lr_lambda(cfg: RunConfig) -> Any:
+    """Linear warm-up to optim.lr, then cosine decay to optim.min_lr (as a factor of optim.lr)."""
+    o, total = cfg.optim, cfg.trainer.max_steps
+    decay = o.decay_steps or max(1, total - o.warmup_steps)
+    floor = o.min_lr / o.lr
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / decay)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        # DeepSpeed's memory-efficient linear patches torch.nn.functional.linear process-wide and
+        # changes rounding: off, so converted checkpoints reproduce the engine's logits exactly.
+        zero["memory_efficient_linear"] = False
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
+        "gradient_accumulation_steps": cfg.batch.grad_accum,
+        "train_batch_size": cfg.batch.micro_batch_size * cfg.batch.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.deepspeed.extra)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def slurm_deadline() -> float | None:
+    """The end of this allocation, when the chain tells us (KIT_DEADLINE, Unix seconds)."""
+    v = os.environ.get("KIT_DEADLINE")
+    return float(v) if v else None
+
+
+@dataclass
+class SegmentState:
+    step: int = 0
+    consumed: int = 0
+    resumed_from: str = ""
+    step_times: list[float] = field(default_factory=list)
+    save_times: list[float] = field(default_factory=list)
+    signalled: str = ""
+
+
+class Trainer:
+    """Assembles the parts in ``setup()`` and runs the loop in ``run()``; returns an exit reason."""
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, env: DistEnv, seg: str = "",
+                 stop_after_steps: int = 0) -> None:
+        self.cfg = cfg
+        self.rd = run_dir
+        self.env = env
+        self.seg = seg or os.environ.get("KIT_SEGMENT", "local")
+        self.stop_after_steps = stop_after_steps or cfg.trainer.stop_after_steps
+        self.state = SegmentState()
+        self.ledger: LedgerWriter | NullLedger = (
+            LedgerWriter(run_dir.path, writer_name("train", env.rank), seg=self.seg) if env.is_main else NullLedger()
+        )
+        self.dp = env.world_size
+        self.global_batch = cfg.batch.micro_batch_size * cfg.batch.grad_accum * self.dp
+        self.deadline = self._deadline()
+        self.engine: Any = None
+        self.data: MixtureDataset | None = None
+        self.sink: MetricSink | None = None
+
+    # ------------------------------------------------------------------------------------ setup
+    def _deadline(self) -> float | None:
+        ends = [d for d in (slurm_deadline(),) if d]
+        if self.cfg.trainer.deadline:
+            ends.append(datetime.fromisoformat(self.cfg.trainer.deadline).timestamp())
+        return min(ends) if ends else None
+
+    def setup(self) -> None:
+        import deepspeed
+        import numpy as np
+        import torch
+
+        cfg, env = self.cfg, self.env
+        torch.set_num_threads(cfg.trainer.threads)
+        data_dir = self.rd.data if not cfg.data.prepared else __import__("pathlib").Path(cfg.data.prepared)
+        if env.is_main:
+            meta = prepare(cfg, data_dir, log=self._log)
+            self.ledger.emit("data_ready", sources=[s["name"] for s in meta["sources"]],
+                             tokens=sum(s["tokens"] for s in meta["sources"]))
+        else:
+            with wait_for_meta(data_dir):
+                pass
+        self.data = MixtureDataset(data_dir, cfg.run.seed, cfg.model.seq_length)
+
+        torch.manual_seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed % 2**32)
+        import random
+
+        random.seed(cfg.run.seed)
+        model = build_model(cfg.model, cfg.data.vocab_size)
+        if cfg.deepspeed.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        optim = torch.optim.AdamW(
+            model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optim, lr_scheduler=sched, config=deepspeed_config(cfg, self.dp)
+        )
+        self._resume()
+        if env.is_main:
+            self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=self.state.step + 1)
+            self.ledger.emit("segment_started", world_size=self.dp, step=self.state.step,
+                             resumed_from=self.state.resumed_from, host=hostname(), pid=os.getpid(),
+                             max_steps=cfg.trainer.max_steps, global_batch=self.global_batch,
+                             job_id=os.environ.get("SLURM_JOB_ID", ""),
+                             restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+                             versions=_versions())
+        self._install_signals()
+
+    def _resume(self) -> None:
+        import torch.distributed as dist
+
+        root = self.rd.checkpoints
+        choice: list[Any] = [None, []]
+        if self.env.is_main:
+            try:
+                ckpt, notes = ck.find_resume(root, hashes=self.cfg.checkpoint.verify_on_resume)
+                choice = [ckpt.tag if ckpt else None, notes]
+            except CheckpointError as e:
+                choice = [f"!{e}", []]
+        dist.broadcast_object_list(choice, src=0)
+        tag, notes = choice
+        if isinstance(tag, str) and tag.startswith("!"):
+            raise CheckpointError(tag[1:])
+        for note in notes:
+            self._log(f"checkpoint {note}")
+        if tag is None:
+            self._log("no complete checkpoint: starting from step 0")
+            return
+        ckpt = ck.load(root, tag)
+        m = self.cfg.model
+        ck.check_compatible(ckpt, self.dp, {"hidden_size": m.hidden_size, "n_layer": m.n_layer,
+                                            "n_head": m.n_head}, self.cfg.data.vocab_size)
+        load_path, _ = self.engine.load_checkpoint(str(root), tag=tag)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {ckpt.path}; its files may be damaged "
+                                  "(run `kit verify` on it) or from another DeepSpeed setup")
+        ck.load_rank_state(ckpt.path, self.env.rank)
+        self.state.step = ckpt.step
+        self.state.consumed = ckpt.consumed
+        self.state.resumed_from = tag
+        self._log(f"resumed from {tag} (step {ckpt.step}, {ckpt.consumed} samples consumed)")
+        self.ledger.emit("ckpt_loaded", step=ckpt.step, tag=tag, skipped=notes)
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            self.state.signalled = signal.Signals(signum).name
+
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------------------------- loop
+    def run(self) -> str:
+        """Train until done or told to stop; returns the reason (see kit.exitcodes.REASONS)."""
+        cfg, st = self.cfg, self.state
+        start_step = st.step
+        reason = "done"
+        flops = step_flops(cfg.model, cfg.data.vocab_size, self.global_batch)
+        model_flops = step_flops(cfg.model, cfg.data.vocab_size, self.global_batch, recompute=False)
+        peak = peak_tflops(cfg.trainer.peak_tflops)
+        while st.step < cfg.trainer.max_steps:
+            t0 = time.perf_counter()
+            lr = float(self.engine.get_lr()[0])  # the rate this step uses (DeepSpeed steps the scheduler after)
+            vec = self._train_step()
+            st.step += 1
+            st.consumed += self.global_batch
+            dt = time.perf_counter() - t0
+            st.step_times = ([*st.step_times, dt])[-50:]
+            loss = vec[LOSS] / (self.dp * cfg.batch.grad_accum)
+            fault_point("step.after", st.step, self.env.rank)
+            if self.env.is_main and st.step % cfg.trainer.log_interval == 0:
+                self._emit_step(loss, lr, vec[NONFINITE] > 0, dt, flops, model_flops, peak)
+            if vec[F_STOP] > 0:
+                reason = "stop"
+            elif vec[F_SIGNAL] > 0:
+                reason = "signal"
+            elif vec[F_DEADLINE] > 0:
+                reason = "deadline"
+            elif self.stop_after_steps and st.step - start_step >= self.stop_after_steps:
+                reason = "segment_limit"
+            if reason != "done" or st.step >= cfg.trainer.max_steps:
+                break
+            if vec[F_SAVE] > 0 or st.step % cfg.checkpoint.interval_steps == 0:
+                self.save("save-now" if vec[F_SAVE] > 0 else "interval")
+                if vec[F_SAVE] > 0:
+                    self._ack(SAVE_NOW)
+        if not self._saved_at(st.step):
+            self.save(reason)
+        if reason == "stop":
+            self._ack(STOP)
+        self._finish(reason)
+        return reason
+
+    def _train_step(self) -> list[float]:
+        """Forward/backward/step over the micro-batches, then the one all-reduce of the step."""
+        import torch
+        import torch.distributed as dist
+
+        cfg, st, eng = self.cfg, self.state, self.engine
+        assert self.data is not None
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m in range(cfg.batch.grad_accum):
+            idx = rank_micro_indices(st.consumed, cfg.batch.micro_batch_size, self.dp, self.env.rank, m)
+            x = torch.from_numpy(self.data.batch(idx)).to(eng.device)
+            out = eng(input_ids=x, labels=x)
+            eng.backward(out.loss)
+            eng.step()
+            loss_sum += out.loss.detach().double().cpu()
+        vec = torch.zeros(NFLAGS, dtype=torch.float64)
+        vec[LOSS] = loss_sum
+        vec[NONFINITE] = 0.0 if torch.isfinite(loss_sum) else 1.0
+        vec[F_SIGNAL] = 1.0 if st.signalled else 0.0
+        if self.env.is_main:
+            vec[F_STOP] = 1.0 if self.rd.pending(STOP) else 0.0
+            vec[F_SAVE] = 1.0 if self.rd.pending(SAVE_NOW) else 0.0
+            vec[F_DEADLINE] = 1.0 if self._near_deadline() else 0.0
+        if self.dp > 1:
+            dev = vec.to(eng.device) if eng.device.type != "cpu" else vec
+            dist.all_reduce(dev)
+            vec = dev.cpu()
+        return vec.tolist()
+
+    def _near_deadline(self) -> bool:
+        if self.deadline is None:
+            return False
+        st = self.state
+        step_t = max(st.step_times[-10:], default=0.0)
+        save_t = max(st.save_times, default=step_t * 5)
+        margin = self.cfg.trainer.stop_margin_s + 2 * step_t + 1.5 * save_t
+        return time.time() + margin >= self.deadline
+
+    def _emit_step(self, loss: float, lr: float, nonfinite: bool, dt: float, flops: float, model_flops: float,
+                   peak: float) -> None:
+        assert self.sink is not None
+        eng, st, seq = self.engine, self.state, self.cfg.model.seq_length
+        gn = eng.get_global_grad_norm()
+        gn = float(gn) if gn is not None else None
+        tflops = flops / (dt * self.dp * 1e12)
+        self.sink.step(st.step, {
+            "loss": loss,
+            "grad_norm": gn,
+            "lr": lr,
+            "consumed": st.consumed - self.global_batch,
+            "samples": self.global_batch,
+            "tokens": self.global_batch * seq,
+            "step_time": round(dt, 6),
+            "tokens_per_s": self.global_batch * seq / dt,
+            "samples_per_s": self.global_batch / dt,
+            "tflops": tflops,
+            "mfu": (model_flops / (dt * self.dp * 1e12)) / peak if peak else None,
+            "nonfinite": nonfinite,
+        })
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _saved_at(self, step: int) -> bool:
+        return (self.rd.checkpoints / ck.tag_for(step) / ck.MANIFEST).exists()
+
+    def save(self, why: str) -> None:
+        """Collective save: every rank writes its part; rank 0 commits with the manifest."""
+        import torch.distributed as dist
+
+        st, root = self.state, self.rd.checkpoints
+        tag = ck.tag_for(st.step)
+        t0 = time.perf_counter()
+        if self.env.is_main:
+            ck.prepare_tag_dir(root, tag)
+        dist.barrier()
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={"kit_step": st.step}, save_latest=False)
+        ck.save_rank_state(root / tag, self.env.rank)
+        fault_point("ckpt.before_manifest", st.step, self.env.rank)
+        dist.barrier()
+        if self.env.is_main:
+            m = self.cfg.model
+            manifest = ck.write_manifest(root / tag, st.step, {
+                "step": st.step, "consumed": st.consumed, "world_size": self.dp,
+                "model": {"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
+                          "seq_length": m.seq_length},
+                "vocab_size": self.cfg.data.vocab_size, "zero_stage": self.cfg.deepspeed.zero_stage,
+                "precision": self.cfg.deepspeed.precision, "config_digest": self.cfg.digest(),
+                "seg": self.seg, "reason": why,
+            })
+            fault_point("ckpt.before_latest", st.step, self.env.rank)
+            ck.set_latest(root, tag)
+            seconds = time.perf_counter() - t0
+            self.ledger.emit("ckpt_saved", step=st.step, tag=tag, seconds=round(seconds, 3), reason=why,
+                             bytes=sum(f["size"] for f in manifest["files"].values()), consumed=st.consumed)
+            ck.apply_retention(root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every,
+                               on_delete=self._on_delete)
+        dist.barrier()
+        st.save_times = ([*st.save_times, time.perf_counter() - t0])[-5:]
+
+    def _on_delete(self, tag: str, error: str) -> None:
+        if error:
+            self.ledger.alert("warning", f"retention could not delete {tag}: {error}", tag=tag)
+        else:
+            self.ledger.emit("ckpt_deleted", tag=tag)
+
+    # ------------------------------------------------------------------------------------- end
+    def _ack(self, switch: str) -> None:
+        if self.env.is_main:
+            text = self.rd.consume(switch)
+            self.ledger.emit("control_ack", switch=switch, step=self.state.step, note=text or "")
+
+    def _finish(self, reason: str) -> None:
+        if self.env.is_main:
+            self.ledger.emit("segment_ended", reason=reason, step=self.state.step,
+                             exit_code=exitcodes.REASONS.get(reason, 1), signal=self.state.signalled)
+            if self.sink:
+                self.sink.close()
+        self.ledger.close()
+
+    def _log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(f"[kit r{self.env.rank}] {msg}", flush=True)
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import torch
+    import transformers
+
+    v = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        v["cuda"] = str(torch.version.cuda)
+        v["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    return v

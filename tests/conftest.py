@@ -1,0 +1,77 @@
+"""Shared fixtures. Real parts only: real DeepSpeed ranks, the real local Slurm, real files.
+
+In CI (KIT_REQUIRE_REAL=1, set by .ci/run) a test that needs Slurm or DeepSpeed and cannot find them
+FAILS instead of skipping: a green CI must mean those parts ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_REAL = os.environ.get("KIT_REQUIRE_REAL") == "1"
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip when a real part is missing on a developer machine; fail in CI."""
+    if condition:
+        return
+    if REQUIRE_REAL:
+        pytest.fail(f"{what} is required in CI (KIT_REQUIRE_REAL=1) but is not available")
+    pytest.skip(f"{what} not available")
+
+
+def slurm_available() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    require(slurm_available(), "a running local Slurm cluster (bash .ci/slurm/start.sh, as root)")
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ok() -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        require(False, "DeepSpeed")
+
+
+def tiny_overrides(runs_dir: Path, name: str = "t", **extra: object) -> list[str]:
+    """Overrides that make the shipped tiny recipe fast enough for tests."""
+    o = {
+        "run.name": f'"{name}"',
+        "run.runs_dir": f'"{runs_dir}"',
+        "model.seq_length": 32,
+        "trainer.max_steps": 8,
+        "optim.warmup_steps": 2,
+        "checkpoint.interval_steps": 2,
+        "checkpoint.keep_last": 10,
+        "batch.micro_batch_size": 2,
+        "batch.grad_accum": 2,
+        "data.vocab_size": 512,
+    }
+    o.update({k: (f'"{v}"' if isinstance(v, str) else v) for k, v in extra.items()})
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in o.items()]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from kit.config import load_recipe
+
+    def make(name: str = "t", **extra: object):  # type: ignore[no-untyped-def]
+        return load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp_path / "runs", name, **extra))
+
+    return make
