@@ -59,7 +59,7 @@ def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float | int | str]:
     w, g, o = (2 if half else 4) * n, (2 if half else 4) * n, (12 if half else 8) * n
     z = cfg.deepspeed.zero_stage
     per_gpu = w / (world if z >= 3 else 1) + g / (world if z >= 2 else 1) + o / (world if z >= 1 else 1)
-    ckpt_bytes = (4 if half else 0) * n + w + o  # fp32 master (bf16) + weights + moments
+    ckpt_bytes = w + o  # weights + optimizer state (fp32 master copy with bf16, and the two moments)
     return {"parameters": n, "world_size": world, "global_batch": gb, "tokens_per_step": tokens,
             "total_tokens": tokens * cfg.trainer.max_steps, "flops_per_step": flops,
             "state_bytes_per_gpu": per_gpu, "checkpoint_bytes": ckpt_bytes,
