@@ -1,0 +1,306 @@
+"""``kit convert``: a DeepSpeed ZeRO checkpoint of the run to a Hugging Face BLOOM model, verified.
+
+What it writes (into a hidden staging folder beside ``--out``, renamed into place only after it
+verified, so nothing at the destination looks complete before it is)::
+
+    config.json, generation_config.json        from the run's frozen run.toml
+    model-0000i-of-0000n.safetensors + index   sharded (model.safetensors when one shard)
+    tokenizer.json, tokenizer_config.json      the run's tokenizer; AutoTokenizer loads it offline
+    MANIFEST.json                              written last: every file's size and sha256, the
+                                               source checkpoint, the verification result
+
+Memory: weights are read tensor by tensor from the ZeRO partitions (tools.zero_reader), one output
+shard at a time; peak memory is about one shard, not 2.3x the model like DeepSpeed's zero_to_fp32.
+
+Verification loads the result with ``from_pretrained`` and compares its logits on a fixed batch with
+a model holding the checkpoint's own weights: the engine's module weights (ZeRO-1/2, same dtype) or
+DeepSpeed's own zero_to_fp32 reconstruction (ZeRO-3, or another dtype). Expected: bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kit.tools.zero_reader import ZeroCheckpoint
+
+from kit import checkpoint as ck
+from kit.config import RunConfig
+from kit.errors import CheckpointError, KitError
+from kit.ledger import LedgerWriter, NullLedger, hostname
+from kit.rundir import RunDir, resolve_run
+
+DTYPES = ("bf16", "fp32")
+EXPORT_VERSION = 1
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"``, ``"500MB"``, ``"64KiB"`` or a number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        value = int(float(num) * units[t[len(num):]])
+    except (KeyError, ValueError):
+        raise KitError(f"--shard-size {text!r} is not a size; write e.g. 2GB, 500MB or 1048576") from None
+    if value <= 0:
+        raise KitError("--shard-size must be positive")
+    return value
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    out: Path
+    tag: str
+    step: int
+    dtype: str
+    shards: int
+    bytes: int
+    seconds: float
+    verify: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def pick_checkpoint(rd: RunDir, step: int | None) -> ck.Checkpoint:
+    """The requested step (or the newest complete one) as a complete, intact checkpoint."""
+    root = rd.checkpoints
+    if step is not None:
+        tag = ck.tag_for(step)
+        if not (root / tag).is_dir():
+            have = [c.step for c in ck.scan(root)[0]]
+            raise CheckpointError(f"{rd.path} has no checkpoint at step {step}; complete ones: {have or 'none'}")
+        ckpt = ck.load(root, tag)
+    else:
+        complete, _ = ck.scan(root)
+        if not complete:
+            raise CheckpointError(f"{root} holds no complete checkpoint (none with {ck.MANIFEST}); train first")
+        ckpt = complete[-1]
+    problems = ck.verify(ckpt, hashes=True)
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt.tag} is corrupt ({'; '.join(problems[:3])}); "
+                              "choose another step with --step")
+    return ckpt
+
+
+def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the run's model, built on the meta device (no memory)."""
+    import torch
+    from transformers import BloomForCausalLM
+
+    from kit.model import bloom_config
+
+    with torch.device("meta"):
+        model = BloomForCausalLM(bloom_config(cfg.model, cfg.data.vocab_size))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_model(reader: ZeroCheckpoint, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
+    """Refuse a checkpoint of another model; returns the parameter names to write, in order."""
+    expected = expected_shapes(cfg)
+    got = {p.name: p.shape for p in reader.params}
+    wrong = [f"{n}: {got[n]} != {expected.get(n)}" for n in got if expected.get(n) != got[n]]
+    missing = [n for n in expected if n not in got and n not in reader.shared]
+    if wrong or missing:
+        raise CheckpointError(f"checkpoint {ckpt.tag} is not of this run's model ({'; '.join((wrong + missing)[:3])}); "
+                              "convert it with the run directory it was trained in")
+    return [p.name for p in reader.params]
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def plan_shards(reader: ZeroCheckpoint, dtype: str, shard_bytes: int) -> list[list[int]]:
+    """Parameter indices per output shard, known before reading a single weight."""
+    item = 2 if dtype == "bf16" else 4
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, p in enumerate(reader.params):
+        nbytes = p.numel * item
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int,
+                  progress: Any = None) -> tuple[int, int]:
+    """Write the safetensors shards (and their index); returns (shards, bytes)."""
+    from safetensors.torch import save_file
+
+    plan = plan_shards(reader, dtype, shard_bytes)
+    n = len(plan)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map: dict[str, str] = {}
+    total = 0
+    td = torch_dtype(dtype)
+    for fname, idx in zip(names, plan, strict=True):
+        tensors = {}
+        with reader.open() as parts:
+            for i in idx:
+                spec = reader.params[i]
+                tensors[spec.name] = reader.tensor(parts, spec).to(td).contiguous()
+                weight_map[spec.name] = fname
+        save_file(tensors, str(stage / fname), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+        if progress:
+            progress(fname)
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return n, total
+
+
+def write_config_and_tokenizer(rd: RunDir, cfg: RunConfig, stage: Path, dtype: str) -> None:
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from kit.data import TOKENIZER
+    from kit.model import bloom_config
+
+    config = bloom_config(cfg.model, cfg.data.vocab_size)
+    config.architectures = ["BloomForCausalLM"]
+    config.use_cache = True  # training turns the KV cache off; generation wants it
+    config.dtype = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+    config.save_pretrained(stage)
+    GenerationConfig.from_model_config(config).save_pretrained(stage)
+    tok_file = (Path(cfg.data.prepared) if cfg.data.prepared else rd.data) / TOKENIZER
+    if not tok_file.exists():
+        raise KitError(f"{tok_file} is missing: the run's tokenizer is needed for the export; restore it")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file), bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>", model_max_length=cfg.model.seq_length)
+    tok.save_pretrained(stage)
+
+
+def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtype: str,
+                          verify: dict[str, Any]) -> dict[str, Any]:
+    """MANIFEST.json of the export, last (same ``files`` format as a checkpoint's manifest)."""
+    files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != ck.MANIFEST)
+    manifest = {
+        "version": EXPORT_VERSION,
+        "kind": "hf-export",
+        "created": time.time(),
+        "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "sha256": ck.sha256(p)} for p in files},
+        "export": {"tag": ckpt.tag, "step": ckpt.step, "run": cfg.run.name, "dtype": dtype,
+                   "zero_stage": ckpt.manifest["kit"].get("zero_stage"), "config_digest": cfg.digest(),
+                   "source_manifest_sha256": hashlib.sha256((ckpt.path / ck.MANIFEST).read_bytes()).hexdigest(),
+                   "verify": verify},
+    }
+    tmp = stage / (ck.MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, stage / ck.MANIFEST)
+    return manifest
+
+
+def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_bytes: int = 2 * 10**9,
+            verify: bool = True, atol: float = 0.0, force: bool = False,
+            ledger: LedgerWriter | NullLedger | None = None, progress: Any = None) -> Export:
+    """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem."""
+    from kit.tools.verify_export import verify_export
+
+    led = ledger or NullLedger()
+    cfg = rd.load_config()
+    dtype = dtype or cfg.deepspeed.precision
+    if dtype not in DTYPES:
+        raise KitError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
+    t0 = time.perf_counter()
+    reader = ZeroCheckpoint(ckpt.path)
+    check_model(reader, cfg, ckpt)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        stage.mkdir(parents=True)
+        shards, nbytes = write_weights(reader, stage, dtype, shard_bytes, progress)
+        write_config_and_tokenizer(rd, cfg, stage, dtype)
+        seconds = time.perf_counter() - t0
+        result: dict[str, Any] = {"skipped": True}
+        if verify:
+            result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
+            led.emit("ckpt_verified", tag=ckpt.tag, where="export", **result)
+            if not result["ok"]:
+                raise CheckpointError(
+                    f"the export of {ckpt.tag} does not reproduce the checkpoint's logits (max |diff| "
+                    f"{result['max_abs_diff']:.3g} > tolerance {atol}); nothing was written to {out}")
+        write_export_manifest(stage, ckpt, cfg, dtype, result)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    export = Export(out, ckpt.tag, ckpt.step, dtype, shards, nbytes, round(seconds, 3), result)
+    led.emit("ckpt_converted", tag=ckpt.tag, out=str(out), step=ckpt.step, dtype=dtype, shards=shards,
+             bytes=nbytes, seconds=export.seconds, verified=result.get("ok"))
+    return export
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("run", help="run directory (or run name under --runs-dir)")
+    p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="the checkpoint's step")
+    which.add_argument("--latest", action="store_true", help="the newest complete checkpoint (the default)")
+    p.add_argument("--out", default="", help="output folder or fsspec URL (default: <run>/exports/<tag>-<dtype>)")
+    p.add_argument("--dtype", default="", choices=("", *DTYPES), help="weights dtype (default: the run's precision)")
+    p.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--no-verify", action="store_true", help="skip the logits check (it needs 2x the model in RAM)")
+    p.add_argument("--atol", type=float, default=0.0, help="largest accepted |logit difference| (default 0: exact)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace, verb: str) -> int:
+    from kit.tools.upload import is_url, redact, upload_folder
+
+    rd = resolve_run(args.run, args.runs_dir)
+    ckpt = pick_checkpoint(rd, args.step)
+    dtype = args.dtype or rd.load_config().deepspeed.precision
+    url = args.out if is_url(args.out) else ""
+    out = Path(args.out) if args.out and not url else rd.exports / f"{ckpt.tag}-{dtype}"
+    with LedgerWriter(rd.path, f"convert-{hostname()}-{os.getpid()}") as led:
+        def say(fname: str) -> None:
+            if not args.json:
+                print(f"  wrote {fname}", flush=True)
+
+        exp = convert(rd, ckpt, out, dtype, parse_size(args.shard_size), verify=not args.no_verify,
+                      atol=args.atol, force=args.force or bool(url), ledger=led, progress=say)
+        result: dict[str, Any] = {"tag": exp.tag, "step": exp.step, "out": str(exp.out), "dtype": exp.dtype,
+                                  "shards": exp.shards, "bytes": exp.bytes, "seconds": exp.seconds,
+                                  "verify": exp.verify}
+        if url:
+            with ck.busy(rd.checkpoints, ckpt.tag, "convert"):
+                up = upload_folder(out, url, progress=not args.json)
+            led.emit("ckpt_uploaded", tag=ckpt.tag, url=redact(url), what="export", sent=up.sent, skipped=up.skipped,
+                     bytes=up.bytes_sent)
+            result["url"] = redact(url)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        v = exp.verify
+        check = ("not verified" if v.get("skipped") else
+                 f"logits {'bit-identical' if v['bit_identical'] else 'max |diff| ' + format(v['max_abs_diff'], '.3g')}"
+                 f" (tolerance {v['atol']}, reference: {v['reference']})")
+        print(f"{exp.tag} -> {result.get('url', exp.out)}: {exp.shards} shard(s), {exp.bytes / 1e6:.1f} MB "
+              f"{exp.dtype} in {exp.seconds:.1f} s; {check}")
+    return 0

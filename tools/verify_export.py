@@ -1,0 +1,87 @@
+"""Does an export reproduce its checkpoint? Logits of ``from_pretrained(export)`` against the
+checkpoint's own weights, on a fixed batch.
+
+The reference must not share code with the converter, or a parsing bug would agree with itself:
+- ZeRO-1/2 whose module dtype is the export dtype: the engine's own module weights, saved whole in
+  ``mp_rank_00_model_states.pt`` (exactly what the engine computed with);
+- otherwise (ZeRO-3 keeps no whole module; or another dtype): DeepSpeed's zero_to_fp32 in lazy
+  mode, cast to the export dtype the way the engine casts its fp32 masters.
+Both models run the same attention implementation as training, so equal weights give bit-identical
+logits. Memory: two models in the export dtype (``kit convert --no-verify`` skips this).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kit.tools.zero_reader import MODEL_STATES_Z12
+
+from kit import checkpoint as ck
+from kit.config import RunConfig
+from kit.rundir import RunDir
+
+BATCH_SEED = 0
+BATCH_SHAPE = (2, 64)
+
+
+def fixed_batch(cfg: RunConfig) -> Any:
+    """Deterministic token ids (no special tokens), the same on every machine."""
+    import torch
+
+    g = torch.Generator().manual_seed(BATCH_SEED)
+    rows, cols = BATCH_SHAPE
+    return torch.randint(4, cfg.data.vocab_size, (rows, min(cols, cfg.model.seq_length)), generator=g)
+
+
+def reference_state(ckpt: ck.Checkpoint, dtype: Any) -> tuple[dict[str, Any], str]:
+    import torch
+
+    stage = ckpt.manifest["kit"].get("zero_stage")
+    if stage in (1, 2):
+        module = torch.load(ckpt.path / MODEL_STATES_Z12, map_location="cpu", mmap=True, weights_only=False)["module"]
+        if all(v.dtype == dtype for v in module.values() if v.is_floating_point()):
+            return dict(module), "engine module weights"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag, lazy_mode=True)
+    done: dict[int, Any] = {}
+    state = {}
+    for name, t in lazy.items():  # shared parameters are one object: convert once, keep them tied
+        if id(t) not in done:
+            done[id(t)] = t.contiguous().to(dtype)
+        state[name] = done[id(t)]
+    return state, "deepspeed zero_to_fp32"
+
+
+def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path, dtype_name: str,
+                  atol: float = 0.0) -> dict[str, Any]:
+    """Compare logits; returns the ledger fields (ok, bit_identical, max_abs_diff, atol, reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BloomForCausalLM
+
+    from kit.model import bloom_config
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    attn = cfg.model.attn_implementation
+    batch = fixed_batch(cfg)
+    state, reference = reference_state(ckpt, dtype)
+    config = bloom_config(cfg.model, cfg.data.vocab_size)
+    config._attn_implementation = attn
+    with torch.device("meta"):
+        ref_model = BloomForCausalLM(config)
+    ref_model.load_state_dict(state, strict=True, assign=True)
+    ref_model.tie_weights()
+    ref_model.eval()
+    with torch.no_grad():
+        want = ref_model(input_ids=batch).logits
+    del ref_model, state
+    got_model = AutoModelForCausalLM.from_pretrained(str(export), dtype=dtype, attn_implementation=attn,
+                                                     local_files_only=True)
+    got_model.eval()
+    with torch.no_grad():
+        got = got_model(input_ids=batch).logits
+    del got_model
+    diff = float((got.float() - want.float()).abs().max())
+    return {"ok": diff <= atol, "bit_identical": bool(torch.equal(got, want)), "max_abs_diff": diff,
+            "atol": atol, "reference": reference, "batch": list(batch.shape), "dtype": dtype_name}

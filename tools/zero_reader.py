@@ -1,0 +1,177 @@
+"""Read full-size fp32 weights out of a DeepSpeed ZeRO-1/2/3 checkpoint, one tensor at a time.
+
+Why not ``deepspeed.utils.zero_to_fp32``: it concatenates every rank's partition into one flat
+vector per group and then builds the whole state dict, about 2.3x the fp32 weights in RAM (66 GB
+and 47 minutes for BLOOM-176B's converter). The layout it parses is simple, so this module follows
+the same rules (read from its source, DeepSpeed 0.19) without building anything whole:
+
+- The optimizer file of each rank holds its partition of the fp32 master weights:
+  ``single_partition_of_fp32_groups[g]`` (ZeRO-1/2) or ``fp32_flat_groups[g]`` (ZeRO-3).
+- ZeRO-1/2: group ``g``'s full flat vector is the ranks' partitions end to end; parameters lie in it
+  in ``param_shapes[g]`` order, each followed by ``param_alignment_paddings[g][i]`` elements.
+- ZeRO-3: every parameter is split in ``ceil(numel / world)`` elements per rank (the last padded);
+  rank r's piece of parameter i sits at the same running offset in every rank's flat space (the
+  groups of a rank end to end). A parameter is its ranks' pieces end to end, cut to numel.
+
+Files are opened with ``torch.load(mmap=True)``, so only the bytes of the requested slices are read.
+Touched pages of a mapping count as resident memory until it is unmapped, so callers read one output
+shard per :meth:`ZeroCheckpoint.open` and leave the ``with`` block to drop the mappings: peak memory
+stays near one output shard whatever the model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kit.errors import CheckpointError
+
+MODEL_STATES_Z12 = "mp_rank_00_model_states.pt"
+MODEL_STATES_Z3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+OPTIM_GLOB = "*_optim_states.pt"
+FP32_Z12 = "single_partition_of_fp32_groups"
+FP32_Z3 = "fp32_flat_groups"
+
+
+def _natural(p: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
+def _load(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:  # torch reports a torn zip as RuntimeError
+        raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0]}); the checkpoint is damaged, "
+                              "choose another step") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    """Where one parameter lives in the flat fp32 partitions."""
+
+    name: str
+    shape: tuple[int, ...]
+    group: int  # ZeRO-1/2 only: the param group
+    offset: int  # ZeRO-1/2: in the group's full flat vector; ZeRO-3: in each rank's flat space
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class ZeroCheckpoint:
+    """One DeepSpeed checkpoint folder: its parameter layout, read once, then tensors on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.optim_files = sorted(self.path.glob(OPTIM_GLOB), key=_natural)
+        if not self.optim_files:
+            raise CheckpointError(f"{self.path} has no ZeRO optimizer files ({OPTIM_GLOB}); "
+                                  "is it a DeepSpeed ZeRO checkpoint?")
+        first = _load(self.optim_files[0])["optimizer_state_dict"]
+        self.stage = int(first.get("zero_stage", 0))
+        if self.stage not in (1, 2, 3):
+            raise CheckpointError(f"{self.path}: ZeRO stage {self.stage} is not supported (1, 2 or 3)")
+        pc = first.get("partition_count")
+        self.world_size = int(max(pc) if isinstance(pc, list) else pc)
+        if self.world_size != len(self.optim_files):
+            raise CheckpointError(
+                f"{self.path} was written by {self.world_size} ranks but holds {len(self.optim_files)} "
+                f"optimizer files: shards are missing; choose another step")
+        self._key = FP32_Z12 if self.stage <= 2 else FP32_Z3
+        self.group_sizes = [int(t.numel()) for t in first[self._key]]
+        paddings = first.get("param_alignment_paddings")
+        del first
+        ms_file = self.path / (MODEL_STATES_Z12 if self.stage <= 2 else MODEL_STATES_Z3)
+        if not ms_file.exists():
+            raise CheckpointError(f"{ms_file} is missing: the checkpoint is incomplete; choose another step")
+        ms = _load(ms_file)
+        if ms.get("frozen_param_shapes"):
+            raise CheckpointError(f"{self.path} has frozen parameters, which kit's converter does not handle")
+        self.shared: dict[str, str] = dict(ms.get("shared_params", {}))
+        self.buffer_names: list[str] = list(ms.get("buffer_names", []))
+        self.ds_version = str(ms.get("ds_version", ""))
+        self.params = self._layout(ms["param_shapes"], paddings)
+        del ms
+
+    def _layout(self, param_shapes: list[dict[str, Any]], paddings: list[list[int]] | None) -> list[ParamSpec]:
+        specs: list[ParamSpec] = []
+        if self.stage <= 2:
+            for g, shapes in enumerate(param_shapes):
+                offset = 0
+                for i, (name, shape) in enumerate(shapes.items()):
+                    spec = ParamSpec(name, tuple(shape), g, offset)
+                    specs.append(spec)
+                    offset += spec.numel + (paddings[g][i] if paddings else 0)
+                if offset > self.group_sizes[g] * self.world_size:
+                    raise CheckpointError(f"{self.path}: group {g} needs {offset} elements but the partitions "
+                                          f"hold {self.group_sizes[g] * self.world_size}; files do not match")
+        else:
+            offset = 0
+            for shapes in param_shapes:
+                for name, shape in shapes.items():
+                    spec = ParamSpec(name, tuple(shape), 0, offset)
+                    specs.append(spec)
+                    offset += math.ceil(spec.numel / self.world_size)
+            if offset != sum(self.group_sizes):
+                raise CheckpointError(f"{self.path}: parameters need {offset} elements per rank, the partitions "
+                                      f"hold {sum(self.group_sizes)}; files do not match")
+        return specs
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[list[list[Any]]]:
+        """Map every rank's fp32 partitions; leaving the block drops the mappings (and their pages)."""
+        parts: list[list[Any]] = []
+        try:
+            for f in self.optim_files:
+                osd = _load(f)["optimizer_state_dict"]
+                groups = list(osd[self._key])
+                if [int(t.numel()) for t in groups] != self.group_sizes:
+                    raise CheckpointError(f"{f}: its partitions differ in size from rank 0's; files do not match")
+                parts.append(groups)
+                del osd
+            yield parts
+        finally:
+            parts.clear()
+
+    def tensor(self, parts: list[list[Any]], spec: ParamSpec) -> Any:
+        """The full fp32 tensor of one parameter (a fresh copy, independent of the mappings)."""
+        import torch
+
+        n = spec.numel
+        if self.stage <= 2:
+            size = self.group_sizes[spec.group]
+            pieces = []
+            lo, hi = spec.offset, spec.offset + n
+            for r in range(lo // size, (hi - 1) // size + 1):
+                a, b = max(lo, r * size) - r * size, min(hi, (r + 1) * size) - r * size
+                pieces.append(parts[r][spec.group][a:b])
+        else:
+            per_rank = math.ceil(n / self.world_size)
+            pieces = [self._z3_piece(rank_groups, spec.offset, per_rank) for rank_groups in parts]
+        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        if flat.numel() != n:  # ZeRO-3 padding of the last rank's piece
+            flat = flat[:n].clone()
+        return flat.view(spec.shape)
+
+    def _z3_piece(self, groups: list[Any], offset: int, count: int) -> Any:
+        import torch
+
+        out, start = [], 0
+        for g, size in enumerate(self.group_sizes):
+            lo, hi = max(offset, start), min(offset + count, start + size)
+            if lo < hi:
+                out.append(groups[g][lo - start:hi - start])
+            start += size
+        return torch.cat(out) if len(out) > 1 else out[0]
