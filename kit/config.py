@@ -361,6 +361,28 @@ class DoctorSection:
     """Fail the preflight below this all-reduce bus bandwidth (GB/s; 0 = report only)."""
     min_free_checkpoints: float = 2.0
     """Require free space for this many checkpoints on the checkpoint filesystem."""
+    allreduce_mib: float = 64.0
+    """Size of the all-reduce buffer of the bandwidth test (MiB; nccl-tests saturates from ~64 MiB)."""
+    allreduce_iters: int = 10
+    """Timed all-reduce iterations (after 2 warm-ups)."""
+    timeout_s: float = 300.0
+    """Give up on the process-group rendezvous and collectives after this long (a dead node hangs them)."""
+    probe_mib: float = 16.0
+    """Size of the write+fsync probe on the checkpoint filesystem (MiB)."""
+    min_write_mbps: float = 0.0
+    """Fail when the probe's write+fsync throughput is below this (MB/s; 0 = report only)."""
+    bad_gpu_uuids: list[str] = field(default_factory=list)
+    """GPUs known to be bad (UUIDs, e.g. from an earlier Xid): a node that shows one fails the preflight."""
+
+    def __post_init__(self) -> None:
+        for key in ("min_busbw_gbps", "min_free_checkpoints", "min_write_mbps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"doctor.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("allreduce_mib", "timeout_s", "probe_mib"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"doctor.{key} must be greater than 0, got {getattr(self, key)}")
+        if self.allreduce_iters < 1:
+            raise ConfigError(f"doctor.allreduce_iters must be at least 1, got {self.allreduce_iters}")
 
 
 @dataclass(kw_only=True, slots=True)
