@@ -1,0 +1,193 @@
+"""One run's feed: the model, the readers that fill it, and the immutable snapshots the UI renders.
+
+A feed is driven by one background thread (the app's ``@work(thread=True)`` worker, or ``--once``
+directly): ``open()`` does the cold start, then each ``work()`` call does one bounded unit (a live
+poll, a backfill chunk, a replay slice, a Slurm query every 30 s) and says whether anything changed.
+``snapshot()`` copies out what the screen needs, downsampled to ``MAX_POINTS`` per curve, so the UI
+thread never touches the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kit.monitor import slurm
+from kit.monitor.follow import Follower, _t, cold_start, merged_events
+from kit.monitor.health import GpuHealth, worst_first
+from kit.monitor.model import Alert, Ckpt, RunModel, Segment
+from kit.monitor.status import summarize
+
+from kit.errors import KitError
+from kit.ledger import ReadStats
+from kit.rundir import RunDir
+
+WINDOWS: dict[str, float] = {"hour": 3600.0, "day": 86400.0, "run": math.inf}
+CURVES = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu")
+MAX_POINTS = 600
+MAX_GAP_S = 1.0  # replay: idle gaps longer than this (after the speed-up) are cut to it
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the screen shows of one run at one moment; never mutated after it is made."""
+
+    name: str
+    path: str
+    now: float
+    version: int
+    summary: dict[str, Any]
+    curves: dict[str, dict[str, tuple[list[int], list[float]]]]  # window -> metric -> (steps, values)
+    spikes: list[tuple[int, float, float]]
+    ckpts: list[Ckpt]
+    alerts: list[Alert]
+    health: list[tuple[str, GpuHealth, bool]]  # (node, gpu, flagged) worst first
+    nvml_absent: dict[str, str]
+    segments: list[Segment]
+    control_acks: list[tuple[float, str, int | None]]
+    loading: str
+    replay: str
+
+
+def thin(xs: list[int], ys: list[float], n: int = MAX_POINTS) -> tuple[list[int], list[float]]:
+    """At most ``n`` points, keeping the last one (the one the operator looks at)."""
+    if len(xs) <= n:
+        return xs, ys
+    k = math.ceil(len(xs) / n)
+    return xs[-1::-k][::-1], ys[-1::-k][::-1]
+
+
+class Feed:
+    def __init__(self, run_dir: str | Path, name: str = "", clock: Callable[[], float] = time.time,
+                 use_slurm: bool = True, replay_speed: float | None = None) -> None:
+        self.rd = RunDir(run_dir)
+        self.name = name or self.rd.path.name
+        self.clock = clock
+        self.use_slurm = use_slurm and replay_speed is None
+        self.replay_speed = replay_speed
+        self.stats = ReadStats()
+        self.model = RunModel(self.name, str(self.rd.path))
+        self.live: Follower | None = None
+        self._backfill: tuple[RunModel, Follower] | None = None
+        self._backfill_total = 0
+        self.queue: slurm.QueueInfo | None = None
+        self._queue_at = -math.inf
+        self._replay: Iterator[dict[str, Any]] | None = None
+        self._peek: dict[str, Any] | None = None
+        self._vnow = 0.0
+        self._real = 0.0
+        self.replay_done = False
+
+    # -------------------------------------------------------------------------------- driving
+    def open(self) -> None:
+        self.model.max_steps = self._max_steps()
+        if self.replay_speed is not None:
+            self._replay = merged_events(self.rd.ledger, self.stats)
+            self._peek = next(self._replay, None)
+            self._vnow = _t(self._peek) if self._peek else 0.0
+            self._real = time.monotonic()
+            return
+        cs = cold_start(self.rd.ledger, self.stats)
+        self.model.fold_all(cs.events)
+        self.model.reader = self.stats
+        self.live = Follower(self.rd.ledger, self.stats, cs.cursors)
+        if cs.partial:
+            full = RunModel(self.name, str(self.rd.path), max_steps=self.model.max_steps, reader=ReadStats())
+            self._backfill = (full, Follower(self.rd.ledger, full.reader))
+            self._backfill_total = sum(_size(self.rd.ledger / n) for n in self._backfill[1].files())
+
+    def _max_steps(self) -> int | None:
+        try:
+            return self.rd.load_config().trainer.max_steps
+        except (KitError, ValueError, TypeError, KeyError) as e:  # the ledger's max_steps is used instead
+            self.stats.last_error = f"run.toml: {e}"[:200]
+            return None
+
+    def now(self) -> float:
+        return self._vnow if self.replay_speed is not None else self.clock()
+
+    def work(self) -> bool:
+        """One bounded unit of reading; True when the model changed."""
+        if self.replay_speed is not None:
+            return self._replay_slice()
+        assert self.live is not None
+        before = self.model.version
+        events, _ = self.live.poll()
+        self.model.fold_all(events)
+        changed = self.model.version != before
+        if self._backfill is not None:
+            full, follower = self._backfill
+            events, more = follower.poll()
+            full.fold_all(events)
+            if not more:  # caught up: the full history replaces the cold-start picture
+                self.model, self.live, self._backfill = full, follower, None
+                self.stats = follower.stats
+                self.model.version += 1
+            changed = True
+        if self.use_slurm and self.clock() - self._queue_at >= slurm.QUEUE_PERIOD_S:
+            self._queue_at = self.clock()
+            jobs = [*self.model.chain_jobs, *(s.job_id for s in list(self.model.segments.values())[-5:])]
+            q = slurm.query(jobs)
+            changed |= q != self.queue
+            self.queue = q
+        return changed
+
+    @property
+    def backfilling(self) -> bool:
+        return self._backfill is not None
+
+    def _replay_slice(self) -> bool:
+        assert self._replay is not None and self.replay_speed is not None
+        real = time.monotonic()
+        self._vnow += (real - self._real) * self.replay_speed
+        self._real = real
+        if self._peek is None:
+            self.replay_done = True
+            return False
+        if _t(self._peek) - self._vnow > MAX_GAP_S * self.replay_speed:
+            self._vnow = _t(self._peek)
+        n = 0
+        while self._peek is not None and _t(self._peek) <= self._vnow and n < 50_000:
+            self.model.fold(self._peek)
+            self._peek = next(self._replay, None)
+            n += 1
+        self.model.reader = self.stats
+        return n > 0
+
+    # ------------------------------------------------------------------------------- snapshot
+    def snapshot(self) -> Snapshot:
+        m, now = self.model, self.now()
+        end = m.last_t if m.last_t is not None else now
+        curves: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+        for win, span in WINDOWS.items():
+            since = end - span if math.isfinite(span) else -math.inf
+            curves[win] = {k: thin(*m.metrics[k].window(since)) for k in CURVES}
+        flagged = {str(s.get("node") or s.get("host") or "") for s in list(m.stragglers) + list(m.hangs)}
+        loading = ""
+        if self._backfill is not None:
+            done = sum(c.offset for c in self._backfill[1].cursors.values())
+            loading = f"reading history {100 * done / max(1, self._backfill_total):.0f}%"
+        replay = ""
+        if self.replay_speed is not None:
+            replay = f"replay x{self.replay_speed:g}" + (" (end)" if self.replay_done else "")
+        return Snapshot(
+            name=self.name, path=str(self.rd.path), now=now, version=m.version,
+            summary=summarize(m, now, self.queue),
+            curves=curves, spikes=list(m.spikes)[-200:],
+            ckpts=[replace(c) for c in reversed(m.ckpts.values())][:40],
+            alerts=[replace(a) for a in m.alerts_newest()[:200]],
+            health=[(n.node, g, n.node in flagged) for n, g in worst_first(m.health, flagged)][:1024],
+            nvml_absent=dict(m.nvml_absent), segments=[replace(s) for s in m.segments.values()][-30:],
+            control_acks=list(m.control_acks), loading=loading, replay=replay,
+        )
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0

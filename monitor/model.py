@@ -1,0 +1,300 @@
+"""The monitor's model: ledger events folded into a bounded picture of one run.
+
+No UI here (the nvitop split: collector below, screens above). A follower thread owns a
+:class:`RunModel`, folds events into it, and hands the UI immutable :class:`Snapshot` objects. Every
+collection is bounded (series downsample, deques have a maxlen), so memory does not grow with the
+length of the run. Nothing in an event is trusted: a field of the wrong type is N/A, never a crash.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from kit.monitor.health import NodeHealth, parse_health
+from kit.monitor.series import Metric
+
+from kit.ledger import EVENTS, ReadStats
+
+PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu", "step_time")
+REQUEUE_REASONS = ("signal", "deadline", "segment_limit")
+MAX_ALERTS = 500
+MAX_CKPTS = 200
+MAX_SEGMENTS = 400
+
+
+def num(v: Any) -> float | None:
+    """A finite number, or None (N/A) for anything else: junk in a field never reaches the screen."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def text(v: Any, limit: int = 200) -> str:
+    return v[:limit] if isinstance(v, str) else ("" if v is None else str(v)[:limit])
+
+
+@dataclass(slots=True)
+class Segment:
+    seg: str
+    job_id: str = ""
+    started_t: float | None = None
+    start_step: int | None = None
+    ended_t: float | None = None
+    end_step: int | None = None
+    reason: str = ""
+    host: str = ""
+    world_size: int | None = None
+    restarts: int = 0
+
+
+@dataclass(slots=True)
+class Ckpt:
+    tag: str
+    step: int | None = None
+    t: float | None = None
+    bytes: float | None = None
+    seconds: float | None = None
+    reason: str = ""
+    verified: bool | None = None
+    converted: str = ""
+    uploaded: str = ""
+    deleted: bool = False
+
+
+@dataclass(slots=True)
+class Alert:
+    t: float
+    severity: str
+    message: str
+    src: str
+    acked: bool = False
+
+
+@dataclass
+class RunModel:
+    """Folds events of one run; ``version`` increases whenever something visible changed."""
+
+    name: str
+    path: str = ""
+    max_steps: int | None = None
+    version: int = 0
+    first_t: float | None = None
+    last_t: float | None = None
+    step: int | None = None
+    step_t: float | None = None
+    last: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=lambda: {k: Metric() for k in PLOTTED})
+    spikes: deque[tuple[int, float, float]] = field(default_factory=lambda: deque(maxlen=1000))
+    rollbacks: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=200))
+    segments: OrderedDict[str, Segment] = field(default_factory=OrderedDict)
+    chain_jobs: list[str] = field(default_factory=list)
+    chain_ended: str = ""
+    chain_ended_t: float | None = None
+    ckpts: OrderedDict[str, Ckpt] = field(default_factory=OrderedDict)
+    alerts: deque[Alert] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
+    acked: set[float] = field(default_factory=set)
+    health: dict[str, NodeHealth] = field(default_factory=dict)
+    nvml_absent: dict[str, str] = field(default_factory=dict)
+    stragglers: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
+    hangs: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
+    control_acks: deque[tuple[float, str, int | None]] = field(default_factory=lambda: deque(maxlen=50))
+    doctor: dict[str, Any] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)
+    unknown_kinds: dict[str, int] = field(default_factory=dict)
+    junk_events: int = 0
+    reader: ReadStats = field(default_factory=ReadStats)
+
+    # ------------------------------------------------------------------------------------ folding
+    def fold_all(self, events: list[dict[str, Any]]) -> None:
+        for e in events:
+            self.fold(e)
+
+    def fold(self, e: dict[str, Any]) -> None:
+        kind = e.get("kind")
+        t = num(e.get("t"))
+        if not isinstance(kind, str) or t is None:
+            self.junk_events += 1
+            return
+        self.version += 1
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        if self.first_t is None or t < self.first_t:
+            self.first_t = t
+        if self.last_t is None or t > self.last_t:
+            self.last_t = t
+        handler = _HANDLERS.get(kind)
+        if handler is None:
+            if kind not in EVENTS and len(self.unknown_kinds) < 50:
+                self.unknown_kinds[kind] = self.unknown_kinds.get(kind, 0) + 1
+            return
+        try:
+            handler(self, e, t)
+        except (TypeError, ValueError, KeyError, AttributeError):
+            self.junk_events += 1  # a known kind with fields of the wrong shape: counted, shown
+
+    def _step(self, e: dict[str, Any], t: float) -> None:
+        step = e["step"]
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError("step")
+        if self.step is not None and step <= self.step:
+            for m in self.metrics.values():
+                m.truncate(step)  # a resume or rollback replays steps: the latest event wins
+        self.step, self.step_t, self.last = step, t, e
+        for k, m in self.metrics.items():
+            m.add(step, t, e.get(k))
+
+    def _seg(self, e: dict[str, Any]) -> Segment:
+        seg = text(e.get("seg")) or "?"
+        s = self.segments.get(seg)
+        if s is None:
+            s = self.segments[seg] = Segment(seg)
+            while len(self.segments) > MAX_SEGMENTS:
+                self.segments.popitem(last=False)
+        return s
+
+    def _segment_started(self, e: dict[str, Any], t: float) -> None:
+        s = self._seg(e)
+        s.started_t, s.start_step = t, _int(e.get("step"))
+        s.job_id = text(e.get("job_id")) or s.job_id
+        s.host, s.world_size = text(e.get("host")), _int(e.get("world_size"))
+        s.restarts = _int(e.get("restarts")) or 0
+        self.max_steps = _int(e.get("max_steps")) or self.max_steps
+        s.ended_t, s.reason = None, ""
+
+    def _segment_ended(self, e: dict[str, Any], t: float) -> None:
+        s = self._seg(e)
+        s.ended_t, s.end_step, s.reason = t, _int(e.get("step")), text(e.get("reason"))
+
+    def _chain(self, e: dict[str, Any], t: float) -> None:
+        job = text(e.get("job_id"))
+        if job and job not in self.chain_jobs:
+            self.chain_jobs = [*self.chain_jobs, job][-50:]
+        if e["kind"] == "chain_ended":
+            self.chain_ended, self.chain_ended_t = text(e.get("reason")) or "?", t
+        elif e["kind"] == "chain_submitted":
+            self.chain_ended = ""
+
+    def _ckpt(self, e: dict[str, Any], t: float) -> None:
+        tag = text(e.get("tag"))
+        if not tag:
+            raise ValueError("tag")
+        c = self.ckpts.get(tag)
+        if c is None:
+            c = self.ckpts[tag] = Ckpt(tag)
+            while len(self.ckpts) > MAX_CKPTS:
+                self.ckpts.popitem(last=False)
+        kind = e["kind"]
+        if kind == "ckpt_saved":
+            c.step, c.t, c.bytes, c.seconds = _int(e.get("step")), t, num(e.get("bytes")), num(e.get("seconds"))
+            c.reason, c.deleted = text(e.get("reason")), False
+        elif kind == "ckpt_verified":
+            c.verified = bool(e.get("ok"))
+        elif kind == "ckpt_converted":
+            c.converted = text(e.get("out")) or "yes"
+        elif kind == "ckpt_uploaded":
+            c.uploaded = text(e.get("url")) or "yes"
+        elif kind == "ckpt_deleted":
+            c.deleted = True
+
+    def _alert(self, e: dict[str, Any], t: float) -> None:
+        sev = text(e.get("severity")) or "warning"
+        self.alerts.append(Alert(t, sev, text(e.get("message"), 500), text(e.get("src")), acked=t in self.acked))
+
+    def _alert_ack(self, e: dict[str, Any], t: float) -> None:
+        at = num(e.get("alert_t"))
+        if at is None:
+            raise ValueError("alert_t")
+        self.acked.add(at)
+        if len(self.acked) > 4 * MAX_ALERTS:
+            self.acked = set(sorted(self.acked)[-2 * MAX_ALERTS:])
+        for a in self.alerts:
+            if a.t == at:
+                a.acked = True
+
+    def _health(self, e: dict[str, Any], t: float) -> None:
+        node = text(e.get("node"))
+        if not node:
+            raise ValueError("node")
+        old = self.health.get(node)
+        if old is None or old.t <= t:
+            self.health[node] = parse_health(node, t, e)
+
+    def _nvml_absent(self, e: dict[str, Any], t: float) -> None:
+        self.nvml_absent[text(e.get("node")) or "?"] = text(e.get("reason"))
+
+    def _spike(self, e: dict[str, Any], t: float) -> None:
+        step, loss = _int(e.get("step")), num(e.get("loss"))
+        if step is not None and loss is not None:
+            self.spikes.append((step, loss, t))
+
+    def _rollback(self, e: dict[str, Any], t: float) -> None:
+        self.rollbacks.append((t, _int(e.get("from_step")) or 0, _int(e.get("to_step")) or 0))
+
+    def _incident(self, e: dict[str, Any], t: float) -> None:
+        (self.stragglers if e["kind"] == "straggler" else self.hangs).append(dict(e))
+
+    def _control_ack(self, e: dict[str, Any], t: float) -> None:
+        self.control_acks.append((t, text(e.get("switch")), _int(e.get("step"))))
+
+    def _doctor(self, e: dict[str, Any], t: float) -> None:
+        self.doctor = {"t": t, "ok": bool(e.get("ok")), "checks": e.get("checks")}
+
+    # ------------------------------------------------------------------------------------ reading
+    def current_segment(self) -> Segment | None:
+        return next(reversed(self.segments.values()), None) if self.segments else None
+
+    def step_time(self) -> float | None:
+        """Median of the recent step times (robust to one slow step)."""
+        pts = self.metrics["step_time"].recent.points
+        if not pts:
+            return None
+        recent = [p[2] for p in list(pts)[-50:]]
+        return statistics.median(recent)
+
+    def alerts_newest(self) -> list[Alert]:
+        return sorted(self.alerts, key=lambda a: a.t, reverse=True)
+
+    def unacked(self, min_severity: str = "warning") -> list[Alert]:
+        from kit.ledger import SEVERITIES
+
+        floor = SEVERITIES.index(min_severity)
+        return [a for a in self.alerts if not a.acked and a.severity in SEVERITIES
+                and SEVERITIES.index(a.severity) >= floor]
+
+
+def _int(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and math.isfinite(v):
+        return int(v)
+    return None
+
+
+_HANDLERS: dict[str, Any] = {
+    "step": RunModel._step,
+    "segment_started": RunModel._segment_started,
+    "segment_ended": RunModel._segment_ended,
+    "chain_submitted": RunModel._chain,
+    "chain_requeued": RunModel._chain,
+    "chain_ended": RunModel._chain,
+    "ckpt_saved": RunModel._ckpt,
+    "ckpt_verified": RunModel._ckpt,
+    "ckpt_converted": RunModel._ckpt,
+    "ckpt_uploaded": RunModel._ckpt,
+    "ckpt_deleted": RunModel._ckpt,
+    "alert": RunModel._alert,
+    "alert_ack": RunModel._alert_ack,
+    "health": RunModel._health,
+    "nvml_absent": RunModel._nvml_absent,
+    "spike": RunModel._spike,
+    "rollback": RunModel._rollback,
+    "straggler": RunModel._incident,
+    "hang": RunModel._incident,
+    "control_ack": RunModel._control_ack,
+    "doctor": RunModel._doctor,
+}

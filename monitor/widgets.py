@@ -1,0 +1,270 @@
+"""The monitor's panels. Each one renders a :class:`~kit.monitor.feed.Snapshot` and nothing else.
+
+Panels skip work when what they show has not changed (a version or signature check), so a quiet run
+costs next to no CPU: redrawing a plot or refilling a 512-row table only happens on new data.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, ClassVar
+
+from kit.monitor.feed import Snapshot
+from kit.monitor.health import NA, fmt, mem_text
+from kit.monitor.status import dur
+from rich.text import Text
+from textual.binding import BindingType
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Label, Markdown, Static
+from textual_plotext import PlotextPlot
+
+LABELS = {"loss": "loss", "grad_norm": "grad norm", "lr": "learning rate", "tokens_per_s": "tokens/s",
+          "samples_per_s": "samples/s", "tflops": "TFLOP/s per GPU", "mfu": "MFU"}
+STATUS_STYLE = {"healthy": "bold green", "degraded": "bold yellow", "down": "bold red"}
+SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "error": "red", "critical": "bold white on red"}
+
+
+def clock_text(t: float | None) -> str:
+    """UTC wall time: the same on every login node and in every snapshot test."""
+    return NA if t is None else time.strftime("%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def size_text(b: float | None) -> str:
+    if b is None:
+        return NA
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if b < 1024 or unit == "TB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return NA
+
+
+def val(v: Any, spec: str = ".4g") -> str:
+    return NA if v is None else format(v, spec)
+
+
+class ChainPanel(Static):
+    """Run state, chain and latest step, as a few lines of text."""
+
+    def show(self, snap: Snapshot, requests: list[str]) -> None:
+        s = snap.summary
+        t = Text()
+        t.append(f"{snap.name} ", "bold")
+        t.append(f"{s['status'].upper()}", STATUS_STYLE[s["status"]])
+        t.append(f"  {s['phase']}")
+        if snap.replay:
+            t.append(f"  [{snap.replay} @ {clock_text(snap.now)}]", "magenta")
+        t.append("\n")
+        for r in s["reasons"]:
+            t.append(f"! {r}\n", "yellow")
+        seg = s.get("segment") or {}
+        nxt = s.get("next")
+        step, mx = s["step"], s["max_steps"]
+        pct = f" ({100 * step / mx:.1f}%)" if step is not None and mx else ""
+        t.append(f"step {val(step, 'd')}/{val(mx, 'd')}{pct}  to go {val(s['to_go'], ',d')}  "
+                 f"finish in {dur(s['eta_s'])} ({clock_text(s['finish_t']) if s['eta_s'] else 'now'})\n")
+        t.append(f"segment {seg.get('seg', NA)} of {s['segments']}  job {seg.get('job_id') or NA}  "
+                 f"{seg.get('state', NA)}  up {dur(seg.get('elapsed_s'))}  left {seg.get('time_left') or NA}  "
+                 f"on {seg.get('host') or NA} x{val(seg.get('world_size'), 'd')}\n")
+        if nxt:
+            t.append(f"next: job {nxt['job_id']} {nxt['state']} ({nxt['reason'] or NA}), "
+                     f"expected {nxt['start'] or NA}\n")
+        elif s.get("slurm") and not s["slurm"]["available"]:
+            t.append("next: N/A (no Slurm here: chain from the ledger)\n", "dim")
+        t.append(f"loss {val(s['loss'])}  grad {val(s['grad_norm'], '.3g')}  lr {val(s['lr'], '.3g')}  "
+                 f"tok/s {val(s['tokens_per_s'], ',.0f')}  smp/s {val(s['samples_per_s'], ',.1f')}  "
+                 f"TFLOP/s/GPU {val(s['tflops'], '.3g')}  MFU {val(s['mfu'], '.1%')}  "
+                 f"step {val(s['step_time'], '.3g')}s ({dur(s['step_age_s'])} ago)\n")
+        ck = s.get("last_ckpt")
+        if ck:
+            t.append(f"checkpoint {ck['tag']} {dur(ck['age_s'])} ago, {size_text(ck['bytes'])} in "
+                     f"{val(ck['seconds'], '.3g')}s\n")
+        for line in requests:
+            t.append(line + "\n", "cyan")
+        self.update(t)
+
+
+class CurvePlot(PlotextPlot):
+    """One metric over the chosen window; spikes marked on the loss, the run's median on throughput."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._key: tuple[Any, ...] = ()
+
+    def show(self, snap: Snapshot, window: str, metric: str) -> None:
+        key = (snap.name, snap.version, window, metric, self.size)
+        if key == self._key:
+            return
+        self._key = key
+        xs, ys = snap.curves[window][metric]
+        plt = self.plt
+        plt.clear_figure()
+        plt.title(f"{LABELS[metric]} ({window})")
+        plt.xlabel("step")
+        if not xs:
+            plt.text("N/A: no data yet", 0, 0)
+        else:
+            plt.plot(xs, ys, marker="braille")
+            if metric == "loss":
+                sx = [s[0] for s in snap.spikes if xs[0] <= s[0] <= xs[-1]]
+                sy = [s[1] for s in snap.spikes if xs[0] <= s[0] <= xs[-1]]
+                if sx:
+                    plt.scatter(sx, sy, marker="x", color="red", label="spike")
+            elif len(ys) >= 10 and metric != "lr":
+                med = statistics.median(ys)
+                if math.isfinite(med):
+                    plt.hline(med, "gray")
+        self.refresh()
+
+
+class HealthTable(DataTable[Any]):
+    """Every GPU of every node, worst first; N/A where the sampler had nothing."""
+
+    COLUMNS = ("node", "gpu", "temp", "power", "util", "mem", "SM MHz", "throttle", "ECC", "Xid", "flag")
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.zebra_stripes = True
+        self.add_columns(*self.COLUMNS)
+        self._sig: tuple[Any, ...] = ()
+
+    def show(self, snap: Snapshot) -> None:
+        sig = (snap.name, tuple((n, id(g)) for n, g, _ in snap.health), tuple(snap.nvml_absent))
+        if sig == self._sig:
+            return
+        self._sig = sig
+        self.clear()
+        for node, g, flagged in snap.health:
+            probs = g.problems()
+            style = "bold red" if ("xid" in probs or "ecc" in probs) else "yellow" if probs else ""
+            flag = ",".join(probs + (["suspect"] if flagged else []))
+            power = fmt(g.power, ".0f", "W") + (f"/{g.power_limit:.0f}" if g.power_limit else "")
+            self.add_row(Text(node, style), str(g.index), fmt(g.temp, ".0f", "C"), power, fmt(g.util, ".0f", "%"),
+                         mem_text(g), fmt(g.sm_clock), g.throttle or "-", fmt(g.ecc), fmt(g.xid),
+                         Text(flag, style or "yellow"))
+        for node, reason in sorted(snap.nvml_absent.items()):
+            self.add_row(node, NA, NA, NA, NA, NA, NA, NA, NA, NA, Text(f"no NVML: {reason}"[:60], "dim"))
+        if not snap.health and not snap.nvml_absent:
+            self.add_row(NA, NA, NA, NA, NA, NA, NA, NA, NA, NA, Text("no health samples in the ledger", "dim"))
+
+
+class CkptTable(DataTable[Any]):
+    COLUMNS = ("checkpoint", "step", "saved (UTC)", "size", "save s", "verified", "converted", "uploaded")
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.add_columns(*self.COLUMNS)
+        self._sig: tuple[Any, ...] = ()
+
+    def show(self, snap: Snapshot) -> None:
+        sig = (snap.name, tuple((c.tag, c.verified, c.converted, c.uploaded, c.deleted) for c in snap.ckpts))
+        if sig == self._sig:
+            return
+        self._sig = sig
+        self.clear()
+
+        def yn(v: object) -> Text:
+            return Text("yes", "green") if v else Text("no", "red") if v is False else Text("-", "dim")
+
+        for c in snap.ckpts:
+            tag = Text(c.tag, "dim strike") if c.deleted else Text(c.tag)
+            self.add_row(tag, val(c.step, "d"), clock_text(c.t), size_text(c.bytes), val(c.seconds, ".3g"),
+                         yn(c.verified), yn(bool(c.converted) or None), yn(bool(c.uploaded) or None))
+
+
+class AlertTable(DataTable[Any]):
+    """Alerts, newest first; the row key is the alert's time (what an ``alert_ack`` names)."""
+
+    COLUMNS = ("time (UTC)", "severity", "message", "from", "ack")
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.add_columns(*self.COLUMNS)
+        self._sig: tuple[Any, ...] = ()
+
+    def show(self, snap: Snapshot) -> None:
+        sig = (snap.name, tuple((a.t, a.acked) for a in snap.alerts))
+        if sig == self._sig:
+            return
+        self._sig = sig
+        row = self.cursor_row
+        self.clear()
+        for a in snap.alerts:
+            sev = Text(a.severity, "dim" if a.acked else SEVERITY_STYLE.get(a.severity, ""))
+            self.add_row(clock_text(a.t), sev, a.message[:160], a.src, "yes" if a.acked else "", key=repr(a.t))
+        if snap.alerts:
+            self.move_cursor(row=min(row, len(snap.alerts) - 1))
+
+
+class SegmentTable(DataTable[Any]):
+    COLUMNS = ("segment", "job", "started (UTC)", "steps", "ended", "why", "host", "ranks")
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.add_columns(*self.COLUMNS)
+        self._sig: tuple[Any, ...] = ()
+
+    def show(self, snap: Snapshot) -> None:
+        sig = (snap.name, tuple((s.seg, s.ended_t, s.end_step) for s in snap.segments))
+        if sig == self._sig:
+            return
+        self._sig = sig
+        self.clear()
+        for s in reversed(snap.segments):
+            steps = f"{val(s.start_step, 'd')}-{val(s.end_step, 'd') if s.end_step is not None else '...'}"
+            self.add_row(s.seg, s.job_id or NA, clock_text(s.started_t), steps, clock_text(s.ended_t),
+                         s.reason or ("running" if s.ended_t is None else NA), s.host or NA, val(s.world_size, "d"))
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Yes/no before anything that changes the run."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [("y", "answer(True)", "yes"), ("n,escape", "answer(False)", "no")]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> Any:
+        with VerticalScroll(id="confirm"):
+            yield Label(self.question, id="question")
+            yield Button("Yes (y)", id="yes", variant="error")
+            yield Button("No (n)", id="no", variant="primary")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+HELP = """\
+# kit monitor
+
+| key | what |
+|---|---|
+| `1`-`5` | overview, GPUs, checkpoints, alerts, segments |
+| `w` | loss/throughput window: last hour, last day, whole run |
+| `l` | left plot: loss, grad norm, learning rate |
+| `t` | right plot: tokens/s, samples/s, TFLOP/s per GPU, MFU |
+| `n` / `p` | next / previous run (or pick one in the list) |
+| `a` | acknowledge the highlighted alert (alerts tab) |
+| `s` | ask the run to save a checkpoint now (asks first) |
+| `x` | ask the run to stop gracefully: save, end the chain (asks first) |
+| `?` | this help; `escape` closes it |
+| `q` | quit (the run is not affected) |
+
+Times are UTC. N/A means the value is missing (no NVML, not logged yet).
+`--read-only` disables `a`, `s` and `x`. See docs/monitor.md.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [("escape,q,question_mark", "dismiss", "close")]
+
+    def compose(self) -> Any:
+        with VerticalScroll(id="help"):
+            yield Markdown(HELP)
