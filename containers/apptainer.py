@@ -13,8 +13,9 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from kit.config import RunConfig
 from kit.containers.pins import Pins, PinsError
+
+from kit.config import RunConfig
 from kit.errors import ConfigError
 
 APPTAINER = "apptainer"
@@ -87,26 +88,28 @@ def check_image(cfg: RunConfig, recipe: str | Path = "the recipe") -> Path | Non
         return None
     p = Path(cfg.container.image).expanduser()
     if not p.is_file():
-        hint = f"`kit container build {cfg.container.target}`" if cfg.container.target else "`kit container build TARGET`"
+        hint = f"`kit container build {cfg.container.target or 'TARGET'}`"
         raise ConfigError(f"{recipe}: container.image = {cfg.container.image!r} does not exist; build it with "
                           f"{hint} or fix the path")
     return p
 
 
 def format_command(cmd: Sequence[str]) -> str:
-    """One argument per line after the verb, shell-quoted: what the golden files hold and what a
-    person can paste into a shell."""
+    """One option per line after the verb, then the positional tail, shell-quoted: what the golden
+    files hold and what a person can paste into a shell."""
     head: list[str] = []
     rest = list(cmd)
     while rest and not rest[0].startswith("-") and len(head) < 2:
         head.append(rest.pop(0))
     lines = [shlex.join(head)]
     i = 0
-    while i < len(rest):
-        if rest[i].startswith("--") and i + 1 < len(rest) and rest[i] in ("--build-arg", "--bind"):
+    while i < len(rest) and rest[i].startswith("-"):
+        if rest[i] in ("--build-arg", "--bind") and i + 1 < len(rest):
             lines.append(shlex.join(rest[i:i + 2]))
             i += 2
         else:
             lines.append(shlex.quote(rest[i]))
             i += 1
+    if i < len(rest):
+        lines.append(shlex.join(rest[i:]))  # the positional tail: image/output, then the command
     return " \\\n    ".join(lines) + "\n"

@@ -99,7 +99,7 @@ def load_pins(path: str | Path | None = None) -> Pins:
     if not isinstance(targets_raw, dict) or not targets_raw:
         raise PinsError(f"{p}: [targets.NAME] tables are missing (one per GPU kind, e.g. [targets.h100])")
     targets = {}
-    for name, t in targets_raw.items():
+    for name in targets_raw:
         fields = _table(p, targets_raw, name, _TARGET_FIELDS, prefix="targets.")
         targets[name] = Target(name=name, **fields)
     unknown = sorted(set(raw) - {*_FIELDS, "targets"})
@@ -110,7 +110,8 @@ def load_pins(path: str | Path | None = None) -> Pins:
     return pins
 
 
-def _table(path: Path, raw: dict[str, object], section: str, names: tuple[str, ...], prefix: str = "") -> dict[str, str]:
+def _table(path: Path, raw: dict[str, object], section: str, names: tuple[str, ...],
+           prefix: str = "") -> dict[str, str]:
     t = raw.get(section)
     if not isinstance(t, dict):
         raise PinsError(f"{path}: table [{prefix}{section}] is missing")
@@ -191,12 +192,12 @@ def check_pyproject(pins: Pins, pyproject: str | Path) -> None:
             raise PinsError(f"{pp}: dependency {text!r} is not a valid requirement") from None
         ranges[req.name.lower()] = req
     for key, dist in DISTRIBUTIONS.items():
-        req = ranges.get(dist)
-        if req is None:
+        found = ranges.get(dist)
+        if found is None:
             raise PinsError(f"{pins.path}: stack.{key} pins {dist}, which {pp} does not depend on")
-        if not req.specifier.contains(pins.stack[key], prereleases=True):
+        if not found.specifier.contains(pins.stack[key], prereleases=True):
             raise PinsError(f"{pins.path}: stack.{key} = {pins.stack[key]!r} is outside {pp}'s range "
-                            f"{dist}{req.specifier}; change one of them")
+                            f"{dist}{found.specifier}; change one of them")
 
 
 def repo_pyproject() -> Path | None:

@@ -120,7 +120,7 @@ def measure(node: str, nbytes: int, iters: int) -> NetResult:
     if len(nodes) >= 3:
         for rnd in (0, 1):
             pairs = [(nodes[i], nodes[(i + 1) % len(nodes)]) for i in range(rnd, len(nodes), 2)
-                     if rnd == 0 and i + 1 < len(nodes) or rnd == 1]
+                     if (rnd == 0 and i + 1 < len(nodes)) or rnd == 1]
             groups = [ranks_of[a] + ranks_of[b] for a, b in pairs]
             _sub_allreduce(buf, iters, rank, groups, names, per_node, "pair_busbw_gbps", keep=max)
     elif len(nodes) == 2:
