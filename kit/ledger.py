@@ -41,6 +41,9 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "segment_ended": ("reason", "step"),
     "chain_requeued": ("job_id", "reason"),
     "chain_ended": ("reason",),
+    "allocation_started": ("job_id", "nodes"),  # kit.jobs.driver: rank 0's driver, before the trainer starts
+    "allocation_ended": ("job_id", "outcome"),  # ...after it ended: clean/finished/crash/hang/preflight/lost
+    "node_excluded": ("node", "reason"),  # kit.jobs: a node implicated in a failure, excluded from later segments
     # training
     "step": ("step", "loss"),
     "data_ready": ("sources", "tokens"),

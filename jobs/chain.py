@@ -1,0 +1,301 @@
+"""The chain's memory and its decisions: what happened to each segment, and what to do next.
+
+A run is trained by a chain of Slurm allocations (segments). The chain's state lives in the run
+directory (``slurm/chain.json``), not in submitit's pickles, because it must survive crashes,
+resubmissions under a new job id, and operators reading it from a login node. Exactly one process
+writes it at a time: ``kit submit``/``stop``/``cancel`` while no segment runs, and the rank-0 driver
+of the running segment otherwise (DESIGN.md: one chain per run, never two writers).
+
+:func:`decide` is a pure function of (recipe, state, how the segment ended): the whole policy —
+requeue at a clean boundary, resubmit with backoff after a crash, exclude implicated nodes, stop on a
+crash loop, max segments or the chain's deadline — is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kit import exitcodes
+from kit.config import RunConfig
+from kit.rundir import RunDir
+
+CHAIN_JSON = "chain.json"
+RANKS_DIR = "ranks"
+SUBMITIT_DIR = "submitit"
+MAX_BACKOFF_S = 3600.0
+
+# Chain states (ChainState.state)
+QUEUED, RUNNING, ENDED = "queued", "running", "ended"
+# Segment outcomes (SegmentRecord.outcome)
+CLEAN = "clean"  # saved at an allocation boundary (signal, deadline, segment_limit): continue
+FINISHED = "finished"  # done, stop or give_up: the trainer says the chain ends
+PREFLIGHT = "preflight"  # the node failed its preflight: exclude it, resubmit, not a training failure
+HANG = "hang"
+CRASH = "crash"  # a rank died, a non-zero exit, no segment_ended from the trainer
+LOST = "lost"  # the driver never recorded an end (node failure, job killed): found by the next segment
+
+
+@dataclass(slots=True)
+class SegmentRecord:
+    """One allocation of the chain, as its rank-0 driver saw it."""
+
+    seg: str
+    job_id: str
+    restarts: int = 0
+    nodes: list[str] = field(default_factory=list)
+    start: float = 0.0
+    end: float = 0.0
+    outcome: str = "running"
+    reason: str = ""  # the trainer's reason (done, stop, signal, deadline, segment_limit...) or crash detail
+    ckpt_before: int = 0
+    ckpt_after: int = 0
+    step: int = -1
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    implicated: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ChainState:
+    """Everything the chain remembers between allocations (``<run>/slurm/chain.json``)."""
+
+    job_id: str = ""
+    state: str = ""
+    end_reason: str = ""
+    executor: str = ""  # "slurm" or "local"
+    submitted: float = 0.0
+    segments: list[SegmentRecord] = field(default_factory=list)
+    excluded_nodes: list[str] = field(default_factory=list)
+    suspect_nodes: list[str] = field(default_factory=list)
+    consecutive_crashes: int = 0
+    no_progress: int = 0
+    job_ids: list[str] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.state in (QUEUED, RUNNING)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChainState:
+        segs = [SegmentRecord(**{k: v for k, v in s.items() if k in SegmentRecord.__dataclass_fields__})
+                for s in d.get("segments", [])]
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "segments"}
+        return cls(segments=segs, **known)
+
+
+def chain_path(rd: RunDir) -> Path:
+    return rd.slurm / CHAIN_JSON
+
+
+def load_state(rd: RunDir) -> ChainState:
+    """The chain's state; an empty one for a run never submitted (or a file torn by a crash)."""
+    try:
+        return ChainState.from_dict(json.loads(chain_path(rd).read_text()))
+    except FileNotFoundError:
+        return ChainState()
+    except (ValueError, TypeError):
+        bad = chain_path(rd)
+        bad.replace(bad.with_suffix(f".json.bad-{int(time.time())}"))
+        return ChainState()
+
+
+def save_state(rd: RunDir, state: ChainState) -> None:
+    """Atomic replace: a reader on another node sees the old or the new file, never half of one."""
+    p = chain_path(rd)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(f".json.tmp-{os.getpid()}")
+    tmp.write_text(state.to_json())
+    os.replace(tmp, p)
+
+
+def latest_step(rd: RunDir) -> int:
+    """Step of the newest complete checkpoint (0 when there is none): the chain's measure of progress."""
+    from kit import checkpoint as ck
+
+    best = 0
+    if rd.checkpoints.is_dir():
+        for p in rd.checkpoints.iterdir():
+            s = ck.step_of(p.name)
+            if s is not None and s > best and (p / ck.MANIFEST).exists():
+                best = s
+    return best
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def limit_seconds(time_limit: str) -> float:
+    """slurm.time_limit (``[D-]HH:MM:SS`` or minutes) in seconds."""
+    from kit.jobs.slurmctl import parse_duration
+
+    s = parse_duration(time_limit)
+    if s is None or s <= 0:
+        from kit.errors import ConfigError
+
+        raise ConfigError(f"slurm.time_limit must be [D-]HH:MM:SS or minutes, got {time_limit!r}")
+    return s
+
+
+def measured_times(rd: RunDir | None) -> tuple[float, float]:
+    """Worst recent step time and checkpoint save time seen in this run's ledger (0 when unknown)."""
+    if rd is None or not rd.ledger.is_dir():
+        return 0.0, 0.0
+    from kit.ledger import read_all
+
+    step_t = save_t = 0.0
+    for e in read_all(rd.path, {"step", "ckpt_saved"}):
+        if e["kind"] == "step" and isinstance(e.get("step_time"), (int, float)):
+            step_t = max(step_t, float(e["step_time"]))
+        elif e["kind"] == "ckpt_saved" and isinstance(e.get("seconds"), (int, float)):
+            save_t = max(save_t, float(e["seconds"]))
+    return step_t, save_t
+
+
+def estimated_times(cfg: RunConfig, rd: RunDir | None = None) -> tuple[float, float]:
+    """(step seconds, save seconds): measured when the run has history, else sized from the recipe
+    (45% MFU of the accelerator's peak, checkpoints written at 1 GB/s per node)."""
+    step_t, save_t = measured_times(rd)
+    if step_t and save_t:
+        return step_t, save_t
+    from kit.commands import sizing
+
+    s = sizing(cfg)
+    gpus = cfg.slurm.gpus_per_node > 0
+    peak = (cfg.trainer.peak_tflops or 312.0) if gpus else 0.05  # a CPU core: ~50 GFLOP/s
+    est_step = float(s["flops_per_step"]) / (int(s["world_size"]) * peak * 0.45e12)
+    est_save = float(s["checkpoint_bytes"]) / (1e9 * cfg.slurm.nodes) + 1.0
+    return step_t or est_step, save_t or est_save
+
+
+def signal_lead_s(cfg: RunConfig, rd: RunDir | None = None) -> int:
+    """How long before the time limit Slurm signals the job (``--signal=USR2@N``).
+
+    It must leave time to finish the current step and save: 2 x the worst step + 2 x the worst save
+    + the trainer's stop margin, plus 30 s because slurmctld checks limits only every 30 s.
+    ``chain.signal_lead_s`` overrides it. The trainer also stops by itself before the job's end time
+    (KIT_DEADLINE), so the signal is the safety net, and the one preemption uses.
+    """
+    if cfg.chain.signal_lead_s:
+        return cfg.chain.signal_lead_s
+    step_t, save_t = estimated_times(cfg, rd)
+    return max(60, math.ceil(2 * step_t + 2 * save_t + cfg.trainer.stop_margin_s + 30))
+
+
+def min_time_limit_s(cfg: RunConfig, rd: RunDir | None = None) -> float:
+    """The shortest allocation that can do one step and one save before the trainer's deadline."""
+    step_t, save_t = estimated_times(cfg, rd)
+    return cfg.trainer.stop_margin_s + 2 * step_t + 1.5 * save_t + step_t + save_t
+
+
+# ---------------------------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True, slots=True)
+class RankReport:
+    """How one rank's trainer process ended (written by each rank's driver)."""
+
+    rank: int
+    host: str
+    rc: int
+    t_end: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: str  # "end", "requeue" (same job id) or "resubmit" (a new job, after delay_s, with exclusions)
+    reason: str
+    delay_s: float = 0.0
+    exclude: tuple[str, ...] = ()
+    alert: str = ""
+    severity: str = ""
+
+
+def classify(reason: str, rc0: int) -> str:
+    """Segment outcome from the trainer's segment_ended reason and rank 0's exit status."""
+    if reason in ("done", "stop", "give_up"):
+        return FINISHED
+    if reason in ("signal", "deadline", "segment_limit"):
+        return CLEAN
+    if rc0 == exitcodes.PREFLIGHT or reason == "preflight":
+        return PREFLIGHT
+    if rc0 == exitcodes.HANG or reason == "hang":
+        return HANG
+    return CRASH
+
+
+def implicated_nodes(reports: list[RankReport], world_size: int, nodes: list[str]) -> list[str]:
+    """Nodes to blame for a crash: ranks killed by a signal (or whose report never came: their node
+    died); failing that, the rank that failed first (the others failed because it did)."""
+    per_node = max(1, world_size // max(1, len(nodes)))
+    seen = {r.rank for r in reports}
+    blamed = [r.host for r in reports if r.rc < 0]
+    blamed += [nodes[min(rank // per_node, len(nodes) - 1)] for rank in range(world_size) if rank not in seen and nodes]
+    if not blamed:
+        failed = sorted((r for r in reports if r.rc not in (0, exitcodes.REQUEUE)), key=lambda r: r.t_end)
+        blamed = [failed[0].host] if failed else []
+    return sorted(set(blamed))
+
+
+def decide(cfg: RunConfig, state: ChainState, rec: SegmentRecord, usable_nodes: int | None = None,
+           now: float | None = None) -> Decision:
+    """What the chain does after a segment. Updates the state's counters (crashes, progress,
+    exclusions); the caller records the segment and acts on the decision."""
+    now = time.time() if now is None else now
+    progress = rec.ckpt_after > rec.ckpt_before
+    state.no_progress = 0 if progress else state.no_progress + 1
+    if rec.outcome == FINISHED:
+        state.consecutive_crashes = 0
+        if rec.reason == "give_up":
+            return Decision("end", "give_up", alert="the trainer gave up (see its alerts); the chain ended",
+                            severity="critical")
+        return Decision("end", rec.reason)
+
+    if rec.outcome in (CRASH, HANG, LOST):
+        state.consecutive_crashes += 1
+    elif rec.outcome == CLEAN:
+        state.consecutive_crashes = 0
+    exclude = _new_exclusions(cfg, state, rec, usable_nodes) if rec.outcome != CLEAN else []
+
+    if state.no_progress >= cfg.chain.crash_loop_limit:
+        return Decision("end", "crash_loop", severity="critical",
+                        alert=f"crash loop: {state.no_progress} segments in a row ended without a new checkpoint "
+                              f"(last: {rec.outcome} {rec.reason}); the chain stopped. Look at the last segment's "
+                              "log under slurm/submitit, fix, then `kit submit` again")
+    if len(state.segments) >= cfg.chain.max_segments:
+        return Decision("end", "max_segments", severity="warning",
+                        alert=f"chain.max_segments ({cfg.chain.max_segments}) reached; the chain ended")
+    if cfg.chain.deadline and now >= datetime.fromisoformat(cfg.chain.deadline).timestamp():
+        return Decision("end", "chain_deadline", severity="warning",
+                        alert=f"chain.deadline ({cfg.chain.deadline}) passed; the chain ended")
+    if rec.outcome == CLEAN and not exclude:
+        return Decision("requeue", rec.reason)
+    delay = 0.0
+    if rec.outcome in (CRASH, HANG, LOST):
+        delay = min(MAX_BACKOFF_S, cfg.chain.backoff_s * 2 ** (state.consecutive_crashes - 1))
+    return Decision("resubmit", rec.outcome if rec.outcome != CRASH else f"crash: {rec.reason}", delay_s=delay,
+                    exclude=tuple(exclude))
+
+
+def _new_exclusions(cfg: RunConfig, state: ChainState, rec: SegmentRecord, usable_nodes: int | None) -> list[str]:
+    """Exclude implicated nodes, unless that would leave too few nodes to run the job at all: then
+    they are only remembered as suspects (and the ledger says so)."""
+    new: list[str] = []
+    for node in rec.implicated:
+        if node in state.excluded_nodes:
+            continue
+        room = usable_nodes is None or usable_nodes - len(state.excluded_nodes) - len(new) - 1 >= cfg.slurm.nodes
+        if room:
+            new.append(node)
+        elif node not in state.suspect_nodes:
+            state.suspect_nodes.append(node)
+    state.excluded_nodes.extend(new)
+    return new
