@@ -1,0 +1,94 @@
+"""Checkpoint contract without DeepSpeed: manifest as commit point, scan/resume choice, retention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kit import checkpoint as ck
+from kit.errors import CheckpointError
+
+
+def fake_ckpt(root: Path, step: int, complete: bool = True, world: int = 2) -> Path:
+    """A folder shaped like a kit checkpoint (DeepSpeed files are opaque bytes to this layer)."""
+    p = root / ck.tag_for(step)
+    p.mkdir(parents=True)
+    (p / "mp_rank_00_model_states.pt").write_bytes(b"m" * (100 + step))
+    (p / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 50)
+    if complete:
+        ck.write_manifest(p, step, {"step": step, "consumed": step * 8, "world_size": world,
+                                    "model": {"hidden_size": 64, "n_layer": 2, "n_head": 4}, "vocab_size": 512})
+    return p
+
+
+def test_manifest_is_the_commit_point(tmp_path: Path) -> None:
+    fake_ckpt(tmp_path, 2)
+    fake_ckpt(tmp_path, 4)
+    fake_ckpt(tmp_path, 6, complete=False)  # a save killed before its manifest
+    ckpt, notes = ck.find_resume(tmp_path)
+    assert ckpt is not None and ckpt.step == 4 and ckpt.consumed == 32
+    assert notes == ["step_0000006: incomplete (no MANIFEST.json), ignored"]
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_reason(tmp_path: Path) -> None:
+    fake_ckpt(tmp_path, 2)
+    p = fake_ckpt(tmp_path, 4)
+    (p / "mp_rank_00_model_states.pt").write_bytes(b"short")  # truncated on a full filesystem
+    ckpt, notes = ck.find_resume(tmp_path)
+    assert ckpt is not None and ckpt.step == 2
+    assert "step_0000004: corrupt" in notes[0] and "size" in notes[0]
+    q = fake_ckpt(tmp_path, 8)
+    (q / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 50)  # same size, other bytes
+    assert ck.find_resume(tmp_path)[0].step == 8  # type: ignore[union-attr]  (sizes only by default)
+    ckpt, notes = ck.find_resume(tmp_path, hashes=True)
+    assert ckpt is not None and ckpt.step == 2 and "sha256 mismatch" in notes[0]
+
+
+def test_before_step_for_rollbacks(tmp_path: Path) -> None:
+    for s in (10, 20, 30):
+        fake_ckpt(tmp_path, s)
+    assert ck.find_resume(tmp_path, before_step=25)[0].step == 20  # type: ignore[union-attr]
+    assert ck.find_resume(tmp_path, before_step=5)[0] is None
+
+
+def test_prepare_tag_dir_clears_a_killed_save_but_never_a_complete_one(tmp_path: Path) -> None:
+    p = fake_ckpt(tmp_path, 6, complete=False)
+    ck.prepare_tag_dir(tmp_path, p.name)
+    assert not p.exists()
+    fake_ckpt(tmp_path, 8)
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        ck.prepare_tag_dir(tmp_path, ck.tag_for(8))
+
+
+def test_retention_keeps_last_k_every_n_pinned_and_busy(tmp_path: Path) -> None:
+    for s in range(10, 110, 10):
+        fake_ckpt(tmp_path, s)
+    fake_ckpt(tmp_path, 55, complete=False)  # garbage from a killed save, older than the newest complete
+    ck.pin(tmp_path, ck.tag_for(30), "spike at step 34")
+    with ck.busy(tmp_path, ck.tag_for(20), "upload"):
+        deleted = ck.apply_retention(tmp_path, keep_last=2, keep_every=40)
+    kept = sorted(c.step for c in ck.scan(tmp_path)[0])
+    assert kept == [20, 30, 40, 80, 90, 100]
+    assert ck.tag_for(55) in deleted and not (tmp_path / ck.tag_for(55)).exists()
+    ck.unpin(tmp_path, ck.tag_for(30))
+    ck.apply_retention(tmp_path, keep_last=2, keep_every=40)
+    assert sorted(c.step for c in ck.scan(tmp_path)[0]) == [40, 80, 90, 100]
+
+
+def test_compatibility_errors_say_what_to_do(tmp_path: Path) -> None:
+    fake_ckpt(tmp_path, 2, world=4)
+    c = ck.load(tmp_path, ck.tag_for(2))
+    model = {"hidden_size": 64, "n_layer": 2, "n_head": 4}
+    with pytest.raises(CheckpointError, match="written by 4 data-parallel ranks, this segment has 2.*kit reshape"):
+        ck.check_compatible(c, 2, model, 512)
+    with pytest.raises(CheckpointError, match=r"different model \(model.hidden_size 64 != 128"):
+        ck.check_compatible(c, 4, {**model, "hidden_size": 128}, 512)
+    ck.check_compatible(c, 4, model, 512)
+
+
+def test_unreadable_manifest(tmp_path: Path) -> None:
+    p = fake_ckpt(tmp_path, 2)
+    (p / ck.MANIFEST).write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ck.scan(tmp_path)
