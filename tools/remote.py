@@ -47,6 +47,7 @@ def redact(url: str) -> str:
 def scrub(text: str) -> str:
     """Error text safe to print: URLs redacted, secret values from the environment masked."""
     text = re.sub(r"([a-zA-Z][\w+.-]*://)[^/@\s]*@", r"\1", text)
+    text = re.sub(r"[^\s/\"':@]+:[^\s/\"'@]+@", "***@", text)  # user:secret@ without its scheme
     text = re.sub(r"([?&](?:token|sig|signature|key|secret|X-Amz-[\w-]+)=)[^&\s'\"]+", r"\1***", text, flags=re.I)
     for name in SECRET_ENV:
         value = os.environ.get(name, "")
@@ -88,6 +89,8 @@ def retrying(fn: Callable[[], T], what: str, retries: int = 5, backoff_s: float 
             if e.errno in (errno.EROFS, errno.EACCES):
                 raise UploadError(f"{what}: the destination is not writable ({scrub(str(e))})") from None
             err: BaseException = e
+        except (ValueError, TypeError) as e:  # a malformed request (bucket name, URL): retrying will not help
+            raise UploadError(f"{what}: {type(e).__name__}: {scrub(str(e))}; check the URL") from None
         except Exception as e:
             err = e
         if attempt == retries:
@@ -137,7 +140,7 @@ def verify_url(url: str, hashes: bool = True, jobs: int = 4) -> tuple[dict[str, 
     """Check an uploaded folder against its KIT_UPLOAD.json; (manifest, problems)."""
     fs, root = open_fs(url)
     fs.invalidate_cache()
-    manifest = read_json(fs, f"{root}/{UPLOAD_MANIFEST}")
+    manifest = retrying(lambda: read_json(fs, f"{root}/{UPLOAD_MANIFEST}"), f"reading {redact(url)}", retries=2)
     if manifest is None:
         return None, [f"no {UPLOAD_MANIFEST}: the upload is incomplete (or this is not an upload); "
                       "run `kit upload` again"]
@@ -148,11 +151,11 @@ def verify_url(url: str, hashes: bool = True, jobs: int = 4) -> tuple[dict[str, 
         except FileNotFoundError:
             return None
 
-    hash_of = (lambda rel: sha256_remote(fs, f"{root}/{rel}")) if hashes else None
-    try:
-        return manifest, check_files(manifest.get("files", {}), size_of, hash_of, jobs)
-    except OSError as e:
-        raise UploadError(f"cannot read {redact(url)}: {scrub(str(e))}") from None
+    def hash_of(rel: str) -> str:
+        return retrying(lambda: sha256_remote(fs, f"{root}/{rel}"), f"reading {rel}", retries=2)
+
+    return manifest, check_files(manifest.get("files", {}), lambda rel: retrying(
+        lambda: size_of(rel), f"reading {rel}", retries=2), hash_of if hashes else None, jobs)
 
 
 def verify_local(path: Path, hashes: bool = True, jobs: int = 4) -> tuple[dict[str, Any] | None, list[str]]:

@@ -139,13 +139,14 @@ def upload_folder(src: Path, url: str, jobs: int = 4, retries: int = 5, backoff_
         retrying(lambda: fs.makedirs(root, exist_ok=True), f"creating {safe}", retries, backoff_s)
     fs.invalidate_cache()
     previous = f"{root}/{JOURNAL}/previous.json"
-    old = read_json(fs, remote_manifest)
+    old = retrying(lambda: read_json(fs, remote_manifest), f"reading {safe}", retries, backoff_s)
     if old is not None:  # about to change a complete destination: it must stop looking complete first,
         # but what it knew (every file's hash) is kept in the journal, so unchanged files are not sent again
         retrying(lambda: _pipe(fs, previous, json.dumps(old).encode()), "keeping the old manifest", retries, backoff_s)
         retrying(lambda: fs.rm_file(remote_manifest), f"removing the old {UPLOAD_MANIFEST}", retries, backoff_s)
-    known = (old or read_json(fs, previous) or {}).get("files", {})
-    sizes = _remote_sizes(fs, root)
+    known = (old or retrying(lambda: read_json(fs, previous), f"reading {safe}", retries, backoff_s) or {}).get(
+        "files", {})
+    sizes = retrying(lambda: _remote_sizes(fs, root), f"listing {safe}", retries, backoff_s)
     order = [r for r in inv if r != MANIFEST] + ([MANIFEST] if MANIFEST in inv else [])
     bar = _Progress(progress, sum(i["size"] for i in inv.values()), len(inv))
     counts = {"sent": 0, "skipped": 0, "bytes": 0, "done": 0}
@@ -154,8 +155,9 @@ def upload_folder(src: Path, url: str, jobs: int = 4, retries: int = 5, backoff_
     def one(rel: str) -> None:
         info = inv[rel]
         target, note = f"{root}/{rel}", f"{root}/{JOURNAL}/{rel}.sha256"
-        same = known.get(rel) == info or _note(fs, note) == f"{info['sha256']} {info['size']}"
-        if sizes.get(rel) == info["size"] and same:
+        line = f"{info['sha256']} {info['size']}"
+        if sizes.get(rel) == info["size"] and (known.get(rel) == info or retrying(
+                lambda: _note(fs, note), f"reading the note of {rel}", retries, backoff_s) == line):
             with lock:
                 counts["skipped"] += 1
             bar.advance(info["size"], 1)
@@ -165,7 +167,7 @@ def upload_folder(src: Path, url: str, jobs: int = 4, retries: int = 5, backoff_
         cb = _callback(bar)
         retrying(lambda: _put(fs, src / rel, target, info["size"], cb), f"uploading {rel} to {safe}", retries,
                  backoff_s)
-        retrying(lambda: _pipe(fs, note, f"{info['sha256']} {info['size']}".encode()),
+        retrying(lambda: _pipe(fs, note, line.encode()),
                  f"writing the note of {rel}", retries, backoff_s)
         bar.advance(max(0, info["size"] - int(cb.value)), 1)
         with lock:

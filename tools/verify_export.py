@@ -12,6 +12,8 @@ logits. Memory: two models in the export dtype (``kit convert --no-verify`` skip
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,8 @@ def reference_state(ckpt: ck.Checkpoint, dtype: Any) -> tuple[dict[str, Any], st
             return dict(module), "engine module weights"
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag, lazy_mode=True)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag, lazy_mode=True)
     done: dict[int, Any] = {}
     state = {}
     for name, t in lazy.items():  # shared parameters are one object: convert once, keep them tied
@@ -59,9 +62,11 @@ def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path,
     """Compare logits; returns the ledger fields (ok, bit_identical, max_abs_diff, atol, reference)."""
     import torch
     from transformers import AutoModelForCausalLM, BloomForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from kit.model import bloom_config
 
+    hf_logging.disable_progress_bar()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     attn = cfg.model.attn_implementation
     batch = fixed_batch(cfg)

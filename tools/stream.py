@@ -1,0 +1,243 @@
+"""``kit stream RUN --to URL``: follow a live run and ship each new complete checkpoint.
+
+For every complete checkpoint, oldest first, while it is marked busy (so the trainer's retention
+leaves it alone): verify it locally against its manifest, upload it to ``URL/checkpoints/<tag>``,
+verify the remote copy against KIT_UPLOAD.json, optionally convert it and upload the export to
+``URL/hf/<tag>``. Then retention: remotely keep every N-th step (and the newest); locally keep the
+newest K, deleting only checkpoints whose remote copy verified. Every stage is a ledger event
+(writer ``stream``), so the monitor shows it.
+
+Restarts: the state (which tags are done, which remote copies were removed) is in
+``<run>/exports/stream.json``, rewritten atomically after each stage; an upload cut in the middle
+resumes without resending the files that landed (tools.upload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kit import checkpoint as ck
+from kit.errors import KitError
+from kit.faults import fault_point
+from kit.ledger import LedgerWriter, read_all
+from kit.rundir import RunDir, resolve_run
+from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, redact, retrying, verify_url
+from kit.tools.upload import upload_folder
+
+STATE = "stream.json"
+STATE_VERSION = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class StreamOptions:
+    url: str
+    convert: bool = False
+    dtype: str = ""
+    keep_last: int = 0  # 0: never delete local checkpoints
+    keep_every: int = 0  # 0: keep every remote checkpoint
+    hashes: bool = True  # remote verification re-reads and hashes every file
+    jobs: int = 4
+    retries: int = 5
+    backoff_s: float = 1.0
+    progress: bool = False
+
+
+class StreamState:
+    """What has been shipped, persisted in the run directory so a restart picks up where it stopped."""
+
+    def __init__(self, path: Path, url: str) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"version": STATE_VERSION, "url": redact(url), "done": {}, "remote_deleted": []}
+        if path.exists():
+            loaded = json.loads(path.read_text())
+            if loaded.get("url") != redact(url):
+                raise KitError(f"{path} belongs to a stream to {loaded.get('url')}; move it away to stream "
+                               f"this run to {redact(url)}")
+            self.data.update(loaded)
+
+    @property
+    def done(self) -> dict[str, dict[str, Any]]:
+        return self.data["done"]  # type: ignore[no-any-return]
+
+    def shipped(self, tag: str) -> bool:
+        return bool(self.done.get(tag, {}).get("remote_verified"))
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+class Streamer:
+    def __init__(self, rd: RunDir, opts: StreamOptions, ledger: LedgerWriter) -> None:
+        self.rd = rd
+        self.opts = opts
+        self.led = ledger
+        self.url = opts.url.rstrip("/")
+        rd.exports.mkdir(parents=True, exist_ok=True)
+        self.state = StreamState(rd.exports / STATE, opts.url)
+
+    def remote(self, kind: str, tag: str) -> str:
+        return f"{self.url}/{kind}/{tag}"
+
+    # ---------------------------------------------------------------------------------- one pass
+    def run_once(self) -> int:
+        """Ship every complete checkpoint not shipped yet, then apply retention; returns how many."""
+        complete, _ = ck.scan(self.rd.checkpoints)
+        shipped = 0
+        for c in complete:
+            if not self.state.shipped(c.tag) and not self.state.done.get(c.tag, {}).get("corrupt"):
+                shipped += self.ship(c)
+        self.remote_retention()
+        self.local_retention()
+        return shipped
+
+    def ship(self, c: ck.Checkpoint) -> int:
+        root, tag, o = self.rd.checkpoints, c.tag, self.opts
+        entry = self.state.done.setdefault(tag, {"step": c.step})
+        with ck.busy(root, tag, "stream"):
+            if not (c.path / ck.MANIFEST).exists():
+                return 0  # deleted meanwhile (the trainer's retention): nothing to ship
+            problems = ck.verify(c, hashes=True)
+            self.led.emit("ckpt_verified", tag=tag, ok=not problems, where="local", problems=problems[:5])
+            if problems:
+                entry["corrupt"] = problems[:5]
+                self.state.save()
+                self.led.alert("error", f"checkpoint {tag} is corrupt and was not uploaded: {problems[0]}", tag=tag)
+                return 0
+            dest = self.remote("checkpoints", tag)
+            res = upload_folder(c.path, dest, o.jobs, o.retries, o.backoff_s, o.progress)
+            self.led.emit("ckpt_uploaded", tag=tag, url=res.url, step=c.step, sent=res.sent, skipped=res.skipped,
+                          bytes=res.bytes_sent, seconds=res.seconds, what="checkpoint")
+            fault_point("stream.after_upload", c.step, 0)
+            _, problems = verify_url(dest, hashes=o.hashes, jobs=o.jobs)
+            self.led.emit("ckpt_verified", tag=tag, ok=not problems, where="remote", url=redact(dest),
+                          hashes=o.hashes, problems=problems[:5])
+            if problems:
+                raise UploadError(f"the remote copy of {tag} does not verify ({problems[0]}); "
+                                  "run `kit stream` again to resume")
+            entry.update(remote_verified=True, url=redact(dest), uploaded=time.time())
+            self.state.save()
+            if o.convert:
+                self.ship_export(c, entry)
+        return 1
+
+    def ship_export(self, c: ck.Checkpoint, entry: dict[str, Any]) -> None:
+        from kit.tools.convert import convert
+
+        o = self.opts
+        local = self.rd.exports / f"{c.tag}-hf"
+        exp = convert(self.rd, c, local, o.dtype, force=True, ledger=self.led)
+        dest = self.remote("hf", c.tag)
+        res = upload_folder(exp.out, dest, o.jobs, o.retries, o.backoff_s, o.progress)
+        self.led.emit("ckpt_uploaded", tag=c.tag, url=res.url, step=c.step, sent=res.sent, skipped=res.skipped,
+                      bytes=res.bytes_sent, seconds=res.seconds, what="export")
+        _, problems = verify_url(dest, hashes=o.hashes, jobs=o.jobs)
+        self.led.emit("ckpt_verified", tag=c.tag, ok=not problems, where="remote-export", url=res.url)
+        if problems:
+            raise UploadError(f"the remote export of {c.tag} does not verify ({problems[0]}); run again to resume")
+        shutil.rmtree(local)  # derived, and verified remotely: the run's disk is for checkpoints
+        entry["export_url"] = res.url
+        self.state.save()
+
+    # --------------------------------------------------------------------------------- retention
+    def remote_retention(self) -> None:
+        """Keep every N-th step remotely, and the newest shipped one; delete the others' manifest first."""
+        n = self.opts.keep_every
+        shipped = sorted((e["step"], tag) for tag, e in self.state.done.items() if e.get("remote_verified"))
+        if not n or not shipped:
+            return
+        newest = shipped[-1][1]
+        deleted = self.state.data["remote_deleted"]
+        for step, tag in shipped:
+            if step % n == 0 or tag == newest or tag in deleted:
+                continue
+            fs, root = open_fs(self.remote("checkpoints", tag))
+            with contextlib.suppress(FileNotFoundError):  # already gone: a previous pass was cut after it
+                retrying(lambda root=root: fs.rm_file(f"{root}/{UPLOAD_MANIFEST}"), f"deleting {tag} remotely")
+            with contextlib.suppress(FileNotFoundError):
+                retrying(lambda root=root: fs.rm(root, recursive=True), f"deleting {tag} remotely")
+            deleted.append(tag)
+            self.state.save()
+            self.led.emit("ckpt_deleted", tag=tag, where="remote", url=redact(self.remote("checkpoints", tag)))
+
+    def local_retention(self) -> None:
+        """Keep the newest K locally; older ones go only once their remote copy verified."""
+        k = self.opts.keep_last
+        if not k:
+            return
+        root = self.rd.checkpoints
+        complete, _ = ck.scan(root)
+        protected = ck.pinned(root) | ck.busy_tags(root)
+        for c in complete[:-k]:
+            if c.tag in protected or not self.state.shipped(c.tag):
+                continue
+            try:
+                (c.path / ck.MANIFEST).unlink()  # never leave a half-deleted folder that looks complete
+                shutil.rmtree(c.path)
+            except OSError as e:
+                self.led.alert("warning", f"stream could not delete {c.tag} locally: {e}", tag=c.tag)
+                continue
+            self.led.emit("ckpt_deleted", tag=c.tag, where="local", reason="stream retention")
+
+    # ------------------------------------------------------------------------------------ follow
+    def run_ended(self) -> bool:
+        ends = read_all(self.rd.path, {"segment_ended", "chain_ended", "segment_started"})
+        if not ends:
+            return False
+        last = ends[-1]
+        return last["kind"] == "chain_ended" or (last["kind"] == "segment_ended" and last.get("reason") in ("done", "stop"))
+
+    def follow(self, poll_s: float, exit_when_done: bool, log: Any = print) -> int:
+        total = 0
+        while True:
+            ended = self.run_ended()  # read before the pass: a checkpoint saved before the end is seen
+            n = self.run_once()
+            total += n
+            if n:
+                log(f"kit stream: shipped {n} checkpoint(s) ({total} so far)")
+            if exit_when_done and ended:
+                return total
+            time.sleep(poll_s)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("run", help="run directory (or run name under --runs-dir)")
+    p.add_argument("--to", required=True, metavar="URL", help="destination root: a path or any fsspec URL")
+    p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
+    p.add_argument("--convert", action="store_true", help="also convert each checkpoint and upload it to URL/hf/<tag>")
+    p.add_argument("--dtype", default="", choices=("", "bf16", "fp32"), help="export dtype (default: the run's)")
+    p.add_argument("--keep-last", type=int, default=0,
+                   help="keep the newest K checkpoints locally, delete older ones once verified remotely (0: keep all)")
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="remotely keep only multiples of N steps (and the newest); 0 keeps all")
+    p.add_argument("--quick-verify", action="store_true", help="verify remote copies by size only (no read-back)")
+    p.add_argument("--jobs", type=int, default=4, help="files sent at once (default 4)")
+    p.add_argument("--poll", type=float, default=30.0, help="seconds between looks at the run (default 30)")
+    p.add_argument("--once", action="store_true", help="ship what is there now, then exit")
+    p.add_argument("--exit-when-done", action="store_true", help="exit once the run (or its chain) has ended")
+
+
+def run(args: argparse.Namespace, verb: str) -> int:
+    rd = resolve_run(args.run, args.runs_dir)
+    opts = StreamOptions(url=args.to, convert=args.convert, dtype=args.dtype, keep_last=args.keep_last,
+                         keep_every=args.keep_every, hashes=not args.quick_verify, jobs=args.jobs)
+    with LedgerWriter(rd.path, "stream") as led:
+        streamer = Streamer(rd, opts, led)
+        if args.once:
+            n = streamer.run_once()
+            print(f"kit stream: shipped {n} checkpoint(s) to {redact(args.to)}")
+            return 0
+        streamer.follow(args.poll, args.exit_when_done)
+    return 0
