@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, redact, retrying, verify_url
+from kit.tools.upload import upload_folder
+
 from kit import checkpoint as ck
 from kit.errors import KitError
 from kit.faults import fault_point
 from kit.ledger import LedgerWriter, read_all
 from kit.rundir import RunDir, resolve_run
-from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, redact, retrying, verify_url
-from kit.tools.upload import upload_folder
 
 STATE = "stream.json"
 STATE_VERSION = 1
@@ -161,10 +162,8 @@ class Streamer:
             if step % n == 0 or tag == newest or tag in deleted:
                 continue
             fs, root = open_fs(self.remote("checkpoints", tag))
-            with contextlib.suppress(FileNotFoundError):  # already gone: a previous pass was cut after it
-                retrying(lambda root=root: fs.rm_file(f"{root}/{UPLOAD_MANIFEST}"), f"deleting {tag} remotely")
-            with contextlib.suppress(FileNotFoundError):
-                retrying(lambda root=root: fs.rm(root, recursive=True), f"deleting {tag} remotely")
+            retrying(lambda fs=fs, root=root: _rm(fs, f"{root}/{UPLOAD_MANIFEST}", False), f"deleting {tag} remotely")
+            retrying(lambda fs=fs, root=root: _rm(fs, root, True), f"deleting {tag} remotely")
             deleted.append(tag)
             self.state.save()
             self.led.emit("ckpt_deleted", tag=tag, where="remote", url=redact(self.remote("checkpoints", tag)))
@@ -194,7 +193,8 @@ class Streamer:
         if not ends:
             return False
         last = ends[-1]
-        return last["kind"] == "chain_ended" or (last["kind"] == "segment_ended" and last.get("reason") in ("done", "stop"))
+        return last["kind"] == "chain_ended" or (
+            last["kind"] == "segment_ended" and last.get("reason") in ("done", "stop"))
 
     def follow(self, poll_s: float, exit_when_done: bool, log: Any = print) -> int:
         total = 0
@@ -207,6 +207,12 @@ class Streamer:
             if exit_when_done and ended:
                 return total
             time.sleep(poll_s)
+
+
+def _rm(fs: Any, path: str, recursive: bool) -> None:
+    """Remove a remote path; one that is already gone (a previous pass was cut after it) is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=recursive)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
