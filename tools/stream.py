@@ -66,7 +66,7 @@ class StreamState:
 
     @property
     def done(self) -> dict[str, dict[str, Any]]:
-        return self.data["done"]  # type: ignore[no-any-return]
+        return self.data["done"]
 
     def shipped(self, tag: str) -> bool:
         return bool(self.done.get(tag, {}).get("remote_verified"))
