@@ -173,8 +173,11 @@ def _init_group(env: DistEnv, timeout_s: float) -> None:
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
-                            world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+    # env:// (not tcp://) so that under torchrun the ranks join the agent's store instead of racing it for the port
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def _network(cfg: RunConfig, node: str, report: Report) -> None:

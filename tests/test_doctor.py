@@ -1,0 +1,315 @@
+"""The preflight: versions against the pins, GPU health through NVML, the checkpoint filesystem, and the
+all-reduce bandwidth test on real gloo ranks (two torchrun "nodes" on this machine).
+
+NVML is faked (there is no GPU and no NVML library here): :func:`fake_nvml` builds a module with the
+real pynvml's function names, constants and error classes (checked against the installed pynvml, so
+it cannot drift), holding GPUs whose counters the tests set. The real pynvml is also used, to show that
+a missing NVML is reported as "na" and never crashes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pynvml
+import pytest
+from kit.containers.pins import load_pins
+from kit.tools.doctor_checks import FAIL, NA, OK, WARN, Environment, check_filesystem, check_gpus, check_versions
+from kit.tools.doctor_net import _scores, busbw
+
+from kit.dist import free_port
+from kit.ledger import read_all
+from kit.rundir import RunDir
+
+# ------------------------------------------------------------------------------------------ fake NVML
+
+
+@dataclass
+class FakeGpu:
+    name: str = "NVIDIA H100 80GB HBM3"
+    uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
+    ecc_uncorrected: Any = 0
+    remapped: Any = (0, 0, 0, 0)  # corrected, uncorrected, pending, failure
+    retired_pending: Any = 0
+    xids: list[int] = field(default_factory=list)
+
+
+def _err(code: int) -> pynvml.NVMLError:
+    return pynvml.NVMLError(code)  # pynvml turns the code into its subclass, as on a real GPU
+
+
+FAKED = ("nvmlInit", "nvmlShutdown", "nvmlSystemGetDriverVersion", "nvmlDeviceGetCount",
+         "nvmlDeviceGetHandleByIndex", "nvmlDeviceGetName", "nvmlDeviceGetUUID", "nvmlDeviceGetTotalEccErrors",
+         "nvmlDeviceGetRemappedRows", "nvmlDeviceGetRetiredPagesPendingStatus", "nvmlEventSetCreate",
+         "nvmlDeviceRegisterEvents", "nvmlEventSetWait_v2", "nvmlEventSetFree")
+
+
+def fake_nvml(gpus: list[FakeGpu], driver: str = "550.54.15") -> types.ModuleType:
+    m = types.ModuleType("fake_pynvml")
+    for name in ("NVMLError", "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC",
+                 "nvmlEventTypeXidCriticalError"):
+        setattr(m, name, getattr(pynvml, name))
+    registered: dict[int, list[int]] = {}
+
+    def value(v: Any) -> Any:
+        if v is None:
+            raise _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return v
+
+    def wait(es: int, timeoutms: int) -> Any:
+        pending = registered.get(es, [])
+        if not pending:
+            raise _err(pynvml.NVML_ERROR_TIMEOUT)
+        return types.SimpleNamespace(eventData=pending.pop(0), eventType=pynvml.nvmlEventTypeXidCriticalError)
+
+    def register(handle: int, types_: int, es: int) -> None:
+        registered.setdefault(es, []).extend(gpus[handle].xids)
+
+    impl = {
+        "nvmlInit": lambda: None, "nvmlShutdown": lambda: None,
+        "nvmlSystemGetDriverVersion": lambda: driver,
+        "nvmlDeviceGetCount": lambda: len(gpus),
+        "nvmlDeviceGetHandleByIndex": lambda index: index,
+        "nvmlDeviceGetName": lambda handle: gpus[handle].name,
+        "nvmlDeviceGetUUID": lambda handle: gpus[handle].uuid,
+        "nvmlDeviceGetTotalEccErrors": lambda handle, errorType, counterType: value(gpus[handle].ecc_uncorrected),
+        "nvmlDeviceGetRemappedRows": lambda device: value(gpus[device].remapped),
+        "nvmlDeviceGetRetiredPagesPendingStatus": lambda device: value(gpus[device].retired_pending),
+        "nvmlEventSetCreate": lambda: len(registered) + 1,
+        "nvmlDeviceRegisterEvents": register,
+        "nvmlEventSetWait_v2": wait,
+        "nvmlEventSetFree": lambda eventSet: None,
+    }
+    for name, fn in impl.items():
+        setattr(m, name, fn)
+    return m
+
+
+def test_fake_nvml_matches_the_real_api() -> None:
+    fake = fake_nvml([FakeGpu()])
+    for name in FAKED:
+        real = inspect.signature(getattr(pynvml, name))
+        mine = inspect.signature(getattr(fake, name))
+        assert len(real.parameters) == len(mine.parameters), name
+
+
+def gpus8(**changes: Any) -> list[FakeGpu]:
+    out = [FakeGpu(uuid=f"GPU-{i:08d}-0000-0000-0000-000000000000") for i in range(8)]
+    for k, v in changes.items():
+        i, attr = k.split("_", 1)
+        setattr(out[int(i[1:])], attr, v)
+    return out
+
+
+def by_name(checks: list[Any]) -> dict[str, Any]:
+    return {c.name: c for c in checks}
+
+
+# ------------------------------------------------------------------------------------------------ GPUs
+
+
+def test_healthy_node_passes() -> None:
+    checks, driver = check_gpus(8, [], "H100", nvml=fake_nvml(gpus8()))
+    assert driver == "550.54.15"
+    assert [c for c in checks if c.status != OK] == []
+    assert by_name(checks)["gpu.count"].value == 8
+
+
+@pytest.mark.parametrize(("change", "failing", "text"), [
+    ({"g3_ecc_uncorrected": 2}, "gpu.3.ecc", "2 uncorrected ECC errors"),
+    ({"g5_remapped": (1, 1, 1, 0)}, "gpu.5.memory", "pending=True, failure=False; reset the GPU"),
+    ({"g6_remapped": (0, 8, 0, 1)}, "gpu.6.memory", "replace the GPU"),
+    ({"g1_xids": [79]}, "gpu.1.xid", "pending Xid errors [79]"),
+    ({"g2_name": "NVIDIA A100-SXM4-80GB"}, "gpu.2.model", "the image was built for H100"),
+])
+def test_unhealthy_gpu_fails_only_its_check(change: dict[str, Any], failing: str, text: str) -> None:
+    checks, _ = check_gpus(8, [], "H100", nvml=fake_nvml(gpus8(**change)))
+    bad = [c for c in checks if c.status == FAIL]
+    assert [c.name for c in bad] == [failing]
+    assert text in bad[0].detail
+
+
+def test_missing_gpus_and_known_bad_uuid_fail() -> None:
+    gpus = gpus8()[:7]
+    checks, _ = check_gpus(8, [gpus[4].uuid], nvml=fake_nvml(gpus))
+    named = by_name(checks)
+    assert named["gpu.count"].status == FAIL and "7 GPUs visible, the recipe expects 8" in named["gpu.count"].detail
+    assert named["gpu.4.uuid"].status == FAIL
+
+
+def test_unsupported_counters_are_na_and_pre_ampere_uses_retired_pages() -> None:
+    gpus = [FakeGpu(ecc_uncorrected=None, remapped=None, retired_pending=1),
+            FakeGpu(remapped=None, retired_pending=None)]
+    checks, _ = check_gpus(2, [], nvml=fake_nvml(gpus))
+    named = by_name(checks)
+    assert named["gpu.0.ecc"].status == NA
+    assert named["gpu.0.memory"].status == FAIL and "retired pages pending" in named["gpu.0.memory"].detail
+    assert named["gpu.1.memory"].status == NA
+
+
+def test_real_nvml_absent_is_na_not_a_crash() -> None:
+    if os.path.exists("/dev/nvidia0"):
+        pytest.skip("this machine has a GPU")
+    checks, driver = check_gpus(0, [])
+    assert driver is None and [(c.name, c.status) for c in checks] == [("gpu.nvml", NA)]
+    required, _ = check_gpus(8, [])
+    assert required[0].status == FAIL and "expects 8 GPUs" in required[0].detail
+
+
+# -------------------------------------------------------------------------------------------- versions
+
+
+def pinned_env(**changes: str | None) -> Environment:
+    v: dict[str, str | None] = dict(load_pins().stack)
+    v.update(changes)
+    return Environment(versions=v, driver="550.54.15")
+
+
+def test_versions_match_the_pins() -> None:
+    checks = check_versions(load_pins(), "h100", pinned_env(cuda="12.8.1"), strict=True)
+    assert {c.status for c in checks} == {OK}
+
+
+def test_version_drift_fails_inside_the_image_and_warns_outside() -> None:
+    env = pinned_env(deepspeed="0.20.0", nccl=None)
+    inside = by_name(check_versions(load_pins(), "h100", env, strict=True))
+    assert inside["versions.deepspeed"].status == FAIL and "pinned 0.19.8" in inside["versions.deepspeed"].detail
+    assert inside["versions.nccl"].status == FAIL
+    outside = by_name(check_versions(load_pins(), "h100", env, strict=False))
+    assert outside["versions.deepspeed"].status == WARN and outside["versions.nccl"].status == NA
+
+
+def test_old_driver_fails() -> None:
+    env = pinned_env()
+    env.driver = "470.57.02"
+    named = by_name(check_versions(load_pins(), "a100", env, strict=True))
+    assert named["versions.driver"].status == FAIL and "older than driver.min" in named["versions.driver"].detail
+
+
+# ---------------------------------------------------------------------------------------------- filesystem
+
+
+def test_checkpoint_filesystem(tmp_path: Path) -> None:
+    ok = by_name(check_filesystem(tmp_path / "run" / "checkpoints", 1e6, 10, 1 << 20, 0.0, "t"))
+    assert {c.status for c in ok.values()} <= {OK, NA}
+    assert ok["fs.write"].value > 0 and not list(tmp_path.iterdir())  # probe removed, nothing created
+    full = by_name(check_filesystem(tmp_path, 1e18, 10, 1 << 20, 1e9, "t"))
+    assert full["fs.space"].status == FAIL and full["fs.write"].status == FAIL  # too slow for 1e9 MB/s
+
+
+def test_unwritable_checkpoint_filesystem() -> None:
+    """/sys refuses new files even to root (these tests run as root here, so a chmod would prove nothing)."""
+    named = by_name(check_filesystem(Path("/sys/kit-doctor-test/checkpoints"), 1, 1, 1 << 20, 0.0, "t"))
+    assert named["fs.write"].status == FAIL and "cannot write to /sys" in named["fs.write"].detail
+    assert named["fs.inodes"].status == NA  # sysfs reports no inode counts
+
+
+# ------------------------------------------------------------------------------------------- bandwidth
+
+
+def test_busbw_is_computed_as_nccl_tests() -> None:
+    algbw, bus = busbw(10**9, 0.01, 8)  # 1 GB in 10 ms on 8 ranks
+    assert algbw == pytest.approx(100.0) and bus == pytest.approx(175.0)
+    assert busbw(10**9, 0.01, 1)[1] == 0.0
+
+
+def test_slowest_node_is_the_worst_ratio_to_the_median() -> None:
+    per_node = {"a": {"copy_gbps": 10.0, "pair_busbw_gbps": 20.0}, "b": {"copy_gbps": 10.5, "pair_busbw_gbps": 12.0},
+                "c": {"copy_gbps": 9.8, "pair_busbw_gbps": 21.0}}
+    scores, slowest = _scores(per_node)
+    assert slowest == "b" and scores["b"] == pytest.approx(12.0 / 20.0)
+
+
+# --------------------------------------------------------------------------------------- whole preflight
+
+
+def make_run(tiny_cfg: Any, **extra: Any) -> Path:
+    cfg = tiny_cfg(**extra)
+    rd = RunDir(cfg.run_dir)
+    rd.create(cfg)
+    return rd.path
+
+
+def test_kit_doctor_from_the_login_node(tiny_cfg: Any) -> None:
+    run = make_run(tiny_cfg, **{"doctor.allreduce_mib": 1.0, "doctor.allreduce_iters": 2})
+    out = subprocess.run([sys.executable, "-m", "kit.cli", "doctor", str(run), "--json"], capture_output=True,
+                         text=True, env={**os.environ, "KIT_IMAGE_TARGET": ""}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    named = {c["name"]: c["status"] for c in report["checks"]}
+    assert report["ok"] and named["gpu.nvml"] == NA and named["fs.write"] == OK and named["net.busbw"] == NA
+    (event,) = read_all(run, {"doctor"})
+    assert event["src"].startswith("doctor-cli-") and event["ok"] is True and len(event["checks"]) == len(named)
+
+
+def torchrun_two_nodes(run: Path, faults: str = "") -> list[subprocess.CompletedProcess[str]]:
+    """Two torchrun agents with one rank each: two "nodes" on this machine, real gloo between them."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KIT_FAULTS": faults, "KIT_IMAGE_TARGET": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={i}",
+                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "kit.cli", "doctor", str(run)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outs = []
+    for p in procs:
+        so, se = p.communicate(timeout=180)
+        outs.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    return outs
+
+
+@pytest.mark.slow
+def test_two_ranks_name_the_slowest_node_and_fail_below_the_threshold(tiny_cfg: Any) -> None:
+    """Rank 1's node is made slow with the kit's fault points (a sleep in its timed copy loop); with a
+    bus-bandwidth floor no gloo link can reach, both ranks agree to fail and to exclude that node."""
+    run = make_run(tiny_cfg, **{"doctor.allreduce_mib": 2.0, "doctor.allreduce_iters": 3,
+                                "doctor.min_busbw_gbps": 1e6})
+    outs = torchrun_two_nodes(run, faults="doctor.copy:rank1=sleep0.05")
+    events = sorted(read_all(run, {"doctor"}), key=lambda e: e["rank"])
+    assert [e["src"] for e in events] == ["doctor-r0", "doctor-r1"], [o.stderr[-2000:] for o in outs]
+    slow = events[1]["node"]
+    assert slow.endswith("#1") and events[0]["node"].endswith("#0")
+    for e in events:
+        assert e["ok"] is False and e["slowest_node"] == slow and e["failed_nodes"] == [slow]
+        assert e["world_size"] == 2 and e["busbw_gbps"] > 0
+        assert e["node_scores"][slow] < 0.5 < e["node_scores"][events[0]["node"]]
+        net = {c["name"]: c for c in e["checks"]}["net.busbw"]
+        assert net["status"] == FAIL and f"slowest node {slow}" in net["detail"]
+    assert all(o.returncode != 0 for o in outs)  # the ranks exited 76; torchrun reports a failed worker
+    assert "exitcode  : 76" in outs[0].stderr + outs[1].stderr
+
+
+@pytest.mark.slow
+def test_one_node_two_ranks_agree_on_a_local_failure(tiny_cfg: Any) -> None:
+    """Node checks run on the node's first rank only; the verdict is collective, so rank 1 (which ran
+    none) fails too, and only rank 0 writes the node's ledger file."""
+    run = make_run(tiny_cfg, **{"doctor.allreduce_mib": 1.0, "doctor.allreduce_iters": 2,
+                                "doctor.min_write_mbps": 1e9})
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "kit.cli", "doctor", str(run)], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "KIT_IMAGE_TARGET": ""})
+    (event,) = read_all(run, {"doctor"})
+    assert event["src"] == "doctor-r0" and event["ok"] is False, out.stderr[-2000:]
+    named = {c["name"]: c for c in event["checks"]}
+    assert named["fs.write"]["status"] == FAIL and named["net.busbw"]["status"] == OK
+    assert "intra_busbw" not in json.dumps(event) and event["failed_nodes"] == [event["node"]]
+    assert out.stdout.count("doctor: FAILED") == 2 and out.returncode != 0
+
+
+@pytest.mark.slow
+def test_a_missing_peer_fails_the_preflight_instead_of_hanging(tiny_cfg: Any) -> None:
+    """Rank 0 of 2 alone: the rendezvous times out after doctor.timeout_s and the preflight fails (76)."""
+    run = make_run(tiny_cfg, **{"doctor.timeout_s": 3.0})
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "KIT_IMAGE_TARGET": ""}
+    out = subprocess.run([sys.executable, "-m", "kit.cli", "doctor", str(run)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 76, out.stdout + out.stderr
+    assert "FAIL  net.collective" in out.stdout
