@@ -1,0 +1,177 @@
+"""`kit convert` on real ZeRO-1/2/3 checkpoints of the tiny model, made by real DeepSpeed ranks.
+
+The exports are checked three ways: the converter's own logits check (recorded in the ledger), an
+independent comparison of every tensor with DeepSpeed's zero_to_fp32, and transformers loading the
+tokenizer offline. Bad inputs (incomplete, corrupt, missing shards, another model, a failed check)
+must leave nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ROOT, tiny_overrides
+
+from kit import checkpoint as ck
+from kit.cli import main as kit_main
+from kit.errors import CheckpointError, KitError
+from kit.ledger import LedgerWriter, read_all
+from kit.rundir import RunDir
+
+pytestmark = [pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.usefixtures("deepspeed_ok")]
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, RunDir]:
+    """One tiny run per ZeRO stage, 4 steps, checkpoints at steps 2 and 4 (~15 s each)."""
+    from kit.config import load_recipe
+    from kit.launch import create_run, run_local_segment
+
+    base = tmp_path_factory.mktemp("zero")
+    runs = {}
+    for stage in (1, 2, 3):
+        cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(
+            base, f"z{stage}", **{"deepspeed.zero_stage": stage, "trainer.max_steps": 4}))
+        rd = create_run(cfg, log=lambda *a: None)
+        out = run_local_segment(rd, cfg, quiet=True)
+        assert out.reason == "done", out
+        runs[stage] = rd
+    return runs
+
+
+def ds_reference(ckpt: ck.Checkpoint) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_convert_each_zero_stage_bit_identical(zero_runs: dict[int, RunDir], stage: int, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    rd = zero_runs[stage]
+    out = tmp_path / "hf"
+    rc = kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out), "--shard-size", "100KB", "--json"])
+    assert rc == 0
+    files = sorted(p.name for p in out.iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) >= 3, files  # 0.5 MB of fp32 weights in 100 KB shards
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "model.safetensors.index.json", "MANIFEST.json"):
+        assert name in files
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+
+    # independent of the converter: every tensor equals DeepSpeed's own reconstruction
+    ref = ds_reference(ck.load(rd.checkpoints, "step_0000004"))
+    seen = set()
+    for shard in shards:
+        with safe_open(str(out / shard), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                assert torch.equal(f.get_tensor(key), ref[key]), key
+                seen.add(key)
+    assert seen == set(ref) - {"lm_head.weight"}  # tied to the embeddings, as save_pretrained writes it
+
+    verified = [e for e in read_all(rd.path, {"ckpt_verified"}) if e.get("where") == "export"]
+    assert verified[-1]["ok"] and verified[-1]["bit_identical"] and verified[-1]["atol"] == 0.0
+    assert verified[-1]["reference"] == ("deepspeed zero_to_fp32" if stage == 3 else "engine module weights")
+    converted = read_all(rd.path, {"ckpt_converted"})
+    assert converted[-1]["tag"] == "step_0000004" and converted[-1]["shards"] == len(shards)
+
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok.eos_token_id == 2 and tok.pad_token_id == 3
+    text = "Bonjour tout le monde"
+    assert tok.decode(tok(text).input_ids) == text
+
+
+def test_convert_bf16_from_fp32_training(zero_runs: dict[int, RunDir], tmp_path: Path) -> None:
+    """bf16 export of an fp32 run: the reference is DeepSpeed's masters cast to bf16, still exact."""
+    from kit.tools.convert import convert, pick_checkpoint
+
+    rd = zero_runs[2]
+    exp = convert(rd, pick_checkpoint(rd, 2), tmp_path / "bf16", "bf16")
+    assert exp.verify["bit_identical"] and exp.verify["reference"] == "deepspeed zero_to_fp32"
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["use_cache"] is True
+    assert exp.bytes == sum(ds_reference(ck.load(rd.checkpoints, "step_0000002"))[k].numel() * 2
+                            for k in ds_reference(ck.load(rd.checkpoints, "step_0000002")) if k != "lm_head.weight")
+
+
+def _copy_run(rd: RunDir, dst: Path) -> RunDir:
+    shutil.copytree(rd.path, dst, ignore=shutil.ignore_patterns("tensorboard"))
+    return RunDir(dst)
+
+
+def _nothing_at(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
+
+
+def test_bad_checkpoints_are_refused(zero_runs: dict[int, RunDir], tmp_path: Path) -> None:
+    from kit.tools.convert import convert, pick_checkpoint
+
+    rd = _copy_run(zero_runs[2], tmp_path / "run")
+    out = tmp_path / "out" / "hf"
+    out.parent.mkdir()
+    step4 = rd.checkpoints / "step_0000004"
+    step2 = rd.checkpoints / "step_0000002"
+
+    # corrupt: one byte changed in a rank's optimizer file
+    f = step4 / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        pick_checkpoint(rd, 4)
+
+    # missing shards: a rank's optimizer file gone, even with a manifest rewritten to match
+    (step2 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    (step2 / ck.MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint at step 2|not a complete checkpoint"):
+        pick_checkpoint(rd, 2)  # incomplete: no manifest
+    ck.write_manifest(step2, 2, ck.read_manifest(zero_runs[2].checkpoints / "step_0000002")["kit"])  # type: ignore[index]
+    with pytest.raises(CheckpointError, match="shards are missing"):
+        convert(rd, pick_checkpoint(rd, 2), out)
+    _nothing_at(out)
+
+
+def test_other_model_and_failed_check_leave_nothing(zero_runs: dict[int, RunDir], tmp_path: Path) -> None:
+    from kit.tools.convert import convert, pick_checkpoint
+
+    rd = _copy_run(zero_runs[1], tmp_path / "run")
+    out = tmp_path / "out" / "hf"
+    out.parent.mkdir()
+    ckpt = pick_checkpoint(rd, 4)
+
+    # the verification's tolerance cannot be met: the export must not appear
+    with LedgerWriter(rd.path, "test") as led, pytest.raises(CheckpointError, match="does not reproduce"):
+        convert(rd, ckpt, out, atol=-1.0, ledger=led)
+    _nothing_at(out)
+    failed = [e for e in read_all(rd.path, {"ckpt_verified"}) if e["src"] == "test"]
+    assert failed and failed[-1]["ok"] is False
+
+    # the run's recipe says another model than the checkpoint holds
+    toml = rd.run_toml.read_text().replace("hidden_size = 64", "hidden_size = 96")
+    assert toml != rd.run_toml.read_text()
+    rd.run_toml.write_text(toml)
+    with pytest.raises(CheckpointError, match="not of this run's model"):
+        convert(rd, ckpt, out)
+    _nothing_at(out)
+
+
+def test_cli_errors_are_one_line(zero_runs: dict[int, RunDir], tmp_path: Path, capsys: Any) -> None:
+    rd = zero_runs[2]
+    assert kit_main(["convert", str(rd.path), "--step", "3", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint at step 3" in err and "Traceback" not in err
+    with pytest.raises(KitError, match="already exists"):
+        from kit.tools.convert import convert, pick_checkpoint
+
+        (tmp_path / "exists").mkdir()
+        convert(rd, pick_checkpoint(rd, 4), tmp_path / "exists")
