@@ -166,7 +166,10 @@ class Feed:
         for win, span in WINDOWS.items():
             since = end - span if math.isfinite(span) else -math.inf
             curves[win] = {k: thin(*m.metrics[k].window(since)) for k in CURVES}
-        flagged = {str(s.get("node") or s.get("host") or "") for s in list(m.stragglers) + list(m.hangs)}
+        flagged = {str(s.get("node") or "") for s in m.stragglers}
+        for h in m.hangs:
+            nodes = h.get("suspect_nodes")
+            flagged.update(str(n) for n in nodes if isinstance(n, str)) if isinstance(nodes, list) else None
         loading = ""
         if self._backfill is not None:
             done = sum(c.offset for c in self._backfill[1].cursors.values())

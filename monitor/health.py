@@ -1,9 +1,10 @@
 """GPU health samples, read tolerantly, ranked worst first.
 
-A ``health`` event is one node's sample (kit's sampler, one ledger file per node): ``node``, a list
-``gpus`` of per-GPU readings and optionally ``host`` readings. The reader accepts the field names
-NVML and nvitop use as aliases (``temp``/``temperature``, ``util``/``utilization``, ...) because the
-sampler may evolve; whatever is missing or not a number is N/A, never an error.
+A ``health`` event is one node's sample (kit.health's sampler, one ledger file per node): ``node``, a
+list ``gpus`` of per-GPU readings (``null`` where NVML is absent) and ``host`` readings. Field names
+are kit.health's (``temp_c``, ``util_pct``, ``mem_used_gib``, ``ecc_vol_unc``, ``xid``, ``lost``...);
+a few plain aliases (``temp``, ``util``...) are accepted too, so that a sampler that evolves does not
+blank the table. Whatever is missing or not a number is N/A, never an error.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ HOT_C = 85.0  # A100/H100 slow down around 85-90 C
 ALIASES: dict[str, tuple[str, ...]] = {
     "index": ("index", "gpu", "idx", "i"),
     "uuid": ("uuid",),
-    "temp": ("temp", "temperature", "temp_c", "temperature_c"),
-    "power": ("power", "power_w", "power_draw"),
-    "power_limit": ("power_limit", "power_limit_w", "enforced_power_limit"),
-    "util": ("util", "utilization", "gpu_util", "util_gpu"),
-    "mem_used": ("mem_used", "memory_used", "mem_used_mib", "used_mib"),
-    "mem_total": ("mem_total", "memory_total", "mem_total_mib", "total_mib"),
-    "sm_clock": ("sm_clock", "clock_sm", "clocks_sm", "sm_mhz"),
-    "throttle": ("throttle", "throttle_reasons", "clocks_throttle_reasons", "clocks_event_reasons"),
-    "ecc": ("ecc_volatile", "ecc", "ecc_errors", "ecc_uncorrected", "ecc_aggregate"),
-    "xid": ("xid", "xids", "xid_errors", "last_xid"),
+    "temp": ("temp_c", "temp", "temperature"),
+    "power": ("power_w", "power"),
+    "power_limit": ("power_limit_w", "power_limit"),
+    "util": ("util_pct", "util", "utilization"),
+    "mem_used": ("mem_used_gib", "mem_used"),  # GiB
+    "mem_total": ("mem_total_gib", "mem_total"),  # GiB
+    "sm_clock": ("sm_clock_mhz", "sm_clock"),
+    "throttle": ("throttle", "throttle_reasons"),
+    "ecc": ("ecc_vol_unc", "ecc"),
+    "ecc_agg": ("ecc_agg_unc",),
+    "xid": ("xid", "xids"),
 }
 # NVML throttle reasons that mean the hardware is slowing the GPU (not idle or the application's cap)
 HW_THROTTLE_BITS = 0x8 | 0x20 | 0x40 | 0x80  # HW slowdown, SW thermal, HW thermal, HW power brake
@@ -87,10 +89,18 @@ class GpuHealth:
     throttle: str = ""
     hw_throttle: bool = False
     ecc: float | None = None
+    ecc_agg: float | None = None
     xid: float | None = None
+    xid_codes: str = ""
+    lost: bool = False
+    remap: bool = False  # row remapping pending or failed: the GPU needs a reset
 
     def problems(self) -> list[str]:
         out = []
+        if self.lost:
+            out.append("lost")
+        if self.remap:
+            out.append("remap")
         if self.xid:
             out.append("xid")
         if self.ecc:
@@ -103,7 +113,8 @@ class GpuHealth:
 
     def badness(self) -> float:
         """Sort key: errors first, then heat and throttling, then idleness."""
-        score = 1000.0 * bool(self.xid) + 500.0 * bool(self.ecc) + 100.0 * self.hw_throttle
+        score = 2000.0 * self.lost + 1000.0 * bool(self.xid) + 500.0 * bool(self.ecc) + 300.0 * self.remap
+        score += 100.0 * self.hw_throttle
         score += max(0.0, (self.temp or 0.0) - 60.0)
         if self.util is not None:
             score += (100.0 - self.util) / 10.0
@@ -142,7 +153,9 @@ def _gpu(i: int, g: dict[str, Any]) -> GpuHealth:
         temp=_num(pick(g, "temp")), power=_num(pick(g, "power")), power_limit=_num(pick(g, "power_limit")),
         util=_num(pick(g, "util")), mem_used=_num(pick(g, "mem_used")), mem_total=_num(pick(g, "mem_total")),
         sm_clock=_num(pick(g, "sm_clock")), throttle=label, hw_throttle=hw,
-        ecc=_count(pick(g, "ecc")), xid=_count(pick(g, "xid")),
+        ecc=_count(pick(g, "ecc")), ecc_agg=_count(pick(g, "ecc_agg")), xid=_count(pick(g, "xid")),
+        xid_codes=",".join(str(x) for x in xid[:6]) if isinstance(xid := pick(g, "xid"), list) else "",
+        lost=g.get("lost") is True, remap=g.get("remap_pending") is True or g.get("remap_failed") is True,
     )
 
 
@@ -151,15 +164,10 @@ def fmt(v: float | None, spec: str = ".0f", unit: str = "") -> str:
 
 
 def mem_text(g: GpuHealth) -> str:
-    """Memory as used/total GiB; values above 2**20 are taken as bytes, others as MiB."""
+    """Memory as used/total GiB (the sampler writes GiB)."""
     if g.mem_used is None:
         return NA
-
-    def gib(x: float) -> float:
-        return x / 2**30 if x > 2**20 else x / 1024
-
-    used = gib(g.mem_used)
-    return f"{used:.1f}/{gib(g.mem_total):.0f}G" if g.mem_total else f"{used:.1f}G"
+    return f"{g.mem_used:.1f}/{g.mem_total:.0f}G" if g.mem_total else f"{g.mem_used:.1f}G"
 
 
 def worst_first(nodes: dict[str, NodeHealth], flagged: set[str] | None = None) -> list[tuple[NodeHealth, GpuHealth]]:

@@ -143,6 +143,8 @@ class RunModel:
             for m in self.metrics.values():
                 m.truncate(step)  # a resume or rollback replays steps: the latest event wins
         self.step, self.step_t, self.last = step, t, e
+        if e.get("spike") and num(e.get("loss")) is not None:  # the trainer's detector flags the step itself
+            self.spikes.append((step, float(e["loss"]), t))
         for k, m in self.metrics.items():
             m.add(step, t, e.get(k))
 

@@ -123,7 +123,7 @@ class CurvePlot(PlotextPlot):
 class HealthTable(DataTable[Any]):
     """Every GPU of every node, worst first; N/A where the sampler had nothing."""
 
-    COLUMNS = ("node", "gpu", "temp", "power", "util", "mem", "SM MHz", "throttle", "ECC", "Xid", "flag")
+    COLUMNS = ("node", "gpu", "temp", "power", "util", "mem", "SM MHz", "throttle", "ECC vol/agg", "Xid", "flag")
 
     def on_mount(self) -> None:
         self.cursor_type = "row"
@@ -139,11 +139,12 @@ class HealthTable(DataTable[Any]):
         self.clear()
         for node, g, flagged in snap.health:
             probs = g.problems()
-            style = "bold red" if ("xid" in probs or "ecc" in probs) else "yellow" if probs else ""
+            style = "bold red" if {"xid", "ecc", "lost", "remap"} & set(probs) else "yellow" if probs else ""
             flag = ",".join(probs + (["suspect"] if flagged else []))
             power = fmt(g.power, ".0f", "W") + (f"/{g.power_limit:.0f}" if g.power_limit else "")
+            ecc = f"{fmt(g.ecc)}/{fmt(g.ecc_agg)}"
             self.add_row(Text(node, style), str(g.index), fmt(g.temp, ".0f", "C"), power, fmt(g.util, ".0f", "%"),
-                         mem_text(g), fmt(g.sm_clock), g.throttle or "-", fmt(g.ecc), fmt(g.xid),
+                         mem_text(g), fmt(g.sm_clock), g.throttle or "-", ecc, g.xid_codes or fmt(g.xid),
                          Text(flag, style or "yellow"))
         for node, reason in sorted(snap.nvml_absent.items()):
             self.add_row(node, NA, NA, NA, NA, NA, NA, NA, NA, NA, Text(f"no NVML: {reason}"[:60], "dim"))
