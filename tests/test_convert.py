@@ -133,7 +133,7 @@ def test_bad_checkpoints_are_refused(zero_runs: dict[int, RunDir], tmp_path: Pat
     # missing shards: a rank's optimizer file gone, even with a manifest rewritten to match
     (step2 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     (step2 / ck.MANIFEST).unlink()
-    with pytest.raises(CheckpointError, match="no checkpoint at step 2|not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         pick_checkpoint(rd, 2)  # incomplete: no manifest
     ck.write_manifest(step2, 2, ck.read_manifest(zero_runs[2].checkpoints / "step_0000002")["kit"])  # type: ignore[index]
     with pytest.raises(CheckpointError, match="shards are missing"):
