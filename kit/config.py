@@ -347,10 +347,21 @@ class SpikesSection:
     """After a rollback, skip this many batches from the spike on (PaLM skipped 200-500)."""
     max_rollbacks: int = 5
     """Stop the chain with an alert after this many rollbacks."""
+    min_rise: float = 0.05
+    """...and at least this fraction above the rolling median (0.05 = 5%): a floor for flat, quiet curves."""
 
     def __post_init__(self) -> None:
         if self.policy not in ("log", "skip", "rollback"):
             raise ConfigError(f'spikes.policy must be "log", "skip" or "rollback", got {self.policy!r}')
+        for key in ("window", "warmup_steps", "skip_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"spikes.{key} must be at least 1, got {getattr(self, key)}")
+        if self.window < 3:
+            raise ConfigError(f"spikes.window must be at least 3 steps, got {self.window}")
+        if self.threshold <= 0:
+            raise ConfigError(f"spikes.threshold must be greater than 0, got {self.threshold}")
+        if self.rollback_steps < 0 or self.max_rollbacks < 0 or self.min_rise < 0:
+            raise ConfigError("spikes.rollback_steps, spikes.max_rollbacks and spikes.min_rise must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -61,6 +61,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "straggler": ("rank", "slowdown"),
     "spike": ("step", "loss"),
     "rollback": ("from_step", "to_step"),
+    "data_skipped": ("step", "start", "end"),  # kit.spikes: the trainer jumped over a skip range
     "alert": ("severity", "message"),
     "alert_ack": ("alert_t",),
     "control_ack": ("switch", "step"),

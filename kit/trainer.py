@@ -21,18 +21,20 @@ from typing import Any
 
 from kit import checkpoint as ck
 from kit import exitcodes
+from kit import spikes as sp
 from kit.config import RunConfig
 from kit.data import MixtureDataset, prepare, rank_micro_indices, wait_for_meta
 from kit.dist import DistEnv
-from kit.errors import CheckpointError
+from kit.errors import CheckpointError, ConfigError
 from kit.faults import fault_point
 from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
 from kit.metrics import MetricSink
 from kit.model import build_model, peak_tflops, step_flops
 from kit.rundir import SAVE_NOW, STOP, RunDir
 
-# Positions in the per-step all-reduce vector.
-LOSS, NONFINITE, F_STOP, F_SAVE, F_SIGNAL, F_DEADLINE, NFLAGS = range(7)
+# Positions in the per-step all-reduce vector. GNORM/G_UNAPPLIED: rank 0's grad norm of the previous
+# step and whether DeepSpeed skipped its update (kit.spikes judges them one step late, on every rank).
+LOSS, NONFINITE, F_STOP, F_SAVE, F_SIGNAL, F_DEADLINE, GNORM, G_UNAPPLIED, NFLAGS = range(9)
 
 
 def lr_lambda(cfg: RunConfig) -> Any:
@@ -113,6 +115,14 @@ class Trainer:
         self.engine: Any = None
         self.data: MixtureDataset | None = None
         self.sink: MetricSink | None = None
+        # Loss spikes (kit.spikes): same detector state on every rank, fed all-reduced values only.
+        self.guard = sp.SpikeGuard(cfg.spikes, self.ledger)
+        self.spike_check = sp.StepCheck()
+        self._optim: Any = None
+        self._sched: Any = None
+        self._last_gn: tuple[float, bool] = (-1.0, True)  # rank 0: previous step's grad norm (-1: unknown), applied
+        self._consumed_at: dict[int, int] = {}  # step -> samples consumed before it (last few steps)
+        self._pin_next_save = ""
 
     # ------------------------------------------------------------------------------------ setup
     def _deadline(self) -> float | None:
@@ -154,7 +164,9 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optim, lr_scheduler=sched, config=deepspeed_config(cfg, self.dp)
         )
+        self._optim, self._sched = optim, sched
         self._resume()
+        self._setup_spikes()
         if env.is_main:
             self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=self.state.step + 1)
             self.ledger.emit("segment_started", world_size=self.dp, step=self.state.step,
@@ -217,6 +229,7 @@ class Trainer:
         model_flops = step_flops(cfg.model, cfg.data.vocab_size, self.global_batch, recompute=False)
         peak = peak_tflops(cfg.trainer.peak_tflops)
         while st.step < cfg.trainer.max_steps:
+            self._skip_data()
             t0 = time.perf_counter()
             lr = float(self.engine.get_lr()[0])  # the rate this step uses (DeepSpeed steps the scheduler after)
             vec = self._train_step()
@@ -226,8 +239,18 @@ class Trainer:
             st.step_times = ([*st.step_times, dt])[-50:]
             loss = vec[LOSS] / (self.dp * cfg.batch.grad_accum)
             fault_point("step.after", st.step, self.env.rank)
-            if self.env.is_main and st.step % cfg.trainer.log_interval == 0:
+            if self.env.is_main and (st.step % cfg.trainer.log_interval == 0 or self.guard.note):
                 self._emit_step(loss, lr, vec[NONFINITE] > 0, dt, flops, model_flops, peak)
+            if self.spike_check.give_up is not None:
+                reason = self._give_up(self.spike_check.give_up.why)
+                break
+            if self.spike_check.decisions and self.env.is_main:
+                self._pin_around(self.spike_check.decisions[0].verdict.step)
+            if self.spike_check.rollback is not None:
+                if not self._rollback(self.spike_check.rollback):
+                    reason = "give_up"
+                    break
+                continue
             if vec[F_STOP] > 0:
                 reason = "stop"
             elif vec[F_SIGNAL] > 0:
@@ -242,7 +265,7 @@ class Trainer:
                 self.save("save-now" if vec[F_SAVE] > 0 else "interval")
                 if vec[F_SAVE] > 0:
                     self._ack(SAVE_NOW)
-        if not self._saved_at(st.step):
+        if reason != "give_up" and not self._saved_at(st.step):  # never checkpoint a state given up on
             self.save(reason)
         if reason == "stop":
             self._ack(STOP)
@@ -257,13 +280,17 @@ class Trainer:
         cfg, st, eng = self.cfg, self.state, self.engine
         assert self.data is not None
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for m in range(cfg.batch.grad_accum):
+        ga = cfg.batch.grad_accum
+        for m in range(ga):
             idx = rank_micro_indices(st.consumed, cfg.batch.micro_batch_size, self.dp, self.env.rank, m)
             x = torch.from_numpy(self.data.batch(idx)).to(eng.device)
             out = eng(input_ids=x, labels=x)
             eng.backward(out.loss)
-            eng.step()
             loss_sum += out.loss.detach().double().cpu()
+            if m < ga - 1:
+                eng.step()  # not a boundary: DeepSpeed only counts the micro step
+        # The step's one all-reduce happens before the boundary engine.step(), so that the spike
+        # policy can refuse this update on every rank alike (kit.spikes.hold_update).
         vec = torch.zeros(NFLAGS, dtype=torch.float64)
         vec[LOSS] = loss_sum
         vec[NONFINITE] = 0.0 if torch.isfinite(loss_sum) else 1.0
@@ -272,11 +299,132 @@ class Trainer:
             vec[F_STOP] = 1.0 if self.rd.pending(STOP) else 0.0
             vec[F_SAVE] = 1.0 if self.rd.pending(SAVE_NOW) else 0.0
             vec[F_DEADLINE] = 1.0 if self._near_deadline() else 0.0
+            vec[GNORM], vec[G_UNAPPLIED] = self._last_gn[0], 0.0 if self._last_gn[1] else 1.0
         if self.dp > 1:
             dev = vec.to(eng.device) if eng.device.type != "cpu" else vec
             dist.all_reduce(dev)
             vec = dev.cpu()
-        return vec.tolist()
+        out_vec: list[float] = vec.tolist()
+        self.spike_check = self._check_spikes(out_vec)
+        if self.spike_check.skip_update:
+            with sp.hold_update(self._optim, self._sched):
+                eng.step()
+            eng.skipped_steps += 1
+        else:
+            eng.step()
+        if self.env.is_main:
+            gn = eng.get_global_grad_norm()
+            self._last_gn = (float(gn) if gn is not None else -1.0,
+                             bool(getattr(eng, "_step_applied", True)) and not self.spike_check.skip_update)
+        return out_vec
+
+    # ------------------------------------------------------------------------------------ spikes
+    def _setup_spikes(self) -> None:
+        """Skip ranges (control file, rank 0 reads, all get) and the detector state of the resumed
+        checkpoint, so that a restart keeps both."""
+        import torch.distributed as dist
+
+        box: list[Any] = [None]
+        if self.env.is_main:
+            try:
+                box = [sp.SkipRanges.load(self.rd.control / sp.SKIP_FILE).to_list()]
+            except ConfigError as e:  # a hand-edited file gone wrong: every rank stops with the message
+                box = [f"!{e}"]
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            raise ConfigError(box[0][1:])
+        self.guard.skips.merge(box[0])
+        if self.state.resumed_from:
+            self.guard.restore(ck.load(self.rd.checkpoints, self.state.resumed_from).manifest["kit"])
+
+    def _skip_data(self) -> None:
+        """Jump over skip ranges before a step; remember where each step starts in the data."""
+        st = self.state
+        nxt = self.guard.skips.advance(st.consumed)
+        if nxt != st.consumed:
+            self._log(f"skipping samples [{st.consumed}, {nxt}) (skip ranges)")
+            self.ledger.emit("data_skipped", step=st.step + 1, start=st.consumed, end=nxt)
+            st.consumed = nxt
+        self._consumed_at[st.step + 1] = st.consumed
+        self._consumed_at.pop(st.step - 3, None)
+
+    def _check_spikes(self, vec: list[float]) -> sp.StepCheck:
+        st = self.state
+        step = st.step + 1
+        loss = vec[LOSS] / (self.dp * self.cfg.batch.grad_accum)
+        ctx = {"loss": loss, "consumed": st.consumed, "samples": self.global_batch,
+               "lr": float(self.engine.get_lr()[0])}
+        gn = vec[GNORM] if not vec[GNORM] < 0 else None  # NaN is not < 0: a non-finite norm is judged
+        return self.guard.check(step, loss, step - 1, gn, vec[G_UNAPPLIED] == 0, ctx)
+
+    def _rollback(self, d: sp.Decision) -> bool:
+        """Reload the newest complete checkpoint at least spikes.rollback_steps before the spike, then
+        skip spikes.skip_batches batches from the spike on. Collective; False = nothing to load."""
+        import torch.distributed as dist
+
+        cfg, st, root = self.cfg.spikes, self.state, self.rd.checkpoints
+        spike = d.verdict.step
+        choice: list[Any] = [None, ""]
+        if self.env.is_main:
+            ckpt, _ = ck.find_resume(root, before_step=max(spike - cfg.rollback_steps, 0))
+            note = ""
+            if ckpt is None:
+                ckpt, _ = ck.find_resume(root, before_step=spike - 1)
+                note = f"no checkpoint {cfg.rollback_steps} steps before the spike; used the newest before it"
+            choice = [ckpt.tag if ckpt else None, note]
+        dist.broadcast_object_list(choice, src=0)
+        tag, note = choice
+        if tag is None:
+            self._give_up(f"loss spike at step {spike} ({d.why}) and no complete checkpoint before it to roll back to")
+            return False
+        ckpt = ck.load(root, tag)
+        aside: list[list[str]] = [[], []]
+        if self.env.is_main:
+            ck.pin(root, tag, f"rollback target for the spike at step {spike}")
+            aside = list(sp.set_aside_after(root, ckpt.step, spike, f"r{self.guard.skips.rollbacks + 1}-spike{spike}"))
+            ck.set_latest(root, tag)
+        dist.barrier()
+        load_path, _ = self.engine.load_checkpoint(str(root), tag=tag)
+        if load_path is None:
+            raise CheckpointError(f"rollback: DeepSpeed could not load {ckpt.path}; run `kit verify` on it")
+        ck.load_rank_state(ckpt.path, self.env.rank)
+        start = self._consumed_at.get(spike, st.consumed - self.global_batch)
+        skip = sp.SkipRange(start, start + cfg.skip_batches * self.global_batch, step=spike, rollback=True,
+                            reason=f"rollback {self.guard.skips.rollbacks + 1} for the {d.verdict.metric} "
+                                   f"spike at step {spike}")
+        self.guard.record_skip(self.rd.control / sp.SKIP_FILE if self.env.is_main else None, skip)
+        self.guard.after_rollback(ckpt.step)
+        from_step = st.step
+        st.step, st.consumed = ckpt.step, ckpt.consumed
+        self._last_gn = (-1.0, True)  # the previous step's grad norm is of the abandoned timeline
+        self._pin_next_save = ""  # the next save is after the skip, not around the spike
+        self._log(f"rollback: spike at step {spike}, reloaded {tag}, skipping samples [{skip.start}, {skip.end})")
+        self.ledger.emit("rollback", from_step=from_step, to_step=ckpt.step, spike_step=spike, tag=tag,
+                         skip_start=skip.start, skip_end=skip.end, skip_batches=cfg.skip_batches,
+                         rollbacks=self.guard.skips.rollbacks, why=d.why, note=note, deleted=aside[0],
+                         set_aside=[f"{sp.ROLLED_BACK}/r{self.guard.skips.rollbacks}-spike{spike}/{t}"
+                                    for t in aside[1]])
+        self.ledger.alert("warning", f"loss spike at step {spike}: rolled back to {tag}, skipping "
+                          f"{cfg.skip_batches} batches (samples {skip.start}-{skip.end - 1})", step=spike)
+        if self.sink is not None:  # replayed steps replace the old points in TensorBoard (purge_step)
+            self.sink.close()
+            self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=ckpt.step + 1)
+        dist.barrier()
+        return True
+
+    def _pin_around(self, spike: int) -> None:
+        """Keep the newest checkpoint before a spike and the next one saved (rank 0)."""
+        root = self.rd.checkpoints
+        before, _ = ck.find_resume(root, before_step=spike - 1)
+        if before is not None:
+            ck.pin(root, before.tag, f"last checkpoint before the spike at step {spike}")
+        self._pin_next_save = f"first checkpoint after the spike at step {spike}"
+
+    def _give_up(self, why: str) -> str:
+        self._log(f"giving up: {why}")
+        self.ledger.alert("critical", f"training stopped: {why}; inspect with `kit spikes {self.rd.path}`",
+                          step=self.state.step)
+        return "give_up"
 
     def _near_deadline(self) -> bool:
         if self.deadline is None:
@@ -307,6 +455,7 @@ class Trainer:
             "tflops": tflops,
             "mfu": (model_flops / (dt * self.dp * 1e12)) / peak if peak else None,
             "nonfinite": nonfinite,
+            **self.guard.note,
         })
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -335,8 +484,11 @@ class Trainer:
                           "seq_length": m.seq_length},
                 "vocab_size": self.cfg.data.vocab_size, "zero_stage": self.cfg.deepspeed.zero_stage,
                 "precision": self.cfg.deepspeed.precision, "config_digest": self.cfg.digest(),
-                "seg": self.seg, "reason": why,
+                "seg": self.seg, "reason": why, **self.guard.manifest_state(),
             })
+            if self._pin_next_save:
+                ck.pin(root, tag, self._pin_next_save)
+                self._pin_next_save = ""
             fault_point("ckpt.before_latest", st.step, self.env.rank)
             ck.set_latest(root, tag)
             seconds = time.perf_counter() - t0
