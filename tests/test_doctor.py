@@ -137,6 +137,21 @@ def test_unhealthy_gpu_fails_only_its_check(change: dict[str, Any], failing: str
     assert text in bad[0].detail
 
 
+def test_a_lost_gpu_fails_without_a_crash() -> None:
+    nv = fake_nvml(gpus8())
+    real = nv.nvmlDeviceGetHandleByIndex
+
+    def lost(index: int) -> Any:
+        if index == 2:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return real(index)
+
+    nv.nvmlDeviceGetHandleByIndex = lost
+    checks, _ = check_gpus(8, [], nvml=nv)
+    assert [c.name for c in checks if c.status == FAIL] == ["gpu.2.handle"]
+    assert "GPU is lost" in by_name(checks)["gpu.2.handle"].detail
+
+
 def test_missing_gpus_and_known_bad_uuid_fail() -> None:
     gpus = gpus8()[:7]
     checks, _ = check_gpus(8, [gpus[4].uuid], nvml=fake_nvml(gpus))
@@ -299,7 +314,9 @@ def test_one_node_two_ranks_agree_on_a_local_failure(tiny_cfg: Any) -> None:
     assert event["src"] == "doctor-r0" and event["ok"] is False, out.stderr[-2000:]
     named = {c["name"]: c for c in event["checks"]}
     assert named["fs.write"]["status"] == FAIL and named["net.busbw"]["status"] == OK
-    assert "intra_busbw" not in json.dumps(event) and event["failed_nodes"] == [event["node"]]
+    assert event["failed_nodes"] == [event["node"]]
+    measures = event["node_measures"][event["node"]]
+    assert measures["intra_busbw_gbps"] > 0 and measures["copy_gbps"] > 0  # the intra-node all-reduce ran
     assert out.stdout.count("doctor: FAILED") == 2 and out.returncode != 0
 
 
@@ -313,3 +330,5 @@ def test_a_missing_peer_fails_the_preflight_instead_of_hanging(tiny_cfg: Any) ->
                          env=env, timeout=120)
     assert out.returncode == 76, out.stdout + out.stderr
     assert "FAIL  net.collective" in out.stdout
+    (event,) = read_all(run, {"doctor"})
+    assert event["ok"] is False and event["failed_nodes"] == []  # the missing peer is not this node's fault

@@ -48,6 +48,7 @@ class Report:
     busbw_gbps: float | None = None
     algbw_gbps: float | None = None
     node_scores: dict[str, float] = field(default_factory=dict)
+    node_measures: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -61,7 +62,7 @@ class Report:
         return {"ok": self.ok, "node": self.node, "rank": self.rank, "world_size": self.world_size,
                 "failed_nodes": self.failed_nodes, "slowest_node": self.slowest_node,
                 "busbw_gbps": self.busbw_gbps, "algbw_gbps": self.algbw_gbps, "node_scores": self.node_scores,
-                "checks": [c.to_dict() for c in self.checks]}
+                "node_measures": self.node_measures, "checks": [c.to_dict() for c in self.checks]}
 
 
 def node_label(env: DistEnv) -> str:
@@ -156,7 +157,9 @@ def preflight(cfg: RunConfig, run_dir: str | Path, env: DistEnv, *, expect_gpus:
         _agree(report)
     except (RuntimeError, TimeoutError, OSError) as e:  # a dead peer: rendezvous or collective failed
         report.checks.append(Check("net.collective", FAIL, f"process group or all-reduce failed: {e}", node=node))
-        report.failed_nodes = sorted({node} if report.failures else set())
+        # The missing peer is unknown here; this node is to blame only for its own local failures.
+        local = [c for c in report.failures if not c.name.startswith("net.")]
+        report.failed_nodes = [node] if local else []
     report.ok = not report.failures and not report.failed_nodes
     if ledger is not None and env.local_rank == 0 and (run_dir / "run.toml").exists():
         _to_ledger(report, run_dir, ledger or f"doctor-r{env.rank}", seg)
@@ -187,6 +190,7 @@ def _network(cfg: RunConfig, node: str, report: Report) -> None:
     r = measure(node, int(d.allreduce_mib * 2**20), d.allreduce_iters)
     report.busbw_gbps, report.algbw_gbps = round(r.busbw_gbps, 4), round(r.algbw_gbps, 4)
     report.slowest_node, report.node_scores = r.slowest_node, r.node_scores
+    report.node_measures = {k: {m: round(v, 4) for m, v in ms.items()} for k, ms in r.node_measures.items()}
     detail = (f"all-reduce of {r.nbytes / 2**20:.0f} MiB on {r.world_size} ranks / {len(r.nodes)} nodes: "
               f"{r.time_s * 1e3:.2f} ms, algbw {r.algbw_gbps:.2f} GB/s, busbw {r.busbw_gbps:.2f} GB/s")
     if r.world_size == 1:

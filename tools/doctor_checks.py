@@ -156,14 +156,19 @@ def _gpu_checks(nv: ModuleType, expect: int, bad_uuids: list[str], gpu_name: str
     out: list[Check] = []
     driver = _call(nv, "nvmlSystemGetDriverVersion")
     driver_s = None if isinstance(driver, nv.NVMLError) else _text(driver)
-    count = int(nv.nvmlDeviceGetCount())
+    count = _call(nv, "nvmlDeviceGetCount")
+    if isinstance(count, nv.NVMLError):
+        return [Check("gpu.count", FAIL, f"NVML cannot count the GPUs: {count}")], driver_s
     if expect and count < expect:
         out.append(Check("gpu.count", FAIL, f"{count} GPUs visible, the recipe expects {expect}", value=count))
     else:
         out.append(Check("gpu.count", OK, f"{count} GPUs" + (f" (expected {expect})" if expect else ""), value=count))
     uuids: list[str] = []
     for i in range(count):
-        h = nv.nvmlDeviceGetHandleByIndex(i)
+        h = _call(nv, "nvmlDeviceGetHandleByIndex", i)
+        if isinstance(h, nv.NVMLError):  # e.g. GPU_IS_LOST after an Xid 79: the node must not train
+            out.append(Check(f"gpu.{i}.handle", FAIL, f"GPU {i} does not answer NVML: {h}"))
+            continue
         name = _text(_call(nv, "nvmlDeviceGetName", h))
         uuid = _text(_call(nv, "nvmlDeviceGetUUID", h))
         uuids.append(uuid)
@@ -247,7 +252,10 @@ def check_filesystem(ckpt_dir: Path, need_bytes: float, need_inodes: int, probe_
     checked at its nearest existing parent, which is where it will be created."""
     where = existing_ancestor(ckpt_dir)
     out: list[Check] = []
-    st = os.statvfs(where)
+    try:
+        st = os.statvfs(where)
+    except OSError as e:  # a dead network mount answers EIO or ESTALE
+        return [Check("fs.space", FAIL, f"cannot stat {where}: {e.strerror}")]
     free = st.f_bavail * st.f_frsize
     gib = 2**30
     out.append(Check("fs.space", OK if free >= need_bytes else FAIL,
