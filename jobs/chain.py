@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -237,7 +238,8 @@ def implicated_nodes(reports: list[RankReport], world_size: int, nodes: list[str
     died); failing that, the rank that failed first (the others failed because it did)."""
     per_node = max(1, world_size // max(1, len(nodes)))
     seen = {r.rank for r in reports}
-    blamed = [r.host for r in reports if r.rc < 0]
+    # Killed by a signal, except the ones Slurm sends to end or preempt a job.
+    blamed = [r.host for r in reports if r.rc < 0 and -r.rc not in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)]
     blamed += [nodes[min(rank // per_node, len(nodes) - 1)] for rank in range(world_size) if rank not in seen and nodes]
     if not blamed:
         failed = sorted((r for r in reports if r.rc not in (0, exitcodes.REQUEUE)), key=lambda r: r.t_end)

@@ -37,9 +37,9 @@ def binds(cfg: RunConfig, run_dir: Path) -> list[str]:
 
 
 def segment_command(cfg: RunConfig, run_dir: Path, seg: str, python: str = "") -> list[str]:
-    """argv of one rank's trainer: ``[apptainer exec --nv --bind ... IMAGE] python -m kit.segment RUN``."""
-    inner = [python or ("python" if cfg.container.image else sys.executable), "-m", "kit.segment", str(run_dir),
-             "--seg", seg]
+    """argv of one rank's trainer: ``[apptainer exec --nv --bind ... IMAGE] python -m kit.jobs.segment_entry RUN``."""
+    interpreter = python or ("python" if cfg.container.image else sys.executable)
+    inner = [interpreter, "-m", "kit.jobs.segment_entry", str(run_dir), "--seg", seg]
     if not cfg.container.image:
         return inner
     cmd = ["apptainer", "exec"]

@@ -88,7 +88,7 @@ class Driver:
         self.nodes = list(self.job_env.hostnames)
         self.child: subprocess.Popen[bytes] | None = None
         self.pending_signal = ""
-        self.last_forward = 0.0
+        self.forwarded = False
 
     @property
     def is_main(self) -> bool:
@@ -119,7 +119,8 @@ class Driver:
         self.pending_signal = ""
         rc = self._run_child(seg, i)
         _write_json(folder / f"r{self.dist.rank}.json",
-                    {"rank": self.dist.rank, "host": hostname(), "rc": rc, "t_end": time.time()})
+                    {"rank": self.dist.rank, "host": os.environ.get("SLURMD_NODENAME") or hostname(), "rc": rc,
+                     "t_end": time.time()})
         if self.is_main:
             decision = self._end(seg, folder, rc)
             _write_json(folder / DECISION, {"action": decision.action, "reason": decision.reason})
@@ -162,10 +163,10 @@ class Driver:
                 signal.signal(sig, signal.SIG_IGN)
 
         self.child = subprocess.Popen(cmd, env=self._child_env(seg, i), preexec_fn=ignore_signals)
+        self.forwarded = False
         try:
             while self.child.poll() is None:
-                if self.pending_signal and time.time() - self.last_forward > 1.0:
-                    self._forward()
+                self._forward()
                 time.sleep(0.2)
             return int(self.child.returncode)
         finally:
@@ -181,11 +182,17 @@ class Driver:
                 led.emit("segment_signalled", signal=name, job_id=self.job_id)
 
     def _forward(self) -> None:
+        """Deliver the pending signal once, when the trainer has a handler for it. Sending it while
+        the trainer still ignores it would lose it; sending it after the trainer's interpreter has
+        restored the default action (at exit) would kill it: /proc says which."""
         child = self.child
-        if child is not None and child.poll() is None and self.pending_signal:
+        if child is None or self.forwarded or not self.pending_signal:
+            return
+        sig = getattr(signal, self.pending_signal)
+        if handler_state(child.pid, sig) == "caught":
             with contextlib.suppress(ProcessLookupError):
-                child.send_signal(getattr(signal, self.pending_signal))
-        self.last_forward = time.time()
+                child.send_signal(sig)
+            self.forwarded = True
 
     # ------------------------------------------------------------------------ rank 0: the chain
     def _ledger(self, seg: str) -> LedgerWriter:
@@ -258,7 +265,9 @@ class Driver:
         rec.step = int(ended[-1]["step"]) if ended else -1
         rec.ckpt_after = ch.latest_step(self.rd)
         rec.exit_codes = {str(r.rank): r.rc for r in reports}
-        if outcome not in (ch.FINISHED, ch.CLEAN):
+        if outcome == ch.PREFLIGHT:
+            rec.implicated = self._doctor_failed(seg)
+        elif outcome not in (ch.FINISHED, ch.CLEAN):
             rec.implicated = ch.implicated_nodes(reports, self.dist.world_size, self.nodes)
         cancelled = state.state == ch.ENDED
         usable = self._usable_nodes()
@@ -287,6 +296,14 @@ class Driver:
         ch.save_state(self.rd, state)
         self._prune_ranks(seg)
         return decision
+
+    def _doctor_failed(self, seg: str) -> list[str]:
+        """Nodes the preflight (kit.tools.doctor) failed in this segment, from its ledger events."""
+        failed: set[str] = set()
+        for e in read_all(self.rd.path, {"doctor"}):
+            if e.get("seg") == seg and not e.get("ok", True):
+                failed.update(str(n).split("#")[0] for n in e.get("failed_nodes", []))
+        return sorted(failed)
 
     def _reports(self, folder: Path, wait: bool) -> list[ch.RankReport]:
         end = time.time() + (RANK_WAIT_S if wait else 5.0)
@@ -343,6 +360,21 @@ class Driver:
             led.emit("chain_requeued", job_id=new_id, reason=d.reason, how="resubmit", delay_s=d.delay_s,
                      previous_job_id=self.job_id)
         return f"resubmitted as {new_id}"
+
+
+def handler_state(pid: int, sig: int) -> str:
+    """How process ``pid`` treats ``sig``: "caught", "ignored", "default", or "gone" (Linux /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "gone"
+    masks = dict(line.split(":", 1) for line in text.splitlines() if line.startswith(("SigCgt", "SigIgn")))
+    bit = 1 << (sig - 1)
+    if int(masks.get("SigCgt", "0").strip(), 16) & bit:
+        return "caught"
+    if int(masks.get("SigIgn", "0").strip(), 16) & bit:
+        return "ignored"
+    return "default"
 
 
 def _gpus() -> list[str]:

@@ -63,11 +63,16 @@ def parse_duration(text: str) -> float | None:
     text = text.strip()
     if not text or text in ("UNLIMITED", "INVALID", "NOT_SET", "N/A"):
         return None
-    days = 0
-    if "-" in text:
-        d, text = text.split("-", 1)
-        days = int(d)
-    parts = [int(p) for p in text.split(":")]
+    try:
+        days = 0
+        if "-" in text:
+            d, text = text.split("-", 1)
+            days = int(d)
+        parts = [int(p) for p in text.split(":")]
+    except ValueError:
+        return None
+    if len(parts) > 3:
+        return None
     if len(parts) == 1:  # plain minutes (sbatch --time=90)
         return days * 86400 + parts[0] * 60.0
     if len(parts) == 2:

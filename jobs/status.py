@@ -94,13 +94,13 @@ def estimate_finish(time_limit: str, lead_s: int, st: dict[str, Any], state: ch.
         left_in_current = max(0.0, q["time_left_s"] - lead_s)
     more = max(0, math.ceil((compute - left_in_current) / useful))
     waits = more * (st["mean_queue_wait_s"] + startup)
-    if q.get("state") == "PENDING":
-        expected = q.get("expected_start")
-        start_t = datetime.fromisoformat(expected).timestamp() if expected else now + st["mean_queue_wait_s"]
-        waits += max(0.0, start_t - now) + startup
-    finish = now + compute + waits
-    return {"finish": _iso(finish), "compute_s": round(compute), "queue_and_startup_s": round(waits),
-            "allocations_to_go": more + (0 if q.get("state") == "RUNNING" else 1)}
+    if q.get("state") == "PENDING" and q.get("expected_start"):
+        # Slurm's own estimate for the next start replaces the mean wait for that one allocation.
+        start_t = datetime.fromisoformat(q["expected_start"]).timestamp()
+        waits += max(0.0, start_t - now) - st["mean_queue_wait_s"]
+    finish = now + compute + max(0.0, waits)
+    return {"finish": _iso(finish), "compute_s": round(compute), "queue_and_startup_s": round(max(0.0, waits)),
+            "allocations_to_go": more}
 
 
 def _dur(s: float | None) -> str:
