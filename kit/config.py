@@ -329,6 +329,26 @@ class HealthSection:
     """Gather per-rank timings every N steps (0 = off)."""
     straggler_threshold: float = 0.05
     """Report ranks slower than the median by this fraction (BLOOM found a GPU 5% slow)."""
+    watchdog: bool = True
+    """Run the hang watchdog (one thread per rank); independent of ``enabled`` (the sampler)."""
+    hang_grace_s: float = 30.0
+    """After the watchdog fires, how long the reporting rank waits for the other ranks' stack dumps."""
+    host_mem_max_pct: float = 95.0
+    """Alert when the node's memory use is above this percentage."""
+    disk_min_free_gib: float = 50.0
+    """Alert when the run directory's filesystem (checkpoints) has less free space than this (GiB)."""
+
+    def __post_init__(self) -> None:
+        for key in ("period_s", "hang_floor_s", "hang_factor", "hang_grace_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"health.{key} must be greater than 0, got {getattr(self, key)}")
+        if self.hang_ceiling_s < self.hang_floor_s:
+            raise ConfigError(f"health.hang_ceiling_s ({self.hang_ceiling_s}) must be at least "
+                              f"health.hang_floor_s ({self.hang_floor_s})")
+        if self.straggler_interval < 0:
+            raise ConfigError(f"health.straggler_interval must be >= 0, got {self.straggler_interval}")
+        if self.straggler_threshold <= 0:
+            raise ConfigError(f"health.straggler_threshold must be greater than 0, got {self.straggler_threshold}")
 
 
 @dataclass(kw_only=True, slots=True)

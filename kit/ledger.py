@@ -59,6 +59,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "nvml_absent": ("node", "reason"),
     "hang": ("bound_s",),
     "straggler": ("rank", "slowdown"),
+    "rank_timings": ("step", "ranks"),  # kit.stragglers: per-rank timings every health.straggler_interval
     "spike": ("step", "loss"),
     "rollback": ("from_step", "to_step"),
     "data_skipped": ("step", "start", "end"),  # kit.spikes: the trainer jumped over a skip range

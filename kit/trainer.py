@@ -27,6 +27,7 @@ from kit.data import MixtureDataset, prepare, rank_micro_indices, wait_for_meta
 from kit.dist import DistEnv
 from kit.errors import CheckpointError, ConfigError
 from kit.faults import fault_point
+from kit.health import JobHealth
 from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
 from kit.metrics import MetricSink
 from kit.model import build_model, peak_tflops, step_flops
@@ -123,6 +124,7 @@ class Trainer:
         self._last_gn: tuple[float, bool] = (-1.0, True)  # rank 0: previous step's grad norm (-1: unknown), applied
         self._consumed_at: dict[int, int] = {}  # step -> samples consumed before it (last few steps)
         self._pin_next_save = ""
+        self.health: JobHealth | None = None  # kit.health: node sampler, hang watchdog, straggler timings
 
     # ------------------------------------------------------------------------------------ setup
     def _deadline(self) -> float | None:
@@ -176,6 +178,8 @@ class Trainer:
                              restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
                              versions=_versions())
         self._install_signals()
+        # Health (kit.health, docs/health.md): sampler on local rank 0, watchdog per rank, straggler timer.
+        self.health = JobHealth.start(cfg, self.rd, env, self.seg, self.engine, self.ledger)
 
     def _resume(self) -> None:
         import torch.distributed as dist
@@ -237,6 +241,8 @@ class Trainer:
             st.consumed += self.global_batch
             dt = time.perf_counter() - t0
             st.step_times = ([*st.step_times, dt])[-50:]
+            if self.health:  # heartbeat, non-finite record; straggler all_gather every health.straggler_interval
+                self.health.after_step(st.step, dt, vec[NONFINITE])
             loss = vec[LOSS] / (self.dp * cfg.batch.grad_accum)
             fault_point("step.after", st.step, self.env.rank)
             if self.env.is_main and (st.step % cfg.trainer.log_interval == 0 or self.guard.note):
@@ -247,6 +253,8 @@ class Trainer:
             if self.spike_check.decisions and self.env.is_main:
                 self._pin_around(self.spike_check.decisions[0].verdict.step)
             if self.spike_check.rollback is not None:
+                if self.health:  # a reload is not a step: the hang watchdog's ceiling applies
+                    self.health.long_phase("rollback")
                 if not self._rollback(self.spike_check.rollback):
                     reason = "give_up"
                     break
@@ -468,6 +476,8 @@ class Trainer:
 
         st, root = self.state, self.rd.checkpoints
         tag = ck.tag_for(st.step)
+        if self.health:  # a save is not a step: the hang watchdog's ceiling applies until the next step
+            self.health.long_phase("save")
         t0 = time.perf_counter()
         if self.env.is_main:
             ck.prepare_tag_dir(root, tag)
@@ -512,6 +522,8 @@ class Trainer:
             self.ledger.emit("control_ack", switch=switch, step=self.state.step, note=text or "")
 
     def _finish(self, reason: str) -> None:
+        if self.health:  # stop the watchdog before anything slow; the sampler writes its last sample
+            self.health.stop()
         if self.env.is_main:
             self.ledger.emit("segment_ended", reason=reason, step=self.state.step,
                              exit_code=exitcodes.REASONS.get(reason, 1), signal=self.state.signalled)

@@ -1,0 +1,194 @@
+"""Per-rank step timings, gathered every ``health.straggler_interval`` steps, and the ranks that lag.
+
+BLOOM found a GPU 5% slower than the rest only by bisecting nodes by hand. In synchronous data
+parallelism every rank's *step* takes the same wall time (the collectives wait for the slowest), so
+step time cannot name the slow rank. What can: the part of the step that contains no collective.
+At ZeRO stages 0-2 that is the forward pass, so each rank times its forwards (module hooks), its
+backwards and optimizer steps (thin wrappers on the engine's methods: DeepSpeed has no hook for them),
+and the rest of the step (data, kit's flags all-reduce: mostly waiting for the slowest rank). On a
+GPU the spans are timed with CUDA events (GPU time, not the time to enqueue the kernels).
+
+Every N steps one ``all_gather`` of a 5-number tensor brings all ranks' sums to every rank (no
+collective is added to the other steps). Global rank 0 writes a ``rank_timings`` event (for the
+monitor) and a ``straggler`` event for each rank whose forward time per step exceeds the median of
+the *other* ranks by more than ``health.straggler_threshold`` (leave-one-out, so two ranks work too),
+naming its node and GPU; the first time a rank lags in a segment it also raises an alert.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kit.faults import fault_point
+from kit.ledger import LedgerWriter, NullLedger, hostname
+
+FIELDS = ("steps", "step_s", "fwd_s", "bwd_s", "opt_s")
+
+
+@dataclass(frozen=True, slots=True)
+class RankInfo:
+    """Where a rank runs: what a report needs to name it (node, GPU)."""
+
+    rank: int
+    host: str
+    local_rank: int
+    gpu: int  # CUDA device index, -1 without a GPU
+    pid: int
+
+
+def gather_ranks(rank: int, local_rank: int, world: int) -> tuple[list[RankInfo], str]:
+    """Every rank's RankInfo, and a stamp all ranks agree on (rank 0's clock): ONE collective, at setup."""
+    import torch
+
+    gpu = torch.cuda.current_device() if torch.cuda.is_available() else -1
+    me = (rank, hostname(), local_rank, gpu, os.getpid(), time.time())
+    rows: list[Any] = [me]
+    if world > 1:
+        import torch.distributed as dist
+
+        rows = [None] * world
+        dist.all_gather_object(rows, me)
+    stamp = datetime.fromtimestamp(rows[0][5], tz=UTC).strftime("%Y%m%dT%H%M%S")
+    return [RankInfo(*r[:5]) for r in rows], stamp
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return 0.0 if not n else (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2)
+
+
+def find_stragglers(per_step: list[dict[str, float]], threshold: float, key: str = "fwd_s") -> list[tuple[int, float]]:
+    """(rank, slowdown) for ranks whose ``key`` exceeds the median of the other ranks by > threshold."""
+    out = []
+    for r, row in enumerate(per_step):
+        others = [x[key] for i, x in enumerate(per_step) if i != r]
+        ref = median(others)
+        if ref > 0:
+            slow = row[key] / ref - 1.0
+            if slow > threshold:
+                out.append((r, round(slow, 4)))
+    return out
+
+
+class StepTimer:
+    """Times forward, backward and optimizer spans of one rank and gathers them every N steps."""
+
+    def __init__(self, engine: Any, rank: int, ranks: list[RankInfo], interval: int, threshold: float,
+                 ledger: LedgerWriter | NullLedger) -> None:
+        import torch
+
+        self.engine = engine
+        self.rank = rank
+        self.ranks = ranks
+        self.interval = interval
+        self.threshold = threshold
+        self.ledger = ledger
+        self.cuda = engine.device.type == "cuda"
+        self.step = 0  # steps completed (the trainer's count), for fault points
+        self.sums = dict.fromkeys(FIELDS, 0.0)
+        self._pending: list[tuple[str, Any, Any]] = []  # CUDA event pairs, summed at gather time
+        self._open: dict[str, Any] = {}
+        self._alerted: set[int] = set()
+        self._torch = torch
+        engine.module.register_forward_pre_hook(lambda *_: self._start("fwd_s"))
+        engine.module.register_forward_hook(lambda *_: self._end("fwd_s"))
+        # DeepSpeed has no hooks around backward() and step(): wrap the bound methods of this one engine.
+        engine.backward = self._wrap(engine.backward, "bwd_s")
+        engine.step = self._wrap(engine.step, "opt_s")
+
+    def _wrap(self, fn: Any, key: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._start(key)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._end(key)
+
+        return timed
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            e = self._torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _start(self, key: str) -> None:
+        self._open[key] = self._mark()
+        if key == "fwd_s":
+            fault_point("step.forward", self.step + 1, self.rank)  # tests slow one rank's forward down here
+
+    def _end(self, key: str) -> None:
+        a, b = self._open.pop(key, None), self._mark()
+        if a is None:
+            return
+        if self.cuda:
+            self._pending.append((key, a, b))
+        else:
+            self.sums[key] += b - a
+
+    def after_step(self, step: int, dt: float) -> list[tuple[int, float]] | None:
+        """Count the step; every ``interval`` steps gather (a collective: all ranks call this at the same
+        steps). Returns the stragglers found at a gather, else None."""
+        self.step = step
+        self.sums["steps"] += 1
+        self.sums["step_s"] += dt
+        if not self.interval or step % self.interval:
+            return None
+        return self.gather(step)
+
+    def _flush_cuda(self) -> None:
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            for key, a, b in self._pending:
+                self.sums[key] += a.elapsed_time(b) / 1000.0
+            self._pending.clear()
+
+    def gather(self, step: int) -> list[tuple[int, float]]:
+        import torch.distributed as dist
+
+        torch = self._torch
+        self._flush_cuda()
+        mine = torch.tensor([self.sums[k] for k in FIELDS], dtype=torch.float64, device=self.engine.device)
+        world = len(self.ranks)
+        rows = [mine]
+        if world > 1:
+            rows = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(rows, mine)
+        self.sums = dict.fromkeys(FIELDS, 0.0)
+        per_step = []
+        for row in rows:
+            vals = dict(zip(FIELDS, row.cpu().tolist(), strict=True))
+            n = max(vals.pop("steps"), 1.0)
+            d = {k: v / n for k, v in vals.items()}
+            d["other_s"] = max(0.0, d["step_s"] - d["fwd_s"] - d["bwd_s"] - d["opt_s"])
+            per_step.append(d)
+        found = find_stragglers(per_step, self.threshold)
+        if self.rank == 0:
+            self._report(step, per_step, found)
+        return found
+
+    def _report(self, step: int, per_step: list[dict[str, float]], found: list[tuple[int, float]]) -> None:
+        self.ledger.emit("rank_timings", step=step, ranks=[
+            {"rank": i, "host": self.ranks[i].host, "gpu": self.ranks[i].gpu,
+             **{k: round(v, 6) for k, v in row.items()}} for i, row in enumerate(per_step)])
+        for r, slow in found:
+            info = self.ranks[r]
+            self.ledger.emit("straggler", rank=r, slowdown=slow, step=step, node=info.host, gpu=info.gpu,
+                             local_rank=info.local_rank, fwd_s=round(per_step[r]["fwd_s"], 6),
+                             median_fwd_s=round(median([x["fwd_s"] for i, x in enumerate(per_step) if i != r]), 6))
+            if r not in self._alerted:
+                self._alerted.add(r)
+                gpu = f"GPU {info.gpu}" if info.gpu >= 0 else f"local rank {info.local_rank}"
+                self.ledger.alert("warning", f"straggler: rank {r} ({info.host}, {gpu}) is {slow:.1%} slower than "
+                                  f"the other ranks' median in forward (step {step})", rank=r, node=info.host,
+                                  gpu=info.gpu)
+
+
+def as_dicts(ranks: list[RankInfo]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in ranks]

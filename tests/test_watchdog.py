@@ -1,0 +1,175 @@
+"""The hang watchdog (kit.watchdog): bound, stack dumps, suspects, and a real blocked rank in a 2-rank run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kit import exitcodes
+from kit import watchdog as wd
+from kit.config import HealthSection
+from kit.ledger import hostname, read_all
+from kit.stragglers import RankInfo
+
+
+def _ranks(n: int) -> list[RankInfo]:
+    return [RankInfo(r, f"node{r // 2}", r % 2, r % 2, 1000 + r) for r in range(n)]
+
+
+def test_bound_follows_recent_steps_within_floor_and_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(wd.time, "monotonic", lambda: now[0])
+    w = wd.Watchdog("/nonexistent", HealthSection(hang_floor_s=5, hang_ceiling_s=60, hang_factor=10), 0,
+                    _ranks(1), "s", "x", last_resort=False)
+    assert w.bound() == 60, "the ceiling applies before any step is known"
+
+    def steps(n: int, dt: float) -> None:
+        for _ in range(n):
+            now[0] += dt
+            w.beat(w.step + 1)
+
+    steps(1, 30.0)  # the first step (after setup) is not a step time
+    assert w.bound() == 60
+    steps(3, 2.0)
+    assert w.bound() == 20.0  # 10 x median 2 s
+    steps(10, 0.1)
+    assert w.bound() == 5.0  # the floor
+    steps(20, 100.0)
+    assert w.bound() == 60.0  # the ceiling
+    steps(40, 1.0)
+    w.long_phase("save")
+    assert w.bound() == 60.0, "a save gets the ceiling"
+    now[0] += 55.0
+    w.beat(w.step + 1)  # the step after the save: its 55 s interval is not a step time
+    assert w.bound() == 10.0
+
+
+def test_fire_dumps_stacks_reports_and_exits_with_hang(tmp_path: Path) -> None:
+    """One rank in-process: the thread fires, dumps this test's own stack, reports, calls exit(HANG)."""
+    codes: list[int] = []
+    cfg = HealthSection(hang_floor_s=0.3, hang_ceiling_s=0.6, hang_factor=2, hang_grace_s=1)
+    w = wd.Watchdog(tmp_path, cfg, 0, [RankInfo(0, hostname(), 0, -1, 1)], "seg1", "stamp",
+                    exit_fn=codes.append, poll_s=0.02, last_resort=False).start()
+    for step in range(1, 6):
+        time.sleep(0.01)
+        w.beat(step)
+    t0 = time.monotonic()
+    while not codes and time.monotonic() - t0 < 10:
+        time.sleep(0.01)  # this test's main thread "hangs" here
+    w.stop()
+    assert codes == [exitcodes.HANG]
+    folder = tmp_path / "stacks" / "seg1-stamp"
+    text = (folder / "r00000.txt").read_text()
+    header = json.loads(text.splitlines()[0])
+    assert header["step"] == 5 and header["stalled_s"] >= header["bound_s"] == 0.3
+    assert "test_fire_dumps_stacks_reports_and_exits_with_hang" in text
+    frames = wd.read_dumps(folder)[0]["frames"]
+    assert any(f == "test_fire_dumps_stacks_reports_and_exits_with_hang" for _, _, f in frames)
+    report = json.loads((folder / wd.REPORT).read_text())
+    assert report["suspect_ranks"] == [] and "same stack" in report["why"]
+    hang = read_all(tmp_path, {"hang"})
+    ended = read_all(tmp_path, {"segment_ended"})
+    assert hang[0]["bound_s"] == 0.3 and hang[0]["stacks"] == "stacks/seg1-stamp" and hang[0]["seg"] == "seg1"
+    assert ended[0]["reason"] == "hang" and ended[0]["exit_code"] == exitcodes.HANG
+    assert read_all(tmp_path, {"alert"})[0]["severity"] == "critical"
+
+
+def test_a_rank_reports_when_rank0_never_dumps(tmp_path: Path) -> None:
+    codes: list[int] = []
+    cfg = HealthSection(hang_grace_s=0.2)
+    w = wd.Watchdog(tmp_path, cfg, 1, _ranks(2), "s", "x", exit_fn=codes.append, last_resort=False)
+    w.beat(9)
+    report = w.fire(12.0, 10.0)
+    assert codes == [exitcodes.HANG]
+    assert report["reporter"] == 1 and report["suspect_ranks"] == [0] and report["missing_ranks"] == [0]
+    assert report["suspect_nodes"] == ["node0"]
+    assert (tmp_path / "ledger" / "watchdog-r1.jsonl").exists()
+
+
+def _dump(rank: int, frames: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"rank": rank, "frames": [(f, 1, fn) for f, fn in frames]}
+
+
+WAITING = [("/x/torch/distributed/distributed_c10d.py", "all_reduce"), ("/k/trainer.py", "_train_step")]
+STUCK = [("/k/faults.py", "fault_point"), ("/k/trainer.py", "run")]
+LOADER = [("/k/data.py", "batch"), ("/k/trainer.py", "_train_step")]
+
+
+def test_suspects_are_the_ranks_the_others_wait_for() -> None:
+    ranks = _ranks(4)
+    r = wd.analyse({0: _dump(0, WAITING), 1: _dump(1, WAITING), 2: _dump(2, WAITING), 3: _dump(3, STUCK)}, ranks)
+    assert r["suspect_ranks"] == [3] and r["suspect_nodes"] == ["node1"] and "collective" in r["why"]
+    groups = {tuple(g["ranks"]): g for g in r["groups"]}
+    assert groups[(0, 1, 2)]["in_collective"] and groups[(3,)]["top"] == "fault_point (faults.py:1)"
+    # two against two: the collective decides, not the count
+    r = wd.analyse({0: _dump(0, STUCK), 1: _dump(1, WAITING), 2: _dump(2, STUCK), 3: _dump(3, WAITING)}, ranks)
+    assert r["suspect_ranks"] == [0, 2] and r["suspect_nodes"] == ["node0", "node1"]
+
+
+def test_missing_dumps_majority_and_no_suspect() -> None:
+    ranks = _ranks(4)
+    r = wd.analyse({0: _dump(0, WAITING), 1: _dump(1, WAITING), 3: _dump(3, WAITING)}, ranks)
+    assert r["suspect_ranks"] == [2] and r["missing_ranks"] == [2] and "no stack dump" in r["why"]
+    r = wd.analyse({i: _dump(i, WAITING) for i in range(4)}, ranks)
+    assert r["suspect_ranks"] == [] and r["suspect_nodes"] == []
+    r = wd.analyse({0: _dump(0, LOADER), 1: _dump(1, LOADER), 2: _dump(2, LOADER), 3: _dump(3, STUCK)}, ranks)
+    assert r["suspect_ranks"] == [3] and "majority" in r["why"]
+    r = wd.analyse({0: _dump(0, LOADER), 1: _dump(1, LOADER), 2: _dump(2, STUCK), 3: _dump(3, STUCK)}, ranks)
+    assert r["suspect_ranks"] == [] and "without a clear odd one out" in r["why"]
+
+
+def test_main_thread_frames_are_found_among_threads(tmp_path: Path) -> None:
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, name="other")
+    t.start()
+    try:
+        wd.dump_stacks(tmp_path, {"rank": 0, "main_thread": f"0x{threading.main_thread().ident:016x}"})
+    finally:
+        stop.set()
+        t.join()
+    text = (tmp_path / "r00000.txt").read_text()
+    assert text.count("Thread 0x") + text.count("Current thread 0x") >= 2
+    frames = wd.read_dumps(tmp_path)[0]["frames"]
+    assert frames[0][2] == "dump_stacks" and "wait" not in [f for _, _, f in frames]
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_blocked_rank_is_caught_stacks_dumped_segment_ends_with_hang_then_resumes(
+        deepspeed_ok: None, tiny_cfg: Any, capfd: pytest.CaptureFixture[str]) -> None:
+    """A real 2-rank DeepSpeed run; rank 1 blocks forever after step 5 (kit.faults). Rank 0 waits in the
+    step's all-reduce. The watchdog must fire within its bound, leave both stacks in the run directory,
+    name rank 1 and this node, and end both ranks with HANG. A resubmission then resumes the run."""
+    from kit.launch import create_run, run_local_segment
+
+    cfg = tiny_cfg("hang", **{"health.hang_floor_s": 2.0, "health.hang_ceiling_s": 60.0, "health.hang_factor": 5.0,
+                              "health.hang_grace_s": 10.0, "health.period_s": 0.5})
+    rd = create_run(cfg, log=lambda *a: None)
+    t0 = time.monotonic()
+    out = run_local_segment(rd, cfg, seg="s1", extra_env={"KIT_FAULTS": "step.after@5:rank1=hang"})
+    wall = time.monotonic() - t0
+    logs = capfd.readouterr()
+    assert logs.err.count(f"exitcode  : {exitcodes.HANG}") == 2, logs.err[-3000:]  # both ranks (torchrun's summary)
+    assert wall < 55, "ended by the watchdog (bound 2 s), not by a ceiling or a timeout"
+    [hang] = [e for e in read_all(rd.path, {"hang"}) if e["seg"] == "s1"]
+    assert hang["step"] == 5 and hang["bound_s"] == 2.0 and 2.0 <= hang["stalled_s"] < 2.0 + 10.0
+    assert hang["suspect_ranks"] == [1] and hang["suspect_nodes"] == [hostname()]
+    folder = rd.path / hang["stacks"]
+    assert sorted(p.name for p in folder.glob("r*.txt")) == ["r00000.txt", "r00001.txt"]
+    assert "fault_point" in (folder / "r00001.txt").read_text()
+    assert "all_reduce" in (folder / "r00000.txt").read_text()
+    ended = [e for e in read_all(rd.path, {"segment_ended"}) if e["seg"] == "s1"]
+    assert [(e["reason"], e["exit_code"]) for e in ended] == [("hang", exitcodes.HANG)]
+    alert = [a for a in read_all(rd.path, {"alert"}) if a["seg"] == "s1" and a["severity"] == "critical"]
+    assert "suspect ranks 1" in alert[0]["message"] and hostname() in alert[0]["message"]
+    assert out.step == 5
+    # what the chain does next: resubmit; the segment resumes from the last checkpoint (step 4) and finishes
+    again = run_local_segment(rd, cfg, seg="s2", quiet=True)
+    assert (again.reason, again.step) == ("done", cfg.trainer.max_steps)
+    loaded = [e for e in read_all(rd.path, {"ckpt_loaded"}) if e["seg"] == "s2"]
+    assert loaded[0]["step"] == 4
