@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit.tools.remote import UPLOAD_MANIFEST, UploadError, redact, retrying, scrub, verify_url
+from kit.tools.upload import upload_folder
 
 from kit import checkpoint as ck
 from kit.errors import CheckpointError
-from kit.tools.remote import UPLOAD_MANIFEST, UploadError, redact, retrying, scrub, verify_url
-from kit.tools.upload import upload_folder
 
 BUCKET = "kit-test"
 SECRET = "S3cr3tValue-do-not-print"
@@ -175,6 +175,6 @@ def test_retries_with_backoff_then_give_up() -> None:
     def dead() -> None:
         raise TimeoutError("timed out")
 
-    with pytest.raises(UploadError, match="after 3 attempts.*run the same command again"):
+    with pytest.raises(UploadError, match=r"after 3 attempts.*run the same command again"):
         retrying(dead, "sending", retries=2, backoff_s=0.01)
     assert UPLOAD_MANIFEST == "KIT_UPLOAD.json"
