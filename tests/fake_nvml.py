@@ -53,7 +53,7 @@ class NVMLError(Exception):
     def __new__(cls, value: int) -> NVMLError:
         typ = NVMLError._map.get(value, cls) if cls is NVMLError else cls
         obj = Exception.__new__(typ)
-        obj.value = value  # type: ignore[attr-defined]
+        obj.value = value
         return obj
 
     def __init__(self, value: int) -> None:
@@ -252,7 +252,7 @@ def nvmlDeviceGetRetiredPages(device: _Handle, sourceFilter: int) -> list[int]:
 
 
 def nvmlDeviceGetRemappedRows(device: _Handle) -> tuple[int, int, int, int]:
-    return tuple(_v(_gpu(device).remapped))  # type: ignore[return-value]
+    return tuple(_v(_gpu(device).remapped))
 
 
 def nvmlDeviceGetNvLinkState(device: _Handle, link: int) -> int:

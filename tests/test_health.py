@@ -21,7 +21,7 @@ from kit.health import HealthSampler, throttle_names
 from kit.ledger import read_all
 
 sys.path.insert(0, str(Path(__file__).parent))
-import fake_nvml  # noqa: E402 (tests/ is not a package)
+import fake_nvml
 
 
 def _sampler(tmp_path: Path, nvml: Any = fake_nvml, **cfg: Any) -> HealthSampler:
