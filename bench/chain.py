@@ -20,6 +20,7 @@ are slowed to ~0.5 s (KIT_FAULTS sleep) so a 1-minute allocation holds a few doz
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -46,6 +47,7 @@ def _run_chain(cfg: Any, env: dict[str, str], timeout: float) -> dict[str, Any]:
     from kit.jobs import chain as ch
     from kit.jobs import slurmctl
     from kit.jobs.submit import submit
+
     from kit.ledger import read_all
     from kit.rundir import RunDir
 
@@ -76,7 +78,7 @@ def _run_chain(cfg: Any, env: dict[str, str], timeout: float) -> dict[str, Any]:
     training = sum(float(e["step_time"]) for e in steps)
     lost = []
     segs = st.segments
-    for a, b in zip(segs, segs[1:], strict=False):
+    for a, b in itertools.pairwise(segs):
         reached = max((int(e["step"]) for e in steps if e.get("seg") == a.seg), default=0)
         resumed = next((int(e["step"]) for e in events if e["kind"] == "segment_started" and e.get("seg") == b.seg),
                        0)
@@ -113,7 +115,8 @@ def main() -> int:
         print(f"{name:<26}{r['segments']:>5}{r['allocated_s']:>9}{r['training_s']:>9}"
               f"{r['training_fraction'] or 0:>12.3f}{r['overhead_per_segment_s']:>10}"
               f"{r['projected_fraction_20h']:>10.4f}  {r['steps_lost']} ({r['end_reason']})")
-    print(f"ratio of training fractions A/B: {(a['training_fraction'] or 0) / max(1e-9, b['training_fraction'] or 0):.2f}")
+    ratio = (a["training_fraction"] or 0) / max(1e-9, b["training_fraction"] or 0)
+    print(f"ratio of training fractions A/B: {ratio:.2f}")
     out = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "host_cpus": os.cpu_count(), "A_time_limit": a,
            "B_crash": b, "note": "tiny model on CPU: start-up dominates a 1-minute allocation; the 20 h projection "
                                  "keeps the measured per-segment overhead"}
