@@ -114,7 +114,9 @@ def measure(node: str, nbytes: int, iters: int) -> NetResult:
         m = per_node[names[r]]
         m["copy_gbps"] = min(m.get("copy_gbps", float("inf")), float(g))
     ranks_of = {x: [r for r in range(n) if names[r] == x] for x in nodes}
-    if any(len(r) > 1 for r in ranks_of.values()):
+    if len(nodes) == 1 and n > 1:  # the node's own all-reduce is the global one: do not run it twice
+        per_node[nodes[0]]["intra_busbw_gbps"] = bus
+    elif any(len(r) > 1 for r in ranks_of.values()):
         _sub_allreduce(buf, iters, rank, [ranks_of[x] for x in nodes], names, per_node, "intra_busbw_gbps")
     note = ""
     if len(nodes) >= 3:
