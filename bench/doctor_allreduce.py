@@ -28,7 +28,6 @@ REPEATS = 3
 def raw_busbw(nbytes: int, iters: int) -> float:
     import torch
     import torch.distributed as dist
-
     from kit.tools.doctor_net import busbw
 
     buf = torch.ones(nbytes // 4)
@@ -45,11 +44,11 @@ def raw_busbw(nbytes: int, iters: int) -> float:
 
 def worker() -> None:
     import torch.distributed as dist
+    from kit.tools.doctor import preflight
+    from kit.tools.doctor_net import measure
 
     from kit.config import load_recipe
     from kit.dist import from_environ
-    from kit.tools.doctor import preflight
-    from kit.tools.doctor_net import measure
 
     dist.init_process_group("gloo")
     rows = []
@@ -70,7 +69,8 @@ def worker() -> None:
         report = preflight(cfg, cfg.run_dir, from_environ(), ledger=None)
         total = time.perf_counter() - t0
     if dist.get_rank() == 0:
-        out = {"ranks": dist.get_world_size(), "backend": "gloo", "iters": ITERS, "repeats_median_of": REPEATS, "sizes": rows,
+        out = {"ranks": dist.get_world_size(), "backend": "gloo", "iters": ITERS, "repeats_median_of": REPEATS,
+               "sizes": rows,
                "preflight_s_defaults": round(total, 3), "preflight_ok": report.ok,
                "machine": f"{os.cpu_count()} CPUs, shared", "load_avg_1m": os.getloadavg()[0]}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
