@@ -82,8 +82,9 @@ class Follower:
             self.stats.last_error = f"{self.ledger_dir}: {e.strerror}"
             return []
 
-    def poll(self, budget: int = CHUNK) -> tuple[list[dict[str, Any]], bool]:
+    def poll(self, budget: int | None = None) -> tuple[list[dict[str, Any]], bool]:
         """New complete events (each file in order), and whether some file has more to read."""
+        budget = budget or CHUNK
         names = self.files()
         for gone in set(self.cursors) - set(names):
             self.stats.vanished_files += 1

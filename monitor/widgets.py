@@ -16,7 +16,7 @@ from kit.monitor.health import NA, fmt, mem_text
 from kit.monitor.status import dur
 from rich.text import Text
 from textual.binding import BindingType
-from textual.containers import VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label, Markdown, Static
 from textual_plotext import PlotextPlot
@@ -230,10 +230,11 @@ class ConfirmScreen(ModalScreen[bool]):
         self.question = question
 
     def compose(self) -> Any:
-        with VerticalScroll(id="confirm"):
+        with Vertical(id="confirm"):
             yield Label(self.question, id="question")
-            yield Button("Yes (y)", id="yes", variant="error")
-            yield Button("No (n)", id="no", variant="primary")
+            with Horizontal(id="buttons"):
+                yield Button("Yes (y)", id="yes", variant="error")
+                yield Button("No (n)", id="no", variant="primary")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
