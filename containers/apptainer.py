@@ -82,6 +82,19 @@ def exec_command(cfg: RunConfig, argv: Sequence[str], image: str | None = None) 
     return [*cmd, img, *argv]
 
 
+def check_recipe(cfg: RunConfig, recipe: str | Path = "the recipe", pins: Pins | None = None) -> Path | None:
+    """The recipe's container settings before anything runs: a known target, an existing image.
+    Returns the image (None when the recipe runs on the host environment)."""
+    if cfg.container.target:
+        from kit.containers.pins import load_pins
+
+        p = pins or load_pins()
+        if cfg.container.target not in p.targets:
+            raise ConfigError(f"{recipe}: container.target = {cfg.container.target!r} is not a target of {p.path} "
+                              f"(known: {', '.join(sorted(p.targets))})")
+    return check_image(cfg, recipe)
+
+
 def check_image(cfg: RunConfig, recipe: str | Path = "the recipe") -> Path | None:
     """The recipe's image, which must exist (None when the recipe runs on the host environment)."""
     if not cfg.container.image:

@@ -20,6 +20,7 @@ import pytest
 from kit.containers.apptainer import (
     build_command,
     check_image,
+    check_recipe,
     definition_args,
     definition_path,
     exec_command,
@@ -224,3 +225,14 @@ def test_recipe_whose_image_does_not_exist(tmp_path: Path) -> None:
         check_image(cfg, recipe)
     out = kit("doctor", str(recipe))
     assert out.returncode == 1 and "container.image" in out.stderr and "r.toml" in out.stderr
+
+
+def test_recipe_with_an_unknown_target(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    tiny = (ROOT / "jobs" / "tiny.toml").read_text()
+    recipe.write_text(tiny.replace("[model]", '[container]\ntarget = "b200"\n\n[model]'))
+    with pytest.raises(ConfigError, match=r"r\.toml: container\.target = 'b200' is not a target of .*pins\.toml "
+                                          r"\(known: a100, h100\)"):
+        check_recipe(load_recipe(recipe), recipe)
+    out = kit("doctor", str(recipe))
+    assert out.returncode == 1 and "container.target = 'b200'" in out.stderr

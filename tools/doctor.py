@@ -245,7 +245,7 @@ def run(args: argparse.Namespace, verb: str) -> int:
         return _run_static(args)
     if not args.recipe:
         raise ConfigError("kit doctor needs a recipe or a run directory (or --static inside an image)")
-    from kit.containers.apptainer import check_image
+    from kit.containers.apptainer import check_recipe
 
     from kit import dist
     from kit.rundir import RunDir
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace, verb: str) -> int:
 
         cfg = load_recipe(args.recipe, args.overrides)
         run_dir, where = cfg.run_dir, args.recipe
-    check_image(cfg, where)
+    check_recipe(cfg, where)
     env = dist.from_environ()
     host = socket.gethostname().split(".")[0]
     report = preflight(cfg, run_dir, env, expect_gpus=None if launched else 0,
