@@ -1,9 +1,10 @@
-"""Apptainer command lines, composed from the pins and the recipe, as plain argument lists.
+"""The Apptainer build command, composed from the pins, and the recipe's container checks.
 
 Why composed and not hand-written: the build must pass every pin as a ``--build-arg`` (the
-definition files hold no version), and every segment of a chain must run with the same binds and
-``--nv``. The lists are compared with golden files in tests (Apptainer cannot be installed here),
-and ``kit container build`` / the chain's srun line run exactly these lists.
+definition files hold no version). The list is compared with golden files in tests (Apptainer
+cannot be installed here) and ``kit container build`` runs exactly this list. The ``apptainer
+exec`` line of a segment has one composer too, the chain's (kit.jobs.command.segment_command,
+golden file tests/test_chain_command.golden).
 """
 
 from __future__ import annotations
@@ -60,26 +61,6 @@ def build_command(pins: Pins, target: str, output: str | Path, kit_src: str | Pa
             cmd += ["--build-arg", f"{key}={args[key]}"]
     cmd += [str(output), str(defn)]
     return cmd
-
-
-def exec_command(cfg: RunConfig, argv: Sequence[str], image: str | None = None) -> list[str]:
-    """``apptainer exec --nv`` for one rank of a segment: the recipe's binds plus the runs folder
-    (the run directory must be the same path inside and outside), then ``argv``.
-
-    The host environment passes through (no ``--cleanenv``): Slurm's and torch.distributed's
-    variables must reach the ranks.
-    """
-    img = image or cfg.container.image
-    if not img:
-        raise ConfigError("container.image is empty: set it to the .sif built by `kit container build TARGET`")
-    binds: list[str] = []
-    for b in [*cfg.container.binds, cfg.run.runs_dir]:
-        if b and b not in binds and not any(x.split(":")[0] == b for x in binds):
-            binds.append(b)
-    cmd = [APPTAINER, "exec", "--nv"]
-    for b in binds:
-        cmd += ["--bind", b]
-    return [*cmd, img, *argv]
 
 
 def check_recipe(cfg: RunConfig, recipe: str | Path = "the recipe", pins: Pins | None = None) -> Path | None:

@@ -23,7 +23,6 @@ from kit.containers.apptainer import (
     check_recipe,
     definition_args,
     definition_path,
-    exec_command,
     format_command,
     render,
 )
@@ -177,15 +176,6 @@ def check_golden(name: str, text: str) -> None:
 def test_build_command_golden(target: str) -> None:
     cmd = build_command(load_pins(), target, f"/images/kit-{target}.sif", "/images/kit-src.tar.gz", COMMIT)
     check_golden(f"container_build_{target}.txt", format_command(cmd).replace(str(ROOT), "<kit>"))
-
-
-def test_exec_command_golden() -> None:
-    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", [
-        'run.runs_dir="/lustre/kit/runs"', 'container.image="/lustre/images/kit-h100-0.1.0.sif"',
-        'container.target="h100"', 'container.binds=["/scratch", "/dev/infiniband", "/lustre/kit/runs"]'])
-    cmd = exec_command(cfg, ["python", "-m", "kit.segment", str(cfg.run_dir)])
-    assert cmd.count("/lustre/kit/runs") == 1  # the runs folder is bound once, even when listed
-    check_golden("container_exec.txt", format_command(cmd))
 
 
 # ------------------------------------------------------------------------------------------ commands
