@@ -85,6 +85,16 @@ class Streamer:
         self.url = opts.url.rstrip("/")
         rd.exports.mkdir(parents=True, exist_ok=True)
         self.state = StreamState(rd.exports / STATE, opts.url)
+        self.clear_stale_busy()
+
+    def clear_stale_busy(self) -> None:
+        """A stream killed mid-upload leaves its busy marker (``<tag>.stream.<pid>``) behind, which would
+        protect that checkpoint from retention forever; markers of dead stream processes are removed."""
+        busy = self.rd.checkpoints / ck.BUSY
+        for marker in busy.glob("*.stream.*") if busy.is_dir() else []:
+            pid = marker.name.rsplit(".", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                marker.unlink(missing_ok=True)
 
     def remote(self, kind: str, tag: str) -> str:
         return f"{self.url}/{kind}/{tag}"
@@ -207,6 +217,16 @@ class Streamer:
             if exit_when_done and ended:
                 return total
             time.sleep(poll_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _rm(fs: Any, path: str, recursive: bool) -> None:

@@ -1,0 +1,85 @@
+"""`kit stream` following a live run of real DeepSpeed ranks, killed mid-way and restarted.
+
+The first stream process is SIGKILLed by a kit fault point right after it uploaded step 4 (before
+its remote verification and state update); the restarted one must resume that upload without
+sending a file again, ship the rest, convert them, apply remote keep-every-N and local keep-last
+retention, and never delete a local checkpoint before its remote copy verified. The destination is
+file:// (the S3 path of the same upload code is tested in test_upload.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kit.tools.remote import verify_url
+
+from kit.ledger import read_all
+
+pytestmark = [pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.usefixtures("deepspeed_ok")]
+
+
+def stream_cmd(run: Path, url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kit.cli", "stream", str(run), "--to", url, "--poll", "0.3", "--exit-when-done",
+            "--keep-every", "4", "--keep-last", "1", *extra]
+
+
+def test_stream_live_run_restart_retention(tiny_cfg: Any, tmp_path: Path) -> None:
+    from kit.launch import create_run, run_local_segment
+
+    cfg = tiny_cfg("live", **{"deepspeed.zero_stage": 2})  # 8 steps, checkpoints at 2, 4, 6, 8
+    rd = create_run(cfg, log=lambda *a: None)
+    remote = tmp_path / "remote"
+    url = f"file://{remote}"
+    env = dict(os.environ, KIT_FAULTS="stream.after_upload@4")
+    first = subprocess.Popen(stream_cmd(rd.path, url), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        out = run_local_segment(rd, cfg, quiet=True)
+        assert out.reason == "done"
+        assert first.wait(timeout=120) == -9  # killed after uploading step 4, before verifying it
+    finally:
+        if first.poll() is None:
+            first.kill()
+    state = json.loads((rd.exports / "stream.json").read_text())
+    assert state["done"]["step_0000002"]["remote_verified"] is True
+    assert not state["done"].get("step_0000004", {}).get("remote_verified")
+
+    second = subprocess.run(stream_cmd(rd.path, url, "--convert"), capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, KIT_FAULTS=""))
+    assert second.returncode == 0, second.stderr[-2000:]
+
+    events = [e for e in read_all(rd.path) if e["src"] == "stream"]
+    uploads = [e for e in events if e["kind"] == "ckpt_uploaded" and e.get("what") == "checkpoint"]
+    step4 = [e for e in uploads if e["tag"] == "step_0000004"]
+    assert len(step4) == 2 and step4[1]["sent"] == 0 and step4[1]["skipped"] == step4[0]["sent"]  # resumed
+    assert sorted({e["tag"] for e in uploads}) == [f"step_000000{s}" for s in (2, 4, 6, 8)]
+
+    # remote retention: multiples of 4 (and the newest) stay, verified; 2 and 6 are gone
+    for step in (4, 8):
+        manifest, problems = verify_url(f"{url}/checkpoints/step_000000{step}")
+        assert manifest is not None and problems == []
+    assert not (remote / "checkpoints" / "step_0000002").exists()
+    assert not (remote / "checkpoints" / "step_0000006").exists()
+    assert {e["tag"] for e in events if e["kind"] == "ckpt_deleted" and e["where"] == "remote"} == {
+        "step_0000002", "step_0000006"}
+    # exports of the checkpoints shipped after the restart, verified remotely, local copies removed
+    for step in (4, 6, 8):
+        _, problems = verify_url(f"{url}/hf/step_000000{step}")
+        assert problems == []
+    assert not list(rd.exports.glob("*-hf"))
+
+    # local retention: only the newest stays, and nothing was deleted before its remote copy verified
+    assert sorted(p.name for p in rd.checkpoints.glob("step_*")) == ["step_0000008"]
+    for i, e in enumerate(events):
+        if e["kind"] == "ckpt_deleted" and e["where"] == "local":
+            assert any(v["kind"] == "ckpt_verified" and v["tag"] == e["tag"] and v["where"] == "remote" and v["ok"]
+                       for v in events[:i]), e["tag"]
+
+    # a third pass has nothing to do and keeps everything as it is
+    again = subprocess.run(stream_cmd(rd.path, url, "--once"), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "shipped 0 checkpoint(s)" in again.stdout
