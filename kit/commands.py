@@ -46,7 +46,7 @@ def validate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- plan
 
 
-def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float | int | str]:
+def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float]:
     """What a recipe costs: parameters, batch, FLOPs, and bytes per GPU for its ZeRO stage."""
     from kit.model import param_count, step_flops
 

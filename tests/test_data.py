@@ -134,3 +134,18 @@ def test_embedded_default_data_exists_on_this_machine() -> None:
 
     for s in cfg.data.sources:
         assert next(iter_documents(s)).text.strip()
+
+
+def test_reuses_a_given_tokenizer(tmp_path: Path) -> None:
+    sources = write_sources(tmp_path / "src")
+    first = recipe(tmp_path, sources)
+    prepare(first, tmp_path / "d1", log=lambda m: None)
+    given = tmp_path / "d1" / "tokenizer.json"
+    (tmp_path / "r2").mkdir()
+    second = recipe(tmp_path / "r2", sources, **{"data.tokenizer": str(given)})
+    prepare(second, tmp_path / "d2", log=lambda m: None)
+    assert (tmp_path / "d2" / "tokenizer.json").read_bytes() == given.read_bytes()
+    assert (tmp_path / "d1" / "js.tokens.bin").read_bytes() == (tmp_path / "d2" / "js.tokens.bin").read_bytes()
+    too_small = recipe(tmp_path / "r2", sources, **{"data.tokenizer": str(given), "data.vocab_size": 300})
+    with pytest.raises(DataError, match=r"data.tokenizer has \d+ tokens but data.vocab_size is 300; set data.vocab_size >= "):
+        prepare(too_small, tmp_path / "d3", log=lambda m: None)
