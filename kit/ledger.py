@@ -54,6 +54,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "ckpt_verified": ("tag", "ok"),
     "ckpt_converted": ("tag", "out"),
     "ckpt_uploaded": ("tag", "url"),
+    "ckpt_reshaped": ("tag", "world_size"),  # kit reshape: universal checkpoint for another world size
     # health and incidents
     "health": ("node",),
     "nvml_absent": ("node", "reason"),

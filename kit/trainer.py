@@ -205,7 +205,12 @@ class Trainer:
         m = self.cfg.model
         ck.check_compatible(ckpt, self.dp, {"hidden_size": m.hidden_size, "n_layer": m.n_layer,
                                             "n_head": m.n_head}, self.cfg.data.vocab_size)
+        # `kit reshape` (tools/reshape.py) writes DeepSpeed universal checkpoints for a new world size
+        # (manifest kit.universal): load that one with DeepSpeed's load_universal switched on.
+        universal = self.engine._config.load_universal_checkpoint
+        self.engine._config.load_universal_checkpoint = universal or bool(ckpt.manifest["kit"].get("universal"))
         load_path, _ = self.engine.load_checkpoint(str(root), tag=tag)
+        self.engine._config.load_universal_checkpoint = universal
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {ckpt.path}; its files may be damaged "
                                   "(run `kit verify` on it) or from another DeepSpeed setup")
