@@ -92,8 +92,8 @@ def test_three_segment_chain_is_bit_identical_to_one_run(tmp_path: Path, slurm: 
     """Short allocations (1 min, a segment boundary every 4 steps): >= 3 segments chained by requeue
     train to the end, and the final checkpoint equals an uninterrupted run's, tensor for tensor."""
     import torch
-    from kit.jobs.submit import submit
 
+    from kit.jobs.submit import submit
     from kit.launch import create_run, run_local_segment
     from kit.ledger import read_all
 
@@ -132,12 +132,11 @@ def test_killed_rank_resubmits_from_last_checkpoint(tmp_path: Path, slurm: None,
     """SIGKILL of rank 1 after step 5 (checkpoints every 2): the driver sees the crash, the chain
     resubmits (new job, backoff), resumes from step 4 and finishes; the ledger tells the story."""
     from kit.jobs.submit import submit
-
     from kit.ledger import read_all
 
     monkeypatch.setenv("KIT_FAULTS", "step.after@5:rank1")
     monkeypatch.setenv("KIT_FAULTS_SEGMENTS", "1")  # the first segment only
-    cfg = _cfg(tmp_path, "kill", **{"trainer.max_steps": 8})
+    cfg = _cfg(tmp_path, "kill", **{"trainer.max_steps": 8, "slurm.time_limit": "00:05:00"})
     sub = submit(cfg, log=lambda m: None)
     state = _wait_ended(sub.run_dir, timeout=150)
     assert state["end_reason"] == "done", state
@@ -168,7 +167,6 @@ def test_signal_requeue_attach_and_stop(tmp_path: Path, slurm: None, deepspeed_o
     from kit.jobs import slurmctl
     from kit.jobs.cli import stop
     from kit.jobs.submit import submit
-
     from kit.rundir import RunDir
 
     monkeypatch.setenv("KIT_FAULTS", "step.after=sleep0.4")  # slow steps: time to act mid-segment
@@ -206,11 +204,10 @@ def test_crash_loop_stops_with_alert(tmp_path: Path, slurm: None, deepspeed_ok: 
     """Every segment dies at step 1 (before any checkpoint): after chain.crash_loop_limit segments
     without progress the chain stops and raises a critical alert instead of resubmitting forever."""
     from kit.jobs.submit import submit
-
     from kit.ledger import read_all
 
     monkeypatch.setenv("KIT_FAULTS", "step.after@1:rank1")
-    cfg = _cfg(tmp_path, "loop", **{"chain.crash_loop_limit": 2})
+    cfg = _cfg(tmp_path, "loop", **{"chain.crash_loop_limit": 2, "slurm.time_limit": "00:05:00"})
     sub = submit(cfg, log=lambda m: None)
     state = _wait_ended(sub.run_dir, timeout=150)
     assert state["end_reason"] == "crash_loop"

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kit.jobs import chain as ch
 
 from kit import exitcodes
 from kit.errors import ConfigError, DataError
+from kit.jobs import chain as ch
 from tests.conftest import ROOT, tiny_overrides
 
 GOLDEN = Path(__file__).with_name("test_chain_command.golden")
@@ -170,9 +170,8 @@ def test_slurm_parameters_carry_the_recipe(tmp_path: Path) -> None:
 
 def test_segment_command_golden(tmp_path: Path) -> None:
     """The Apptainer command line of a segment, pinned as text (Apptainer cannot run here)."""
-    from kit.jobs.command import segment_command
-
     from kit.config import load_recipe
+    from kit.jobs.command import segment_command
 
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", [
         'run.runs_dir="/lustre/runs"', 'run.name="bloom"', "slurm.gpus_per_node=8",
@@ -191,7 +190,6 @@ def test_segment_command_golden(tmp_path: Path) -> None:
 
 def test_status_and_finish_estimate(tmp_path: Path) -> None:
     from kit.jobs.status import gather, render
-
     from kit.ledger import LedgerWriter
     from kit.rundir import RunDir
 
@@ -215,3 +213,24 @@ def test_status_and_finish_estimate(tmp_path: Path) -> None:
     assert fe["compute_s"] == 8100 and fe["allocations_to_go"] == 3
     text = render(st)
     assert "step 100/1000" in text and "finish     ~" in text and "clean" in text
+
+
+@pytest.mark.slurm
+def test_slurm_refusals_before_anything_is_queued(tmp_path: Path, slurm: None) -> None:
+    """Real sbatch --test-only: a partition Slurm does not know, an unknown sbatch option, a
+    reservation that does not exist: one clear error, no run directory, nothing in the queue."""
+    from kit.jobs import slurmctl
+    from kit.jobs.submit import submit
+
+    before = slurmctl.squeue()
+    cases: list[tuple[str, Any, str]] = [("partition", "no-such-partition", "invalid partition"),
+                                         ("sbatch_args", {"no-such-option": 1}, "unrecognized option"),
+                                         ("reservation", "no-such-resv", "reservation")]
+    for key, value, text in cases:
+        cfg = _cfg(tmp_path)
+        setattr(cfg.slurm, key, value)
+        with pytest.raises(slurmctl.SlurmError, match=text) as e:
+            submit(cfg, log=lambda m: None)
+        assert "Slurm refuses this job" in str(e.value) and "[slurm]" in str(e.value)
+        assert not cfg.run_dir.exists()
+    assert slurmctl.squeue() == before

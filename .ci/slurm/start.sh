@@ -186,6 +186,12 @@ if [ "$NODES" -gt 1 ]; then
 else
   NODE_LINES="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$((MEM_MB - 1024)) State=UNKNOWN"
   NODE_NAMES=$HOST
+  # Back to one node after a multi-node run (tests/test_chain_twonode.py): undo our /etc/hosts line.
+  if [ -f "$STATE/etc-hosts-added" ]; then
+    grep -v ' # added by start-local-slurm.sh$' /etc/hosts > "$STATE/hosts.tmp" &&
+      cat "$STATE/hosts.tmp" > /etc/hosts && rm -f "$STATE/hosts.tmp" "$STATE/etc-hosts-added"
+    log "removed start-local-slurm.sh lines from /etc/hosts"
+  fi
 fi
 if [ "$FAST" = 1 ]; then
   # cred_expire: a requeued job (scontrol requeue, what submitit does on
@@ -283,4 +289,4 @@ T1=$(date +%s.%N)
 sinfo
 log "up: $(awk -v a="$T0" -v b="$T_INSTALLED" -v c="$T1" 'BEGIN{printf "install %.1fs, configure+start %.1fs, total %.1fs", b-a, c-b, c-a}')"
 log "config: $CONF   logs: $STATE/log   pids started by this script: $PIDS"
-log "stop with: $HERE/stop-local-slurm.sh"
+log "stop with: $HERE/stop.sh"
