@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "convert.json"
 MODEL = {"model.hidden_size": 1024, "model.n_layer": 16, "model.n_head": 16, "model.seq_length": 128,
          "data.vocab_size": 50_000, "batch.micro_batch_size": 1, "batch.grad_accum": 1, "trainer.max_steps": 1,
-         "checkpoint.interval_steps": 1000, "optim.warmup_steps": 1}
+         "checkpoint.interval_steps": 1000, "optim.warmup_steps": 0}
 
 
 def make_checkpoint(runs: Path, stage: int) -> Path:

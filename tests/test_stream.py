@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kit.tools.remote import verify_url
 
 from kit.ledger import read_all
+from kit.tools.remote import verify_url
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.usefixtures("deepspeed_ok")]
 

@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit.tools.remote import UPLOAD_MANIFEST, UploadError, redact, retrying, scrub, verify_url
-from kit.tools.upload import upload_folder
 
 from kit import checkpoint as ck
 from kit.errors import CheckpointError
+from kit.tools.remote import UPLOAD_MANIFEST, UploadError, redact, retrying, scrub, verify_url
+from kit.tools.upload import upload_folder
 
 BUCKET = "kit-test"
 SECRET = "S3cr3tValue-do-not-print"

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kit.tools.zero_reader import ZeroCheckpoint
-
 from kit import checkpoint as ck
 from kit.config import RunConfig
 from kit.errors import CheckpointError, KitError
 from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.rundir import RunDir, resolve_run
+from kit.tools.zero_reader import ZeroCheckpoint
 
 DTYPES = ("bf16", "fp32")
 EXPORT_VERSION = 1

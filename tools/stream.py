@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, redact, retrying, verify_url
-from kit.tools.upload import upload_folder
-
 from kit import checkpoint as ck
 from kit.errors import KitError
 from kit.faults import fault_point
 from kit.ledger import LedgerWriter, read_all
 from kit.rundir import RunDir, resolve_run
+from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, redact, retrying, verify_url
+from kit.tools.upload import upload_folder
 
 STATE = "stream.json"
 STATE_VERSION = 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kit.checkpoint import MANIFEST, read_manifest, sha256
+from kit.errors import CheckpointError, KitError
+from kit.faults import fault_point
 from kit.tools.remote import (
     JOURNAL,
     UPLOAD_MANIFEST,
@@ -39,10 +43,6 @@ from kit.tools.remote import (
     verify_local,
     verify_url,
 )
-
-from kit.checkpoint import MANIFEST, read_manifest, sha256
-from kit.errors import CheckpointError, KitError
-from kit.faults import fault_point
 
 __all__ = ["UploadResult", "is_url", "redact", "upload_folder", "verify_url"]
 
@@ -244,6 +244,29 @@ def _clear_journal(fs: Any, root: str) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def _upload_cli(src: Path, args: argparse.Namespace) -> UploadResult:
+    """A checkpoint of a run (``<run>/checkpoints/<tag>``) is marked busy while it is sent, so the
+    trainer's retention leaves it alone, and the upload goes to that run's ledger."""
+    from kit import checkpoint as ck
+    from kit.ledger import LedgerWriter, hostname
+    from kit.rundir import RUN_TOML
+
+    def send() -> UploadResult:
+        return upload_folder(src, args.url, jobs=args.jobs, retries=args.retries, backoff_s=args.backoff,
+                             progress=not args.json)
+
+    run_dir = src.resolve().parent.parent
+    if ck.step_of(src.resolve().name) is None or not (run_dir / RUN_TOML).exists():
+        return send()
+    tag = src.resolve().name
+    with ck.busy(run_dir / "checkpoints", tag, "upload"), \
+            LedgerWriter(run_dir, f"upload-{hostname()}-{os.getpid()}") as led:
+        res = send()
+        led.emit("ckpt_uploaded", tag=tag, url=res.url, sent=res.sent, skipped=res.skipped, bytes=res.bytes_sent,
+                 seconds=res.seconds, what="checkpoint")
+    return res
+
+
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "upload":
         p.add_argument("src", help="local folder: a checkpoint (step_NNNNNNN) or an export")
@@ -261,8 +284,7 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
 
 def run(args: argparse.Namespace, verb: str) -> int:
     if verb == "upload":
-        res = upload_folder(Path(args.src), args.url, jobs=args.jobs, retries=args.retries, backoff_s=args.backoff,
-                            progress=not args.json)
+        res = _upload_cli(Path(args.src), args)
         if args.json:
             print(json.dumps(asdict(res), indent=1))
         else:

@@ -17,11 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kit.tools.zero_reader import MODEL_STATES_Z12
-
 from kit import checkpoint as ck
 from kit.config import RunConfig
 from kit.rundir import RunDir
+from kit.tools.zero_reader import MODEL_STATES_Z12
 
 BATCH_SEED = 0
 BATCH_SHAPE = (2, 64)
