@@ -18,6 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import BindingType
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Footer, Header, OptionList, Static, TabbedContent, TabPane
+from textual.widgets.option_list import Option
+
+from kit.ledger import LedgerWriter, hostname, writer_name
 from kit.monitor.feed import WINDOWS, Feed, Snapshot
 from kit.monitor.widgets import (
     STATUS_STYLE,
@@ -31,15 +40,6 @@ from kit.monitor.widgets import (
     SegmentTable,
     clock_text,
 )
-from textual import on, work
-from textual.app import App, ComposeResult
-from textual.binding import BindingType
-from textual.containers import Horizontal, Vertical
-from textual.message import Message
-from textual.widgets import Footer, Header, OptionList, Static, TabbedContent, TabPane
-from textual.widgets.option_list import Option
-
-from kit.ledger import LedgerWriter, hostname, writer_name
 from kit.rundir import SAVE_NOW, STOP, RunDir
 
 POLL_S = 0.25  # follower period: an appended event is on screen well within a second
@@ -94,7 +94,7 @@ class MonitorApp(App[int]):
         # for tests and bench/monitor: when the first frame was drawn, and what step each run shows
         self.started = time.perf_counter()
         self.first_frame: float | None = None
-        self.shown: dict[int, tuple[int, float]] = {}  # index -> (model version, perf_counter)
+        self.shown: dict[int, tuple[int | None, float]] = {}  # index -> (step on screen, perf_counter)
 
     # ----------------------------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -159,13 +159,19 @@ class MonitorApp(App[int]):
         if snap is None:
             return
         self.title = f"kit monitor: {snap.name}"
-        self.query_one(ChainPanel).show(snap, self._request_lines(snap))
-        self.query_one("#lossplot", CurvePlot).show(snap, self.window, self.loss_metric)
-        self.query_one("#rateplot", CurvePlot).show(snap, self.window, self.rate_metric)
-        self.query_one(HealthTable).show(snap)
-        self.query_one(CkptTable).show(snap)
-        self.query_one(AlertTable).show(snap)
-        self.query_one(SegmentTable).show(snap)
+        tab = self.query_one(TabbedContent).active  # hidden tabs are drawn when they are shown
+        if tab == "overview":
+            self.query_one(ChainPanel).show(snap, self._request_lines(snap))
+            self.query_one("#lossplot", CurvePlot).show(snap, self.window, self.loss_metric)
+            self.query_one("#rateplot", CurvePlot).show(snap, self.window, self.rate_metric)
+        elif tab == "gpus":
+            self.query_one(HealthTable).show(snap)
+        elif tab == "checkpoints":
+            self.query_one(CkptTable).show(snap)
+        elif tab == "alerts":
+            self.query_one(AlertTable).show(snap)
+        elif tab == "segments":
+            self.query_one(SegmentTable).show(snap)
         r = snap.summary["reader"]
         skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in r.items()
                             if k in ("bad_lines", "unknown_kinds", "future_version", "vanished_files",
@@ -173,13 +179,12 @@ class MonitorApp(App[int]):
         parts = [f"{r['events']:,} events", f"window {self.window}", snap.loading, snap.replay,
                  f"skipped: {skipped}" if skipped else "", r["last_error"], "READ-ONLY" if self.read_only else ""]
         self.query_one("#statusline", Static).update(" | ".join(p for p in parts if p))
-        version, index = snap.version, self.current
-        self.call_after_refresh(self._drawn, index, version)
+        self.call_after_refresh(self._drawn, self.current, snap.summary["step"])
 
-    def _drawn(self, index: int, version: int) -> None:
+    def _drawn(self, index: int, step: int | None) -> None:
         if self.first_frame is None:
             self.first_frame = time.perf_counter()
-        self.shown[index] = (version, time.perf_counter())
+        self.shown[index] = (step, time.perf_counter())
 
     def _label_run(self, index: int, snap: Snapshot) -> None:
         runs = self.query_one("#runs", OptionList)
@@ -201,6 +206,11 @@ class MonitorApp(App[int]):
 
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
+        self.render_current()
+
+    @on(TabbedContent.TabActivated)
+    def _tab_shown(self) -> None:
+        self.render_current()
 
     def action_window(self) -> None:
         names = list(WINDOWS)
@@ -304,7 +314,7 @@ def make_app(runs: list[RunDir] | list[Path] | list[str], read_only: bool = Fals
 
 def loaded(app: MonitorApp) -> bool:
     """Every run shown once, its history read (tests wait for this before they look)."""
-    done = all(not f.backfilling for f in app.feeds)
+    done = all(not f.backfilling for f in app.feeds) and all(not s.loading for s in app.snaps.values())
     return len(app.snaps) == len(app.feeds) and done and app.first_frame is not None
 
 

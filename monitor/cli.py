@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kit.monitor.status import DOWN, EXIT, dur, worst
-
 from kit.errors import KitError, RunDirError
+from kit.monitor.status import DOWN, EXIT, dur, worst
 from kit.rundir import RunDir, resolve_run
 
 ONCE_TIMEOUT_S = 120.0

@@ -16,14 +16,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kit.errors import KitError
+from kit.ledger import ReadStats
 from kit.monitor import slurm
 from kit.monitor.follow import Follower, _t, cold_start, merged_events
 from kit.monitor.health import GpuHealth, worst_first
 from kit.monitor.model import Alert, Ckpt, RunModel, Segment
 from kit.monitor.status import summarize
-
-from kit.errors import KitError
-from kit.ledger import ReadStats
 from kit.rundir import RunDir
 
 WINDOWS: dict[str, float] = {"hour": 3600.0, "day": 86400.0, "run": math.inf}
@@ -165,7 +164,7 @@ class Feed:
         curves: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
         for win, span in WINDOWS.items():
             since = end - span if math.isfinite(span) else -math.inf
-            curves[win] = {k: thin(*m.metrics[k].window(since)) for k in CURVES}
+            curves[win] = {k: thin(*m.curves.window(k, since)) for k in CURVES}
         flagged = {str(s.get("node") or "") for s in m.stragglers}
         for h in m.hangs:
             nodes = h.get("suspect_nodes")

@@ -14,10 +14,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kit.monitor.health import NodeHealth, parse_health
-from kit.monitor.series import Metric
-
 from kit.ledger import EVENTS, ReadStats
+from kit.monitor.health import NodeHealth, parse_health
+from kit.monitor.series import Curves, clean
 
 PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu", "step_time")
 REQUEUE_REASONS = ("signal", "deadline", "segment_limit")
@@ -87,7 +86,7 @@ class RunModel:
     step: int | None = None
     step_t: float | None = None
     last: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Metric] = field(default_factory=lambda: {k: Metric() for k in PLOTTED})
+    curves: Curves = field(default_factory=lambda: Curves(PLOTTED))
     spikes: deque[tuple[int, float, float]] = field(default_factory=lambda: deque(maxlen=1000))
     rollbacks: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=200))
     segments: OrderedDict[str, Segment] = field(default_factory=OrderedDict)
@@ -139,14 +138,11 @@ class RunModel:
         step = e["step"]
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError("step")
-        if self.step is not None and step <= self.step:
-            for m in self.metrics.values():
-                m.truncate(step)  # a resume or rollback replays steps: the latest event wins
+        # a resume or rollback replays steps: Curves.add truncates, the latest event wins
         self.step, self.step_t, self.last = step, t, e
         if e.get("spike") and num(e.get("loss")) is not None:  # the trainer's detector flags the step itself
             self.spikes.append((step, float(e["loss"]), t))
-        for k, m in self.metrics.items():
-            m.add(step, t, e.get(k))
+        self.curves.add(step, t, [clean(e.get(k)) for k in PLOTTED])
 
     def _seg(self, e: dict[str, Any]) -> Segment:
         seg = text(e.get("seg")) or "?"
@@ -250,11 +246,8 @@ class RunModel:
 
     def step_time(self) -> float | None:
         """Median of the recent step times (robust to one slow step)."""
-        pts = self.metrics["step_time"].recent.points
-        if not pts:
-            return None
-        recent = [p[2] for p in list(pts)[-50:]]
-        return statistics.median(recent)
+        recent = self.curves.recent_values("step_time", 50)
+        return statistics.median(recent) if recent else None
 
     def alerts_newest(self) -> list[Alert]:
         return sorted(self.alerts, key=lambda a: a.t, reverse=True)

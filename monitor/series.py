@@ -1,15 +1,18 @@
-"""Bounded chart series: memory stays flat however long the run.
+"""Bounded chart series: memory stays flat however long the run, and folding a step stays cheap.
 
-A run of months logs millions of steps; the terminal shows a few hundred columns. Each metric keeps
-two views, both bounded:
+A run of months logs millions of steps; the terminal shows a few hundred columns. :class:`Curves`
+keeps every plotted metric of the step events in two bounded views:
 
-- :class:`StepSeries`, the whole run: buckets of ``stride`` steps (mean, min, max, time of the last
-  point). When it holds more than ``capacity`` buckets, neighbours merge and the stride doubles, so a
-  run of any length costs at most ``capacity`` buckets.
-- :class:`Recent`, the last ``capacity`` raw points (step, time, value), for the hour/day windows.
+- the whole run: buckets of ``stride`` steps holding, per metric, the sum, count and minimum (mean for
+  the curve, minimum so a throughput drop inside a bucket still shows). When there are more than
+  ``capacity`` buckets, neighbours merge and the stride doubles: a run of any length costs at most
+  ``capacity`` buckets;
+- the last ``recent`` raw steps (step, time, values), for the hour and day windows.
 
-Steps replayed after a resume or rollback replace the old ones (for a given step the latest event
-wins): adding a step at or below the last one first truncates both views from that step on.
+Columnar on purpose: one bucket lookup per step for all metrics, not one per metric, so reading the
+history of a million steps costs seconds, not minutes. Steps replayed after a resume or rollback
+replace the old ones (for a given step the latest event wins): a step at or below the last one first
+truncates both views from that step on.
 """
 
 from __future__ import annotations
@@ -17,134 +20,146 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
+
+INF = math.inf
+Values = Sequence[float | None]
 
 
-@dataclass(slots=True)
-class Bucket:
-    key: int  # step // stride
-    first: int  # first step in the bucket
-    last: int  # last step in the bucket
-    t: float  # time of the last point
-    n: int
-    total: float
-    lo: float
-    hi: float
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.n
-
-
-class StepSeries:
-    """The whole run at a resolution that coarsens as it grows (at most ``capacity`` buckets)."""
-
-    def __init__(self, capacity: int = 2048) -> None:
+class Curves:
+    def __init__(self, names: Sequence[str], capacity: int = 2048, recent: int = 4096) -> None:
+        self.names = tuple(names)
+        self.index = {n: i for i, n in enumerate(self.names)}
         self.capacity = capacity
         self.stride = 1
-        self.buckets: list[Bucket] = []
-        self._keys: list[int] = []
+        self.keys: list[int] = []  # step // stride of each bucket
+        self.first: list[int] = []  # first and last step in each bucket
+        self.last: list[int] = []
+        self.t: list[float] = []  # time of each bucket's last point
+        self.sums: list[list[float]] = []  # per bucket, per metric
+        self.counts: list[list[int]] = []
+        self.mins: list[list[float]] = []
+        self.recent: deque[tuple[int, float, Values]] = deque(maxlen=recent)
 
     def __len__(self) -> int:
-        return len(self.buckets)
+        return len(self.keys)
 
     @property
     def last_step(self) -> int:
-        return self.buckets[-1].last if self.buckets else -1
+        return self.last[-1] if self.last else -1
 
-    def add(self, step: int, t: float, value: float) -> None:
-        if step <= self.last_step:
+    def add(self, step: int, t: float, values: Values) -> None:
+        """Fold one step; ``values`` are finite floats or None (N/A), in the order of ``names``."""
+        if self.last and step <= self.last[-1]:
             self.truncate(step)
         key = step // self.stride
-        if self.buckets and self.buckets[-1].key == key:
-            b = self.buckets[-1]
-            b.last, b.t, b.n, b.total = step, t, b.n + 1, b.total + value
-            b.lo, b.hi = min(b.lo, value), max(b.hi, value)
-            return
-        self.buckets.append(Bucket(key, step, step, t, 1, value, value, value))
-        self._keys.append(key)
-        if len(self.buckets) > self.capacity:
-            self._coarsen()
+        if self.keys and self.keys[-1] == key:
+            s, c, lo = self.sums[-1], self.counts[-1], self.mins[-1]
+            for i, v in enumerate(values):
+                if v is not None:
+                    s[i] += v
+                    c[i] += 1
+                    if v < lo[i]:
+                        lo[i] = v
+            self.last[-1] = step
+            self.t[-1] = t
+        else:
+            self.keys.append(key)
+            self.first.append(step)
+            self.last.append(step)
+            self.t.append(t)
+            self.sums.append([0.0 if v is None else v for v in values])
+            self.counts.append([0 if v is None else 1 for v in values])
+            self.mins.append([INF if v is None else v for v in values])
+            if len(self.keys) > self.capacity:
+                self._coarsen()
+        self.recent.append((step, t, values))
 
     def truncate(self, step: int) -> None:
-        """Forget buckets that start at or after ``step`` (a bucket that straddles it stays)."""
-        i = bisect.bisect_left(self._keys, step // self.stride)
-        if i < len(self.buckets) and self.buckets[i].first < step:
+        """Forget what starts at or after ``step`` (a bucket that straddles it stays)."""
+        i = bisect.bisect_left(self.keys, step // self.stride)
+        if i < len(self.keys) and self.first[i] < step:
             i += 1
-        del self.buckets[i:]
-        del self._keys[i:]
+        for col in (self.keys, self.first, self.last, self.t, self.sums, self.counts, self.mins):
+            del col[i:]
+        while self.recent and self.recent[-1][0] >= step:
+            self.recent.pop()
 
     def _coarsen(self) -> None:
         self.stride *= 2
-        merged: list[Bucket] = []
-        for b in self.buckets:
-            key = b.first // self.stride
-            if merged and merged[-1].key == key:
-                m = merged[-1]
-                m.last, m.t, m.n, m.total = b.last, b.t, m.n + b.n, m.total + b.total
-                m.lo, m.hi = min(m.lo, b.lo), max(m.hi, b.hi)
+        keys, first, last, t, sums, counts, mins = [], [], [], [], [], [], []  # type: ignore[var-annotated]
+        for j in range(len(self.keys)):
+            key = self.first[j] // self.stride
+            if keys and keys[-1] == key:
+                last[-1], t[-1] = self.last[j], self.t[j]
+                sums[-1] = [a + b for a, b in zip(sums[-1], self.sums[j], strict=True)]
+                counts[-1] = [a + b for a, b in zip(counts[-1], self.counts[j], strict=True)]
+                mins[-1] = [min(a, b) for a, b in zip(mins[-1], self.mins[j], strict=True)]
             else:
-                b.key = key
-                merged.append(b)
-        self.buckets = merged
-        self._keys = [b.key for b in merged]
+                keys.append(key)
+                first.append(self.first[j])
+                last.append(self.last[j])
+                t.append(self.t[j])
+                sums.append(self.sums[j])
+                counts.append(self.counts[j])
+                mins.append(self.mins[j])
+        self.keys, self.first, self.last, self.t = keys, first, last, t
+        self.sums, self.counts, self.mins = sums, counts, mins
 
-    def points(self, since_t: float = -math.inf) -> tuple[list[int], list[float], list[float]]:
-        """(steps, means, minima) of the buckets whose last point is at or after ``since_t``."""
-        bs = [b for b in self.buckets if b.t >= since_t]
-        return [b.last for b in bs], [b.mean for b in bs], [b.lo for b in bs]
+    # ------------------------------------------------------------------------------------ views
+    def whole(self, name: str, since_t: float = -INF) -> tuple[list[int], list[float], list[float]]:
+        """(last step, mean, minimum) of each bucket with data for ``name`` ending at or after ``since_t``."""
+        i = self.index[name]
+        xs, means, lows = [], [], []
+        start = bisect.bisect_left(self.t, since_t) if since_t > -INF else 0
+        for j in range(start, len(self.keys)):
+            n = self.counts[j][i]
+            if n:
+                xs.append(self.last[j])
+                means.append(self.sums[j][i] / n)
+                lows.append(self.mins[j][i])
+        return xs, means, lows
+
+    def raw(self, name: str, since_t: float = -INF) -> tuple[list[int], list[float]]:
+        i = self.index[name]
+        xs, ys = [], []
+        for step, t, vals in self.recent:
+            v = vals[i]
+            if v is not None and t >= since_t:
+                xs.append(step)
+                ys.append(v)
+        return xs, ys
+
+    def recent_values(self, name: str, n: int) -> list[float]:
+        """The last ``n`` raw values of ``name`` (fewer when missing)."""
+        i = self.index[name]
+        out: list[float] = []
+        for _, _, vals in reversed(self.recent):
+            v = vals[i]
+            if v is not None:
+                out.append(v)
+                if len(out) == n:
+                    break
+        return out[::-1]
+
+    def window(self, name: str, since_t: float = -INF) -> tuple[list[int], list[float]]:
+        """Points since ``since_t``: raw where the recent ring reaches, bucket means before that."""
+        covered = bool(self.recent) and (self.recent[0][1] <= since_t or len(self.recent) < (self.recent.maxlen or 0))
+        if since_t > -INF and covered:
+            return self.raw(name, since_t)
+        xs, ys, _ = self.whole(name, since_t)
+        if since_t > -INF:
+            rx, ry = self.raw(name, since_t)
+            if rx:
+                keep = bisect.bisect_left(xs, rx[0])
+                xs, ys = xs[:keep] + rx, ys[:keep] + ry
+        return xs, ys
 
 
-class Recent:
-    """The last ``capacity`` raw points of one metric."""
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self.points: deque[tuple[int, float, float]] = deque(maxlen=capacity)
-
-    def add(self, step: int, t: float, value: float) -> None:
-        while self.points and self.points[-1][0] >= step:
-            self.points.pop()
-        self.points.append((step, t, value))
-
-    def truncate(self, step: int) -> None:
-        while self.points and self.points[-1][0] >= step:
-            self.points.pop()
-
-    def covers(self, since_t: float) -> bool:
-        """True when the ring still holds everything from ``since_t`` on."""
-        return bool(self.points) and (self.points[0][1] <= since_t or len(self.points) < (self.points.maxlen or 0))
-
-    def window(self, since_t: float = -math.inf) -> tuple[list[int], list[float]]:
-        pts = [p for p in self.points if p[1] >= since_t]
-        return [p[0] for p in pts], [p[2] for p in pts]
-
-
-class Metric:
-    """Both views of one metric; values that are missing or not finite are skipped (shown as N/A)."""
-
-    def __init__(self, capacity: int = 2048, recent: int = 4096) -> None:
-        self.whole = StepSeries(capacity)
-        self.recent = Recent(recent)
-
-    def add(self, step: int, t: float, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            return
-        self.whole.add(step, t, float(value))
-        self.recent.add(step, t, float(value))
-
-    def truncate(self, step: int) -> None:
-        self.whole.truncate(step)
-        self.recent.truncate(step)
-
-    def window(self, since_t: float) -> tuple[list[int], list[float]]:
-        """Points since ``since_t``: raw when the ring reaches back that far, else the buckets' means."""
-        if since_t == -math.inf or not self.recent.covers(since_t):
-            xs, ys, _ = self.whole.points(since_t)
-            if since_t != -math.inf:
-                # the newest raw points are finer than the buckets: splice them on
-                rx, ry = self.recent.window(since_t)
-                if rx:
-                    keep = bisect.bisect_left(xs, rx[0])
-                    xs, ys = xs[:keep] + rx, ys[:keep] + ry
-            return xs, ys
-        return self.recent.window(since_t)
+def clean(v: object) -> float | None:
+    """A finite float, or None (N/A): junk in a field never reaches a curve."""
+    if type(v) is float:
+        return v if v - v == 0 else None  # False for inf and nan
+    if type(v) is int:
+        return float(v)
+    return None

@@ -98,9 +98,8 @@ def _degradations(m: RunModel, now: float, phase: str) -> list[str]:
 
 def throughput_drop(m: RunModel) -> float | None:
     """Recent tokens/s (median of the last 20 points) over the run's median, or None."""
-    met = m.metrics["tokens_per_s"]
-    recent = [p[2] for p in list(met.recent.points)[-20:]]
-    _, means, _ = met.whole.points()
+    recent = m.curves.recent_values("tokens_per_s", 20)
+    _, means, _ = m.curves.whole("tokens_per_s")
     if len(recent) < 5 or len(means) < 10:
         return None
     base = statistics.median(means)

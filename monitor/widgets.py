@@ -11,15 +11,16 @@ import statistics
 import time
 from typing import Any, ClassVar
 
-from kit.monitor.feed import Snapshot
-from kit.monitor.health import NA, fmt, mem_text
-from kit.monitor.status import dur
 from rich.text import Text
 from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label, Markdown, Static
 from textual_plotext import PlotextPlot
+
+from kit.monitor.feed import Snapshot
+from kit.monitor.health import NA, fmt, mem_text
+from kit.monitor.status import dur
 
 LABELS = {"loss": "loss", "grad_norm": "grad norm", "lr": "learning rate", "tokens_per_s": "tokens/s",
           "samples_per_s": "samples/s", "tflops": "TFLOP/s per GPU", "mfu": "MFU"}

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import test_monitor_support as support
-from kit.monitor.app import MonitorApp, loaded, make_app
-from kit.monitor.feed import Feed
-from kit.monitor.widgets import AlertTable, ChainPanel, CkptTable, ConfirmScreen, HelpScreen, SegmentTable
 from test_monitor_support import append, event, wait_for
 
 from kit.ledger import LedgerWriter, hostname, read_all
+from kit.monitor.app import MonitorApp, loaded, make_app
+from kit.monitor.feed import Feed
+from kit.monitor.widgets import AlertTable, ChainPanel, CkptTable, ConfirmScreen, HelpScreen, SegmentTable
 
 tiny_run_src, tiny_run, fixed_run = support.tiny_run_src, support.tiny_run, support.fixed_run
 slow = [pytest.mark.slow, pytest.mark.deepspeed]
@@ -165,6 +165,7 @@ async def test_several_runs_switch(tiny_run: Path, tmp_path: Path) -> None:
         assert app.title.endswith("mon")
         await pilot.press("n")
         assert app.current == 1 and app.title.endswith("other")
+        await pilot.press("4")
         assert "boom" in str(app.query_one(AlertTable).get_row_at(0)[2])
         await pilot.press("p")
         assert app.current == 0 and app.title.endswith("mon")

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pytest
 import test_monitor_support as support
+from test_monitor_support import append, event, wait_for
+
+from kit.ledger import LedgerWriter, read_all
 from kit.monitor import follow
 from kit.monitor.app import loaded, make_app
 from kit.monitor.feed import Feed
 from kit.monitor.follow import Follower, merged_events
 from kit.monitor.health import parse_health
 from kit.monitor.model import RunModel
-from kit.monitor.series import Metric, StepSeries
+from kit.monitor.series import Curves
 from kit.monitor.widgets import HealthTable
-from test_monitor_support import append, event, wait_for
-
-from kit.ledger import LedgerWriter, read_all
 
 fixed_run = support.fixed_run
 
@@ -101,20 +101,21 @@ async def test_app_keeps_running_and_says_what_it_skipped(fixed_run: Path) -> No
 
 
 def test_series_stay_bounded_and_replayed_steps_win() -> None:
-    s = StepSeries(capacity=64)
+    s = Curves(["a", "b"], capacity=64, recent=100)
     for step in range(1, 100_001):
-        s.add(step, float(step), 1.0)
-    assert len(s) <= 64 and sum(b.n for b in s.buckets) == 100_000 and s.stride >= 100_000 // 64
-    m = Metric(capacity=64, recent=100)
+        s.add(step, float(step), [1.0, None if step % 2 else 3.0])
+    assert len(s) <= 64 and sum(c[0] for c in s.counts) == 100_000 and s.stride >= 100_000 // 64
+    assert sum(c[1] for c in s.counts) == 50_000 and set(s.whole("b")[1]) == {3.0} and len(s.recent) == 100
+    m = Curves(["loss"], capacity=64, recent=100)
     for step in range(1, 201):
-        m.add(step, float(step), 5.0)
+        m.add(step, float(step), [5.0])
     for step in range(150, 171):  # a rollback to 150 replays 150..170 with other values
-        m.add(step, 1000.0 + step, 1.0)
-    xs, ys = m.recent.window()
-    assert xs[-1] == 170 and ys[-21:] == [1.0] * 21 and ys[-22] == 5.0
-    assert (m.whole.last_step == 170 and m.whole.buckets[-1].hi == 1.0) or m.whole.buckets[-1].first < 150
-    m.add(171, 2000.0, float("nan"))  # not finite: N/A, skipped
-    assert m.recent.window()[0][-1] == 170
+        m.add(step, 1000.0 + step, [1.0])
+    xs, ys = m.raw("loss")
+    assert xs[-1] == 170 and ys[-21:] == [1.0] * 21 and ys[-22] == 5.0 and xs[0] == 101
+    wx, _, lows = m.whole("loss")
+    assert wx[-1] == 170 and lows[-1] == 1.0 and m.last_step == 170
+    assert m.window("loss", since_t=1000.0)[0] == list(range(150, 171))  # the hour after the rollback
 
 
 def test_model_memory_is_bounded() -> None:
@@ -125,7 +126,7 @@ def test_model_memory_is_bounded() -> None:
             m.fold({"v": 1, "t": float(step), "kind": "alert", "severity": "info", "message": "x"})
             m.fold({"v": 1, "t": float(step), "kind": "ckpt_saved", "step": step, "tag": f"s{step}", "bytes": 1,
                     "seconds": 1})
-    assert all(len(x.whole) <= 2048 and len(x.recent.points) <= 4096 for x in m.metrics.values())
+    assert len(m.curves) <= 2048 and len(m.curves.recent) <= 4096
     assert len(m.alerts) <= 500 and len(m.ckpts) <= 200
 
 
@@ -173,12 +174,12 @@ def test_cold_start_shows_the_latest_at_once_and_backfill_matches_a_full_read(
     for e in events:
         if e["kind"] == "step":
             latest[e["step"]] = e["loss"]
-    xs, ys = feed.model.metrics["loss"].recent.window()
+    xs, ys = feed.model.curves.raw("loss")
     assert dict(zip(xs, ys, strict=True)) == {k: latest[k] for k in xs} and xs[-1] == 6000
     assert len(snap.ckpts) == len({e["tag"] for e in events if e["kind"] == "ckpt_saved"})
     assert len(snap.alerts) == sum(e["kind"] == "alert" for e in events)
     assert snap.summary["reader"]["events"] == len(events) and snap.summary["reader"]["bad_lines"] == 0
-    assert sum(b.n for b in feed.model.metrics["loss"].whole.buckets) <= len(latest) + 64
+    assert sum(c[0] for c in feed.model.curves.counts) <= len(latest) + 64
 
 
 def test_replay_merges_files_in_time_order(tmp_path: Path) -> None:
