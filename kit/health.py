@@ -368,3 +368,5 @@ class JobHealth:
             self.watchdog.stop()
         if self.sampler is not None:
             self.sampler.stop()
+        if self.timer is not None:
+            self.timer.detach()

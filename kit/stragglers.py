@@ -95,11 +95,20 @@ class StepTimer:
         self._open: dict[str, Any] = {}
         self._alerted: set[int] = set()
         self._torch = torch
-        engine.module.register_forward_pre_hook(lambda *_: self._start("fwd_s"))
-        engine.module.register_forward_hook(lambda *_: self._end("fwd_s"))
-        # DeepSpeed has no hooks around backward() and step(): wrap the bound methods of this one engine.
+        self._hooks = [engine.module.register_forward_pre_hook(lambda *_: self._start("fwd_s")),
+                       engine.module.register_forward_hook(lambda *_: self._end("fwd_s"))]
+        # DeepSpeed has no hooks around backward() and step(): wrap the bound methods of this one engine
+        # (instance attributes shadowing the class's methods; detach() deletes them).
         engine.backward = self._wrap(engine.backward, "bwd_s")
         engine.step = self._wrap(engine.step, "opt_s")
+
+    def detach(self) -> None:
+        """Remove the hooks and wrappers (the engine is as DeepSpeed made it)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for name in ("backward", "step"):
+            self.engine.__dict__.pop(name, None)
 
     def _wrap(self, fn: Any, key: str) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:

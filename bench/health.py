@@ -1,0 +1,200 @@
+"""bench/health: what the node sampler, the hang watchdog and the straggler timer cost a training step.
+
+One process, one real DeepSpeed engine (the tiny recipe, ZeRO-2, world size 1: the smallest step is
+the worst case for a fixed per-step cost), measured in ONE run, side by side:
+
+- A/B: blocks of steps with the health parts on (sampler at a period much shorter than the default,
+  watchdog, straggler timer with a gather every few steps) alternate with blocks without them; the
+  ratio of the median step times. On a shared CPU machine its noise is larger than the target, so:
+- direct accounting: the time the training thread spends inside the hooks per step (heartbeat and
+  gathers measured around ``after_step``; the timer's spans inside the step measured apart, times the
+  spans per step), and the sampler thread's time per sample scaled by steps per period (an upper
+  bound on what it can take from the step: NVML calls release the GIL).
+
+Target (issue 5): at most 0.5% of step time. Writes bench/results/health.json.
+
+    python bench/health.py [--blocks 10] [--steps 20] [--period 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "health.json"
+
+
+def build(runs: Path, period: float, interval: int) -> Any:
+    from kit import dist
+    from kit.config import load_recipe
+    from kit.launch import create_run
+    from kit.trainer import Trainer
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    over = [f'run.runs_dir="{runs}"', 'run.name="bench-health"', "trainer.max_steps=100000",
+            "checkpoint.interval_steps=100000", "optim.warmup_steps=2", "trainer.log_interval=100000",
+            f"health.period_s={period}", f"health.straggler_interval={interval}", "trainer.nproc=1",
+            "spikes.policy=\"log\""]
+    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", over)
+    rd = create_run(cfg, log=lambda *a: None)
+    env = dist.from_environ()
+    dist.init(env)
+    tr = Trainer(cfg, rd, env, seg="bench")
+    tr.setup()
+    assert tr.health is not None
+    tr.health.stop()  # the bench switches the parts on and off itself
+    tr.health = None
+    return tr
+
+
+def run_block(tr: Any, steps: int, on: bool) -> tuple[list[float], float, int]:
+    """Steps of the trainer's own step function; returns step times, time inside hooks, samples taken."""
+    from kit.health import JobHealth
+    from kit.trainer import NONFINITE
+
+    st = tr.state
+    health = JobHealth.start(tr.cfg, tr.rd, tr.env, tr.seg, tr.engine, tr.ledger) if on else None
+    samples0 = 0
+    times, hook = [], 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        vec = tr._train_step()
+        st.step += 1
+        st.consumed += tr.global_batch
+        dt = time.perf_counter() - t0
+        if health is not None:
+            h0 = time.perf_counter()
+            health.after_step(st.step, dt, vec[NONFINITE])
+            hook += time.perf_counter() - h0
+        times.append(time.perf_counter() - t0)
+    samples = 0
+    if health is not None:
+        samples = health.sampler.samples - samples0 if health.sampler else 0
+        health.stop()
+    return times, hook, samples
+
+
+def span_cost(tr: Any, n: int = 20000) -> float:
+    """Seconds of one timed span (the timer's wrappers and hooks run inside the step, not in after_step)."""
+    from kit.stragglers import StepTimer
+
+    t = StepTimer(tr.engine, 0, [], 0, 0.05, tr.ledger)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        t._start("bwd_s")
+        t._end("bwd_s")
+    cost = (time.perf_counter() - t0) / n
+    t.detach()
+    return cost
+
+
+def sampler_cost(run_dir: Path, n: int = 20, fake_gpus: int = 0) -> float:
+    """Seconds of one sample, measured directly: host only (NVML is absent on CPU machines), or with
+    tests/fake_nvml.py's GPUs (8 GPUs x 18 NVLinks: the Python side of a real node's sample; the real
+    NVML calls add driver time, during which ctypes releases the GIL)."""
+    from kit.config import HealthSection
+    from kit.health import HealthSampler
+
+    nvml = None
+    if fake_gpus:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import fake_nvml
+
+        fake_nvml.install(fake_gpus)
+        nvml = fake_nvml
+    s = HealthSampler(run_dir, HealthSection(), seg="bench-sampler", node=f"bench{fake_gpus}", nvml=nvml)
+    s.sample_once()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s.sample_once()
+    cost = (time.perf_counter() - t0) / n
+    s.stop()
+    return cost
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=20, help="blocks per mode (alternating on/off)")
+    p.add_argument("--steps", type=int, default=12, help="steps per block")
+    p.add_argument("--period", type=float, default=1.0, help="sampler period in the 'on' blocks (s)")
+    p.add_argument("--interval", type=int, default=10, help="straggler gather every N steps in 'on' blocks")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="kit-bench-health-") as tmp:
+        tr = build(Path(tmp) / "runs", args.period, args.interval)
+        run_block(tr, args.steps, False)  # warm-up
+        on_t: list[float] = []
+        off_t: list[float] = []
+        on_blocks: list[float] = []
+        off_blocks: list[float] = []
+        hook_s, samples = 0.0, 0
+        for b in range(2 * args.blocks):
+            on = b % 2 == 1
+            times, hook, n = run_block(tr, args.steps, on)
+            (on_t if on else off_t).extend(times)
+            (on_blocks if on else off_blocks).append(statistics.median(times))
+            hook_s += hook
+            samples += n
+        per_sample = sampler_cost(Path(tmp) / "runs" / "bench-health")
+        per_sample_8 = sampler_cost(Path(tmp) / "runs" / "bench-health", fake_gpus=8)
+        spans = 3 * tr.cfg.batch.grad_accum  # forward, backward, step per micro-batch
+        per_span = span_cost(tr)
+    step = statistics.median(off_t)
+    # each 'on' block against the mean of the 'off' blocks on either side: drifts of a shared machine cancel
+    paired = statistics.median(on_blocks[i] / ((off_blocks[i] + off_blocks[min(i + 1, len(off_blocks) - 1)]) / 2)
+                               for i in range(len(on_blocks)))
+    hook_per_step = hook_s / len(on_t) + spans * per_span
+    sampler_per_step = per_sample * step / args.period  # sampler time that falls within one step, at most
+    default_period = 10.0
+    res = {
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus (shared), "
+                   f"python {sys.version.split()[0]}",
+        "device": "cpu (NVML absent: the sampler reads the host only)",
+        "step_s_median_off": round(step, 6),
+        "step_s_median_on": round(statistics.median(on_t), 6),
+        "ab_ratio_on_over_off": round(statistics.median(on_t) / step, 4),
+        "ab_paired_ratio_median": round(paired, 4),
+        "ab_block_medians_off": [round(x, 6) for x in off_blocks],
+        "ab_block_medians_on": [round(x, 6) for x in on_blocks],
+        "hook_s_per_step": round(hook_per_step, 8),
+        "span_s": round(per_span, 9),
+        "spans_per_step": spans,
+        "hook_fraction": round(hook_per_step / step, 6),
+        "sampler_s_per_sample": round(per_sample, 6),
+        "sampler_period_s": args.period,
+        "samples_taken_on": samples,
+        "sampler_fraction_at_bench_period": round(sampler_per_step / step, 6),
+        "sampler_fraction_at_default_period": round(per_sample / default_period, 6),
+        "sampler_s_per_sample_fake_8gpu": round(per_sample_8, 6),
+        "sampler_fraction_fake_8gpu_at_default_period": round(per_sample_8 / default_period, 6),
+        "direct_overhead_fraction": round((hook_per_step + sampler_per_step) / step, 6),
+        "target_fraction": 0.005,
+        "blocks": args.blocks, "steps_per_block": args.steps, "straggler_interval": args.interval,
+    }
+    res["meets_target"] = res["direct_overhead_fraction"] <= res["target_fraction"]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"step (off) {step * 1e3:.2f} ms, (on) {res['step_s_median_on'] * 1e3:.2f} ms: "
+          f"A/B ratio {res['ab_ratio_on_over_off']:.4f}, paired-block ratio {paired:.4f} "
+          "(noise on a shared CPU machine is larger than 0.5%)")
+    print(f"hooks {hook_per_step * 1e6:.1f} us/step = {res['hook_fraction']:.4%} of a step; "
+          f"sampler {per_sample * 1e3:.2f} ms/sample = {res['sampler_fraction_at_bench_period']:.4%} at "
+          f"{args.period} s, {res['sampler_fraction_at_default_period']:.4%} at the default {default_period} s")
+    print(f"sampler with 8 fake GPUs (Python side of a GPU node): {per_sample_8 * 1e3:.2f} ms/sample = "
+          f"{res['sampler_fraction_fake_8gpu_at_default_period']:.4%} of the time at the default period")
+    print(f"direct overhead {res['direct_overhead_fraction']:.4%} of step time (target <= 0.5%): "
+          f"{'OK' if res['meets_target'] else 'OVER'}; wrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
