@@ -21,7 +21,7 @@ import numpy as np
 
 from kit.config import SpikesSection
 from kit.errors import KitError
-from kit.spikes import LOCAL, MAD_SCALE, SQRT2, predict
+from kit.spikes import LOCAL, PRED_VAR, SQRT2, TRIM, TRIM_STD, predict
 from kit.tools.spike_ledger import Ledger, Steps, read_ledger
 
 STRIDE = 8  # the offline pass computes the window statistics every STRIDE steps, then exactly near spikes
@@ -44,7 +44,8 @@ class Series:
 
 
 def _window_stats(x: np.ndarray, rows: np.ndarray, w: int, clamp: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Exact kit.spikes.predict for the windows ``x[r:r+w]`` (predicting x[r+w]), rows at a time."""
+    """kit.spikes.predict for the windows ``x[r:r+w]`` (predicting x[r+w]), rows at a time (the same
+    arithmetic up to the summation order of the deviation)."""
     from numpy.lib.stride_tricks import sliding_window_view
 
     view = sliding_window_view(x[:-1], w)
@@ -53,16 +54,16 @@ def _window_stats(x: np.ndarray, rows: np.ndarray, w: int, clamp: bool) -> tuple
     loc = min(w, LOCAL)
     dist = np.arange(loc, 0, -1, dtype=np.float64)
     k = (w - 1) // 2
+    cut = int(TRIM * (w - 1))
     for a in range(0, len(rows), 32768):
         r = rows[a:a + 32768]
         X = np.asarray(view[r])
-        D = np.diff(X, axis=1)
-        m = np.partition(D, k, axis=1)[:, k]
-        mad = np.partition(np.abs(D - m[:, None]), k, axis=1)[:, k]
+        D = np.sort(np.diff(X, axis=1), axis=1)
+        m = D[:, k]
         slope = np.minimum(m, 0.0) if clamp else m
         P = X[:, w - loc:] + slope[:, None] * dist
         preds[a:a + 32768] = np.partition(P, loc // 2, axis=1)[:, loc // 2]
-        sigmas[a:a + 32768] = MAD_SCALE * mad / SQRT2
+        sigmas[a:a + 32768] = D[:, cut:w - 1 - cut].std(axis=1) / TRIM_STD / SQRT2 * PRED_VAR[loc]
     return preds, sigmas
 
 
