@@ -8,11 +8,12 @@ after the other, measured the same way:
 - B, a crash: rank 1 is SIGKILLed after step 7 of the first segment (checkpoints every 4 steps);
   the chain resubmits and resumes. Expected loss: at most one checkpoint interval (here 3 steps).
 
-Per chain it prints: allocated time (sacct's Elapsed of every run of every job), training time (sum
-of the ledger's step times), their ratio, the overhead per boundary (allocated minus training, per
-segment), the fraction a 20-hour allocation would train with that overhead, and the steps lost at
-each boundary (last step reached in a segment minus the step the next one resumed from). Steps
-are slowed to ~0.5 s (KIT_FAULTS sleep) so a 1-minute allocation holds a few dozen of them.
+Per chain it prints: allocated time (sacct's Elapsed of every run of every job), training time (from
+each segment's first step to its last, from the ledger), their ratio, the overhead per boundary
+(allocated minus training, per segment), the fraction a 20-hour allocation would train with that
+overhead, and the steps lost at each boundary (last step reached in a segment minus the step the
+next one resumed from). Steps are slowed to ~0.5 s (KIT_FAULTS sleep): a 1-minute allocation
+holds a few dozen of them.
 
     python bench/chain.py            # ~3-4 minutes; writes bench/results/chain.json
 """
@@ -47,7 +48,6 @@ def _run_chain(cfg: Any, env: dict[str, str], timeout: float) -> dict[str, Any]:
     from kit.jobs import chain as ch
     from kit.jobs import slurmctl
     from kit.jobs.submit import submit
-
     from kit.ledger import read_all
     from kit.rundir import RunDir
 
@@ -75,7 +75,12 @@ def _run_chain(cfg: Any, env: dict[str, str], timeout: float) -> dict[str, Any]:
     allocated = sum(r.elapsed_s or 0 for r in acct)
     events = read_all(rd.path)
     steps = [e for e in events if e["kind"] == "step"]
-    training = sum(float(e["step_time"]) for e in steps)
+    # Time inside the training loop, per segment: first step's start to last step's end (this counts
+    # the slowed steps; the ledger's step_time measures the arithmetic only).
+    training = 0.0
+    for seg in {e.get("seg") for e in steps}:
+        mine = [e for e in steps if e.get("seg") == seg]
+        training += mine[-1]["t"] - mine[0]["t"] + float(mine[0]["step_time"])
     lost = []
     segs = st.segments
     for a, b in itertools.pairwise(segs):

@@ -10,11 +10,10 @@ import argparse
 import json
 import time
 
-from kit.jobs import chain as ch
-from kit.jobs import slurmctl
-
 from kit.cli import add_recipe_args
 from kit.config import load_recipe
+from kit.jobs import chain as ch
+from kit.jobs import slurmctl
 from kit.ledger import LedgerWriter
 from kit.rundir import STOP, resolve_run
 

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+
+from kit.config import RunConfig
 from kit.jobs import chain as ch
 from kit.jobs.command import segment_command
-
-from kit import exitcodes
-from kit.config import RunConfig
 from kit.ledger import LedgerWriter, hostname, read_all
 from kit.rundir import RunDir
 
@@ -201,6 +200,10 @@ class Driver:
     def _begin(self, seg: str) -> dict[str, Any]:
         """Rank 0, before training: is this job the chain's, may a segment start, record it."""
         state = ch.load_state(self.rd)
+        deadline = time.time() + 60
+        while state.job_ids and self.job_id not in state.job_ids and time.time() < deadline:
+            time.sleep(1)  # `kit submit` records the job id right after sbatch returns: give it time
+            state = ch.load_state(self.rd)
         with self._ledger(seg) as led:
             if state.job_ids and self.job_id not in state.job_ids:
                 led.alert("error", f"job {self.job_id} is not part of this run's chain (its job is "
@@ -223,8 +226,9 @@ class Driver:
             if self.job_id not in state.job_ids:
                 state.job_ids.append(self.job_id)
             ch.save_state(self.rd, state)
+            gpus, driver = _gpus()
             led.emit("allocation_started", job_id=self.job_id, restarts=self.restarts, nodes=self.nodes,
-                     world_size=self.dist.world_size, gpus=_gpus(), image=self.cfg.container.image,
+                     world_size=self.dist.world_size, gpus=gpus, driver=driver, image=self.cfg.container.image,
                      executor=self.executor, excluded=state.excluded_nodes, ckpt_step=rec.ckpt_before)
         return {"start": True, "reason": ""}
 
@@ -377,22 +381,17 @@ def handler_state(pid: int, sig: int) -> str:
     return "default"
 
 
-def _gpus() -> list[str]:
-    """GPUs this node's task sees (names via NVML when present; [] on CPU nodes)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+def _gpus() -> tuple[list[str], str]:
+    """GPU names and driver version on this node via NVML; ([], "") on CPU nodes."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        try:
-            n = pynvml.nvmlDeviceGetCount()
-            return [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(n)]
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # NVML absent on CPU nodes is normal: say "no GPUs", never crash the driver
-        return [g for g in visible.split(",") if g]
-
-
-def exit_code_name(rc: int) -> str:
-    names = {v: k for k, v in vars(exitcodes).items() if isinstance(v, int) and k.isupper()}
-    return names.get(rc, f"signal {-rc}" if rc < 0 else f"exit {rc}")
+    except Exception:  # NVML absent on CPU nodes is normal: no GPUs, never a crash of the driver
+        return [], ""
+    try:
+        n = pynvml.nvmlDeviceGetCount()
+        names = [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(n)]
+        return names, str(pynvml.nvmlSystemGetDriverVersion())
+    finally:
+        pynvml.nvmlShutdown()

@@ -16,7 +16,6 @@ from typing import Any
 
 from kit.jobs import chain as ch
 from kit.jobs import slurmctl
-
 from kit.ledger import read_all
 from kit.rundir import RunDir
 
@@ -32,7 +31,7 @@ def gather(rd: RunDir, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     cfg = rd.load_config()
     state = ch.load_state(rd)
-    events = read_all(rd.path, {"step", "segment_started", "allocation_started", "ckpt_saved"})
+    events = read_all(rd.path, {"step", "segment_started", "allocation_started"})
     steps = [e for e in events if e["kind"] == "step"]
     step = int(steps[-1]["step"]) if steps else ch.latest_step(rd)
     max_steps = cfg.trainer.max_steps
@@ -68,6 +67,10 @@ def gather(rd: RunDir, now: float | None = None) -> dict[str, Any]:
                    "elapsed_s": r.elapsed_s, "nodes": r.nodes, "exit_code": r.exit_code} for r in history],
         "mean_queue_wait_s": queue_wait,
     }
+    began = {e.get("seg"): e["t"] for e in events if e["kind"] == "allocation_started"}
+    startups = [e["t"] - began[e.get("seg")] for e in events
+                if e["kind"] == "segment_started" and e.get("seg") in began]
+    out["startup_s"] = statistics.median(startups) if startups else None
     out["finish_estimate"] = estimate_finish(cfg.slurm.time_limit, ch.signal_lead_s(cfg, rd), out, state, now)
     return out
 
@@ -77,15 +80,15 @@ def estimate_finish(time_limit: str, lead_s: int, st: dict[str, Any], state: ch.
     """Finish date = now + compute left + (allocations still needed) x (queue wait + start-up).
 
     Allocations needed: compute left divided by the useful part of one allocation (time limit minus
-    start-up and the signal lead). Start-up is measured as the median gap between an allocation's
-    start and its end minus the trainer's steps when known, else a default.
+    start-up and the signal lead). Start-up is measured (median gap between an allocation's start and
+    its trainer's first event, from the ledger) when known, else a default of one minute.
     """
     if st["chain"] == ch.ENDED or not st["steps_to_go"]:
         return {"finish": None, "note": "chain ended" if st["chain"] == ch.ENDED else "done"}
     if not st["step_time_s"]:
         return {"finish": None, "note": "no step measured yet"}
     compute = st["steps_to_go"] * st["step_time_s"]
-    startup = STARTUP_S_DEFAULT
+    startup = st.get("startup_s") or STARTUP_S_DEFAULT
     limit = ch.limit_seconds(time_limit)
     useful = max(1.0, limit - startup - lead_s)
     left_in_current = 0.0

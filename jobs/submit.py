@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kit.jobs import chain as ch
-from kit.jobs import slurmctl
-
 from kit.config import RunConfig
 from kit.errors import ConfigError, DataError, KitError
+from kit.jobs import chain as ch
+from kit.jobs import slurmctl
 from kit.ledger import LedgerWriter
 from kit.rundir import RunDir
 
