@@ -300,6 +300,23 @@ class ChainSection:
     signal_lead_s: int = 0
     """Seconds before the time limit that Slurm signals the job; 0 = derived from save time."""
 
+    def __post_init__(self) -> None:
+        if self.max_segments < 1:
+            raise ConfigError(f"chain.max_segments must be at least 1, got {self.max_segments}")
+        if self.crash_loop_limit < 1:
+            raise ConfigError(f"chain.crash_loop_limit must be at least 1, got {self.crash_loop_limit}")
+        if self.backoff_s < 0 or self.signal_lead_s < 0:
+            raise ConfigError("chain.backoff_s and chain.signal_lead_s must be >= 0")
+        if self.deadline:
+            from datetime import datetime
+
+            try:
+                datetime.fromisoformat(self.deadline)
+            except ValueError:
+                raise ConfigError(
+                    f"chain.deadline must be an ISO 8601 time like 2026-12-01T06:00:00, got {self.deadline!r}"
+                ) from None
+
 
 @dataclass(kw_only=True, slots=True)
 class ContainerSection:
