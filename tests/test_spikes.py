@@ -119,11 +119,11 @@ def test_policy_table() -> None:
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="spikes.policy"):
+    with pytest.raises(ConfigError, match=r"spikes\.policy"):
         load_recipe(ROOT / "jobs" / "tiny.toml", ['spikes.policy="panic"'])
-    with pytest.raises(ConfigError, match="spikes.window"):
+    with pytest.raises(ConfigError, match=r"spikes\.window"):
         load_recipe(ROOT / "jobs" / "tiny.toml", ["spikes.window=2"])
-    with pytest.raises(ConfigError, match="spikes.min_rise"):
+    with pytest.raises(ConfigError, match=r"spikes\.min_rise"):
         load_recipe(ROOT / "jobs" / "tiny.toml", ["spikes.min_rise=-1.0"])
 
 
@@ -138,10 +138,10 @@ def test_skip_ranges_advance_persist_and_merge(tmp_path: Path) -> None:
     sr.save(path)
     back = SkipRanges.load(path)
     assert back.to_list() == sr.to_list()
-    back.merge(sr.to_list() + [{"start": 5, "end": 6}])
+    back.merge([*sr.to_list(), {"start": 5, "end": 6}])
     assert len(back.ranges) == 4 and back.advance(5) == 6
     path.write_text("{not json")
-    with pytest.raises(ConfigError, match="skip-ranges.json"):
+    with pytest.raises(ConfigError, match=r"skip-ranges\.json"):
         SkipRanges.load(path)
     with pytest.raises(ConfigError, match="empty"):
         sr.add(SkipRange(7, 7))

@@ -29,6 +29,7 @@ BASELINE = 256  # samples drawn from the run's consumed range to define "usual"
 SNIPPETS = 12  # decoded snippets per spike (the most unusual samples first)
 SNIPPET_CHARS = 160
 Z_FLAG = 4.0  # robust z-score above the usual that flags a sample
+REPEAT_FLOOR = 0.5  # ...and never under half the 4-grams repeated (formulaic text repeats a lot)
 SCRIPTS = ((0x0000, 0x024F, "Latin"), (0x0370, 0x03FF, "Greek"), (0x0400, 0x052F, "Cyrillic"),
            (0x0590, 0x05FF, "Hebrew"), (0x0600, 0x06FF, "Arabic"), (0x0900, 0x097F, "Devanagari"),
            (0x3040, 0x30FF, "Kana"), (0x4E00, 0x9FFF, "Han"), (0xAC00, 0xD7AF, "Hangul"))
@@ -139,7 +140,7 @@ class DataInspector:
 
     def flags(self, st: SampleStats) -> list[str]:
         out = []
-        if st.repetition > max(self.rep[0] + Z_FLAG * self.rep[1], 0.2):
+        if st.repetition > max(self.rep[0] + Z_FLAG * self.rep[1], REPEAT_FLOOR):
             out.append(f"repetition {st.repetition:.0%} of 4-grams repeated (usual {self.rep[0]:.0%})")
         z = (math.log(max(st.doc_tokens, 1)) - self.len[0]) / self.len[1]
         if abs(z) > Z_FLAG:
