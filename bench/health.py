@@ -4,8 +4,10 @@ One process, one real DeepSpeed engine (the tiny recipe, ZeRO-2, world size 1: t
 the worst case for a fixed per-step cost), measured in ONE run, side by side:
 
 - A/B: blocks of steps with the health parts on (sampler at a period much shorter than the default,
-  watchdog, straggler timer with a gather every few steps) alternate with blocks without them; the
-  ratio of the median step times. On a shared CPU machine its noise is larger than the target, so:
+  watchdog, straggler timer with a gather every few steps) alternate with blocks without them, in
+  ABBA order (a plain ABAB order showed a +5-15% "cost" that reversed with the order: drift, not cost);
+  ratios of the median step wall times and of the training thread's CPU time per step. On a shared
+  CPU machine the wall-clock noise is larger than the target, so also:
 - direct accounting: the time the training thread spends inside the hooks per step (heartbeat and
   gathers measured around ``after_step``; the timer's spans inside the step measured apart, times the
   spans per step), and the sampler thread's time per sample scaled by steps per period (an upper
@@ -57,17 +59,18 @@ def build(runs: Path, period: float, interval: int) -> Any:
     return tr
 
 
-def run_block(tr: Any, steps: int, on: bool) -> tuple[list[float], float, int]:
-    """Steps of the trainer's own step function; returns step times, time inside hooks, samples taken."""
+def run_block(tr: Any, steps: int, on: bool) -> tuple[list[float], list[float], float, int]:
+    """Steps of the trainer's own step function; returns step wall times, the training thread's CPU
+    times, time inside hooks, samples taken."""
     from kit.health import JobHealth
     from kit.trainer import NONFINITE
 
     st = tr.state
     health = JobHealth.start(tr.cfg, tr.rd, tr.env, tr.seg, tr.engine, tr.ledger) if on else None
     samples0 = 0
-    times, hook = [], 0.0
+    times, cpu, hook = [], [], 0.0
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         vec = tr._train_step()
         st.step += 1
         st.consumed += tr.global_batch
@@ -77,11 +80,12 @@ def run_block(tr: Any, steps: int, on: bool) -> tuple[list[float], float, int]:
             health.after_step(st.step, dt, vec[NONFINITE])
             hook += time.perf_counter() - h0
         times.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
     samples = 0
     if health is not None:
         samples = health.sampler.samples - samples0 if health.sampler else 0
         health.stop()
-    return times, hook, samples
+    return times, cpu, hook, samples
 
 
 def span_cost(tr: Any, n: int = 20000) -> float:
@@ -137,21 +141,24 @@ def main(argv: list[str] | None = None) -> int:
         on_blocks: list[float] = []
         off_blocks: list[float] = []
         hook_s, samples = 0.0, 0
-        for b in range(2 * args.blocks):
-            on = b % 2 == 1
-            times, hook, n = run_block(tr, args.steps, on)
-            (on_t if on else off_t).extend(times)
-            (on_blocks if on else off_blocks).append(statistics.median(times))
-            hook_s += hook
-            samples += n
+        on_cpu: list[float] = []
+        off_cpu: list[float] = []
+        # ABBA order: an on block first in every other pair, so drifts and order effects cancel
+        for b in range(args.blocks):
+            for on in ((False, True) if b % 2 == 0 else (True, False)):
+                times, cpu, hook, n = run_block(tr, args.steps, on)
+                (on_t if on else off_t).extend(times)
+                (on_blocks if on else off_blocks).append(statistics.median(times))
+                (on_cpu if on else off_cpu).extend(cpu)
+                hook_s += hook
+                samples += n
         per_sample = sampler_cost(Path(tmp) / "runs" / "bench-health")
         per_sample_8 = sampler_cost(Path(tmp) / "runs" / "bench-health", fake_gpus=8)
         spans = 3 * tr.cfg.batch.grad_accum  # forward, backward, step per micro-batch
         per_span = span_cost(tr)
     step = statistics.median(off_t)
-    # each 'on' block against the mean of the 'off' blocks on either side: drifts of a shared machine cancel
-    paired = statistics.median(on_blocks[i] / ((off_blocks[i] + off_blocks[min(i + 1, len(off_blocks) - 1)]) / 2)
-                               for i in range(len(on_blocks)))
+    paired = statistics.median(on_blocks[i] / off_blocks[i] for i in range(len(on_blocks)))  # same pair
+    cpu_ratio = statistics.median(on_cpu) / statistics.median(off_cpu)
     hook_per_step = hook_s / len(on_t) + spans * per_span
     sampler_per_step = per_sample * step / args.period  # sampler time that falls within one step, at most
     default_period = 10.0
@@ -163,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         "step_s_median_on": round(statistics.median(on_t), 6),
         "ab_ratio_on_over_off": round(statistics.median(on_t) / step, 4),
         "ab_paired_ratio_median": round(paired, 4),
+        "ab_thread_cpu_ratio": round(cpu_ratio, 4),
+        "thread_cpu_s_median_off": round(statistics.median(off_cpu), 6),
+        "thread_cpu_s_median_on": round(statistics.median(on_cpu), 6),
         "ab_block_medians_off": [round(x, 6) for x in off_blocks],
         "ab_block_medians_on": [round(x, 6) for x in on_blocks],
         "hook_s_per_step": round(hook_per_step, 8),
@@ -184,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=1) + "\n")
     print(f"step (off) {step * 1e3:.2f} ms, (on) {res['step_s_median_on'] * 1e3:.2f} ms: "
-          f"A/B ratio {res['ab_ratio_on_over_off']:.4f}, paired-block ratio {paired:.4f} "
-          "(noise on a shared CPU machine is larger than 0.5%)")
+          f"A/B ratio {res['ab_ratio_on_over_off']:.4f}, paired-block ratio {paired:.4f}, training-thread CPU "
+          f"ratio {cpu_ratio:.4f} (wall-clock noise on a shared CPU machine is larger than 0.5%)")
     print(f"hooks {hook_per_step * 1e6:.1f} us/step = {res['hook_fraction']:.4%} of a step; "
           f"sampler {per_sample * 1e3:.2f} ms/sample = {res['sampler_fraction_at_bench_period']:.4%} at "
           f"{args.period} s, {res['sampler_fraction_at_default_period']:.4%} at the default {default_period} s")
