@@ -173,3 +173,32 @@ def test_blocked_rank_is_caught_stacks_dumped_segment_ends_with_hang_then_resume
     assert (again.reason, again.step) == ("done", cfg.trainer.max_steps)
     loaded = [e for e in read_all(rd.path, {"ckpt_loaded"}) if e["seg"] == "s2"]
     assert loaded[0]["step"] == 4
+
+
+GIL_HOG = """
+import re, sys, time
+from kit.config import HealthSection
+from kit.stragglers import RankInfo
+from kit.watchdog import Watchdog
+cfg = HealthSection(hang_floor_s=0.2, hang_ceiling_s=0.4, hang_grace_s=0.2)
+w = Watchdog(sys.argv[1], cfg, 0, [RankInfo(0, "n", 0, -1, 1)], "s", "x", poll_s=0.05).start()
+w.beat(1)
+time.sleep(0.3)  # let the watchdog thread arm the C-level timer
+print("hogging", flush=True)
+re.match(r"(a+)+$", "a" * 64 + "b")  # catastrophic backtracking: C code that never releases the GIL
+print("unreachable", flush=True)
+"""
+
+
+def test_a_hang_holding_the_gil_is_still_dumped_and_ended(tmp_path: Path) -> None:
+    """The watchdog thread cannot run while C code holds the GIL; faulthandler's C timer (the last
+    resort, 1.5 x ceiling + 2 x grace = 1 s here) must still dump the stacks and end the process."""
+    import subprocess
+    import sys
+
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", GIL_HOG, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "hogging" in p.stdout and "unreachable" not in p.stdout
+    assert "Timeout (0:00:01)!" in p.stderr and "in <module>" in p.stderr, p.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "stacks").exists(), "the Python-level watchdog could not have run"
