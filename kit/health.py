@@ -124,6 +124,7 @@ class _NvmlGpus:
             util = t(nv.nvmlDeviceGetUtilizationRates, h)
             mem = t(nv.nvmlDeviceGetMemoryInfo, h)
             power_mw = t(nv.nvmlDeviceGetPowerUsage, h)
+            limit_mw = t(nv.nvmlDeviceGetEnforcedPowerLimit, h)
             reasons_fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
                 nv.nvmlDeviceGetCurrentClocksThrottleReasons
             throttle = t(reasons_fn, h)
@@ -146,6 +147,7 @@ class _NvmlGpus:
                 "mem_total_gib": None if mem is None else round(mem.total / GiB, 3),
                 "temp_c": temp,
                 "power_w": None if power_mw is None else round(power_mw / 1000.0, 1),
+                "power_limit_w": None if limit_mw is None else round(limit_mw / 1000.0, 1),
                 "sm_clock_mhz": t(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_SM),
                 "throttle": throttle,
                 "throttle_reasons": throttle_names(throttle),

@@ -102,6 +102,7 @@ class FakeGpu:
     mem_used: int = 60 * (1 << 30)
     temp_c: Any = 62
     power_mw: Any = 512345
+    power_limit_mw: Any = 700000
     sm_clock_mhz: Any = 1980
     throttle: Any = 0
     ecc: dict[tuple[int, int], Any] = field(default_factory=dict)  # (error type, counter type) -> count
@@ -227,6 +228,10 @@ def nvmlDeviceGetTemperature(handle: _Handle, sensor: int) -> int:
 
 def nvmlDeviceGetPowerUsage(handle: _Handle) -> int:
     return int(_v(_gpu(handle).power_mw))
+
+
+def nvmlDeviceGetEnforcedPowerLimit(handle: _Handle) -> int:
+    return int(_v(_gpu(handle).power_limit_mw))
 
 
 def nvmlDeviceGetClockInfo(handle: _Handle, type: int) -> int:

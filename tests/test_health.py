@@ -64,7 +64,7 @@ def test_gpu_sample_shapes_and_units(tmp_path: Path) -> None:
     assert (g0["index"], g1["index"]) == (0, 1) and g1["uuid"] == gpus[1].uuid
     assert g0["util_pct"] == 97 and g0["mem_util_pct"] == 41
     assert g0["mem_used_gib"] == 60.0 and 79 < g0["mem_total_gib"] < 80  # bytes -> GiB
-    assert g0["power_w"] == 512.3  # milliwatts -> watts
+    assert g0["power_w"] == 512.3 and g0["power_limit_w"] == 700.0  # milliwatts -> watts
     assert g1["temp_c"] == 71 and g0["sm_clock_mhz"] == 1980
     assert g0["ecc_vol_unc"] == 0 and g0["retired_pages"] == 0 and g0["nvlink_errors"] == 0
     assert g0["remap_pending"] is False and g0["xid"] == [] and g0["lost"] is False
@@ -179,3 +179,18 @@ def test_sampler_failure_is_reported_not_fatal(tmp_path: Path) -> None:
 def test_throttle_names() -> None:
     assert throttle_names(0x48) == ["hw_slowdown", "hw_thermal"]
     assert throttle_names(None) == [] and throttle_names(0) == []
+
+
+def test_nonfinite_steps_are_recorded_once_per_run_of_them(tmp_path: Path) -> None:
+    """The health side only records non-finite steps (the spike policy acts on them)."""
+    from kit.health import JobHealth
+    from kit.ledger import LedgerWriter
+
+    with LedgerWriter(tmp_path, "train-r0") as led:
+        h = JobHealth(None, None, None, led, rank=0, world=4)
+        for step, bad in enumerate([0, 2, 2, 0, 0, 1], start=1):
+            h.after_step(step, 0.1, float(bad))
+    alerts = _alerts(tmp_path)
+    assert [(a["step"], a["ranks"]) for a in alerts] == [(2, 2), (6, 1)]
+    assert all(a["condition"] == "nonfinite" and a["severity"] == "error" for a in alerts)
+    assert "2 of 4 ranks" in alerts[0]["message"]
