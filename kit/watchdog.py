@@ -169,10 +169,10 @@ class Watchdog:
             time.sleep(0.1)
         report = analyse(read_dumps(self.folder), self.ranks)
         report.update(reporter=self.rank, stacks=str(self.folder.relative_to(self.run_dir)))
-        tmp = report_path.with_suffix(".tmp")
+        self._ledger(report)  # first: the other ranks exit when hang.json appears, and a launcher that sees
+        tmp = report_path.with_suffix(".tmp")  # one rank exit may kill this one (srun --kill-on-bad-exit)
         tmp.write_text(json.dumps(report, indent=1))
         os.replace(tmp, report_path)
-        self._ledger(report)
         return report
 
     def _ledger(self, r: dict[str, Any]) -> None:
