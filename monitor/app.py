@@ -144,7 +144,7 @@ class MonitorApp(App[int]):
             if (dirty and now - posted >= POST_S) or now - posted >= TICK_S:
                 self.post_message(SnapshotReady(index, feed.snapshot()))
                 posted, dirty = now, False
-            if not feed.backfilling:
+            if not feed.busy:
                 self._stop.wait(self.poll_s)
 
     def on_snapshot_ready(self, msg: SnapshotReady) -> None:

@@ -54,7 +54,7 @@ def summary_of(run_dir: RunDir, use_slurm: bool = True, timeout_s: float = ONCE_
     feed.open()
     deadline = time.monotonic() + timeout_s
     feed.work()
-    while feed.backfilling and time.monotonic() < deadline:
+    while feed.busy and time.monotonic() < deadline:
         feed.work()
     return feed.snapshot().summary
 

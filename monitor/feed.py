@@ -80,6 +80,7 @@ class Feed:
         self._vnow = 0.0
         self._real = 0.0
         self.replay_done = False
+        self.live_more = False
 
     # -------------------------------------------------------------------------------- driving
     def open(self) -> None:
@@ -115,7 +116,7 @@ class Feed:
             return self._replay_slice()
         assert self.live is not None
         before = self.model.version
-        events, _ = self.live.poll()
+        events, self.live_more = self.live.poll()
         self.model.fold_all(events)
         changed = self.model.version != before
         if self._backfill is not None:
@@ -138,6 +139,11 @@ class Feed:
     @property
     def backfilling(self) -> bool:
         return self._backfill is not None
+
+    @property
+    def busy(self) -> bool:
+        """More to read right now: the follower thread should not sleep."""
+        return self._backfill is not None or self.live_more
 
     def _replay_slice(self) -> bool:
         assert self._replay is not None and self.replay_speed is not None

@@ -26,11 +26,11 @@ from typing import IO, Any
 
 from kit.ledger import EVENTS, MAX_LINE, SCHEMA_VERSION, SUFFIX, ReadStats
 
-CHUNK = 4 << 20  # bytes per file per poll during backfill
-SMALL = 4 << 20  # files up to this size are read whole at cold start
-TAIL = 64 << 10  # tail of every large file at cold start
-STEP_TAIL = 1536 << 10  # ...and of a large file whose tail holds step events (the recent curve)
-PROBES = 1024  # evenly spaced probes through a large file for the whole-run curve
+CHUNK = 4 << 20  # bytes per poll, all files together: bounds the memory of reading a long history
+SMALL = 256 << 10  # files up to this size are read whole at cold start
+TAIL = 16 << 10  # tail of every large file at cold start (a few health samples, the recent alerts)
+STEP_TAIL = 512 << 10  # ...and of a large file whose tail holds step events (the last ~1,500 steps)
+PROBES = 600  # evenly spaced probes through a large file for the whole-run curve (one per column)
 STEP_MARK = b'"kind":"step"'
 
 
@@ -83,8 +83,12 @@ class Follower:
             return []
 
     def poll(self, budget: int | None = None) -> tuple[list[dict[str, Any]], bool]:
-        """New complete events (each file in order), and whether some file has more to read."""
-        budget = budget or CHUNK
+        """New complete events (each file in order), and whether some file has more to read.
+
+        At most ``budget`` bytes are read in all (files in name order; the rest waits for the next
+        poll), so reading a long history never holds more than one chunk of events in memory.
+        """
+        left = budget or CHUNK
         names = self.files()
         for gone in set(self.cursors) - set(names):
             self.stats.vanished_files += 1
@@ -93,16 +97,21 @@ class Follower:
         out: list[dict[str, Any]] = []
         more = False
         for name in names:
-            more |= self._read(name, budget, out)
+            if left <= 0:
+                return out, True
+            read, rest = self._read(name, left, out)
+            left -= read
+            more |= rest
         return out, more
 
-    def _read(self, name: str, budget: int, out: list[dict[str, Any]]) -> bool:
+    def _read(self, name: str, budget: int, out: list[dict[str, Any]]) -> tuple[int, bool]:
+        """Read up to ``budget`` bytes of one file into ``out``: (bytes read, more left in the file)."""
         path = self.ledger_dir / name
         cur = self.cursors.setdefault(name, Cursor())
         try:
             st = os.stat(path)
             if st.st_ino == cur.inode and st.st_size == cur.offset:
-                return False  # the common case on a quiet run: one stat per file, nothing opened
+                return 0, False  # the common case on a quiet run: one stat per file, nothing opened
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 if st.st_ino != cur.inode or st.st_size < cur.offset:
@@ -114,10 +123,10 @@ class Follower:
         except FileNotFoundError:
             if self.cursors.pop(name, None) is not None:
                 self.stats.vanished_files += 1
-            return False
+            return 0, False
         except OSError as e:
             self.stats.last_error = f"{name}: {e.strerror}"
-            return False
+            return 0, False
         cur.offset += len(data)
         lines = (cur.partial + data).split(b"\n")
         cur.partial = lines.pop()
@@ -128,7 +137,7 @@ class Follower:
             ev = parse_line(raw, self.stats)
             if ev is not None:
                 out.append(ev)
-        return cur.offset < st.st_size
+        return len(data), cur.offset < st.st_size
 
 
 @dataclass
