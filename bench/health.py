@@ -116,7 +116,8 @@ def sampler_cost(run_dir: Path, n: int = 20, fake_gpus: int = 0) -> float:
 
         fake_nvml.install(fake_gpus)
         nvml = fake_nvml
-    s = HealthSampler(run_dir, HealthSection(), seg="bench-sampler", node=f"bench{fake_gpus}", nvml=nvml)
+    s = HealthSampler(run_dir, HealthSection(record_every=1), seg="bench-sampler", node=f"bench{fake_gpus}",
+                      nvml=nvml)  # every sample written: the worst case
     s.sample_once()
     t0 = time.perf_counter()
     for _ in range(n):

@@ -190,6 +190,7 @@ class HealthSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.samples = 0
+        self.alerts = 0
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> HealthSampler:
@@ -235,14 +236,19 @@ class HealthSampler:
         if self.nvml_reason:
             self.ledger.emit("nvml_absent", node=self.node, reason=self.nvml_reason)
 
-    def sample_once(self) -> dict[str, Any]:
-        """Take one sample, write it, raise the alerts it implies; returns the event."""
+    def sample_once(self) -> dict[str, Any] | None:
+        """Take one sample and raise the alerts it implies; write it when it is every ``record_every``-th
+        sample or when it raised an alert (so the ledger holds the readings behind every alert).
+        Returns the event written, or None."""
         self._open_nvml()
         gpus = self.gpus.sample() if self.gpus is not None else None
         host = self._host()
-        event = self.ledger.emit("health", node=self.node, gpus=gpus, host=host,
-                                 driver=self.gpus.driver if self.gpus else None)
+        alerts = self.alerts
         self._check(gpus or [], host)
+        event = None
+        if self.samples % self.cfg.record_every == 0 or self.alerts > alerts:
+            event = self.ledger.emit("health", node=self.node, gpus=gpus, host=host,
+                                     driver=self.gpus.driver if self.gpus else None)
         self.samples += 1
         return event
 
@@ -278,6 +284,7 @@ class HealthSampler:
         key = (cond, idx)
         if on and key not in self._active:
             self._active.add(key)
+            self.alerts += 1
             self.ledger.alert(severity, message, node=self.node, condition=cond, **fields)
         elif not on:
             self._active.discard(key)
@@ -305,6 +312,7 @@ class HealthSampler:
             self._raise("remap", i, bool(g["remap_pending"] or g["remap_failed"]), "error",
                         f"{where}: row remapping {'failed' if g['remap_failed'] else 'pending'} (reset the GPU)", **ids)
             if g["xid"]:  # Xids are events, not states: every batch alerts
+                self.alerts += 1
                 self.ledger.alert("critical" if set(g["xid"]) & {48, 63, 64, 74, 79, 92, 94, 95} else "error",
                                   f"{where}: Xid {', '.join(map(str, g['xid']))}", node=node, condition="xid",
                                   xid=g["xid"], **ids)

@@ -25,6 +25,7 @@ import fake_nvml
 
 
 def _sampler(tmp_path: Path, nvml: Any = fake_nvml, **cfg: Any) -> HealthSampler:
+    cfg.setdefault("record_every", 1)
     return HealthSampler(tmp_path, HealthSection(**cfg), seg="t", node="node7", nvml=nvml)
 
 
@@ -59,7 +60,7 @@ def test_gpu_sample_shapes_and_units(tmp_path: Path) -> None:
     gpus[1].temp_c = 71
     s = _sampler(tmp_path)
     event = s.sample_once()
-    assert event["node"] == "node7" and event["driver"] == fake_nvml.driver_version
+    assert event is not None and event["node"] == "node7" and event["driver"] == fake_nvml.driver_version
     g0, g1 = event["gpus"]
     assert (g0["index"], g1["index"]) == (0, 1) and g1["uuid"] == gpus[1].uuid
     assert g0["util_pct"] == 97 and g0["mem_util_pct"] == 41
@@ -71,7 +72,7 @@ def test_gpu_sample_shapes_and_units(tmp_path: Path) -> None:
     host = event["host"]
     assert 0 <= host["mem_pct"] <= 100 and host["fs_free_gib"] > 0 and host["load1"] >= 0
     assert host["net_rx_mbps"] is None  # rates need two samples
-    assert s.sample_once()["host"]["net_rx_mbps"] is not None
+    assert (s.sample_once() or {})["host"]["net_rx_mbps"] is not None
     assert not _alerts(tmp_path), "a healthy node raises no alert"
     s.stop()
 
@@ -80,7 +81,7 @@ def test_unsupported_counters_are_null_not_errors(tmp_path: Path) -> None:
     gpus = fake_nvml.install(1, power_mw=fake_nvml.UNSUPPORTED, remapped=fake_nvml.UNSUPPORTED,
                              retired=fake_nvml.UNSUPPORTED, nvlinks=0)
     gpus[0].ecc = {(1, 0): fake_nvml.UNSUPPORTED}
-    g = _sampler(tmp_path).sample_once()["gpus"][0]
+    g = (_sampler(tmp_path).sample_once() or {})["gpus"][0]
     assert g["power_w"] is None and g["remapped_rows_unc"] is None and g["remap_pending"] is None
     assert g["retired_pages"] is None and g["nvlink_errors"] is None and g["ecc_vol_unc"] is None
     assert g["ecc_agg_unc"] == 0 and g["temp_c"] == 62
@@ -117,14 +118,14 @@ def test_error_counters_xids_and_lost_gpus(tmp_path: Path) -> None:
     gpus[1].remapped = (0, 1, 1, 0)
     fake_nvml.inject_xid(2, 79)
     fake_nvml.inject_xid(2, 13)
-    event = s.sample_once()
+    event = s.sample_once() or {}
     assert event["gpus"][2]["xid"] == [79, 13] and event["gpus"][1]["nvlink_errors"] == 12
     by = {(a["condition"], a["gpu"]): a for a in _alerts(tmp_path)}
     assert by[("xid", 2)]["severity"] == "critical" and by[("xid", 2)]["xid"] == [79, 13]
     assert by[("remapped_rows_unc", 1)]["severity"] == "error" and ("remap", 1) in by
     assert ("nvlink_errors", 1) in by
     gpus[0].lost = True
-    event = s.sample_once()
+    event = s.sample_once() or {}
     assert event["gpus"][0]["lost"] is True and event["gpus"][0]["temp_c"] is None
     lost = [a for a in _alerts(tmp_path) if a["condition"] == "gpu_lost"]
     assert len(lost) == 1 and lost[0]["severity"] == "critical" and lost[0]["uuid"] == gpus[0].uuid
@@ -133,7 +134,8 @@ def test_error_counters_xids_and_lost_gpus(tmp_path: Path) -> None:
 def test_nvml_absent_is_recorded_once_and_the_host_is_sampled(tmp_path: Path) -> None:
     """Real pynvml on this GPU-less machine: its library is missing."""
     pynvml = pytest.importorskip("pynvml")
-    s = HealthSampler(tmp_path, HealthSection(period_s=0.05), seg="t", node="cpu1")  # nvml=None: real pynvml
+    cfg = HealthSection(period_s=0.05, record_every=1)
+    s = HealthSampler(tmp_path, cfg, seg="t", node="cpu1")  # nvml=None: the real pynvml
     s.start()
     deadline = time.monotonic() + 20
     while s.samples < 3 and time.monotonic() < deadline:
@@ -194,3 +196,16 @@ def test_nonfinite_steps_are_recorded_once_per_run_of_them(tmp_path: Path) -> No
     assert [(a["step"], a["ranks"]) for a in alerts] == [(2, 2), (6, 1)]
     assert all(a["condition"] == "nonfinite" and a["severity"] == "error" for a in alerts)
     assert "2 of 4 ranks" in alerts[0]["message"]
+
+
+def test_every_nth_sample_and_every_alerting_sample_are_written(tmp_path: Path) -> None:
+    gpus = fake_nvml.install(2)
+    s = _sampler(tmp_path, record_every=4)
+    written = [s.sample_once() is not None for _ in range(6)]
+    gpus[1].temp_c = 99
+    written.append(s.sample_once() is not None)  # sample 6 raises an alert: written
+    written.append(s.sample_once() is not None)  # sample 7: still hot, no new alert, not the 4th
+    written.append(s.sample_once() is not None)  # sample 8: the 4th
+    assert written == [True, False, False, False, True, False, True, False, True]
+    hot = [h for h in read_all(tmp_path, {"health"}) if h["gpus"][1]["temp_c"] == 99]
+    assert len(hot) == 2 and s.samples == 9
