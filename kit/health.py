@@ -43,6 +43,7 @@ THROTTLE_BITS = {
     0x100: "display_clocks",
 }
 BAD_THROTTLE = 0x8 | 0x20 | 0x40 | 0x80  # hardware, thermal and power-brake slowdowns: alert
+NO_PERMISSION = 4  # NVML_ERROR_NO_PERMISSION
 GiB = 1 << 30
 # Error counters that alert when they grow (uncorrected volatile ECC also when merely non-zero).
 COUNTERS = (("ecc_vol_unc", "uncorrected ECC errors"), ("remapped_rows_unc", "uncorrectable remapped rows"),
@@ -55,6 +56,10 @@ def throttle_names(mask: int | None) -> list[str]:
     return [name for bit, name in THROTTLE_BITS.items() if mask & bit]
 
 
+def _none(*_: Any) -> None:
+    return None
+
+
 class _NvmlGpus:
     """The NVML side: open once, then read every counter of every GPU, tolerating unsupported ones."""
 
@@ -62,14 +67,28 @@ class _NvmlGpus:
         self.nv = nvml
         nvml.nvmlInit()
         self.driver = self._try(nvml.nvmlSystemGetDriverVersion)
-        self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-        self.uuids = [str(self._try(nvml.nvmlDeviceGetUUID, h) or f"gpu{i}") for i, h in enumerate(self.handles)]
-        self.names = [str(self._try(nvml.nvmlDeviceGetName, h) or "") for h in self.handles]
+        self.handles: list[Any] = []
+        self.indices: list[int] = []  # NVML indices of the GPUs sampled (a GPU of another job is skipped)
         self.lost: set[int] = set()
+        for i in range(nvml.nvmlDeviceGetCount()):
+            h: Any = None
+            try:
+                h = nvml.nvmlDeviceGetHandleByIndex(i)
+                nvml.nvmlDeviceGetUUID(h)
+            except nvml.NVMLError as e:
+                if getattr(e, "value", None) == NO_PERMISSION:
+                    continue  # a GPU this job may not open (Slurm's device cgroup): not ours to watch
+                # any other failure: keep the GPU; one that cannot be read is reported lost
+            self.handles.append(h)
+            self.indices.append(i)
+        self.uuids = [str(self._try(nvml.nvmlDeviceGetUUID, h) or f"gpu{i}") if h is not None else f"gpu{i}"
+                      for i, h in zip(self.indices, self.handles, strict=True)]
+        self.names = [str(self._try(nvml.nvmlDeviceGetName, h) or "") if h is not None else ""
+                      for h in self.handles]
         self.events: Any = None
         try:
             self.events = nvml.nvmlEventSetCreate()
-            for h in self.handles:
+            for h in filter(None, self.handles):
                 nvml.nvmlDeviceRegisterEvents(h, nvml.nvmlEventTypeXidCriticalError, self.events)
         except nvml.NVMLError:
             self.events = None  # Xid events not supported here (some drivers, MIG): samples say null
@@ -94,7 +113,7 @@ class _NvmlGpus:
         out: dict[int, list[int]] = {}
         if self.events is None:
             return out
-        index = {self._key(h): i for i, h in enumerate(self.handles)}
+        index = {self._key(h): j for j, h in enumerate(self.handles) if h is not None}
         for _ in range(1000):  # bound the drain: a storm of events must not stall the sampler
             try:
                 data = self.nv.nvmlEventSetWait_v2(self.events, 0)
@@ -117,10 +136,11 @@ class _NvmlGpus:
         return total if seen else None
 
     def sample(self) -> list[dict[str, Any]]:
-        nv, t = self.nv, self._try
+        nv = self.nv
         xids = self.xids()
         gpus = []
-        for i, h in enumerate(self.handles):
+        for i, h in enumerate(self.handles):  # i: position here; the GPU's NVML index is self.indices[i]
+            t = self._try if h is not None else _none
             util = t(nv.nvmlDeviceGetUtilizationRates, h)
             mem = t(nv.nvmlDeviceGetMemoryInfo, h)
             power_mw = t(nv.nvmlDeviceGetPowerUsage, h)
@@ -140,7 +160,7 @@ class _NvmlGpus:
             if util is None and mem is None and temp is None:
                 self.lost.add(i)  # every read failed: the GPU has fallen off the bus (Xid 79) or is lost
             gpus.append({
-                "index": i, "uuid": self.uuids[i], "name": self.names[i],
+                "index": self.indices[i], "uuid": self.uuids[i], "name": self.names[i],
                 "util_pct": None if util is None else int(util.gpu),
                 "mem_util_pct": None if util is None else int(util.memory),
                 "mem_used_gib": None if mem is None else round(mem.used / GiB, 3),
@@ -158,7 +178,7 @@ class _NvmlGpus:
                 "remapped_rows_unc": None if remap is None else int(remap[1]),
                 "remap_pending": None if remap is None else bool(remap[2]),
                 "remap_failed": None if remap is None else bool(remap[3]),
-                "nvlink_errors": self.nvlink_errors(h),
+                "nvlink_errors": self.nvlink_errors(h) if h is not None else None,
                 "xid": xids.get(i, []),
                 "lost": i in self.lost,
             })

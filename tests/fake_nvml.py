@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 # ---- constants (values as in pynvml / nvml.h)
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
 NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
@@ -61,7 +62,7 @@ class NVMLError(Exception):
         self.value = value
 
     def __str__(self) -> str:
-        return {3: "Not Supported", 10: "Timeout", 12: "NVML Shared Library Not Found",
+        return {3: "Not Supported", 4: "Insufficient Permissions", 10: "Timeout", 12: "NVML Shared Library Not Found",
                 15: "GPU is lost", 2: "Invalid Argument"}.get(self.value, f"NVML Error with code {self.value}")
 
 
@@ -111,6 +112,7 @@ class FakeGpu:
     nvlinks: int = 18  # active links (H100 SXM: 18)
     nvlink_errors: dict[tuple[int, int], int] = field(default_factory=dict)  # (link, counter) -> count
     lost: bool = False
+    denied: bool = False  # another job's GPU behind Slurm's device cgroup: NVML_ERROR_NO_PERMISSION
 
 
 @dataclass
@@ -153,6 +155,8 @@ def _gpu(handle: _Handle) -> FakeGpu:
     if not initialised:
         raise NVMLError(1)  # NVML_ERROR_UNINITIALIZED
     g = gpus[handle.index]
+    if g.denied:
+        raise NVMLError(NVML_ERROR_NO_PERMISSION)
     if g.lost:
         raise NVMLError(NVML_ERROR_GPU_IS_LOST)
     return g

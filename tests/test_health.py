@@ -209,3 +209,17 @@ def test_every_nth_sample_and_every_alerting_sample_are_written(tmp_path: Path) 
     assert written == [True, False, False, False, True, False, True, False, True]
     hot = [h for h in read_all(tmp_path, {"health"}) if h["gpus"][1]["temp_c"] == 99]
     assert len(hot) == 2 and s.samples == 9
+
+
+def test_gpus_of_other_jobs_are_skipped(tmp_path: Path) -> None:
+    """Behind Slurm's device cgroup NVML may list GPUs this job cannot open: not ours, not 'lost'."""
+    gpus = fake_nvml.install(3)
+    gpus[1].denied = True
+    s = _sampler(tmp_path)
+    event = s.sample_once() or {}
+    assert [g["index"] for g in event["gpus"]] == [0, 2] and event["gpus"][1]["uuid"] == gpus[2].uuid
+    fake_nvml.inject_xid(2, 48)  # an Xid on NVML device 2, the second GPU sampled
+    s.sample_once()
+    assert not [a for a in _alerts(tmp_path) if a["condition"] != "xid"]
+    [xid] = _alerts(tmp_path)
+    assert xid["gpu"] == 2 and xid["uuid"] == gpus[2].uuid
