@@ -115,7 +115,8 @@ class Driver:
             go = _wait_json(folder / GO, timeout=600) or {"start": False, "reason": "no word from rank 0"}
         if not go["start"]:
             return str(go["reason"])
-        self.pending_signal = ""
+        if i:
+            self.pending_signal = ""  # local loop: a new segment; under Slurm an early signal is kept
         rc = self._run_child(seg, i)
         _write_json(folder / f"r{self.dist.rank}.json",
                     {"rank": self.dist.rank, "host": os.environ.get("SLURMD_NODENAME") or hostname(), "rc": rc,
@@ -354,6 +355,13 @@ class Driver:
                 try:
                     slurmctl.requeue(self.job_id)
                 except slurmctl.SlurmError as e:
+                    state = slurmctl.job_state(self.job_id)
+                    if state not in ("RUNNING", "COMPLETING", ""):
+                        # Slurm is requeueing it already (preemption with PreemptMode=REQUEUE): a new
+                        # job now would make two.
+                        led.alert("info", f"scontrol requeue refused ({e}); Slurm is requeueing job "
+                                          f"{self.job_id} itself ({state})")
+                        return f"requeued by Slurm ({state})"
                     led.alert("warning", f"scontrol requeue failed ({e}); submitting a new job instead")
                 else:
                     led.close()
