@@ -5,8 +5,9 @@ after the other, measured the same way:
 
 - A, time-limit boundaries: 1-minute allocations; each segment ends on Slurm's USR2 or the job's
   end time (KIT_DEADLINE), saves, and is requeued. Expected loss per boundary: 0 steps.
-- B, a crash: rank 1 is SIGKILLed after step 7 of the first segment (checkpoints every 4 steps);
-  the chain resubmits and resumes. Expected loss: at most one checkpoint interval (here 3 steps).
+- B, a crash: rank 1 is SIGKILLed after step 7 of the first segment (checkpoints every 4 steps,
+  5-minute allocations so no time limit interferes); the chain resubmits and resumes. Expected
+  loss: at most one checkpoint interval (here 3 steps).
 
 Per chain it prints: allocated time (sacct's Elapsed of every run of every job), training time (from
 each segment's first step to its last, from the ledger), their ratio, the overhead per boundary
@@ -15,7 +16,7 @@ overhead, and the steps lost at each boundary (last step reached in a segment mi
 next one resumed from). Steps are slowed to ~0.5 s (KIT_FAULTS sleep): a 1-minute allocation
 holds a few dozen of them.
 
-    python bench/chain.py            # ~3-4 minutes; writes bench/results/chain.json
+    python bench/chain.py            # ~4-5 minutes; writes bench/results/chain.json
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _run_chain(cfg: Any, env: dict[str, str], timeout: float) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60, help="steps of chain A (default 60)")
+    p.add_argument("--steps", type=int, default=150, help="steps of chain A (default 150: >= 3 segments)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "chain.json"))
     args = p.parse_args()
     from kit.jobs import slurmctl
@@ -111,7 +112,7 @@ def main() -> int:
     runs = Path(tempfile.mkdtemp(prefix="kit-bench-chain-"))
     slow = {"KIT_FAULTS": "step.after=sleep0.5"}
     a = _run_chain(_cfg(runs, "bench-a", **{"trainer.max_steps": args.steps}), slow, timeout=900)
-    b = _run_chain(_cfg(runs, "bench-b", **{"trainer.max_steps": 12}),
+    b = _run_chain(_cfg(runs, "bench-b", **{"trainer.max_steps": 12, "slurm.time_limit": "00:05:00"}),
                    {"KIT_FAULTS": "step.after=sleep0.5,step.after@7:rank1", "KIT_FAULTS_SEGMENTS": "1"}, timeout=600)
     rows = [("A time-limit boundaries", a), ("B crash at step 7", b)]
     print(f"{'chain':<26}{'segs':>5}{'alloc s':>9}{'train s':>9}{'train/alloc':>12}{'ovh/seg s':>10}"

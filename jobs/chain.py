@@ -146,14 +146,44 @@ def limit_seconds(time_limit: str) -> float:
     return s
 
 
+def tail_events(rd: RunDir, kinds: set[str], max_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+    """Events of the given kinds from the last ``max_bytes`` of every ledger file, by time.
+
+    A months-long run's ledger holds millions of step events; the chain and ``kit status`` only need
+    the recent ones, so they never read whole files (a torn or cut first line is skipped)."""
+    out: list[dict[str, Any]] = []
+    if not rd.ledger.is_dir():
+        return out
+    for f in rd.ledger.glob("*.jsonl"):
+        try:
+            with open(f, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - max_bytes))
+                data = fh.read()
+        except OSError:
+            continue
+        lines = data.split(b"\n")
+        if size > max_bytes:
+            lines = lines[1:]
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                e = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(e, dict) and e.get("kind") in kinds:
+                out.append(e)
+    out.sort(key=lambda e: e.get("t", 0.0))
+    return out
+
+
 def measured_times(rd: RunDir | None) -> tuple[float, float]:
     """Worst recent step time and checkpoint save time seen in this run's ledger (0 when unknown)."""
     if rd is None or not rd.ledger.is_dir():
         return 0.0, 0.0
-    from kit.ledger import read_all
-
     step_t = save_t = 0.0
-    for e in read_all(rd.path, {"step", "ckpt_saved"}):
+    for e in tail_events(rd, {"step", "ckpt_saved"}):
         if e["kind"] == "step" and isinstance(e.get("step_time"), (int, float)):
             step_t = max(step_t, float(e["step_time"]))
         elif e["kind"] == "ckpt_saved" and isinstance(e.get("seconds"), (int, float)):

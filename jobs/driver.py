@@ -35,7 +35,7 @@ import submitit
 from kit.config import RunConfig
 from kit.jobs import chain as ch
 from kit.jobs.command import segment_command
-from kit.ledger import LedgerWriter, hostname, read_all
+from kit.ledger import LedgerWriter, hostname
 from kit.rundir import RunDir
 
 GO, DECISION = "go.json", "decision.json"
@@ -256,7 +256,7 @@ class Driver:
 
     def _end(self, seg: str, folder: Path, rc0: int) -> ch.Decision:
         """Rank 0, after training: collect the ranks' reports, record the segment, decide."""
-        ended = [e for e in read_all(self.rd.path, {"segment_ended"}) if e.get("seg") == seg]
+        ended = [e for e in ch.tail_events(self.rd, {"segment_ended"}) if e.get("seg") == seg]
         reason = str(ended[-1]["reason"]) if ended else ""
         outcome = ch.classify(reason, rc0)
         reports = self._reports(folder, wait=outcome not in (ch.FINISHED, ch.CLEAN))
@@ -305,7 +305,7 @@ class Driver:
     def _doctor_failed(self, seg: str) -> list[str]:
         """Nodes the preflight (kit.tools.doctor) failed in this segment, from its ledger events."""
         failed: set[str] = set()
-        for e in read_all(self.rd.path, {"doctor"}):
+        for e in ch.tail_events(self.rd, {"doctor"}):
             if e.get("seg") == seg and not e.get("ok", True):
                 failed.update(str(n).split("#")[0] for n in e.get("failed_nodes", []))
         return sorted(failed)

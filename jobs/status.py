@@ -16,7 +16,6 @@ from typing import Any
 
 from kit.jobs import chain as ch
 from kit.jobs import slurmctl
-from kit.ledger import read_all
 from kit.rundir import RunDir
 
 STARTUP_S_DEFAULT = 60.0  # per-segment start-up (imports, rendezvous, resume) before anything is measured
@@ -31,7 +30,7 @@ def gather(rd: RunDir, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     cfg = rd.load_config()
     state = ch.load_state(rd)
-    events = read_all(rd.path, {"step", "segment_started", "allocation_started"})
+    events = ch.tail_events(rd, {"step", "segment_started", "allocation_started"})
     steps = [e for e in events if e["kind"] == "step"]
     step = int(steps[-1]["step"]) if steps else ch.latest_step(rd)
     max_steps = cfg.trainer.max_steps

@@ -233,3 +233,20 @@ def test_slurm_refusals_before_anything_is_queued(tmp_path: Path, slurm: None) -
         assert "Slurm refuses this job" in str(e.value) and "[slurm]" in str(e.value)
         assert not cfg.run_dir.exists()
     assert slurmctl.squeue(name="kit-u") == [], "nothing was queued"
+
+
+def test_tail_events_reads_only_the_end_of_big_ledgers(tmp_path: Path) -> None:
+    from kit.ledger import LedgerWriter
+    from kit.rundir import RunDir
+
+    rd = RunDir(tmp_path / "r")
+    with LedgerWriter(rd.path, "train-r0") as led:
+        for s in range(1, 3001):
+            led.emit("step", step=s, loss=1.0, step_time=0.5 if s < 2990 else 2.0)
+        led.emit("ckpt_saved", step=3000, tag="step_0003000", bytes=1, seconds=7.5)
+    with open(rd.ledger / "train-r0.jsonl", "ab") as f:
+        f.write(b'{"v":1,"kind":"step","st')  # a torn last line, as a live writer leaves it
+    events = ch.tail_events(rd, {"step", "ckpt_saved"}, max_bytes=20_000)
+    assert 100 < len(events) < 400 and events[-1]["kind"] == "ckpt_saved"
+    assert events[0]["step"] > 2000, "only the tail was read"
+    assert ch.measured_times(rd) == (2.0, 7.5)
