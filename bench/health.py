@@ -15,7 +15,9 @@ the worst case for a fixed per-step cost), measured in ONE run, side by side:
 
 Target (issue 5): at most 0.5% of step time. Writes bench/results/health.json.
 
-    python bench/health.py [--blocks 10] [--steps 20] [--period 1.0]
+    python bench/health.py [--blocks 20] [--steps 12] [--period 1.0]
+    python bench/health.py --gpu 60   # GPU machines: real NVML under a bf16 matmul load, compared with
+                                      # tests/fake_nvml.py; writes bench/results/health_gpu.json
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "health.json"
+RANGED = ("util_pct", "temp_c", "power_w", "power_limit_w", "sm_clock_mhz", "mem_used_gib", "mem_total_gib")
 
 
 def build(runs: Path, period: float, interval: int) -> Any:
@@ -127,13 +130,80 @@ def sampler_cost(run_dir: Path, n: int = 20, fake_gpus: int = 0) -> float:
     return cost
 
 
+def gpu_check(seconds: float) -> int:
+    """On a GPU machine: the sampler with the real NVML for ``seconds`` under a bf16 matmul load; keeps
+    the samples (bench/results/health_gpu.json) and compares their fields and units with the fake NVML's."""
+    import threading
+
+    import torch
+
+    from kit.config import HealthSection
+    from kit.health import HealthSampler
+    from kit.ledger import read_all
+
+    if not torch.cuda.is_available():
+        print("bench/health --gpu: no CUDA device here", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    matmuls = [0]
+
+    def load() -> None:
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        while not stop.is_set():
+            for _ in range(20):
+                a @ b
+            torch.cuda.synchronize()
+            matmuls[0] += 20
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    with tempfile.TemporaryDirectory(prefix="kit-bench-health-gpu-") as tmp:
+        s = HealthSampler(tmp, HealthSection(period_s=1.0, record_every=1), seg="gpu-check").start()
+        time.sleep(seconds)
+        stop.set()
+        worker.join()
+        s.stop()
+        events = read_all(tmp)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import fake_nvml
+
+    fake_nvml.install(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = HealthSampler(tmp, HealthSection(record_every=1), seg="fake", nvml=fake_nvml).sample_once() or {}
+    health = [e for e in events if e["kind"] == "health"]
+    real_keys = sorted(health[-1]["gpus"][0]) if health and health[-1]["gpus"] else []
+    fake_keys = sorted(fake["gpus"][0])
+    g = [e["gpus"][0] for e in health if e["gpus"]]
+    res = {
+        "device": torch.cuda.get_device_name(0), "seconds": seconds, "samples": len(health),
+        "matmuls_8192_bf16": matmuls[0], "other_events": [e for e in events if e["kind"] != "health"],
+        "keys_equal_to_fake": real_keys == fake_keys,
+        "keys_only_real": sorted(set(real_keys) - set(fake_keys)),
+        "keys_only_fake": sorted(set(fake_keys) - set(real_keys)),
+        "types_equal_to_fake": {k: type(g[-1][k]).__name__ == type(fake["gpus"][0][k]).__name__
+                                for k in fake_keys if g and k in g[-1] and g[-1][k] is not None},
+        "ranges": {k: [min(x[k] for x in g), max(x[k] for x in g)] for k in RANGED
+                   if g and all(x[k] is not None for x in g)},
+        "health_events": health,
+    }
+    out = ROOT / "bench" / "results" / "health_gpu.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k not in ("health_events", "other_events")}, indent=1))
+    return 0 if res["keys_equal_to_fake"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=20, help="blocks per mode (alternating on/off)")
     p.add_argument("--steps", type=int, default=12, help="steps per block")
     p.add_argument("--period", type=float, default=1.0, help="sampler period in the 'on' blocks (s)")
     p.add_argument("--interval", type=int, default=10, help="straggler gather every N steps in 'on' blocks")
+    p.add_argument("--gpu", type=float, default=0.0, metavar="SECONDS",
+                   help="instead: run the sampler with the real NVML under a bf16 matmul load (GPU machines)")
     args = p.parse_args(argv)
+    if args.gpu:
+        return gpu_check(args.gpu)
     with tempfile.TemporaryDirectory(prefix="kit-bench-health-") as tmp:
         tr = build(Path(tmp) / "runs", args.period, args.interval)
         run_block(tr, args.steps, False)  # warm-up
