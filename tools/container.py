@@ -17,7 +17,6 @@ from pathlib import Path
 
 from kit.containers.apptainer import build_command, format_command
 from kit.containers.pins import PINS_PATH, Pins, check_pyproject, load_pins, repo_pyproject
-
 from kit.errors import KitError
 
 

@@ -24,12 +24,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from kit.tools.doctor_checks import FAIL, NA, OK, WARN, Check, Environment, probe_environment
-
 from kit import exitcodes
 from kit.config import RunConfig
 from kit.dist import DistEnv
 from kit.errors import ConfigError, KitError
+from kit.tools.doctor_checks import FAIL, NA, OK, WARN, Check, Environment, probe_environment
 
 IMAGE_ENV = "KIT_IMAGE_TARGET"  # set by the images' %environment: "we are inside the image of this target"
 
@@ -99,10 +98,9 @@ def static_checks(target: str, strict: bool, environment: Environment | None = N
 def node_checks(cfg: RunConfig, run_dir: Path, *, expect_gpus: int, nvml: Any = None,
                 environment: Environment | None = None, tag: str = "") -> list[Check]:
     """Everything checked once per node: image, GPUs, versions, checkpoint filesystem."""
+    from kit.commands import sizing
     from kit.containers.pins import load_pins
     from kit.tools.doctor_checks import check_filesystem, check_gpus
-
-    from kit.commands import sizing
 
     checks: list[Check] = []
     inside = os.environ.get(IMAGE_ENV, "")
@@ -245,9 +243,8 @@ def run(args: argparse.Namespace, verb: str) -> int:
         return _run_static(args)
     if not args.recipe:
         raise ConfigError("kit doctor needs a recipe or a run directory (or --static inside an image)")
-    from kit.containers.apptainer import check_recipe
-
     from kit import dist
+    from kit.containers.apptainer import check_recipe
     from kit.rundir import RunDir
 
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
