@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -197,7 +197,3 @@ class StepTimer:
                 self.ledger.alert("warning", f"straggler: rank {r} ({info.host}, {gpu}) is {slow:.1%} slower than "
                                   f"the other ranks' median in forward (step {step})", rank=r, node=info.host,
                                   gpu=info.gpu)
-
-
-def as_dicts(ranks: list[RankInfo]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in ranks]
