@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,32 +140,44 @@ def plan_shards(reader: ZeroCheckpoint, dtype: str, shard_bytes: int) -> list[li
 
 
 def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int,
-                  progress: Any = None) -> tuple[int, int]:
-    """Write the safetensors shards (and their index); returns (shards, bytes)."""
+                  progress: Any = None) -> tuple[int, int, dict[str, str]]:
+    """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
+
+    A two-stage pipeline: while a shard is serialized, the next one is gathered from the partitions and
+    the previous one hashed (for the export's manifest), each on its own thread. Peak memory is about
+    two shards; the gathering and the hashing release the GIL (torch, hashlib).
+    """
     from safetensors.torch import save_file
 
     plan = plan_shards(reader, dtype, shard_bytes)
     n = len(plan)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map: dict[str, str] = {}
-    total = 0
+    weight_map = {reader.params[i].name: fname for fname, idx in zip(names, plan, strict=True) for i in idx}
     td = torch_dtype(dtype)
-    for fname, idx in zip(names, plan, strict=True):
-        tensors = {}
+
+    def gather(idx: list[int]) -> dict[str, Any]:
         with reader.open() as parts:
-            for i in idx:
-                spec = reader.params[i]
-                tensors[spec.name] = reader.tensor(parts, spec).to(td).contiguous()
-                weight_map[spec.name] = fname
-        save_file(tensors, str(stage / fname), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
-        if progress:
-            progress(fname)
+            return {reader.params[i].name: reader.tensor(parts, reader.params[i]).to(td).contiguous() for i in idx}
+
+    total = 0
+    hashes: dict[str, Future[str]] = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = pool.submit(gather, plan[0])
+        for k, fname in enumerate(names):
+            tensors = pending.result()
+            if k + 1 < n:
+                pending = pool.submit(gather, plan[k + 1])
+            save_file(tensors, str(stage / fname), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+            hashes[fname] = pool.submit(ck.sha256, stage / fname)
+            if progress:
+                progress(fname)
+        digests = {fname: f.result() for fname, f in hashes.items()}
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return n, total
+    return n, total, digests
 
 
 def write_config_and_tokenizer(rd: RunDir, cfg: RunConfig, stage: Path, dtype: str) -> None:
@@ -188,14 +201,16 @@ def write_config_and_tokenizer(rd: RunDir, cfg: RunConfig, stage: Path, dtype: s
 
 
 def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtype: str,
-                          verify: dict[str, Any]) -> dict[str, Any]:
-    """MANIFEST.json of the export, last (same ``files`` format as a checkpoint's manifest)."""
+                          verify: dict[str, Any], known: dict[str, str]) -> dict[str, Any]:
+    """MANIFEST.json of the export, last (same ``files`` format as a checkpoint's manifest); ``known``:
+    hashes computed while writing."""
     files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != ck.MANIFEST)
     manifest = {
         "version": EXPORT_VERSION,
         "kind": "hf-export",
         "created": time.time(),
-        "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "sha256": ck.sha256(p)} for p in files},
+        "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "sha256": known.get(p.name) or ck.sha256(p)}
+                  for p in files},
         "export": {"tag": ckpt.tag, "step": ckpt.step, "run": cfg.run.name, "dtype": dtype,
                    "zero_stage": ckpt.manifest["kit"].get("zero_stage"), "config_digest": cfg.digest(),
                    "source_manifest_sha256": hashlib.sha256((ckpt.path / ck.MANIFEST).read_bytes()).hexdigest(),
@@ -228,7 +243,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     shutil.rmtree(stage, ignore_errors=True)
     try:
         stage.mkdir(parents=True)
-        shards, nbytes = write_weights(reader, stage, dtype, shard_bytes, progress)
+        shards, nbytes, digests = write_weights(reader, stage, dtype, shard_bytes, progress)
         write_config_and_tokenizer(rd, cfg, stage, dtype)
         seconds = time.perf_counter() - t0
         result: dict[str, Any] = {"skipped": True}
@@ -239,7 +254,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
                 raise CheckpointError(
                     f"the export of {ckpt.tag} does not reproduce the checkpoint's logits (max |diff| "
                     f"{result['max_abs_diff']:.3g} > tolerance {atol}); nothing was written to {out}")
-        write_export_manifest(stage, ckpt, cfg, dtype, result)
+        write_export_manifest(stage, ckpt, cfg, dtype, result, digests)
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)

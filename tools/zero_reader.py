@@ -22,6 +22,7 @@ stays near one output shard whatever the model size.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import re
 from collections.abc import Iterator
@@ -144,9 +145,10 @@ class ZeroCheckpoint:
             yield parts
         finally:
             parts.clear()
+            gc.collect()  # unpickled state can hold cycles; collect them so the mappings (and pages) go now
 
     def tensor(self, parts: list[list[Any]], spec: ParamSpec) -> Any:
-        """The full fp32 tensor of one parameter (a fresh copy, independent of the mappings)."""
+        """The full fp32 tensor of one parameter (a view of the mapping when it lies in one partition)."""
         import torch
 
         n = spec.numel
@@ -160,9 +162,11 @@ class ZeroCheckpoint:
         else:
             per_rank = math.ceil(n / self.world_size)
             pieces = [self._z3_piece(rank_groups, spec.offset, per_rank) for rank_groups in parts]
-        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        # One piece (most ZeRO-1/2 parameters): a view of the mapping, no copy; it keeps the mapping alive
+        # until the caller drops it (convert writes and drops one shard at a time).
+        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         if flat.numel() != n:  # ZeRO-3 padding of the last rank's piece
-            flat = flat[:n].clone()
+            flat = flat[:n]
         return flat.view(spec.shape)
 
     def _z3_piece(self, groups: list[Any], offset: int, count: int) -> Any:
