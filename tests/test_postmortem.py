@@ -20,7 +20,7 @@ from kit.launch import create_run
 from kit.ledger import LedgerWriter
 from kit.rundir import RunDir
 from kit.tools.postmortem import analyse, episodes, spikes_config
-from kit.tools.spike_ledger import _steps_python, read_ledger
+from kit.tools.spike_ledger import _python_file, read_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,9 +103,10 @@ def test_reader_tolerates_torn_and_garbage_lines_and_nan(tmp_path: Path) -> None
     clean = read_ledger(rd.path)
     assert len(clean.timeline) == 50 and clean.bad_lines == 0 and math.isnan(clean.timeline["loss"][19])
     path = rd.ledger / "train-r0.jsonl"
-    lines = path.read_bytes().split(b"\n")
-    cols, bad = _steps_python([ln for ln in lines if ln])  # the fallback path agrees with pyarrow's
+    cols, _, bad = _python_file(path.read_bytes())  # the fallback path agrees with pyarrow's
     assert bad == 0 and all(np.array_equal(cols[k], clean.timeline[k], equal_nan=True) for k in cols)
+    assert [e["lr"] for e in clean.detail(clean.timeline.around(20, 21))] == [1e-3, 1e-3]
+    lines = path.read_bytes().split(b"\n")
     lines.insert(10, b"\x00garbage{")
     path.write_bytes(b"\n".join(lines) + b'{"v":1,"kind":"step","step":51,"lo')  # torn tail
     damaged = read_ledger(rd.path)

@@ -196,7 +196,7 @@ def _episode(group: list[int], hits: dict[int, dict[str, Any]], final: Steps, lo
                                             "why", "t")} for e in led.kind("rollback")
                     if group[0] <= int(e.get("spike_step", e["from_step"])) <= group[-1]]
     ep.skipped = [[r["skip_start"], r["skip_end"]] for r in ep.rollbacks if r.get("skip_start") is not None]
-    ep.steps = _spike_steps(group, events, led.timeline)
+    ep.steps = _spike_steps(group, events, led)
     return ep
 
 
@@ -209,7 +209,7 @@ def _duration(final: Steps, start: int, base: float, cfg: SpikesSection) -> int:
     return (back[0] - start) if back else int(min(cfg.window, (s[after[-1]] - start + 1) if len(after) else 1))
 
 
-def _spike_steps(group: list[int], events: list[dict[str, Any]], timeline: Steps) -> list[dict[str, Any]]:
+def _spike_steps(group: list[int], events: list[dict[str, Any]], led: Ledger) -> list[dict[str, Any]]:
     """Where each spike step read its data: from the live events, else the earliest step event (the
     one the spike happened in, before any rollback replayed the step)."""
     out: dict[int, dict[str, Any]] = {}
@@ -217,14 +217,15 @@ def _spike_steps(group: list[int], events: list[dict[str, Any]], timeline: Steps
         if e.get("consumed") is not None:
             out[int(e["step"])] = {"step": int(e["step"]), "consumed": int(e["consumed"]),
                                    "samples": int(e["samples"])}
-    s = timeline["step"]
+    s = led.timeline["step"]
     for step in range(group[0], group[-1] + 1):
         if step in out:
             continue
         rows = np.flatnonzero(s == step)
-        if len(rows) and timeline["consumed"][rows[0]] >= 0:
-            out[step] = {"step": step, "consumed": int(timeline["consumed"][rows[0]]),
-                         "samples": int(timeline["samples"][rows[0]])}
+        if len(rows):
+            (e,) = led.detail(led.timeline.take(rows[:1]))
+            if isinstance(e.get("consumed"), int) and isinstance(e.get("samples"), int):
+                out[step] = {"step": step, "consumed": e["consumed"], "samples": e["samples"]}
     return [out[k] for k in sorted(out)]
 
 
@@ -234,17 +235,18 @@ def _spike_steps(group: list[int], events: list[dict[str, Any]], timeline: Steps
 def context(led: Ledger, ep: Episode, span: int) -> dict[str, Any]:
     """Metrics and health around an episode: every step event in [start - span, end + span], in
     the order written (abandoned steps of a rollback marked), health samples and alerts by time."""
-    tl = led.timeline
-    s = tl["step"]
-    idx = np.flatnonzero((s >= ep.start - span) & (s <= ep.end + span))
+    near = led.timeline.around(ep.start - span, ep.end + span)
     rb_times = sorted(float(r["t"]) for r in ep.rollbacks if r.get("t"))
     rows = []
-    for i in idx:
-        t = float(tl["t"][i])
-        timeline_no = sum(t > rt for rt in rb_times)
-        rows.append({k: _clean(float(tl[k][i]) if tl[k].dtype.kind == "f" else int(tl[k][i]))
-                     for k in ("step", "t", "loss", "grad_norm", "lr", "tokens_per_s", "step_time")}
-                    | {"timeline": timeline_no})
+    for i, e in enumerate(led.detail(near)):
+        t = float(near["t"][i])
+        row: dict[str, Any] = {"step": int(near["step"][i]), "t": t, "loss": _clean(float(near["loss"][i])),
+                               "grad_norm": _clean(float(near["grad_norm"][i])),
+                               "timeline": sum(t > rt for rt in rb_times)}
+        for k in ("lr", "tokens_per_s", "step_time"):
+            v = e.get(k)
+            row[k] = _clean(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        rows.append(row)
     for r in rows:  # a step of an earlier timeline replayed later was abandoned by the rollback
         r["abandoned"] = any(o["step"] == r["step"] and o["timeline"] > r["timeline"] for o in rows)
     times = [r["t"] for r in rows if r["t"]]

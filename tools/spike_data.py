@@ -119,8 +119,9 @@ class DataInspector:
             tok = load_tokenizer(data_dir / TOKENIZER)
         except KitError:
             return None
-        tl = read_ledger(run_dir).timeline
-        consumed = int(np.max(tl["consumed"] + tl["samples"])) if len(tl) else 0
+        led = read_ledger(run_dir)
+        last = led.detail(led.timeline.take(np.arange(len(led.timeline))[-1:]))
+        consumed = sum(int(e.get("consumed", 0)) + int(e.get("samples", 0)) for e in last)
         return cls(ds, tok, consumed, cfg.run.seed)
 
     def origin(self, source: str, doc: int) -> str:

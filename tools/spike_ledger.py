@@ -23,9 +23,8 @@ import numpy as np
 
 from kit.ledger import LEDGER_DIR, SUFFIX
 
-STEP_FIELDS = {"t": "float64", "step": "int64", "loss": "float64", "grad_norm": "float64", "lr": "float64",
-               "consumed": "int64", "samples": "int64", "step_time": "float64", "tokens_per_s": "float64",
-               "tflops": "float64"}
+STEP_FIELDS = {"t": "float64", "step": "int64", "loss": "float64", "grad_norm": "float64"}
+"""Columns read for every step; any other field of a step is read on demand (:meth:`Ledger.detail`)."""
 _STEP_MARK = b'"kind":"step"'
 # json.dumps(allow_nan=True) writes these; pyarrow's reader does not accept them: read them as null.
 _NONFINITE = (b":NaN", b":Infinity", b":-Infinity")
@@ -33,7 +32,8 @@ _NONFINITE = (b":NaN", b":Infinity", b":-Infinity")
 
 @dataclass
 class Steps:
-    """Columns of step events (numpy arrays of equal length), oldest first."""
+    """Columns of step events (numpy arrays of equal length), oldest first. ``file`` and ``line``
+    say where each event is, for :meth:`Ledger.detail`."""
 
     cols: dict[str, np.ndarray]
 
@@ -66,16 +66,34 @@ class Ledger:
     events: list[dict[str, Any]]  # every non-step event, sorted by time
     bad_lines: int = 0
     files: list[str] = field(default_factory=list)
+    raw: list[tuple[bytes, np.ndarray]] = field(default_factory=list)  # per file: bytes, line end offsets
 
     def kind(self, *kinds: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("kind") in kinds]
 
+    def detail(self, rows: Steps) -> list[dict[str, Any]]:
+        """The full step events of some rows (consumed, samples, lr, throughput...)."""
+        out = []
+        for f, ln in zip(rows["file"], rows["line"], strict=True):
+            data, ends = self.raw[int(f)]
+            start = int(ends[ln - 1]) + 1 if ln > 0 else 0
+            try:
+                e = json.loads(data[start:int(ends[ln])])
+            except ValueError:
+                e = {}
+            out.append(e if isinstance(e, dict) else {})
+        return out
 
-def _empty() -> dict[str, np.ndarray]:
-    return {k: np.empty(0, dtype=t) for k, t in STEP_FIELDS.items()}
+
+def _columns(table: Any) -> dict[str, np.ndarray]:
+    out = {}
+    for k, t in STEP_FIELDS.items():
+        col = table.column(k)
+        out[k] = col.fill_null(-1).to_numpy() if t == "int64" else col.to_numpy(zero_copy_only=False).astype(np.float64)
+    return out
 
 
-def _arrow_file(data: bytes) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+def _arrow_file(data: bytes, ends: np.ndarray) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Parse a whole file with pyarrow (row i = line i), keep step rows as columns, and json-parse the
     lines of other kinds (found through the newline offsets: no Python loop over a million lines)."""
     import pyarrow as pa
@@ -90,37 +108,45 @@ def _arrow_file(data: bytes) -> tuple[dict[str, np.ndarray], list[dict[str, Any]
                                         for k, t in STEP_FIELDS.items()]
     table = pj.read_json(io.BytesIO(clean), parse_options=pj.ParseOptions(
         explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore"))
-    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
     if len(ends) != table.num_rows:
         raise ValueError("blank lines: rows and lines do not align")
     is_step = pc.equal(table.column("kind"), "step").to_numpy(zero_copy_only=False)
-    steps = table.filter(pa.array(is_step))
-    out = {}
-    for k, t in STEP_FIELDS.items():
-        col = steps.column(k)
-        out[k] = col.fill_null(-1).to_numpy() if t == "int64" else col.to_numpy(zero_copy_only=False).astype(np.float64)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    others = [json.loads(data[starts[i]:ends[i]]) for i in np.flatnonzero(~is_step)]
+    out = _columns(table.filter(pa.array(is_step)))
+    out["line"] = np.flatnonzero(is_step)
+    others = []
+    for i in np.flatnonzero(~is_step):
+        start = int(ends[i - 1]) + 1 if i > 0 else 0
+        others.append(json.loads(data[start:int(ends[i])]))
     return out, others
 
 
-def _steps_python(lines: list[bytes]) -> tuple[dict[str, np.ndarray], int]:
-    rows: dict[str, list[Any]] = {k: [] for k in STEP_FIELDS}
+def _python_file(data: bytes) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], int]:
+    """The tolerant path: line by line (a garbage line is counted and skipped)."""
+    rows: dict[str, list[Any]] = {k: [] for k in [*STEP_FIELDS, "line"]}
+    others: list[dict[str, Any]] = []
     bad = 0
-    for raw in lines:
+    for i, raw in enumerate(data.split(b"\n")[:-1]):
+        if not raw.strip():
+            continue
         try:
             e = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             bad += 1
             continue
-        if not isinstance(e, dict) or e.get("kind") != "step" or not isinstance(e.get("step"), int):
+        if not isinstance(e, dict) or not isinstance(e.get("kind"), str):
             bad += 1
-            continue
-        for k, t in STEP_FIELDS.items():
-            v = e.get(k)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-            rows[k].append(v if ok else (-1 if t == "int64" else np.nan))
-    return {k: np.asarray(v, dtype=STEP_FIELDS[k]) for k, v in rows.items()}, bad
+        elif e["kind"] != "step":
+            others.append(e)
+        elif not isinstance(e.get("step"), int):
+            bad += 1
+        else:
+            for k, t in STEP_FIELDS.items():
+                v = e.get(k)
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                rows[k].append(v if ok else (-1 if t == "int64" else np.nan))
+            rows["line"].append(i)
+    cols = {k: np.asarray(v, dtype=STEP_FIELDS.get(k, "int64")) for k, v in rows.items()}
+    return cols, others, bad
 
 
 def read_ledger(run_dir: str | Path) -> Ledger:
@@ -132,6 +158,7 @@ def read_ledger(run_dir: str | Path) -> Ledger:
         names = []
     parts: list[dict[str, np.ndarray]] = []
     events: list[dict[str, Any]] = []
+    raw: list[tuple[bytes, np.ndarray]] = []
     bad = 0
     for name in names:
         try:
@@ -139,38 +166,23 @@ def read_ledger(run_dir: str | Path) -> Ledger:
         except OSError:
             continue
         data = data[: data.rfind(b"\n") + 1]  # a torn last line is still being written
-        if _STEP_MARK not in data:
-            other, b = _parse_events(data.split(b"\n"))
-            events += other
+        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+        if _STEP_MARK in data:
+            try:
+                cols, other = _arrow_file(data, ends)
+            except Exception:  # pyarrow raises ArrowInvalid and others on any bad line: go line by line
+                cols, other, b = _python_file(data)
+                bad += b
+        else:
+            cols, other, b = _python_file(data)
             bad += b
-            continue
-        try:
-            cols, other = _arrow_file(data)
-        except Exception:  # pyarrow raises ArrowInvalid and others on any bad line: go line by line
-            lines = data.split(b"\n")
-            cols, b = _steps_python([ln for ln in lines if _STEP_MARK in ln])
-            other, b2 = _parse_events([ln for ln in lines if ln and _STEP_MARK not in ln])
-            bad += b + b2
+        cols["file"] = np.full(len(cols["step"]), len(raw), dtype=np.int64)
         parts.append(cols)
+        raw.append((data, ends))
         events += other
-    cols = {k: np.concatenate([p[k] for p in parts]) if parts else v for k, v in _empty().items()}
+    keys = [*STEP_FIELDS, "line", "file"]
+    cols = {k: np.concatenate([p[k] for p in parts]) if parts else
+            np.empty(0, dtype=STEP_FIELDS.get(k, "int64")) for k in keys}
     order = np.argsort(cols["t"], kind="stable")
     events.sort(key=lambda e: e.get("t", 0.0) if isinstance(e.get("t"), (int, float)) else 0.0)
-    return Ledger(Steps({k: v[order] for k, v in cols.items()}), events, bad, names)
-
-
-def _parse_events(lines: list[bytes]) -> tuple[list[dict[str, Any]], int]:
-    out, bad = [], 0
-    for raw in lines:
-        if not raw.strip():
-            continue
-        try:
-            e = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            bad += 1
-            continue
-        if isinstance(e, dict) and isinstance(e.get("kind"), str):
-            out.append(e)
-        else:
-            bad += 1
-    return out, bad
+    return Ledger(Steps({k: v[order] for k, v in cols.items()}), events, bad, names, raw)
