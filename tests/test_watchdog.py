@@ -155,9 +155,11 @@ def test_blocked_rank_is_caught_stacks_dumped_segment_ends_with_hang_then_resume
     wall = time.monotonic() - t0
     logs = capfd.readouterr()
     assert logs.err.count(f"exitcode  : {exitcodes.HANG}") == 2, logs.err[-3000:]  # both ranks (torchrun's summary)
-    assert wall < 55, "ended by the watchdog (bound 2 s), not by a ceiling or a timeout"
     [hang] = [e for e in read_all(rd.path, {"hang"}) if e["seg"] == "s1"]
-    assert hang["step"] == 5 and hang["bound_s"] == 2.0 and 2.0 <= hang["stalled_s"] < 2.0 + 10.0
+    # the bound came from the step times (5 x median, at least the 2 s floor), not the 60 s ceiling
+    assert hang["step"] == 5 and 2.0 <= hang["bound_s"] < 60.0
+    assert hang["bound_s"] <= hang["stalled_s"] < hang["bound_s"] + 10.0, "fired within its bound (+ a poll)"
+    assert wall < hang["bound_s"] + 120, "ended by the watchdog, not by a timeout"
     assert hang["suspect_ranks"] == [1] and hang["suspect_nodes"] == [hostname()]
     folder = rd.path / hang["stacks"]
     assert sorted(p.name for p in folder.glob("r*.txt")) == ["r00000.txt", "r00001.txt"]
