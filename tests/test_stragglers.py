@@ -30,13 +30,19 @@ def test_leave_one_out_median_names_the_slow_rank() -> None:
 def test_a_slowed_rank_is_named_with_its_node(deepspeed_ok: None, tiny_cfg: Any) -> None:
     """A real 2-rank DeepSpeed run where rank 1 sleeps 50 ms in every forward (kit.faults). The timings
     are gathered every 4 steps; rank 1 must be reported as a straggler with its node, rank 0 never.
-    The same run shows the node sampler where NVML is absent: nvml_absent once, host samples."""
+    The same run shows the node sampler where NVML is absent (nvml_absent once, host samples), and
+    that a checkpoint save far longer than the hang bound (3 s against 1 s) does not fire the watchdog."""
     from kit.launch import create_run, run_local_segment
 
-    cfg = tiny_cfg("slow", **{"health.straggler_interval": 4, "health.period_s": 0.3})
+    cfg = tiny_cfg("slow", **{"health.straggler_interval": 4, "health.period_s": 0.3, "health.hang_floor_s": 1.0,
+                              "health.hang_factor": 2.0, "health.hang_ceiling_s": 60.0})
     rd = create_run(cfg, log=lambda *a: None)
-    out = run_local_segment(rd, cfg, extra_env={"KIT_FAULTS": "step.forward:rank1=sleep0.05"}, quiet=True)
+    faults = "step.forward:rank1=sleep0.05,ckpt.before_manifest@4=sleep3"
+    out = run_local_segment(rd, cfg, extra_env={"KIT_FAULTS": faults}, quiet=True)
     assert (out.reason, out.step) == ("done", 8)
+    assert not read_all(rd.path, {"hang"}), "a long save is not a hang"
+    saved = {e["step"]: e["seconds"] for e in read_all(rd.path, {"ckpt_saved"})}
+    assert saved[4] >= 3.0
     timings = read_all(rd.path, {"rank_timings"})
     assert [t["step"] for t in timings] == [4, 8]
     for t in timings:
