@@ -140,6 +140,7 @@ def test_main_thread_frames_are_found_among_threads(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
+@pytest.mark.timeout(300)  # should the watchdog fail, its last resort ends the ranks at 1.5 x 60 + 2 x 10 s
 def test_blocked_rank_is_caught_stacks_dumped_segment_ends_with_hang_then_resumes(
         deepspeed_ok: None, tiny_cfg: Any, capfd: pytest.CaptureFixture[str]) -> None:
     """A real 2-rank DeepSpeed run; rank 1 blocks forever after step 5 (kit.faults). Rank 0 waits in the
