@@ -47,7 +47,9 @@ async def test_shows_the_real_run(tiny_run: Path) -> None:
         await wait_for(pilot, lambda: loaded(app), what="first frame")
         text = panel_text(app)
         assert f"step {last_step}/8" in text and f"segment {sorted(segs)[-1]} of {len(segs)}" in text
+        await pilot.press("3")
         assert app.query_one(CkptTable).row_count == len(tags) > 0
+        await pilot.press("5")
         assert app.query_one(SegmentTable).row_count == len(segs) == 2
         xs, ys = app.snaps[0].curves["run"]["loss"]
         assert xs[-1] == last_step and ys[-1] == pytest.approx(steps[last_step])

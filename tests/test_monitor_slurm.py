@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import test_monitor_support as support
 
-from kit.monitor import slurm
+from kit.monitor import slurm as queue
 from kit.monitor.feed import Feed
 
 fixed_run = support.fixed_run
@@ -18,7 +18,7 @@ fixed_run = support.fixed_run
 
 def test_without_slurm_the_chain_comes_from_the_ledger(fixed_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")  # no squeue, no sacct
-    q = slurm.query(["1234"])
+    q = queue.query(["1234"])
     assert not q.available and "no squeue" in q.error
     feed = Feed(fixed_run, clock=support.fixed_now)
     feed.open()
@@ -35,17 +35,17 @@ def test_squeue_and_sacct_report_a_real_job(slurm: None, tmp_path: Path) -> None
     job = re.split(r"[;\s]", out.strip())[0]
     try:
         deadline = time.monotonic() + 30
-        q = slurm.query([job])
+        q = queue.query([job])
         while job not in q.jobs and time.monotonic() < deadline:
             time.sleep(0.5)
-            q = slurm.query([job])
+            q = queue.query([job])
         assert q.available and q.jobs[job].state in ("PENDING", "RUNNING", "CONFIGURING")
         assert q.running() is not None or q.pending() is not None
     finally:
         subprocess.run(["scancel", job], check=False)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        q = slurm.query([job])
+        q = queue.query([job])
         if q.jobs.get(job) and q.jobs[job].source == "sacct":
             break
         time.sleep(1)
