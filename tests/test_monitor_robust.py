@@ -190,3 +190,13 @@ def test_replay_merges_files_in_time_order(tmp_path: Path) -> None:
     append(run, "b", b"junk\n")
     assert [e["t"] for e in merged_events(run / "ledger", follow.ReadStats())] == [1, 2, 3, 4, 5, 6]
     assert json.loads(event("x", t=1.0))["t"] == 1.0
+
+
+async def test_replay_in_the_app_is_read_only_and_reaches_the_end(fixed_run: Path) -> None:
+    app = make_app([fixed_run], replay_speed=1000.0, use_slurm=False)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await wait_for(pilot, lambda: 0 in app.snaps and "(end)" in app.snaps[0].replay, what="end of replay")
+        await wait_for(pilot, lambda: app.shown.get(0, (None, 0.0))[0] == 8, what="last step drawn")
+        assert "replay x1000 (end)" in str(app.query_one("#statusline").render())
+        await pilot.press("s")
+        assert not (fixed_run / "control" / "save-now").exists() and app.read_only

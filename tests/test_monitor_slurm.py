@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import test_monitor_support as support
 
+from kit.ledger import LedgerWriter
 from kit.monitor import slurm as queue
 from kit.monitor.feed import Feed
 
@@ -29,7 +30,9 @@ def test_without_slurm_the_chain_comes_from_the_ledger(fixed_run: Path, monkeypa
 
 
 @pytest.mark.slurm
-def test_squeue_and_sacct_report_a_real_job(slurm: None, tmp_path: Path) -> None:
+def test_squeue_and_sacct_report_a_real_job(slurm: None, tmp_path: Path, fixed_run: Path) -> None:
+    """A real job stands in for a segment's allocation: the chain panel's state and time left come
+    from squeue while it runs, and from sacct once it is gone."""
     out = subprocess.run(["sbatch", "--parsable", "--time=1", "-o", str(tmp_path / "out"), "--wrap", "sleep 60"],
                          capture_output=True, text=True, check=True).stdout
     job = re.split(r"[;\s]", out.strip())[0]
@@ -41,6 +44,14 @@ def test_squeue_and_sacct_report_a_real_job(slurm: None, tmp_path: Path) -> None
             q = queue.query([job])
         assert q.available and q.jobs[job].state in ("PENDING", "RUNNING", "CONFIGURING")
         assert q.running() is not None or q.pending() is not None
+        with LedgerWriter(fixed_run, "train-r0", seg=f"{job}_0") as w:
+            w.emit("segment_started", world_size=2, step=8, max_steps=20, job_id=job)
+        feed = Feed(fixed_run)
+        feed.open()
+        feed.work()
+        seg = feed.snapshot().summary["segment"]
+        assert seg["job_id"] == job and seg["state"] in ("PENDING", "RUNNING", "CONFIGURING")
+        assert seg["state"] != "RUNNING" or re.fullmatch(r"[\d:-]+", seg["time_left"])
     finally:
         subprocess.run(["scancel", job], check=False)
     deadline = time.monotonic() + 60
