@@ -172,9 +172,10 @@ class Feed:
             since = end - span if math.isfinite(span) else -math.inf
             curves[win] = {k: thin(*m.curves.window(k, since)) for k in CURVES}
         flagged = {str(s.get("node") or "") for s in m.stragglers}
-        for h in m.hangs:
+        for h in m.hangs:  # the watchdog names the nodes whose ranks' stacks differ
             nodes = h.get("suspect_nodes")
-            flagged.update(str(n) for n in nodes if isinstance(n, str)) if isinstance(nodes, list) else None
+            if isinstance(nodes, list):
+                flagged.update(n for n in nodes if isinstance(n, str))
         loading = ""
         if self._backfill is not None:
             done = sum(c.offset for c in self._backfill[1].cursors.values())
