@@ -83,6 +83,13 @@ class ChainPanel(Static):
         if ck:
             t.append(f"checkpoint {ck['tag']} {dur(ck['age_s'])} ago, {size_text(ck['bytes'])} in "
                      f"{val(ck['seconds'], '.3g')}s\n")
+        rb, doc = s.get("rollbacks"), s.get("doctor")
+        if rb:
+            t.append(f"rollbacks {rb['count']}, last {rb['from_step']} -> {rb['to_step']} at {clock_text(rb['t'])}\n",
+                     "yellow")
+        if doc:
+            t.append(f"preflight (kit doctor) {'passed' if doc['ok'] else 'FAILED'} at {clock_text(doc['t'])}\n",
+                     "" if doc["ok"] else "red")
         for line in requests:
             t.append(line + "\n", "cyan")
         self.update(t)

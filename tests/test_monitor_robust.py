@@ -200,3 +200,14 @@ async def test_replay_in_the_app_is_read_only_and_reaches_the_end(fixed_run: Pat
         assert "replay x1000 (end)" in str(app.query_one("#statusline").render())
         await pilot.press("s")
         assert not (fixed_run / "control" / "save-now").exists() and app.read_only
+
+
+def test_rollbacks_and_preflight_are_summarized(fixed_run: Path) -> None:
+    append(fixed_run, "spikes", event("rollback", t=support.fixed_now() - 30, from_step=7, to_step=4))
+    append(fixed_run, "doctor-node01", event("doctor", t=support.fixed_now() - 20, ok=False, checks=[]))
+    feed = Feed(fixed_run, use_slurm=False, clock=support.fixed_now)
+    feed.open()
+    feed.work()
+    s = feed.snapshot().summary
+    assert s["rollbacks"]["count"] == 1 and (s["rollbacks"]["from_step"], s["rollbacks"]["to_step"]) == (7, 4)
+    assert s["doctor"]["ok"] is False
