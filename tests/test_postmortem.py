@@ -157,3 +157,27 @@ def test_batch_analysis_names_the_poisoned_documents(tmp_path: Path) -> None:
     assert poisoned["snippets"][0]["source"] == "junk" and "\\x" in poisoned["snippets"][0]["text"]
     clean = by_step[12]["batches"]  # a spike with nothing odd in its data: nothing is blamed
     assert clean["flagged_samples"] == 0 and not any(d["flags"] for d in clean["documents"])
+
+
+def test_offline_detector_agrees_with_the_live_one() -> None:
+    """The vectorised pass of the postmortem (strided statistics, exact near the bar) flags exactly
+    the steps kit.spikes.SeriesDetector flags, with the same scores."""
+    from kit.config import SpikesSection
+    from kit.spikes import SeriesDetector
+    from kit.tools.postmortem import detect
+
+    cfg = SpikesSection()
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        n = 20000
+        vals = (2 + 6 * np.exp(-np.arange(n) / 500)) * np.exp(rng.normal(0, 0.015, n))
+        vals[rng.choice(np.arange(100, n), 60, replace=False)] *= 1.4
+        vals[7000] = np.nan
+        steps = np.arange(1, n + 1)
+        off = detect(steps, vals, cfg, clamp=True)
+        d = SeriesDetector("loss", cfg.window, cfg.threshold, cfg.warmup_steps, cfg.min_rise, True)
+        live = [d.observe(int(s), float(v)) for s, v in zip(steps, vals, strict=True)]
+        flags = np.array([v.spike for v in live])
+        assert np.array_equal(flags, off.spike) and flags.sum() >= 60
+        hit = np.flatnonzero(flags & np.isfinite(vals))
+        assert np.allclose([live[i].score for i in hit], off.score[hit], rtol=1e-9)
