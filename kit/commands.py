@@ -119,7 +119,8 @@ def train(args: argparse.Namespace) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     rd = create_run(cfg)
-    out = run_local_segment(rd, cfg, stop_after_steps=args.stop_after_steps)
+    seg = f"local-{datetime.now():%Y%m%d-%H%M%S}"  # unique: the outcome is read back from the ledger by seg
+    out = run_local_segment(rd, cfg, stop_after_steps=args.stop_after_steps, seg=seg)
     if out.reason == "crashed":
         raise KitError(f"the segment failed (exit {out.returncode}); see the output above and {rd.ledger}")
     print(f"segment ended: {out.reason} at step {out.step}; run directory {rd.path}")

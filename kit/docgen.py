@@ -38,8 +38,9 @@ def field_docs() -> dict[str, dict[str, str]]:
         for i, stmt in enumerate(body):
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and i + 1 < len(body):
                 nxt = body[i + 1]
-                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                    docs[stmt.target.id] = " ".join(nxt.value.value.split())
+                value = nxt.value if isinstance(nxt, ast.Expr) else None
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    docs[stmt.target.id] = " ".join(value.value.split())
         out[node.name] = docs
     return out
 

@@ -60,6 +60,11 @@ def run_local_segment(rd: RunDir, cfg: RunConfig, stop_after_steps: int = 0, seg
     proc = subprocess.run(torchrun_cmd(rd.path, cfg.trainer.nproc, stop_after_steps), env=env,
                           stdout=out, stderr=out)
     ended = [e for e in read_all(rd.path, {"segment_ended"}) if e.get("seg") == seg]
-    if proc.returncode != 0 or not ended:
-        return SegmentOutcome(proc.returncode, "crashed", ended[-1]["step"] if ended else -1)
-    return SegmentOutcome(0, ended[-1]["reason"], ended[-1]["step"])
+    if not ended:
+        return SegmentOutcome(proc.returncode, "crashed", -1)
+    # The ledger is authoritative: torchrun turns any rank's non-zero status (a hang the watchdog
+    # ended, a give-up) into 1, but the trainer or the watchdog wrote why before it exited.
+    last = ended[-1]
+    if proc.returncode != 0 and last["reason"] in ("done", "stop", "signal", "deadline", "segment_limit"):
+        return SegmentOutcome(proc.returncode, "crashed", last["step"])  # died after ending cleanly?
+    return SegmentOutcome(proc.returncode, last["reason"], last["step"])
