@@ -180,6 +180,8 @@ def decide(cfg: SpikesSection, v: Verdict, before_update: bool, applied: bool, r
             why = f"non-finite {v.metric}: DeepSpeed skipped the update"
         else:
             action, why = ROLLBACK, f"non-finite {v.metric} and the update was applied: weights are suspect"
+    elif not before_update and not applied:
+        action, why = LOG, "that step's update was not applied (refused or skipped by DeepSpeed)"
     elif cfg.policy == SKIP and before_update:
         action, why = SKIP, "policy skip"
     elif cfg.policy == SKIP:

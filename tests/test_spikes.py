@@ -109,6 +109,7 @@ def test_policy_table() -> None:
     assert decide(log, v(), True, False, 0).action == LOG
     assert decide(skip, v(), True, False, 0).action == SKIP
     assert decide(skip, v(), False, True, 0).action == LOG  # a grad-norm spike is known after the update
+    assert decide(rb, v(), False, False, 0).action == LOG  # ...of an update that was refused: nothing to undo
     assert decide(rb, v(), True, False, 0).action == ROLLBACK
     assert decide(rb, v(), True, False, 2).action == GIVE_UP  # the cap
     # Non-finite: never just logged while the update can be refused; rolled back if it was applied.
