@@ -226,3 +226,35 @@ def test_a_crashed_segment_is_down(fixed_run: Path) -> None:
     fresh.open()
     fresh.work()
     assert fresh.snapshot().summary["phase"] == "running"
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+async def test_save_now_end_to_end_with_a_real_training_segment(tmp_path: Path, deepspeed_ok: None) -> None:
+    """The monitor watches a real segment (2 DeepSpeed ranks); the operator asks for a save; the
+    trainer consumes the switch, saves and acknowledges; the monitor shows the acknowledgement.
+    A fault point pauses the ranks for 6 s after step 2 (KIT_FAULTS sleep) so the request lands
+    mid-run on this slow machine."""
+    import asyncio
+
+    from conftest import ROOT, tiny_overrides
+
+    from kit.config import load_recipe
+    from kit.launch import create_run, run_local_segment
+
+    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp_path / "runs", "live",
+                                                                  **{"checkpoint.interval_steps": 100}))
+    rd = create_run(cfg, log=lambda *a: None)
+    app = make_app([rd.path], use_slurm=False)
+    async with app.run_test(size=(140, 40)) as pilot:
+        seg = asyncio.create_task(asyncio.to_thread(
+            run_local_segment, rd, cfg, seg="live1", quiet=True, extra_env={"KIT_FAULTS": "step.after@2=sleep6"}))
+        await wait_for(pilot, lambda: app.snaps.get(0) is not None and app.snaps[0].summary["step"] == 1,
+                       timeout=180, what="step 1 of the live segment")
+        await pilot.press("s", "y")
+        await wait_for(pilot, lambda: "acknowledged at step" in panel_text(app), timeout=60, what="the trainer's ack")
+        outcome = await seg
+    assert outcome.reason == "done", outcome
+    acks = [e for e in read_all(rd.path) if e["kind"] == "control_ack" and e["switch"] == "save-now"]
+    saves = {e["step"]: e.get("reason") for e in read_all(rd.path) if e["kind"] == "ckpt_saved"}
+    assert len(acks) == 1 and saves[acks[0]["step"]] == "save-now" and not (rd.control / "save-now").exists()
