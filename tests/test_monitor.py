@@ -69,7 +69,7 @@ async def test_appended_events_reach_the_screen(tiny_run: Path) -> None:
         with LedgerWriter(tiny_run, "train-r0", seg="seg3") as w:
             w.emit("segment_started", world_size=2, step=8, max_steps=20)
             w.emit("step", step=9, loss=4.321, tokens_per_s=1234.0, step_time=0.1)
-        await wait_for(pilot, lambda: "step 9/" in panel_text(app), timeout=3, what="step 9 on screen")
+        await wait_for(pilot, lambda: "step 9/" in panel_text(app), timeout=15, what="step 9 on screen")
         assert "4.321" in panel_text(app) and "running" in panel_text(app)
 
 
@@ -111,12 +111,12 @@ async def test_save_now_asks_first_then_writes_the_switch_and_shows_the_ack(tiny
         assert not switch.exists()
         await pilot.press("s")
         await pilot.press("y")
-        await wait_for(pilot, switch.exists, timeout=5, what="control/save-now")
+        await wait_for(pilot, switch.exists, timeout=15, what="control/save-now")
         assert "kit monitor" in switch.read_text()
-        await wait_for(pilot, lambda: "waiting for the run" in panel_text(app), timeout=5, what="pending")
+        await wait_for(pilot, lambda: "waiting for the run" in panel_text(app), timeout=15, what="pending")
         with LedgerWriter(tiny_run, "train-r0", seg="seg2") as w:
             w.emit("control_ack", switch="save-now", step=8, note="kit monitor")
-        await wait_for(pilot, lambda: "acknowledged at step 8" in panel_text(app), timeout=5, what="ack shown")
+        await wait_for(pilot, lambda: "acknowledged at step 8" in panel_text(app), timeout=15, what="ack shown")
 
 
 @pytest.mark.slow
@@ -143,10 +143,10 @@ async def test_alert_acknowledgement_goes_to_the_monitors_own_ledger(tiny_run: P
         assert any("unacknowledged" in r for r in app.snaps[0].summary["reasons"])
         await pilot.press("4", "a")
         mine = tiny_run / "ledger" / f"monitor-{hostname()}.jsonl"
-        await wait_for(pilot, mine.exists, timeout=5, what="the monitor's ledger file")
+        await wait_for(pilot, mine.exists, timeout=15, what="the monitor's ledger file")
         ack = json.loads(mine.read_text().splitlines()[-1])
         assert ack["kind"] == "alert_ack" and ack["alert_t"] == alert["t"]
-        await wait_for(pilot, lambda: app.snaps[0].alerts[0].acked, timeout=5, what="ack read back")
+        await wait_for(pilot, lambda: app.snaps[0].alerts[0].acked, timeout=15, what="ack read back")
         assert app.snaps[0].alerts[0].message == "node07 GPU 1: Xid 79"
         assert not any("node07" in a.message for a in app.snaps[0].alerts if not a.acked)
         assert app.query_one(AlertTable).row_count == len(app.snaps[0].alerts)

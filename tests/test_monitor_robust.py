@@ -92,7 +92,7 @@ async def test_app_keeps_running_and_says_what_it_skipped(fixed_run: Path) -> No
         (fixed_run / "ledger" / "health-node02.jsonl").unlink()
         with LedgerWriter(fixed_run, "train-r0", seg="seg3") as w:
             w.emit("step", step=9, loss=1.5)
-        await wait_for(pilot, lambda: app.snaps[0].summary["step"] == 9, timeout=5, what="step after junk")
+        await wait_for(pilot, lambda: app.snaps[0].summary["step"] == 9, timeout=15, what="step after junk")
         status = str(app.query_one("#statusline").render())
         assert "skipped:" in status and "bad lines" in status and "unknown kinds" in status
         assert "vanished files" in status
