@@ -171,7 +171,7 @@ class Feed:
         for win, span in WINDOWS.items():
             since = end - span if math.isfinite(span) else -math.inf
             curves[win] = {k: thin(*m.curves.window(k, since)) for k in CURVES}
-        flagged = {str(s.get("node") or "") for s in m.stragglers}
+        flagged = {str(s.get("node") or "") for s in m.stragglers} | set(m.excluded)
         for h in m.hangs:  # the watchdog names the nodes whose ranks' stacks differ
             nodes = h.get("suspect_nodes")
             if isinstance(nodes, list):

@@ -93,6 +93,7 @@ class RunModel:
     chain_jobs: list[str] = field(default_factory=list)
     chain_ended: str = ""
     chain_ended_t: float | None = None
+    excluded: dict[str, str] = field(default_factory=dict)  # node -> why (kit.jobs excludes it from segments)
     ckpts: OrderedDict[str, Ckpt] = field(default_factory=OrderedDict)
     alerts: deque[Alert] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
     acked: set[float] = field(default_factory=set)
@@ -174,6 +175,11 @@ class RunModel:
             self.chain_ended, self.chain_ended_t = text(e.get("reason")) or "?", t
         elif e["kind"] == "chain_submitted":
             self.chain_ended = ""
+
+    def _node_excluded(self, e: dict[str, Any], t: float) -> None:
+        node = text(e.get("node"))
+        if node and len(self.excluded) < 1000:
+            self.excluded[node] = text(e.get("reason"))
 
     def _ckpt(self, e: dict[str, Any], t: float) -> None:
         tag = text(e.get("tag"))
@@ -277,6 +283,9 @@ _HANDLERS: dict[str, Any] = {
     "chain_submitted": RunModel._chain,
     "chain_requeued": RunModel._chain,
     "chain_ended": RunModel._chain,
+    "allocation_started": RunModel._chain,
+    "allocation_ended": RunModel._chain,
+    "node_excluded": RunModel._node_excluded,
     "ckpt_saved": RunModel._ckpt,
     "ckpt_verified": RunModel._ckpt,
     "ckpt_converted": RunModel._ckpt,

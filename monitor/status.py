@@ -35,8 +35,10 @@ def _phase(m: RunModel, now: float, q: QueueInfo | None) -> tuple[str, str, list
     if m.last_t is None:
         return "empty", DOWN, ["no ledger events yet"]
     if m.chain_ended and (seg is None or seg.started_t is None or (m.chain_ended_t or 0) >= seg.started_t):
-        if m.chain_ended in ("done", "stop", "stopped"):
+        if m.chain_ended in ("done", "stop", "stopped", "cancelled"):
             return ("finished" if m.chain_ended == "done" else "stopped"), HEALTHY, []
+        if m.chain_ended in ("max_segments", "chain_deadline"):  # the recipe's limits: resubmit to go on
+            return "ended", DEGRADED, [f"the chain ended at its limit: {m.chain_ended}"]
         return "ended", DOWN, [f"the chain ended: {m.chain_ended}"]
     if seg is None or seg.started_t is None:
         return "starting", HEALTHY, []
@@ -175,6 +177,7 @@ def summarize(m: RunModel, now: float, q: QueueInfo | None = None) -> dict[str, 
         "rollbacks": None if not m.rollbacks else {"count": len(m.rollbacks), "t": m.rollbacks[-1][0],
                                                    "from_step": m.rollbacks[-1][1], "to_step": m.rollbacks[-1][2]},
         "doctor": None if not m.doctor else {"ok": m.doctor["ok"], "t": m.doctor["t"]},
+        "excluded_nodes": sorted(m.excluded),
         "health": {"nodes": len(m.health), "gpus": len(gpus), "problems": sum(bool(g.problems()) for g in gpus),
                    "nvml_absent": sorted(m.nvml_absent)},
         "reader": {"events": m.reader.events, "bad_lines": m.reader.bad_lines,

@@ -83,7 +83,9 @@ class ChainPanel(Static):
         if ck:
             t.append(f"checkpoint {ck['tag']} {dur(ck['age_s'])} ago, {size_text(ck['bytes'])} in "
                      f"{val(ck['seconds'], '.3g')}s\n")
-        rb, doc = s.get("rollbacks"), s.get("doctor")
+        rb, doc, excl = s.get("rollbacks"), s.get("doctor"), s.get("excluded_nodes")
+        if excl:
+            t.append(f"excluded nodes: {', '.join(excl[:8])}{' ...' if len(excl) > 8 else ''}\n", "yellow")
         if rb:
             t.append(f"rollbacks {rb['count']}, last {rb['from_step']} -> {rb['to_step']} at {clock_text(rb['t'])}\n",
                      "yellow")

@@ -211,3 +211,22 @@ def test_rollbacks_and_preflight_are_summarized(fixed_run: Path) -> None:
     s = feed.snapshot().summary
     assert s["rollbacks"]["count"] == 1 and (s["rollbacks"]["from_step"], s["rollbacks"]["to_step"]) == (7, 4)
     assert s["doctor"]["ok"] is False
+
+
+def test_chain_events_of_kit_jobs(fixed_run: Path) -> None:
+    """The chain driver's events (kit.jobs): allocations add job ids, excluded nodes are flagged, and
+    how the chain ended sets the verdict."""
+    now = support.fixed_now()
+    append(fixed_run, "chain", event("allocation_started", t=now - 50, job_id="4242", nodes=["node01"]) +
+           event("node_excluded", t=now - 40, node="node01", reason="crash in segment 4242_0") +
+           event("chain_ended", t=now - 30, reason="crash_loop", job_id="4242"))
+    feed = Feed(fixed_run, use_slurm=False, clock=support.fixed_now)
+    feed.open()
+    feed.work()
+    snap = feed.snapshot()
+    assert "4242" in feed.model.chain_jobs and snap.summary["excluded_nodes"] == ["node01"]
+    assert snap.summary["status"] == "down" and "crash_loop" in snap.summary["reasons"][0]
+    assert all(flagged for node, _, flagged in snap.health if node == "node01")
+    append(fixed_run, "chain", event("chain_ended", t=now - 10, reason="max_segments"))
+    feed.work()
+    assert feed.snapshot().summary["status"] == "degraded"
