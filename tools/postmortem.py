@@ -24,7 +24,7 @@ from kit.errors import KitError
 from kit.spikes import LOCAL, PRED_VAR, SQRT2, TRIM, TRIM_STD, predict
 from kit.tools.spike_ledger import Ledger, Steps, read_ledger
 
-STRIDE = 8  # the offline pass computes the window statistics every STRIDE steps, then exactly near spikes
+STRIDE = 16  # the offline pass computes the window statistics every STRIDE steps, then exactly near spikes
 MARGIN = 0.7  # ...exactly for every step whose approximate rise is above MARGIN x the bar
 GAP = 3  # flagged steps closer than this belong to one episode
 

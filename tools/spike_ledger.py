@@ -101,8 +101,9 @@ def _arrow_file(data: bytes, ends: np.ndarray) -> tuple[dict[str, np.ndarray], l
     import pyarrow.json as pj
 
     clean = data
-    for token in _NONFINITE:
-        if token in clean:
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if (arr == ord("N")).any() or (arr == ord("I")).any():  # one cheap pass; three bytes.find cost 3x more
+        for token in _NONFINITE:
             clean = clean.replace(token, b":null")
     fields = [("kind", pa.string())] + [(k, pa.float64() if t == "float64" else pa.int64())
                                         for k, t in STEP_FIELDS.items()]
