@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kit.monitor.app import MonitorApp, loaded, make_app
 from test_monitor_support import FIXED_RUN, fixed_now, wait_for
+
+from kit.monitor.app import MonitorApp, loaded, make_app
 
 SIZE = (130, 36)
 
