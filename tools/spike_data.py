@@ -172,7 +172,8 @@ class DataInspector:
         for s, f in flagged:
             d = docs.setdefault((s.source, s.main_doc), {
                 "source": s.source, "language": self.langs.get(s.source, ""), "doc": s.main_doc,
-                "origin": self.origin(s.source, s.main_doc), "tokens": s.doc_tokens, "samples": 0, "flags": set()})
+                "origin": self.origin(s.source, s.main_doc), "tokens": s.doc_tokens, "samples": 0, "flags": set(),
+                "snippet": _printable(s.text)[:SNIPPET_CHARS // 2]})
             d["samples"] += 1
             d["flags"].update(x.split(":")[0].split(" ")[0] for x in f)
         ranked = sorted(flagged, key=lambda sf: (-len(sf[1]), -sf[0].repetition, sf[0].index))

@@ -108,8 +108,8 @@ def _section(sp: dict[str, Any], out: Path, files: list[Path]) -> list[str]:
                    ["source", "language", "in the spike", "usual", "ratio"])
     lines += ["", "Documents (unusual first):", ""]
     lines += table([[d["source"], str(d["doc"]), d["origin"] or "–", str(d["tokens"]), str(d["samples"]),
-                     ", ".join(d["flags"]) or "–"] for d in b["documents"][:15]],
-                   ["source", "doc", "origin", "tokens", "samples", "unusual"])
+                     ", ".join(d["flags"]) or "–", f"`{d['snippet'][:48]}`"] for d in b["documents"][:15]],
+                   ["source", "doc", "origin", "tokens", "samples", "unusual", "snippet"])
     lines += ["", "Snippets:", ""]
     for s in b["snippets"]:
         lines += [f"- sample {s['index']}, {s['source']} doc {s['doc']} ({s['origin'] or '?'})"
