@@ -11,6 +11,7 @@ all three off. :func:`make_app` builds the app for the CLI and the tests alike.
 from __future__ import annotations
 
 import getpass
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -293,7 +294,7 @@ class MonitorApp(App[int]):
             w = self._writers.get(index)
             if w is None:
                 w = self._writers[index] = LedgerWriter(self.feeds[index].rd.path,
-                                                        writer_name("monitor", host=hostname()))
+                                                        writer_name("monitor", host=f"{hostname()}-{os.getpid()}"))
             w.emit("alert_ack", alert_t=alert_t, by=getpass.getuser(), message=message[:200])
         except (OSError, ValueError) as e:
             self.call_from_thread(self.notify, f"could not acknowledge: {e}", severity="error")

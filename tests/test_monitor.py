@@ -9,6 +9,7 @@ schema's writer, and each test says so.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,7 +143,7 @@ async def test_alert_acknowledgement_goes_to_the_monitors_own_ledger(tiny_run: P
         await wait_for(pilot, lambda: loaded(app), what="first frame")
         assert any("unacknowledged" in r for r in app.snaps[0].summary["reasons"])
         await pilot.press("4", "a")
-        mine = tiny_run / "ledger" / f"monitor-{hostname()}.jsonl"
+        mine = tiny_run / "ledger" / f"monitor-{hostname()}-{os.getpid()}.jsonl"
         await wait_for(pilot, mine.exists, timeout=15, what="the monitor's ledger file")
         ack = json.loads(mine.read_text().splitlines()[-1])
         assert ack["kind"] == "alert_ack" and ack["alert_t"] == alert["t"]
