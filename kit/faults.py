@@ -42,3 +42,8 @@ def fault_point(name: str, step: int, rank: int) -> None:
                 os._exit(17)
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_active(name: str, step: int, rank: int) -> bool:
+    """A value fault (``loss.nan@12:rank1``): True when armed here; the caller corrupts its own value."""
+    return any(at in (-1, step) and (only is None or only == rank) for at, only, _ in _FAULTS.get(name, ()))

@@ -177,7 +177,7 @@ def decide(cfg: SpikesSection, v: Verdict, before_update: bool, applied: bool, r
             why = f"non-finite {v.metric}: never applied"
         elif not applied:
             action = ROLLBACK if cfg.policy == ROLLBACK else LOG
-            why = f"non-finite {v.metric}: DeepSpeed skipped the update"
+            why = f"non-finite {v.metric}: that update was not applied"
         else:
             action, why = ROLLBACK, f"non-finite {v.metric} and the update was applied: weights are suspect"
     elif not before_update and not applied:

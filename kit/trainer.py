@@ -26,7 +26,7 @@ from kit.config import RunConfig
 from kit.data import MixtureDataset, prepare, rank_micro_indices, wait_for_meta
 from kit.dist import DistEnv
 from kit.errors import CheckpointError, ConfigError
-from kit.faults import fault_point
+from kit.faults import fault_active, fault_point
 from kit.health import JobHealth
 from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
 from kit.metrics import MetricSink
@@ -298,8 +298,11 @@ class Trainer:
             idx = rank_micro_indices(st.consumed, cfg.batch.micro_batch_size, self.dp, self.env.rank, m)
             x = torch.from_numpy(self.data.batch(idx)).to(eng.device)
             out = eng(input_ids=x, labels=x)
-            eng.backward(out.loss)
-            loss_sum += out.loss.detach().double().cpu()
+            loss = out.loss
+            if m == 0 and fault_active("loss.nan", st.step + 1, self.env.rank):  # tests: NaN on one rank only
+                loss = loss * float("nan")
+            eng.backward(loss)
+            loss_sum += loss.detach().double().cpu()
             if m < ga - 1:
                 eng.step()  # not a boundary: DeepSpeed only counts the micro step
         # The step's one all-reduce happens before the boundary engine.step(), so that the spike
@@ -322,7 +325,8 @@ class Trainer:
         if self.spike_check.skip_update:
             with sp.hold_update(self._optim, self._sched):
                 eng.step()
-            eng.skipped_steps += 1
+            if getattr(eng, "_step_applied", True):  # DeepSpeed counts the updates it skips itself
+                eng.skipped_steps += 1
         else:
             eng.step()
         if self.env.is_main:

@@ -128,3 +128,16 @@ def test_rollback_cap_gives_up_without_saving_the_spiked_state(tmp_path: Path) -
     assert len(critical) == 1 and "max_rollbacks" in critical[0]["message"]
     assert ck.find_resume(rd.checkpoints)[0].tag == "step_0000025"  # type: ignore[union-attr]
     assert not read_all(rd.path, {"rollback"})
+
+
+def test_nan_loss_on_one_rank_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """Rank 1 alone sees a NaN loss at step 15 (fault loss.nan): the all-reduced loss is NaN, so both
+    ranks refuse that update, even under policy log; the run goes on with finite weights."""
+    cfg, rd = start(tmp_path, "nan", "log", "trainer.max_steps=20")
+    out = run_local_segment(rd, cfg, seg="a", quiet=True, extra_env={"KIT_FAULTS": "loss.nan@15:rank1"})
+    assert (out.reason, out.step) == ("done", 20)
+    spikes = [(e["step"], e["metric"], e["nonfinite"], e["action"]) for e in read_all(rd.path, {"spike"})]
+    assert spikes == [(15, "loss", True, "skip"), (15, "grad_norm", True, "log")]
+    loss = {e["step"]: e["loss"] for e in steps(rd)}
+    assert loss[15] != loss[15]  # NaN, logged as it was
+    assert all(0 < loss[s] < 1.2 * loss[14] for s in range(16, 21)), loss
