@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
+from kit.config import RunConfig
 from tests.conftest import ROOT, tiny_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.deepspeed]
 
 
-def _cfg(tmp: Path, name: str, **extra: Any):  # type: ignore[no-untyped-def]
+def _cfg(tmp: Path, name: str, **extra: Any) -> RunConfig:
     from kit.config import load_recipe
 
     base = {"slurm.time_limit": "00:01:00", "trainer.stop_margin_s": 5.0, "chain.signal_lead_s": 10,

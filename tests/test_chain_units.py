@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from kit import exitcodes
+from kit.config import RunConfig
 from kit.errors import ConfigError, DataError
 from kit.jobs import chain as ch
 from tests.conftest import ROOT, tiny_overrides
@@ -22,7 +23,7 @@ from tests.conftest import ROOT, tiny_overrides
 GOLDEN = Path(__file__).with_name("test_chain_command.golden")
 
 
-def _cfg(tmp: Path, **extra: Any):  # type: ignore[no-untyped-def]
+def _cfg(tmp: Path, **extra: Any) -> RunConfig:
     from kit.config import load_recipe
 
     return load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp / "runs", "u", **extra))
@@ -133,7 +134,8 @@ def test_signal_lead_and_time_limit_checks(tmp_path: Path) -> None:
 def test_bad_input_leaves_no_run_directory(tmp_path: Path) -> None:
     from kit.jobs.submit import submit
 
-    cases = [({"container.image": str(tmp_path / "missing.sif")}, ConfigError, "container.image"),
+    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
+             ({"container.image": str(tmp_path / "missing.sif")}, ConfigError, "container.image"),
              ({"slurm.time_limit": "00:00:20"}, ConfigError, "too short"),
              ({"container.binds": [str(tmp_path / "nope")]}, ConfigError, "container.binds")]
     for extra, err, text in cases:
