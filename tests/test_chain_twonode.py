@@ -1,10 +1,11 @@
-"""Two simulated nodes on the real local Slurm: one segment as 2 nodes x 1 task, real gloo rendezvous.
+"""Simulated nodes on the real local Slurm: segments of 2 nodes x 1 task, real gloo rendezvous, and a
+failed node excluded from the next segment.
 
-The local Slurm is reconfigured with two slurmd daemons (node1, node2 on this machine, names added to
-/etc/hosts so MASTER_ADDR=node1 resolves) and restored to one node afterwards (this module sorts last
-among the chain tests, so the others run on the normal setup). Needs root, as .ci/run has.
-The trainer really rendezvous through submitit's TorchDistributedEnvironment (MASTER_ADDR = first node,
-port from the job id) and, with doctor.enabled, kit doctor's preflight runs first on every rank.
+The local Slurm is reconfigured with three slurmd daemons (node1..node3 on this machine, names added
+to /etc/hosts so MASTER_ADDR=node1 resolves) and restored to one node afterwards (this module sorts
+last among the chain tests, so the others run on the normal setup). Needs root, as .ci/run has.
+The trainer rendezvous through submitit's TorchDistributedEnvironment (MASTER_ADDR = first node, port
+from the job id) and, with doctor.enabled, kit doctor's preflight runs first on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,45 +35,55 @@ def _start(nodes: int) -> None:
 
 
 @pytest.fixture
-def two_nodes(slurm: None) -> Iterator[None]:
+def three_nodes(slurm: None) -> Iterator[None]:
     require(os.geteuid() == 0, "root, to reconfigure the local Slurm")
-    _start(2)
+    _start(3)
     try:
         yield
     finally:
         _start(1)
 
 
-def test_one_segment_on_two_nodes(tmp_path: Path, two_nodes: None, deepspeed_ok: None) -> None:
+def test_two_node_segments_and_a_failed_node_excluded(tmp_path: Path, three_nodes: None, deepspeed_ok: None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segment 1 runs on 2 nodes x 1 task; rank 1 (second node) is SIGKILLed after step 3. The chain
+    blames that node, excludes it (3 nodes, 2 needed: there is room), and segment 2 runs on the two
+    others, resumes from step 2 and finishes."""
     from kit.config import load_recipe
     from kit.jobs import slurmctl
     from kit.jobs.submit import submit
     from kit.ledger import read_all
 
-    assert sorted(slurmctl.partition_nodes()) == ["node1", "node2"]
+    assert sorted(slurmctl.partition_nodes()) == ["node1", "node2", "node3"]
+    monkeypatch.setenv("KIT_FAULTS", "step.after@3:rank1")
+    monkeypatch.setenv("KIT_FAULTS_SEGMENTS", "1")
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(
-        tmp_path / "runs", "two", **{"slurm.nodes": 2, "slurm.tasks_per_node": 1, "trainer.max_steps": 4,
-                                     "slurm.time_limit": "00:02:00", "trainer.stop_margin_s": 5.0,
-                                     "chain.signal_lead_s": 10, "doctor.enabled": True}))
+        tmp_path / "runs", "two", **{"slurm.nodes": 2, "slurm.tasks_per_node": 1, "trainer.max_steps": 6,
+                                     "slurm.time_limit": "00:05:00", "trainer.stop_margin_s": 5.0,
+                                     "chain.backoff_s": 1.0, "doctor.enabled": True}))
     sub = submit(cfg, log=lambda m: None)
-    end = time.time() + 150
-    state: dict[str, object] = {}
+    end = time.time() + 180
+    state: dict[str, Any] = {}
     while time.time() < end:
         state = json.loads((sub.run_dir / "slurm" / "chain.json").read_text())
-        if state["state"] == "ended" and not slurmctl.is_active(sub.job_id):
+        if state["state"] == "ended" and not slurmctl.is_active(state["job_id"]):
             break
         time.sleep(1)
     logs = sorted((sub.run_dir / "slurm" / "submitit").glob("*_0_log.err"))
     assert state["state"] == "ended" and state["end_reason"] == "done", (state, logs[-1].read_text()[-3000:])
+    first, second = state["segments"]
+    assert len(first["nodes"]) == 2 and first["outcome"] == "crash" and first["exit_codes"]["1"] == -9
+    bad = first["nodes"][1]
+    assert first["implicated"] == [bad] and state["excluded_nodes"] == [bad]
+    assert len(second["nodes"]) == 2 and bad not in second["nodes"], "the failed node was excluded"
+    assert second["outcome"] == "finished" and second["ckpt_before"] == 2
+
     events = read_all(sub.run_dir)
+    assert [e["node"] for e in events if e["kind"] == "node_excluded"] == [bad]
     alloc = [e for e in events if e["kind"] == "allocation_started"]
-    assert alloc[0]["nodes"] == ["node1", "node2"] and alloc[0]["world_size"] == 2
-    started = [e for e in events if e["kind"] == "segment_started"]
-    assert started[0]["world_size"] == 2
-    ended = [e for e in events if e["kind"] == "allocation_ended"]
-    assert ended[-1]["exit_codes"] == {"0": 0, "1": 0} and ended[-1]["outcome"] == "finished"
-    reports = sorted((sub.run_dir / "slurm" / "ranks").glob("*/r*.json"))
-    hosts = {json.loads(p.read_text())["host"] for p in reports}
-    assert hosts == {"node1", "node2"}, "each rank ran on its own (simulated) node"
+    assert [a["world_size"] for a in alloc] == [2, 2] and alloc[1]["excluded"] == [bad]
+    assert all(e["world_size"] == 2 for e in events if e["kind"] == "segment_started")
+    hosts = {json.loads(p.read_text())["host"] for p in (sub.run_dir / "slurm" / "ranks").glob("*/r*.json")}
+    assert hosts == set(first["nodes"]) | set(second["nodes"]), "each rank ran on its own (simulated) node"
     doctor = [e for e in events if e["kind"] == "doctor"]
     assert doctor and all(e["ok"] for e in doctor), doctor
