@@ -88,6 +88,7 @@ class Driver:
         self.child: subprocess.Popen[bytes] | None = None
         self.pending_signal = ""
         self.forwarded = False
+        self.job_end: float | None = None  # when Slurm will kill this allocation (rank 0, from squeue)
 
     @property
     def is_main(self) -> bool:
@@ -144,12 +145,8 @@ class Driver:
             "TORCH_NCCL_ASYNC_ERROR_HANDLING": env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
             "NCCL_ASYNC_ERROR_HANDLING": env.get("NCCL_ASYNC_ERROR_HANDLING", "1"),
         })
-        if self.is_main and self.executor == "slurm":
-            from kit.jobs import slurmctl
-
-            end = slurmctl.job_end_time(self.job_id)
-            if end:
-                env["KIT_DEADLINE"] = f"{end:.0f}"
+        if self.is_main and self.job_end:
+            env["KIT_DEADLINE"] = f"{self.job_end:.0f}"  # the trainer saves and leaves before it
         only = env.get("KIT_FAULTS_SEGMENTS")
         if only is not None and str(len(ch.load_state(self.rd).segments)) not in only.split(","):
             env.pop("KIT_FAULTS", None)  # test hook: inject faults into the listed segments only
@@ -227,10 +224,15 @@ class Driver:
             if self.job_id not in state.job_ids:
                 state.job_ids.append(self.job_id)
             ch.save_state(self.rd, state)
+            if self.executor == "slurm":
+                from kit.jobs import slurmctl
+
+                self.job_end = slurmctl.job_end_time(self.job_id)
             gpus, driver = _gpus()
             led.emit("allocation_started", job_id=self.job_id, restarts=self.restarts, nodes=self.nodes,
                      world_size=self.dist.world_size, gpus=gpus, driver=driver, image=self.cfg.container.image,
-                     executor=self.executor, excluded=state.excluded_nodes, ckpt_step=rec.ckpt_before)
+                     executor=self.executor, excluded=state.excluded_nodes, ckpt_step=rec.ckpt_before,
+                     job_end=self.job_end)
         return {"start": True, "reason": ""}
 
     def _limit_reason(self, state: ch.ChainState) -> str:
