@@ -294,11 +294,16 @@ class SpikeGuard:
         self.loss = SeriesDetector("loss", cfg.window, cfg.threshold, cfg.warmup_steps, cfg.min_rise, True)
         self.gnorm = SeriesDetector("grad_norm", cfg.window, cfg.threshold, cfg.warmup_steps, cfg.min_rise, False)
         self.note: dict[str, Any] = {}  # merged into the step event of the step just checked
+        self._prev: tuple[int, dict[str, Any]] = (0, {})  # the previous step and its context
 
     def check(self, step: int, loss: float, prev_step: int, prev_gnorm: float | None, prev_applied: bool,
               context: dict[str, Any]) -> StepCheck:
-        """Before the update of ``step``: judge its loss, and the previous step's grad norm."""
+        """Before the update of ``step``: judge its loss, and the previous step's grad norm.
+        ``context`` (loss, consumed, samples, lr of ``step``) goes into the spike events; a grad-norm
+        spike of the previous step gets that step's context, kept from the previous call."""
         out = StepCheck()
+        prev_ctx = self._prev[1] if self._prev[0] == prev_step else {}
+        self._prev = (step, {**context, "loss": loss})
         self.note = {}
         verdicts: list[tuple[Verdict, bool, bool]] = []
         if prev_gnorm is not None and prev_step > 0:
@@ -315,7 +320,7 @@ class SpikeGuard:
                 out.rollback = d
             elif d.action == GIVE_UP:
                 out.give_up = d
-            self._emit(d, context)
+            self._emit(d, prev_ctx if v.metric == "grad_norm" else {**context, "loss": loss})
         if out.decisions:
             worst = max(out.decisions, key=lambda d: (LOG, SKIP, ROLLBACK, GIVE_UP).index(d.action))
             self.note = {"spike": worst.verdict.metric, "action": worst.action}
@@ -323,7 +328,7 @@ class SpikeGuard:
 
     def _emit(self, d: Decision, context: dict[str, Any]) -> None:
         v = d.verdict
-        self.ledger.emit("spike", step=v.step, loss=context.get("loss") if v.metric == "grad_norm" else v.value,
+        self.ledger.emit("spike", step=v.step, loss=context.get("loss"),
                          metric=v.metric, value=v.value, median=v.median, size=v.size,
                          score=v.score if math.isfinite(v.score) else None, nonfinite=v.nonfinite,
                          action=d.action, why=d.why, policy=self.cfg.policy,
@@ -331,6 +336,7 @@ class SpikeGuard:
                          **{k: x for k, x in context.items() if k != "loss"})
 
     def after_rollback(self, to_step: int) -> None:
+        self._prev = (0, {})
         self.loss.hist.truncate(to_step)
         self.gnorm.hist.truncate(to_step)
 

@@ -177,11 +177,16 @@ def test_guard_emits_decides_and_survives_a_restart(tmp_path: Path) -> None:
     assert SkipRanges.load(tmp_path / "control" / "skip-ranges.json").rollbacks == 1
 
 
-def test_grad_norm_nan_after_an_applied_update_rolls_back() -> None:
-    g = SpikeGuard(SpikesSection(policy="log"), _Null())
-    out = g.check(3, 2.0, 2, math.nan, True, {})
-    assert out.rollback is not None and out.rollback.verdict.metric == "grad_norm"
-    assert g.check(4, 2.0, 3, math.nan, False, {}).rollback is None  # DeepSpeed had skipped that update
+def test_grad_norm_nan_after_an_applied_update_rolls_back(tmp_path: Path) -> None:
+    with LedgerWriter(tmp_path, "train-r0") as led:
+        g = SpikeGuard(SpikesSection(policy="log"), led)
+        g.check(2, 2.5, 1, None, True, {"consumed": 8, "samples": 8})
+        out = g.check(3, 2.0, 2, math.nan, True, {"consumed": 16, "samples": 8})
+        assert out.rollback is not None and out.rollback.verdict.metric == "grad_norm"
+        assert g.check(4, 2.0, 3, math.nan, False, {}).rollback is None  # DeepSpeed had skipped that update
+    first = read_all(tmp_path, {"spike"})[0]
+    # the spike is step 2's (known one step late): its loss and data position, not step 3's
+    assert (first["step"], first["loss"], first["consumed"]) == (2, 2.5, 8)
 
 
 class _Null:
