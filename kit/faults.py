@@ -3,6 +3,7 @@
 ``KIT_FAULTS="ckpt.before_manifest@40,step.after@25:rank1"`` makes :func:`fault_point` kill the
 process with SIGKILL (or sleep, with ``=hang``) when the named point is reached at that step (on the
 given rank only, when ``:rankN`` is given). Production runs never set it; it costs one dict lookup.
+Value faults (``loss.nan@15:rank1``: that rank's loss becomes NaN) are asked with :func:`fault_active`.
 """
 
 from __future__ import annotations
