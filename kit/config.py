@@ -380,7 +380,8 @@ class SpikesSection:
     window: int = 50
     """Steps of history for the rolling median/MAD."""
     threshold: float = 6.0
-    """A spike is a loss more than this many robust deviations above the rolling median."""
+    """A spike is a loss (or grad norm) more than this many robust deviations above its trend-aware
+    prediction from the last ``window`` steps (docs/spikes.md)."""
     warmup_steps: int = 20
     """No detection before this many steps of history."""
     rollback_steps: int = 100
@@ -390,7 +391,7 @@ class SpikesSection:
     max_rollbacks: int = 5
     """Stop the chain with an alert after this many rollbacks."""
     min_rise: float = 0.05
-    """...and at least this fraction above the rolling median (0.05 = 5%): a floor for flat, quiet curves."""
+    """...and at least this fraction above the prediction (0.05 = 5%): a floor for flat, quiet curves."""
 
     def __post_init__(self) -> None:
         if self.policy not in ("log", "skip", "rollback"):

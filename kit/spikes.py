@@ -5,12 +5,12 @@ Why it looks like this:
   step), so every rank takes the same decision. A decision taken on rank 0 alone is the bug that
   let other ranks' bad gradients be averaged in (issue 8).
 - The statistic works on log(value) over the previous ``window`` steps (:func:`predict`): a robust
-  local-linear prediction (median of the values projected by the median first difference) and a
-  noise scale from the MAD of the first differences. Neither is fooled by the fast fall of the
+  local-linear prediction (median of the last values projected by the median first difference) and
+  a noise scale from the trimmed deviation of the first differences. Neither is fooled by the fast fall of the
   early loss (a plain rolling MAD is: the trend inflates it and hides spikes) nor blown up by the
   spike itself; the log makes the floor ``min_rise`` relative. A step is a spike when
   ``log(x) - prediction > max(threshold * noise, log1p(min_rise))``. The median of n values is
-  ``sorted[n // 2]``, the same in the vectorised offline detector of the postmortem.
+  ``sorted[n // 2]``; tools/postmortem.py vectorises the same rule (tested to flag the same steps).
 - The loss of a step is known before its optimizer update (the trainer all-reduces it before the
   last micro-step's ``engine.step()``), so ``skip`` can refuse the update. The grad norm is known
   only after the update; it reaches the detector one step later through the next all-reduce, and
