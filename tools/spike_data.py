@@ -27,6 +27,7 @@ from kit.errors import KitError
 
 BASELINE = 256  # samples drawn from the run's consumed range to define "usual"
 SNIPPETS = 12  # decoded snippets per spike (the most unusual samples first)
+MAX_SAMPLES = 2048  # samples inspected per spike (an even subset of bigger batches)
 SNIPPET_CHARS = 160
 Z_FLAG = 4.0  # robust z-score above the usual that flags a sample
 REPEAT_FLOOR = 0.5  # ...and never under half the 4-grams repeated (formulaic text repeats a lot)
@@ -158,8 +159,11 @@ class DataInspector:
 
     def inspect(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
         """The spike steps' batches: mix vs usual, documents, flagged samples with snippets."""
-        samples = [_stats(self.ds, self.tok, i) for s in steps for i in range(s["consumed"],
-                                                                               s["consumed"] + s["samples"])]
+        ids = [i for s in steps for i in range(s["consumed"], s["consumed"] + s["samples"])]
+        total = len(ids)
+        if total > MAX_SAMPLES:  # big global batches: an even subset keeps the report to seconds
+            ids = [ids[k * total // MAX_SAMPLES] for k in range(MAX_SAMPLES)]
+        samples = [_stats(self.ds, self.tok, i) for i in ids]
         if not samples:
             return {"samples": 0, "note": "no step events with consumed/samples for these steps"}
         n = len(samples)
@@ -178,7 +182,7 @@ class DataInspector:
             d["flags"].update(x.split(":")[0].split(" ")[0] for x in f)
         ranked = sorted(flagged, key=lambda sf: (-len(sf[1]), -sf[0].repetition, sf[0].index))
         return {
-            "samples": n, "steps": [s["step"] for s in steps],
+            "samples": n, "samples_in_steps": total, "steps": [s["step"] for s in steps],
             "sample_range": [steps[0]["consumed"], steps[-1]["consumed"] + steps[-1]["samples"]],
             "mix": mix,
             "flagged_samples": sum(1 for _, f in flagged if f),

@@ -101,7 +101,8 @@ def _section(sp: dict[str, Any], out: Path, files: list[Path]) -> list[str]:
         return lines + ([f"Data: {b['note']}.", ""] if b and b.get("note") else [])
     files.append(_mix(b, out / f"{name}_mix.png"))
     lines += [f"### The data of steps {', '.join(map(str, b['steps']))} (samples {b['sample_range'][0]}-"
-              f"{b['sample_range'][1] - 1}): {b['flagged_samples']} of {b['samples']} samples unusual", "",
+              f"{b['sample_range'][1] - 1}): {b['flagged_samples']} of {b['samples']} samples unusual"
+              + (f" (an even subset of {b['samples_in_steps']})" if b["samples_in_steps"] > b["samples"] else ""), "",
               f"![mix]({name}_mix.png)", ""]
     lines += table([[m["source"], m["language"] or "–", f"{m['share']:.1%}", f"{m['usual']:.1%}",
                      fmt(m["ratio"], ".2f")] for m in b["mix"]],
