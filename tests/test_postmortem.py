@@ -181,3 +181,26 @@ def test_offline_detector_agrees_with_the_live_one() -> None:
         assert np.array_equal(flags, off.spike) and flags.sum() >= 60
         hit = np.flatnonzero(flags & np.isfinite(vals))
         assert np.allclose([live[i].score for i in hit], off.score[hit], rtol=1e-9)
+
+
+def test_sample_flags_language_length_encoding(tmp_path: Path) -> None:
+    """Each anomaly rule against the usual data of a real prepared run (the poisoned data set)."""
+    from kit.tools.spike_data import DataInspector, SampleStats
+
+    cfg = load_recipe(recipe(tmp_path, "flags"))
+    rd = create_run(cfg, log=lambda m: None)
+    with LedgerWriter(rd.path, "train-r0") as led:
+        write_steps(led, range(1, 35), synthetic(34, 7, []))
+    insp = DataInspector.open(rd.path)
+    assert insp is not None and insp.usual_script["en"] == "Latin"
+
+    def flags(**kw: object) -> list[str]:
+        base = {"index": 0, "source": "en", "docs": [1], "main_doc": 1, "doc_tokens": 150, "repetition": 0.1,
+                "control": 0.0, "replacement": 0.0, "script": "Latin", "text": "the cat sees the house."}
+        return [f.split(":")[0].split(" ")[0] for f in insp.flags(SampleStats(**{**base, **kw}))]
+
+    assert flags() == []
+    assert flags(script="Cyrillic") == ["language"]
+    assert flags(doc_tokens=200_000) == ["length"]
+    assert flags(replacement=0.2) == ["encoding"]
+    assert flags(repetition=0.9, control=0.5) == ["repetition", "encoding"]
