@@ -143,10 +143,12 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
                   progress: Any = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
-    A two-stage pipeline: while a shard is serialized, the next one is gathered from the partitions and
-    the previous one hashed (for the export's manifest), each on its own thread. Peak memory is about
-    two shards; the gathering and the hashing release the GIL (torch, hashlib).
+    Each shard is gathered into one reused buffer (no allocation per tensor), serialized by safetensors,
+    and hashed for the export's manifest on a thread while the next shard is gathered. Peak memory: one
+    shard. (Gathering the next shard on a thread too was no faster on a loaded 2-core machine, and
+    doubled the memory; bench/convert.py measures it.)
     """
+    import torch
     from safetensors.torch import save_file
 
     plan = plan_shards(reader, dtype, shard_bytes)
@@ -154,19 +156,26 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map = {reader.params[i].name: fname for fname, idx in zip(names, plan, strict=True) for i in idx}
     td = torch_dtype(dtype)
+    item = 2 if dtype == "bf16" else 4
+    shard_sizes = [sum(reader.params[i].numel for i in idx) * item for idx in plan]
+    buf = torch.empty(max(shard_sizes), dtype=torch.uint8)
 
-    def gather(idx: list[int]) -> dict[str, Any]:
+    def gather(k: int) -> dict[str, Any]:
+        off, tensors = 0, {}
         with reader.open() as parts:
-            return {reader.params[i].name: reader.tensor(parts, reader.params[i]).to(td).contiguous() for i in idx}
+            for i in plan[k]:
+                spec = reader.params[i]
+                flat = buf[off:off + spec.numel * item].view(td)
+                reader.read_into(parts, spec, flat)
+                tensors[spec.name] = flat.view(spec.shape)
+                off += spec.numel * item
+        return tensors
 
     total = 0
     hashes: dict[str, Future[str]] = {}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = pool.submit(gather, plan[0])
+    with ThreadPoolExecutor(max_workers=1) as pool:
         for k, fname in enumerate(names):
-            tensors = pending.result()
-            if k + 1 < n:
-                pending = pool.submit(gather, plan[k + 1])
+            tensors = gather(k)
             save_file(tensors, str(stage / fname), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             del tensors

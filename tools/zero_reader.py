@@ -39,6 +39,47 @@ FP32_Z12 = "single_partition_of_fp32_groups"
 FP32_Z3 = "fp32_flat_groups"
 
 
+MADV_DONTNEED = 4
+MADV_POPULATE_READ = 22  # Linux >= 5.14: fault a whole range in with one call
+
+
+class _Advice:
+    """madvise(2) on the mapped partitions, through libc.
+
+    Faulting a mapped file in page by page is what makes reading a mapping slow (about 2x a plain
+    copy here); POPULATE_READ maps a whole range at once. DONTNEED drops the pages of a range once
+    copied out (safe: the mapping is private and never written, so a later read re-reads the file);
+    that keeps resident memory at the output buffers, whatever the model size. Where madvise is
+    missing or refuses (another OS, an old kernel) reading still works, only slower: it is switched
+    off after the first refusal.
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+        import ctypes.util
+        import os
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.fn: Any = None
+        name = ctypes.util.find_library("c")
+        if name:
+            fn = ctypes.CDLL(name, use_errno=True).madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self.fn = fn
+
+    def __call__(self, t: Any, advice: int) -> None:
+        if self.fn is None:
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        start -= start % self.page
+        if end > start and self.fn(start, end - start, advice) != 0:
+            self.fn = None
+
+
+_advise = _Advice()
+
+
 def _natural(p: Path) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
@@ -168,6 +209,43 @@ class ZeroCheckpoint:
         if flat.numel() != n:  # ZeRO-3 padding of the last rank's piece
             flat = flat[:n]
         return flat.view(spec.shape)
+
+    def pieces(self, parts: list[list[Any]], spec: ParamSpec) -> list[Any]:
+        """The 1-D views of the mappings that hold one parameter, in order (ZeRO-3: padded at the end)."""
+        if self.stage <= 2:
+            size = self.group_sizes[spec.group]
+            lo, hi = spec.offset, spec.offset + spec.numel
+            return [parts[r][spec.group][max(lo, r * size) - r * size:min(hi, (r + 1) * size) - r * size]
+                    for r in range(lo // size, (hi - 1) // size + 1)]
+        per_rank = math.ceil(spec.numel / self.world_size)
+        out = []
+        for rank_groups in parts:
+            start = 0
+            for g, size in enumerate(self.group_sizes):
+                lo, hi = max(spec.offset, start), min(spec.offset + per_rank, start + size)
+                if lo < hi:
+                    out.append(rank_groups[g][lo - start:hi - start])
+                start += size
+        return out
+
+    def read_into(self, parts: list[list[Any]], spec: ParamSpec, out: Any) -> None:
+        """Copy one parameter into ``out`` (1-D, numel elements, any float dtype: cast on the way), one
+        piece at a time: fault the piece in at once, copy it, drop its pages."""
+        import torch
+
+        pos, n = 0, spec.numel
+        with torch.no_grad():
+            for piece in self.pieces(parts, spec):
+                take = min(piece.numel(), n - pos)
+                if take <= 0:
+                    break
+                src = piece.detach()[:take]
+                _advise(src, MADV_POPULATE_READ)
+                out[pos:pos + take].copy_(src)
+                _advise(src, MADV_DONTNEED)
+                pos += take
+        if pos != n:
+            raise CheckpointError(f"{self.path}: {spec.name} needs {n} elements, the partitions gave {pos}")
 
     def _z3_piece(self, groups: list[Any], offset: int, count: int) -> Any:
         import torch
