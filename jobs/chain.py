@@ -263,9 +263,15 @@ def classify(reason: str, rc0: int) -> str:
     return CRASH
 
 
-def implicated_nodes(reports: list[RankReport], world_size: int, nodes: list[str]) -> list[str]:
+def implicated_nodes(reports: list[RankReport], world_size: int, nodes: list[str],
+                     hang_suspects: list[str] | None = None) -> list[str]:
     """Nodes to blame for a crash: ranks killed by a signal (or whose report never came: their node
-    died); failing that, the rank that failed first (the others failed because it did)."""
+    died); failing that, the rank that failed first (the others failed because it did).
+
+    For a hang, the watchdog's suspects win: it compared every rank's stacks and named the odd ones
+    out, whereas "the first to fail" would blame whichever rank reported the hang (usually rank 0)."""
+    if hang_suspects:
+        return sorted({str(n) for n in hang_suspects})
     per_node = max(1, world_size // max(1, len(nodes)))
     seen = {r.rank for r in reports}
     # Killed by a signal, except the ones Slurm sends to end or preempt a job.

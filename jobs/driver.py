@@ -275,7 +275,8 @@ class Driver:
         if outcome == ch.PREFLIGHT:
             rec.implicated = self._doctor_failed(seg)
         elif outcome not in (ch.FINISHED, ch.CLEAN):
-            rec.implicated = ch.implicated_nodes(reports, self.dist.world_size, self.nodes)
+            suspects = ended[-1].get("suspect_nodes") if ended and outcome == ch.HANG else None
+            rec.implicated = ch.implicated_nodes(reports, self.dist.world_size, self.nodes, suspects)
         cancelled = state.state == ch.ENDED
         usable = self._usable_nodes()
         decision = ch.Decision("end", state.end_reason) if cancelled else ch.decide(self.cfg, state, rec, usable)

@@ -104,6 +104,9 @@ def test_classify_and_blame() -> None:
     assert ch.implicated_nodes(reports, 4, ["a", "b"]) == ["b"], "the SIGKILLed rank's node"
     assert ch.implicated_nodes(reports[:2], 2, ["a"]) == ["a"], "else the first to fail"
     assert ch.implicated_nodes(reports[:3], 4, ["a", "b"]) == ["b"], "rank 3 never reported: its node"
+    # A hang: the usual rule would blame b (above); the watchdog's stack comparison named a.
+    assert ch.implicated_nodes(reports, 4, ["a", "b"], hang_suspects=["a"]) == ["a"]
+    assert ch.implicated_nodes(reports[:2], 2, ["a"], hang_suspects=[]) == ["a"], "no suspects: usual rule"
 
 
 def test_state_roundtrip_and_torn_file(tmp_path: Path) -> None:
