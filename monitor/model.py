@@ -142,7 +142,7 @@ class RunModel:
         # a resume or rollback replays steps: Curves.add truncates, the latest event wins
         self.step, self.step_t, self.last = step, t, e
         if e.get("spike") and num(e.get("loss")) is not None:  # the trainer's detector flags the step itself
-            self.spikes.append((step, float(e["loss"]), t))
+            self._add_spike(step, float(e["loss"]), t)
         self.curves.add(step, t, [clean(e.get(k)) for k in PLOTTED])
 
     def _seg(self, e: dict[str, Any]) -> Segment:
@@ -232,7 +232,13 @@ class RunModel:
     def _spike(self, e: dict[str, Any], t: float) -> None:
         step, loss = _int(e.get("step")), num(e.get("loss"))
         if step is not None and loss is not None:
-            self.spikes.append((step, loss, t))
+            self._add_spike(step, loss, t)
+
+    def _add_spike(self, step: int, loss: float, t: float) -> None:
+        """One spike per step: the trainer reports it twice (a `spike` event and the step's flag)."""
+        if any(s[0] == step for s in self.spikes):
+            return
+        self.spikes.append((step, loss, t))
 
     def _rollback(self, e: dict[str, Any], t: float) -> None:
         self.rollbacks.append((t, _int(e.get("from_step")) or 0, _int(e.get("to_step")) or 0))

@@ -230,3 +230,16 @@ def test_chain_events_of_kit_jobs(fixed_run: Path) -> None:
     append(fixed_run, "chain", event("chain_ended", t=now - 10, reason="max_segments"))
     feed.work()
     assert feed.snapshot().summary["status"] == "degraded"
+
+
+def test_a_spike_reported_twice_is_one_spike(tmp_path: Path) -> None:
+    """The trainer writes a `spike` event and flags the step event too: the monitor shows one."""
+    with LedgerWriter(tmp_path, "train-r0") as w:
+        w.emit("step", step=1, loss=2.0)
+        w.emit("spike", step=2, loss=9.0, score=12.0)
+        w.emit("step", step=2, loss=9.0, spike=True)
+        w.emit("spike", step=5, loss=8.0, score=10.0)
+    feed = Feed(tmp_path, use_slurm=False)
+    feed.open()
+    feed.work()
+    assert [s[0] for s in feed.model.spikes] == [2, 5]
