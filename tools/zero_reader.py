@@ -189,26 +189,12 @@ class ZeroCheckpoint:
             gc.collect()  # unpickled state can hold cycles; collect them so the mappings (and pages) go now
 
     def tensor(self, parts: list[list[Any]], spec: ParamSpec) -> Any:
-        """The full fp32 tensor of one parameter (a view of the mapping when it lies in one partition)."""
+        """The full fp32 tensor of one parameter, as a fresh tensor."""
         import torch
 
-        n = spec.numel
-        if self.stage <= 2:
-            size = self.group_sizes[spec.group]
-            pieces = []
-            lo, hi = spec.offset, spec.offset + n
-            for r in range(lo // size, (hi - 1) // size + 1):
-                a, b = max(lo, r * size) - r * size, min(hi, (r + 1) * size) - r * size
-                pieces.append(parts[r][spec.group][a:b])
-        else:
-            per_rank = math.ceil(n / self.world_size)
-            pieces = [self._z3_piece(rank_groups, spec.offset, per_rank) for rank_groups in parts]
-        # One piece (most ZeRO-1/2 parameters): a view of the mapping, no copy; it keeps the mapping alive
-        # until the caller drops it (convert writes and drops one shard at a time).
-        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        if flat.numel() != n:  # ZeRO-3 padding of the last rank's piece
-            flat = flat[:n]
-        return flat.view(spec.shape)
+        out = torch.empty(spec.numel, dtype=torch.float32)
+        self.read_into(parts, spec, out)
+        return out.view(spec.shape)
 
     def pieces(self, parts: list[list[Any]], spec: ParamSpec) -> list[Any]:
         """The 1-D views of the mappings that hold one parameter, in order (ZeRO-3: padded at the end)."""
@@ -246,14 +232,3 @@ class ZeroCheckpoint:
                 pos += take
         if pos != n:
             raise CheckpointError(f"{self.path}: {spec.name} needs {n} elements, the partitions gave {pos}")
-
-    def _z3_piece(self, groups: list[Any], offset: int, count: int) -> Any:
-        import torch
-
-        out, start = [], 0
-        for g, size in enumerate(self.group_sizes):
-            lo, hi = max(offset, start), min(offset + count, start + size)
-            if lo < hi:
-                out.append(groups[g][lo - start:hi - start])
-            start += size
-        return torch.cat(out) if len(out) > 1 else out[0]
