@@ -175,3 +175,42 @@ def test_cli_errors_are_one_line(zero_runs: dict[int, RunDir], tmp_path: Path, c
 
         (tmp_path / "exists").mkdir()
         convert(rd, pick_checkpoint(rd, 4), tmp_path / "exists")
+
+
+def test_reshape_resumes_on_another_world_size(zero_runs: dict[int, RunDir], tmp_path: Path) -> None:
+    """`kit reshape` to 1 rank (DeepSpeed universal checkpoint), then a real 1-rank segment resumes it."""
+    from kit.config import load_recipe
+    from kit.launch import create_run, run_local_segment
+
+    src = zero_runs[2]
+    rd = _copy_run(src, tmp_path / "z2")
+    assert kit_main(["reshape", str(rd.path), "--world-size", "1"]) == 0
+    ckpt = ck.load(rd.checkpoints, "step_0000004")
+    assert ckpt.manifest["kit"]["world_size"] == 1 and ckpt.manifest["kit"]["universal"] is True
+    assert (rd.checkpoints / "step_0000004.dp2" / ck.MANIFEST).exists()  # the original is kept, not scanned
+    assert [c.tag for c in ck.scan(rd.checkpoints)[0]] == ["step_0000002", "step_0000004"]
+    assert read_all(rd.path, {"ckpt_reshaped"})[-1]["world_size"] == 1
+
+    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(
+        tmp_path, "z2", **{"deepspeed.zero_stage": 2, "trainer.max_steps": 6, "trainer.nproc": 1}))
+    rd = create_run(cfg, log=lambda *a: None)
+    rd.update_frozen(cfg)
+    out = run_local_segment(rd, cfg, seg="one-rank", quiet=True)
+    assert (out.reason, out.step) == ("done", 6)
+    loaded = [e for e in read_all(rd.path, {"ckpt_loaded"}) if e.get("seg") == "one-rank"]
+    assert loaded and loaded[-1]["tag"] == "step_0000004"
+    # what DeepSpeed loaded is the original's state: the universal fp32 weights are the 2-rank ones exactly,
+    # and the LR schedule went on from step 4 (a fresh scheduler would start the warm-up again)
+    from kit.tools.zero_reader import ZeroCheckpoint
+    from kit.trainer import lr_lambda
+
+    orig = ZeroCheckpoint(rd.checkpoints / "step_0000004.dp2")
+    with orig.open() as parts:
+        for spec in orig.params:
+            uni = torch.load(rd.checkpoints / "step_0000004" / "zero" / spec.name / "fp32.pt", weights_only=False)
+            uni = uni["param"] if isinstance(uni, dict) else uni
+            assert torch.equal(uni.view(spec.shape), orig.tensor(parts, spec)), spec.name
+    lr5 = [e["lr"] for e in read_all(rd.path, {"step"}) if e.get("seg") == "one-rank" and e["step"] == 5]
+    trained = src.load_config()  # the schedule the checkpoint was written under (4 steps)
+    assert lr5 == [pytest.approx(cfg.optim.lr * lr_lambda(trained)(4))]
+    assert lr_lambda(trained)(4) != lr_lambda(cfg)(0)
