@@ -11,7 +11,7 @@ Layout under ``<run>/checkpoints`` (docs/run-directory.md)::
     latest                           the newest complete tag (DeepSpeed's own format), moved after the
                                      manifest, so DeepSpeed tools and zero_to_fp32 find it too
     .pins/<tag>                      pinned against retention (spike policy), with the reason
-    .busy/<tag>                      in use (upload in progress): never deleted while there
+    .busy/<tag>.<who>.<host>.<pid>   in use (upload in progress): never deleted while its process lives
 
 A save killed at any point leaves a folder without a manifest; resume ignores it and says so.
 """
@@ -275,10 +275,14 @@ def pinned(root: Path) -> set[str]:
 
 @contextlib.contextmanager
 def busy(root: Path, tag: str, who: str) -> Iterator[None]:
-    """Mark a checkpoint in use (an upload): retention will not delete it meanwhile."""
+    """Mark a checkpoint in use (an upload): retention will not delete it meanwhile.
+
+    The marker ``.busy/<tag>.<who>.<host>.<pid>`` names its process, so a marker left by a process
+    that was SIGKILLed is recognised as stale (on the host that made it) instead of protecting the
+    checkpoint forever."""
     d = root / BUSY
     d.mkdir(parents=True, exist_ok=True)
-    marker = d / f"{tag}.{who}.{os.getpid()}"
+    marker = d / f"{tag}.{who}.{_host()}.{os.getpid()}"
     marker.write_text(who)
     try:
         yield
@@ -287,7 +291,38 @@ def busy(root: Path, tag: str, who: str) -> Iterator[None]:
             marker.unlink()
 
 
+def _host() -> str:
+    import socket
+
+    return socket.gethostname().split(".")[0].replace(".", "-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale_busy(root: Path) -> list[str]:
+    """Remove busy markers of processes of this host that no longer exist; returns their names.
+
+    Markers from other hosts are kept: their processes cannot be checked from here."""
+    d = root / BUSY
+    removed = []
+    for marker in d.iterdir() if d.is_dir() else []:
+        parts = marker.name.split(".")
+        if len(parts) >= 4 and parts[-2] == _host() and parts[-1].isdigit() and not _pid_alive(int(parts[-1])):
+            marker.unlink(missing_ok=True)
+            removed.append(marker.name)
+    return removed
+
+
 def busy_tags(root: Path) -> set[str]:
+    clear_stale_busy(root)
     d = root / BUSY
     return {p.name.split(".", 1)[0] for p in d.iterdir()} if d.is_dir() else set()
 

@@ -80,7 +80,7 @@ def test_compatibility_errors_say_what_to_do(tmp_path: Path) -> None:
     fake_ckpt(tmp_path, 2, world=4)
     c = ck.load(tmp_path, ck.tag_for(2))
     model = {"hidden_size": 64, "n_layer": 2, "n_head": 4}
-    with pytest.raises(CheckpointError, match="written by 4 data-parallel ranks, this segment has 2.*kit reshape"):
+    with pytest.raises(CheckpointError, match=r"written by 4 data-parallel ranks, this segment has 2.*kit reshape"):
         ck.check_compatible(c, 2, model, 512)
     with pytest.raises(CheckpointError, match=r"different model \(model.hidden_size 64 != 128"):
         ck.check_compatible(c, 4, {**model, "hidden_size": 128}, 512)
@@ -92,3 +92,29 @@ def test_unreadable_manifest(tmp_path: Path) -> None:
     (p / ck.MANIFEST).write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         ck.scan(tmp_path)
+
+
+def test_busy_marker_of_a_killed_process_does_not_protect_forever(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    for s in (10, 20, 30):
+        fake_ckpt(tmp_path, s)
+    # A real uploader process marks step 10 busy, then is SIGKILLed (its `finally` never runs).
+    code = ("import sys, time; from pathlib import Path; from kit import checkpoint as ck\n"
+            "with ck.busy(Path(sys.argv[1]), ck.tag_for(10), 'upload'):\n"
+            "    print('marked', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "marked"
+    assert ck.busy_tags(tmp_path) == {ck.tag_for(10)}  # alive: protected
+    ck.apply_retention(tmp_path, keep_last=1, keep_every=0)
+    assert (tmp_path / ck.tag_for(10)).exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ck.busy_tags(tmp_path) == set()  # dead: the stale marker is cleared
+    ck.apply_retention(tmp_path, keep_last=1, keep_every=0)
+    assert not (tmp_path / ck.tag_for(10)).exists()
+    # A marker from another host is kept: its process cannot be checked from here.
+    (tmp_path / ck.BUSY / f"{ck.tag_for(30)}.stream.otherhost.1").write_text("stream")
+    assert ck.busy_tags(tmp_path) == {ck.tag_for(30)}

@@ -83,3 +83,34 @@ def test_stream_live_run_restart_retention(tiny_cfg: Any, tmp_path: Path) -> Non
     # a third pass has nothing to do and keeps everything as it is
     again = subprocess.run(stream_cmd(rd.path, url, "--once"), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "shipped 0 checkpoint(s)" in again.stdout
+
+
+def test_a_second_stream_on_the_same_run_is_refused(tmp_path: Path) -> None:
+    """Two streams would race on the same uploads and share one ledger file: the second refuses."""
+    import subprocess
+    import sys
+    import time
+
+    from kit.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    (rd.path / "run.toml").write_text("")
+    first = subprocess.Popen([sys.executable, "-m", "kit.cli", "stream", str(rd.path), "--to", str(tmp_path / "dst"),
+                              "--poll", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = rd.exports / "stream.lock"
+        for _ in range(200):
+            if lock.exists() and lock.read_text().startswith("pid"):
+                break
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, "-m", "kit.cli", "stream", str(rd.path), "--to",
+                                 str(tmp_path / "dst"), "--once"], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        assert f"another `kit stream` is already following {rd.path} (pid {first.pid}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    again = subprocess.run([sys.executable, "-m", "kit.cli", "stream", str(rd.path), "--to", str(tmp_path / "dst"),
+                            "--once"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr  # the lock died with its process

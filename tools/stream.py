@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,9 @@ class Streamer:
         self.clear_stale_busy()
 
     def clear_stale_busy(self) -> None:
-        """A stream killed mid-upload leaves its busy marker (``<tag>.stream.<pid>``) behind, which would
-        protect that checkpoint from retention forever; markers of dead stream processes are removed."""
-        busy = self.rd.checkpoints / ck.BUSY
-        for marker in busy.glob("*.stream.*") if busy.is_dir() else []:
-            pid = marker.name.rsplit(".", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
-                marker.unlink(missing_ok=True)
+        """A stream killed mid-upload leaves its busy marker behind, which would protect that
+        checkpoint from retention forever: markers of dead processes of this host are removed."""
+        ck.clear_stale_busy(self.rd.checkpoints)
 
     def remote(self, kind: str, tag: str) -> str:
         return f"{self.url}/{kind}/{tag}"
@@ -218,14 +215,26 @@ class Streamer:
             time.sleep(poll_s)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+@contextlib.contextmanager
+def _single_stream(rd: RunDir) -> Iterator[None]:
+    """One stream per run: two would race on the same uploads and share one ledger file."""
+    import fcntl
+    import socket
+
+    rd.exports.mkdir(parents=True, exist_ok=True)
+    path = rd.exports / "stream.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise KitError(f"another `kit stream` is already following {rd.path} ({fh.read().strip() or 'unknown'}); "
+                           "stop it first, or wait for it to end") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
 
 
 def _rm(fs: Any, path: str, recursive: bool) -> None:
@@ -258,7 +267,7 @@ def run(args: argparse.Namespace, verb: str) -> int:
     rd = resolve_run(args.run, args.runs_dir)
     opts = StreamOptions(url=args.to, convert=args.convert, dtype=args.dtype, keep_last=args.keep_last,
                          keep_every=args.keep_every, hashes=not args.quick_verify, jobs=args.jobs)
-    with LedgerWriter(rd.path, "stream") as led:
+    with _single_stream(rd), LedgerWriter(rd.path, "stream") as led:
         streamer = Streamer(rd, opts, led)
         if args.once:
             n = streamer.run_once()
