@@ -28,6 +28,7 @@ REPEATS = 3
 def raw_busbw(nbytes: int, iters: int) -> float:
     import torch
     import torch.distributed as dist
+
     from kit.tools.doctor_net import busbw
 
     buf = torch.ones(nbytes // 4)
@@ -44,11 +45,11 @@ def raw_busbw(nbytes: int, iters: int) -> float:
 
 def worker() -> None:
     import torch.distributed as dist
-    from kit.tools.doctor import preflight
-    from kit.tools.doctor_net import measure
 
     from kit.config import load_recipe
     from kit.dist import from_environ
+    from kit.tools.doctor import preflight
+    from kit.tools.doctor_net import measure
 
     dist.init_process_group("gloo")
     rows = []

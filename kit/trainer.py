@@ -231,59 +231,69 @@ class Trainer:
     # ------------------------------------------------------------------------------------- loop
     def run(self) -> str:
         """Train until done or told to stop; returns the reason (see kit.exitcodes.REASONS)."""
-        cfg, st = self.cfg, self.state
-        start_step = st.step
+        st = self.state
+        self.begin_loop()
         reason = "done"
-        flops = step_flops(cfg.model, cfg.data.vocab_size, self.global_batch)
-        model_flops = step_flops(cfg.model, cfg.data.vocab_size, self.global_batch, recompute=False)
-        peak = peak_tflops(cfg.trainer.peak_tflops)
-        while st.step < cfg.trainer.max_steps:
-            self._skip_data()
-            t0 = time.perf_counter()
-            lr = float(self.engine.get_lr()[0])  # the rate this step uses (DeepSpeed steps the scheduler after)
-            vec = self._train_step()
-            st.step += 1
-            st.consumed += self.global_batch
-            dt = time.perf_counter() - t0
-            st.step_times = ([*st.step_times, dt])[-50:]
-            if self.health:  # heartbeat, non-finite record; straggler all_gather every health.straggler_interval
-                self.health.after_step(st.step, dt, vec[NONFINITE])
-            loss = vec[LOSS] / (self.dp * cfg.batch.grad_accum)
-            fault_point("step.after", st.step, self.env.rank)
-            if self.env.is_main and (st.step % cfg.trainer.log_interval == 0 or self.guard.note):
-                self._emit_step(loss, lr, vec[NONFINITE] > 0, dt, flops, model_flops, peak)
-            if self.spike_check.give_up is not None:
-                reason = self._give_up(self.spike_check.give_up.why)
+        while st.step < self.cfg.trainer.max_steps:
+            reason = self.step_once()
+            if reason:
                 break
-            if self.spike_check.decisions and self.env.is_main:
-                self._pin_around(self.spike_check.decisions[0].verdict.step)
-            if self.spike_check.rollback is not None:
-                if self.health:  # a reload is not a step: the hang watchdog's ceiling applies
-                    self.health.long_phase("rollback")
-                if not self._rollback(self.spike_check.rollback):
-                    reason = "give_up"
-                    break
-                continue
-            if vec[F_STOP] > 0:
-                reason = "stop"
-            elif vec[F_SIGNAL] > 0:
-                reason = "signal"
-            elif vec[F_DEADLINE] > 0:
-                reason = "deadline"
-            elif self.stop_after_steps and st.step - start_step >= self.stop_after_steps:
-                reason = "segment_limit"
-            if reason != "done" or st.step >= cfg.trainer.max_steps:
-                break
-            if vec[F_SAVE] > 0 or st.step % cfg.checkpoint.interval_steps == 0:
-                self.save("save-now" if vec[F_SAVE] > 0 else "interval")
-                if vec[F_SAVE] > 0:
-                    self._ack(SAVE_NOW)
+        reason = reason or "done"
         if reason != "give_up" and not self._saved_at(st.step):  # never checkpoint a state given up on
             self.save(reason)
         if reason == "stop":
             self._ack(STOP)
         self._finish(reason)
         return reason
+
+    def begin_loop(self) -> None:
+        """What the loop computes once per segment (FLOPs per step, the accelerator's peak)."""
+        self._start_step = self.state.step
+        self._flops = step_flops(self.cfg.model, self.cfg.data.vocab_size, self.global_batch)
+        self._model_flops = step_flops(self.cfg.model, self.cfg.data.vocab_size, self.global_batch, recompute=False)
+        self._peak = peak_tflops(self.cfg.trainer.peak_tflops)
+
+    def step_once(self) -> str:
+        """One optimizer step with everything the kit does around it (metrics, health, spikes,
+        control, checkpoints). Returns "" to go on, or why the segment ends."""
+        cfg, st = self.cfg, self.state
+        self._skip_data()
+        t0 = time.perf_counter()
+        lr = float(self.engine.get_lr()[0])  # the rate this step uses (DeepSpeed steps the scheduler after)
+        vec = self._train_step()
+        st.step += 1
+        st.consumed += self.global_batch
+        dt = time.perf_counter() - t0
+        st.step_times = ([*st.step_times, dt])[-50:]
+        if self.health:  # heartbeat, non-finite record; straggler all_gather every health.straggler_interval
+            self.health.after_step(st.step, dt, vec[NONFINITE])
+        loss = vec[LOSS] / (self.dp * cfg.batch.grad_accum)
+        fault_point("step.after", st.step, self.env.rank)
+        if self.env.is_main and (st.step % cfg.trainer.log_interval == 0 or self.guard.note):
+            self._emit_step(loss, lr, vec[NONFINITE] > 0, dt, self._flops, self._model_flops, self._peak)
+        if self.spike_check.give_up is not None:
+            return self._give_up(self.spike_check.give_up.why)
+        if self.spike_check.decisions and self.env.is_main:
+            self._pin_around(self.spike_check.decisions[0].verdict.step)
+        if self.spike_check.rollback is not None:
+            if self.health:  # a reload is not a step: the hang watchdog's ceiling applies
+                self.health.long_phase("rollback")
+            return "" if self._rollback(self.spike_check.rollback) else "give_up"
+        if vec[F_STOP] > 0:
+            return "stop"
+        if vec[F_SIGNAL] > 0:
+            return "signal"
+        if vec[F_DEADLINE] > 0:
+            return "deadline"
+        if self.stop_after_steps and st.step - self._start_step >= self.stop_after_steps:
+            return "segment_limit"
+        if st.step >= cfg.trainer.max_steps:
+            return "done"
+        if vec[F_SAVE] > 0 or st.step % cfg.checkpoint.interval_steps == 0:
+            self.save("save-now" if vec[F_SAVE] > 0 else "interval")
+            if vec[F_SAVE] > 0:
+                self._ack(SAVE_NOW)
+        return ""
 
     def _train_step(self) -> list[float]:
         """Forward/backward/step over the micro-batches, then the one all-reduce of the step."""
