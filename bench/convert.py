@@ -8,8 +8,17 @@ is already there: ``--runs``). Then, per checkpoint, each in a fresh process (so
   check (that one holds two models by design; ``kit convert --no-verify`` is the same path);
 - ``copy``: shutil.copyfile of the exported shards (the same bytes) to another folder (sendfile:
   the bytes stay in the kernel), and ``copy_userspace``: the same through a buffer in this process;
+  ``copy_sha256``: the sendfile copy, then the sha256 of each copied shard (what kit's manifest needs
+  too: the least a converter that hashes its output must do, so kit's floor on this machine);
 - ``zero_to_fp32``: DeepSpeed's get_fp32_state_dict_from_zero_checkpoint, then
   BloomForCausalLM.load_state_dict and save_pretrained (the documented route).
+
+What is compared: the same output bytes (the fp32 shards), from the same page-cache-warm sources.
+kit's time covers everything ``convert(..., verify=False)`` does: read the ZeRO layout, check the model,
+write the shards, index, config and tokenizer files, hash every file for MANIFEST.json, fsync the
+shards; the copies only copy (and, for copy_sha256, hash) the shards. Every route's clock starts after
+its imports (reported apart as import_s) and stops after its output is fsynced. kit also reports
+where its time went (``phases``: wall seconds of each step of convert()).
 
 Each route runs ``--repeat`` times (default 3); the fastest run counts, the largest peak RSS counts.
 Targets (issue 7): kit's throughput >= 0.5x the copy's; kit's peak RSS <= 0.5x zero_to_fp32's.
@@ -21,6 +30,7 @@ Writes bench/results/convert.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -68,6 +78,16 @@ def _fsync_all(folder: Path) -> None:
         os.close(fd)
 
 
+def _timed(fn: Any, name: str, phases: dict[str, float]) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+    return wrapper
+
+
 def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
     """One route, timed from after its imports (a constant start-up cost, reported apart as import_s)."""
     t_import = time.perf_counter()
@@ -81,21 +101,28 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
     os.sync()  # flush what others left dirty (the checkpoint just written) outside the timed part
     t0 = time.perf_counter()
     if kind == "kit":
+        import kit.tools.convert as conv
         from kit.rundir import RunDir
         from kit.tools.convert import convert, parse_size, pick_checkpoint
 
+        phases: dict[str, float] = {}
+        for name in ("check_model", "write_weights", "write_config_and_tokenizer", "write_export_manifest"):
+            setattr(conv, name, _timed(getattr(conv, name), name, phases))
         rd = RunDir(run)
         ckpt = pick_checkpoint(rd, 1)
         t0 = time.perf_counter()  # the manifest's hash check above is the same for every route: not timed
         exp = convert(rd, ckpt, Path(out), "fp32", parse_size(shard), verify=False)
         nbytes = exp.bytes
-    elif kind in ("copy", "copy_userspace"):
+    elif kind in ("copy", "copy_userspace", "copy_sha256"):
         src = Path(run)  # here: the kit export folder
         Path(out).mkdir(parents=True)
         nbytes = 0
         for f in sorted(src.glob("*.safetensors")):
-            if kind == "copy":  # shutil: sendfile(2), the bytes never leave the kernel
+            if kind in ("copy", "copy_sha256"):  # shutil: sendfile(2), the bytes never leave the kernel
                 shutil.copyfile(f, Path(out) / f.name)
+                if kind == "copy_sha256":
+                    with open(Path(out) / f.name, "rb") as fh:
+                        hashlib.file_digest(fh, "sha256")
             else:  # the bytes pass through this process, as any converter's must
                 with open(f, "rb") as fin, open(Path(out) / f.name, "wb") as fout:
                     shutil.copyfileobj(fin, fout, 8 << 20)
@@ -116,10 +143,16 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
         model.tie_weights()
         model.save_pretrained(out, max_shard_size=shard)
         nbytes = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    t_sync = time.perf_counter()
     _fsync_all(Path(out))  # every route's output is on disk when its clock stops
     seconds = time.perf_counter() - t0
-    return {"kind": kind, "seconds": seconds, "import_s": import_s, "bytes": nbytes, "mb_per_s": nbytes / seconds / 1e6,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result: dict[str, Any] = {"kind": kind, "seconds": seconds, "import_s": import_s, "bytes": nbytes,
+                              "mb_per_s": nbytes / seconds / 1e6,
+                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if kind == "kit":
+        result["phases"] = {**{k: round(v, 3) for k, v in phases.items()},
+                            "final_fsync": round(time.perf_counter() - t_sync, 3)}
+    return result
 
 
 def measure(kind: str, run: Path, out: Path, shard: str, repeat: int) -> dict[str, Any]:
@@ -165,10 +198,14 @@ def main() -> int:
         copy = measure("copy", runs / f"out-kit-{stage}", runs / f"out-copy-{stage}", a.shard_size, a.repeat)
         user = measure("copy_userspace", runs / f"out-kit-{stage}", runs / f"out-user-{stage}", a.shard_size,
                        a.repeat)
+        hashed = measure("copy_sha256", runs / f"out-kit-{stage}", runs / f"out-hash-{stage}", a.shard_size,
+                         a.repeat)
         ds = measure("zero_to_fp32", run, runs / f"out-ds-{stage}", a.shard_size, a.repeat)
-        r = {"checkpoint_bytes": ckpt_bytes, "kit": kit, "copy": copy, "copy_userspace": user, "zero_to_fp32": ds,
+        r = {"checkpoint_bytes": ckpt_bytes, "kit": kit, "copy": copy, "copy_userspace": user, "copy_sha256": hashed,
+             "zero_to_fp32": ds,
              "throughput_vs_copy": kit["mb_per_s"] / copy["mb_per_s"],
              "throughput_vs_copy_userspace": kit["mb_per_s"] / user["mb_per_s"],
+             "throughput_vs_copy_sha256": kit["mb_per_s"] / hashed["mb_per_s"],
              "throughput_zero_to_fp32_vs_copy": ds["mb_per_s"] / copy["mb_per_s"],
              "peak_rss_vs_zero_to_fp32": kit["peak_rss_mb"] / ds["peak_rss_mb"]}
         r["ok"] = r["throughput_vs_copy"] >= 0.5 and r["peak_rss_vs_zero_to_fp32"] <= 0.5
@@ -178,7 +215,7 @@ def main() -> int:
               f"vs a user-space copy {r['throughput_vs_copy_userspace']:.2f}; zero_to_fp32/copy "
               f"{r['throughput_zero_to_fp32_vs_copy']:.2f}); "
               f"peak RSS kit/zero_to_fp32 = {r['peak_rss_vs_zero_to_fp32']:.2f} (target <= 0.5)", flush=True)
-        for d in ("out-kit", "out-copy", "out-user", "out-ds"):
+        for d in ("out-kit", "out-copy", "out-user", "out-hash", "out-ds"):
             shutil.rmtree(runs / f"{d}-{stage}", ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))

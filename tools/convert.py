@@ -20,6 +20,7 @@ DeepSpeed's own zero_to_fp32 reconstruction (ZeRO-3, or another dtype). Expected
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ from kit.config import RunConfig
 from kit.errors import CheckpointError, KitError
 from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.rundir import RunDir, resolve_run
-from kit.tools.zero_reader import ZeroCheckpoint
+from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
 
 DTYPES = ("bf16", "fp32")
 EXPORT_VERSION = 1
@@ -139,17 +140,69 @@ def plan_shards(reader: ZeroCheckpoint, dtype: str, shard_bytes: int) -> list[li
     return shards
 
 
+ST_DTYPE = {"bf16": "BF16", "fp32": "F32"}
+CHUNK = 16 << 20  # bytes read per madvise window when weights go through this process
+
+
+def safetensors_header(entries: list[tuple[str, tuple[int, ...], int]], dtype: str) -> tuple[bytes, list[str]]:
+    """The header that safetensors' ``save_file(..., metadata={"format": "pt"})`` writes for tensors of one
+    dtype, and the order their bytes follow it: names sorted, compact JSON padded with spaces to 8 bytes,
+    after its little-endian u64 length (the format spec; the files are byte-identical to save_file's)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape, nbytes in sorted(entries):
+        header[name] = {"dtype": ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, sorted(name for name, _, _ in entries)
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _sendfile_all(out_fd: int, in_fd: int, offset: int, count: int) -> None:
+    while count > 0:
+        sent = os.sendfile(out_fd, in_fd, offset, count)
+        if sent == 0:
+            raise CheckpointError(f"a ZeRO partition file ended early (offset {offset}); the checkpoint is damaged")
+        offset += sent
+        count -= sent
+
+
+def _finish_shard(path: Path) -> str:
+    """sha256 of a written shard (read back from the page cache), then fsync it; on a thread: hashlib and
+    fsync release the GIL, so this overlaps the next shard's writing."""
+    digest = ck.sha256(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest
+
+
 def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int,
                   progress: Any = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
-    Each shard is gathered into one reused buffer (no allocation per tensor), serialized by safetensors,
-    and hashed for the export's manifest on a thread while the next shard is gathered. Peak memory: one
-    shard. (Gathering the next shard on a thread too was no faster on a loaded 2-core machine, and
-    doubled the memory; bench/convert.py measures it.)
+    Each shard is its safetensors header (built here, from the layout alone) followed by each tensor's
+    bytes, copied from the ZeRO partitions straight into the file:
+
+    - fp32 out of fp32 partitions: file to file with sendfile(2), the bytes never enter this process
+      (tools.zero_reader.ZeroCheckpoint.file_extents finds them in the optimizer files);
+    - otherwise (bf16, or where the extents are unknown): through the mmapped partitions in CHUNK windows
+      (madvise POPULATE_READ, cast into one small buffer or written as is, DONTNEED), so resident
+      memory stays at CHUNK whatever the model size.
+
+    The finished shards are hashed (for the export's manifest) and fsynced on two threads while the next
+    ones are written. Earlier versions gathered each shard into a buffer and called safetensors'
+    save_file, which copies every tensor twice more; bench/convert.py measures the difference.
     """
     import torch
-    from safetensors.torch import save_file
 
     plan = plan_shards(reader, dtype, shard_bytes)
     n = len(plan)
@@ -157,29 +210,49 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
     weight_map = {reader.params[i].name: fname for fname, idx in zip(names, plan, strict=True) for i in idx}
     td = torch_dtype(dtype)
     item = 2 if dtype == "bf16" else 4
-    shard_sizes = [sum(reader.params[i].numel for i in idx) * item for idx in plan]
-    buf = torch.empty(max(shard_sizes), dtype=torch.uint8)
+    extents = reader.file_extents() if dtype == "fp32" else None
+    buf = torch.empty(0 if extents else CHUNK, dtype=torch.uint8)
+    per_chunk = CHUNK // 4
 
-    def gather(k: int) -> dict[str, Any]:
-        off, tensors = 0, {}
-        with reader.open() as parts:
-            for i in plan[k]:
-                spec = reader.params[i]
-                flat = buf[off:off + spec.numel * item].view(td)
-                reader.read_into(parts, spec, flat)
-                tensors[spec.name] = flat.view(spec.shape)
-                off += spec.numel * item
-        return tensors
+    def write_mapped(fd: int, src: Any) -> None:
+        for i in range(0, src.numel(), per_chunk):
+            piece = src[i:i + per_chunk]
+            advise(piece, MADV_POPULATE_READ)
+            if td == torch.float32:
+                _write_all(fd, piece.numpy())
+            else:
+                out = buf[:piece.numel() * item]
+                out.view(td).copy_(piece)
+                _write_all(fd, out.numpy())
+            advise(piece, MADV_DONTNEED)
 
     total = 0
     hashes: dict[str, Future[str]] = {}
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=2) as pool:
+        srcs = [stack.enter_context(open(f, "rb")).fileno() for f in reader.optim_files] if extents else []
+        mapped = contextlib.ExitStack()
+        stack.enter_context(mapped)
+        parts: list[list[Any]] | None = None
+        by_name = {p.name: p for p in reader.params}
         for k, fname in enumerate(names):
-            tensors = gather(k)
-            save_file(tensors, str(stage / fname), metadata={"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            del tensors
-            hashes[fname] = pool.submit(ck.sha256, stage / fname)
+            specs = [reader.params[i] for i in plan[k]]
+            if not extents and (parts is None or advise.fn is None):  # no madvise: drop the pages per shard
+                mapped.close()
+                parts = mapped.enter_context(reader.open())
+            header, order = safetensors_header([(p.name, p.shape, p.numel * item) for p in specs], dtype)
+            with open(stage / fname, "wb", buffering=0) as f, torch.no_grad():
+                fd = f.fileno()
+                _write_all(fd, header)
+                for name in order:
+                    spec = by_name[name]
+                    for r, g, a, count in reader.ranges(spec):
+                        if extents:
+                            _sendfile_all(fd, srcs[r], extents[r][g][0] + 4 * a, 4 * count)
+                        else:
+                            assert parts is not None
+                            write_mapped(fd, parts[r][g].detach()[a:a + count])
+                    total += spec.numel * item
+            hashes[fname] = pool.submit(_finish_shard, stage / fname)
             if progress:
                 progress(fname)
         digests = {fname: f.result() for fname, f in hashes.items()}
@@ -252,8 +325,10 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     shutil.rmtree(stage, ignore_errors=True)
     try:
         stage.mkdir(parents=True)
-        shards, nbytes, digests = write_weights(reader, stage, dtype, shard_bytes, progress)
-        write_config_and_tokenizer(rd, cfg, stage, dtype)
+        with ThreadPoolExecutor(max_workers=1) as side:  # small files, on a thread while the weights stream
+            small = side.submit(write_config_and_tokenizer, rd, cfg, stage, dtype)
+            shards, nbytes, digests = write_weights(reader, stage, dtype, shard_bytes, progress)
+            small.result()
         seconds = time.perf_counter() - t0
         result: dict[str, Any] = {"skipped": True}
         if verify:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class _Advice:
             self.fn = None
 
 
-_advise = _Advice()
+advise = _Advice()
 
 
 def _natural(p: Path) -> list[Any]:
@@ -196,23 +197,77 @@ class ZeroCheckpoint:
         self.read_into(parts, spec, out)
         return out.view(spec.shape)
 
-    def pieces(self, parts: list[list[Any]], spec: ParamSpec) -> list[Any]:
-        """The 1-D views of the mappings that hold one parameter, in order (ZeRO-3: padded at the end)."""
+    def ranges(self, spec: ParamSpec) -> list[tuple[int, int, int, int]]:
+        """Where one parameter's elements lie, in order: (rank, group, first element in that rank's
+        partition of the group, count), cut to the parameter's numel (ZeRO-3's padding left out)."""
+        out: list[tuple[int, int, int, int]] = []
         if self.stage <= 2:
             size = self.group_sizes[spec.group]
             lo, hi = spec.offset, spec.offset + spec.numel
-            return [parts[r][spec.group][max(lo, r * size) - r * size:min(hi, (r + 1) * size) - r * size]
-                    for r in range(lo // size, (hi - 1) // size + 1)]
-        per_rank = math.ceil(spec.numel / self.world_size)
-        out = []
-        for rank_groups in parts:
+            for r in range(lo // size, (hi - 1) // size + 1):
+                a, b = max(lo, r * size) - r * size, min(hi, (r + 1) * size) - r * size
+                out.append((r, spec.group, a, b - a))
+            return out
+        per_rank, left = math.ceil(spec.numel / self.world_size), spec.numel
+        for r in range(self.world_size):
             start = 0
             for g, size in enumerate(self.group_sizes):
                 lo, hi = max(spec.offset, start), min(spec.offset + per_rank, start + size)
-                if lo < hi:
-                    out.append(rank_groups[g][lo - start:hi - start])
+                take = min(hi - lo, left)
+                if take > 0:
+                    out.append((r, g, lo - start, take))
+                    left -= take
                 start += size
         return out
+
+    def pieces(self, parts: list[list[Any]], spec: ParamSpec) -> list[Any]:
+        """The 1-D views of the mappings that hold one parameter, in order (see :meth:`ranges`)."""
+        return [parts[r][g][a:a + n] for r, g, a, n in self.ranges(spec)]
+
+    def file_extents(self) -> list[list[tuple[int, int]]] | None:
+        """Per rank, per group: (byte offset in the rank's optimizer file, numel) of its fp32 partition.
+
+        With these, a converter writing fp32 copies the weights file to file in the kernel (sendfile),
+        never through this process. torch.save writes each storage as an uncompressed zip record;
+        ``torch.load(map_location="meta")`` reports where (``UntypedStorage._checkpoint_offset``, what
+        torch's own meta/fake loading uses). That attribute is torch's internal, so every extent is
+        checked against the bytes that the usual mmap load gives (its first and last 4 KiB); None when
+        the attribute is missing or disagrees, or a partition is not contiguous little-endian fp32:
+        callers then read through the mappings (:meth:`read_into`), only slower.
+        """
+        import sys
+
+        import torch
+
+        if sys.byteorder != "little":
+            return None
+        extents: list[list[tuple[int, int]]] = []
+        for f in self.optim_files:
+            try:
+                meta = torch.load(f, map_location="meta", weights_only=False)["optimizer_state_dict"][self._key]
+            except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+                return None  # this shortcut failed: read through the mappings instead
+            groups = []
+            for t in meta:
+                off = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+                if t.dtype != torch.float32 or not t.is_contiguous() or not isinstance(off, int):
+                    return None
+                groups.append((off + t.storage_offset() * 4, int(t.numel())))
+            if [n for _, n in groups] != self.group_sizes:
+                return None
+            extents.append(groups)
+            del meta
+        for f, groups in zip(self.optim_files, extents, strict=True):
+            mapped = _load(f)["optimizer_state_dict"][self._key]  # only the compared pages are read
+            with open(f, "rb") as fh:
+                for (off, n), t in zip(groups, mapped, strict=True):
+                    k = min(n, 1024)
+                    for first in (0, n - k):
+                        want = t.detach()[first:first + k].numpy().tobytes()
+                        if os.pread(fh.fileno(), 4 * k, off + 4 * first) != want:
+                            return None
+            del mapped
+        return extents
 
     def read_into(self, parts: list[list[Any]], spec: ParamSpec, out: Any) -> None:
         """Copy one parameter into ``out`` (1-D, numel elements, any float dtype: cast on the way), one
@@ -226,9 +281,9 @@ class ZeroCheckpoint:
                 if take <= 0:
                     break
                 src = piece.detach()[:take]
-                _advise(src, MADV_POPULATE_READ)
+                advise(src, MADV_POPULATE_READ)
                 out[pos:pos + take].copy_(src)
-                _advise(src, MADV_DONTNEED)
+                advise(src, MADV_DONTNEED)
                 pos += take
         if pos != n:
             raise CheckpointError(f"{self.path}: {spec.name} needs {n} elements, the partitions gave {pos}")
