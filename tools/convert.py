@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -158,35 +159,84 @@ def safetensors_header(entries: list[tuple[str, tuple[int, ...], int]], dtype: s
     return len(raw).to_bytes(8, "little") + raw, sorted(name for name, _, _ in entries)
 
 
-def _write_all(fd: int, data: Any) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view):]
+class _ShardFile:
+    """One shard being written, hashed as it grows: the writer appends and reports each step
+    (:meth:`write`, :meth:`sendfile`), a pool thread reads the new bytes back from the page cache and
+    hashes them (:meth:`digest`), so hashing starts with the first bytes, not after the whole shard.
+    pread, hashlib and sendfile release the GIL: the two go on in parallel on two cores."""
+
+    STEP = 8 << 20  # the largest single write or sendfile: the hashing thread follows at that distance
+    READ = 1 << 20  # hashing reads: cache-sized
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.written = 0
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def _advance(self, n: int) -> None:
+        with self.cond:
+            self.written += n
+            self.cond.notify()
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self.fd, view[:self.STEP])
+            view = view[n:]
+            self._advance(n)
+
+    def sendfile(self, in_fd: int, offset: int, count: int) -> None:
+        """Append ``count`` bytes of another file, copied in the kernel."""
+        while count > 0:
+            sent = os.sendfile(self.fd, in_fd, offset, min(count, self.STEP))
+            if sent == 0:
+                raise CheckpointError(f"a ZeRO partition file ended early (offset {offset}); the checkpoint "
+                                      "is damaged")
+            offset, count = offset + sent, count - sent
+            self._advance(sent)
+
+    def close(self) -> None:
+        with self.cond:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
+            self.cond.notify()
+
+    def digest(self) -> str:
+        """sha256 of everything written, once the writer has closed (a pool thread runs this)."""
+        h = hashlib.sha256()
+        buf = bytearray(self.READ)
+        view = memoryview(buf)
+        pos = 0
+        with open(self.path, "rb", buffering=0) as f:
+            while True:
+                with self.cond:
+                    while pos == self.written and not self.closed:
+                        self.cond.wait()
+                    end = self.written
+                if pos == end:
+                    return h.hexdigest()
+                while pos < end:
+                    got = os.preadv(f.fileno(), [view[:min(self.READ, end - pos)]], pos)
+                    if got <= 0:
+                        raise CheckpointError(f"{self.path} shrank while it was written; is another process "
+                                              "writing the same export?")
+                    h.update(view[:got])
+                    pos += got
 
 
-def _sendfile_all(out_fd: int, in_fd: int, offset: int, count: int) -> None:
-    while count > 0:
-        sent = os.sendfile(out_fd, in_fd, offset, count)
-        if sent == 0:
-            raise CheckpointError(f"a ZeRO partition file ended early (offset {offset}); the checkpoint is damaged")
-        offset += sent
-        count -= sent
-
-
-def _finish_shard(path: Path) -> str:
-    """sha256 of a written shard (read back from the page cache), then fsync it; on a thread: hashlib and
-    fsync release the GIL, so this overlaps the next shard's writing."""
-    digest = ck.sha256(path)
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return digest
 
 
-def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int,
-                  progress: Any = None) -> tuple[int, int, dict[str, str]]:
+def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
+                  then: Any = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
     Each shard is its safetensors header (built here, from the layout alone) followed by each tensor's
@@ -198,9 +248,10 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
       (madvise POPULATE_READ, cast into one small buffer or written as is, DONTNEED), so resident
       memory stays at CHUNK whatever the model size.
 
-    The finished shards are hashed (for the export's manifest) and fsynced on two threads while the next
-    ones are written. Earlier versions gathered each shard into a buffer and called safetensors'
-    save_file, which copies every tensor twice more; bench/convert.py measures the difference.
+    Two threads hash the shards (for the export's manifest) as they grow (:class:`_ShardFile`) and one
+    fsyncs each finished shard, while the next is written; ``then()`` (the small files) runs once the last
+    shard is written, while the hashing catches up. Hashing is the largest cost (sha256 is slower than
+    the kernel's copy); bench/convert.py compares with a plain copy and with a copy plus sha256.
     """
     import torch
 
@@ -214,24 +265,26 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
     buf = torch.empty(0 if extents else CHUNK, dtype=torch.uint8)
     per_chunk = CHUNK // 4
 
-    def write_mapped(fd: int, src: Any) -> None:
+    def write_mapped(out: _ShardFile, src: Any) -> None:
         for i in range(0, src.numel(), per_chunk):
             piece = src[i:i + per_chunk]
             advise(piece, MADV_POPULATE_READ)
             if td == torch.float32:
-                _write_all(fd, piece.numpy())
+                out.write(piece.numpy())
             else:
-                out = buf[:piece.numel() * item]
-                out.view(td).copy_(piece)
-                _write_all(fd, out.numpy())
+                cast = buf[:piece.numel() * item]
+                cast.view(td).copy_(piece)
+                out.write(cast.numpy())
             advise(piece, MADV_DONTNEED)
 
     total = 0
     hashes: dict[str, Future[str]] = {}
-    with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=2) as pool:
+    syncs: list[Future[None]] = []
+    with contextlib.ExitStack() as stack:
+        hashing = stack.enter_context(ThreadPoolExecutor(max_workers=2))
+        syncing = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         srcs = [stack.enter_context(open(f, "rb")).fileno() for f in reader.optim_files] if extents else []
-        mapped = contextlib.ExitStack()
-        stack.enter_context(mapped)
+        mapped = stack.enter_context(contextlib.ExitStack())
         parts: list[list[Any]] | None = None
         by_name = {p.name: p for p in reader.params}
         for k, fname in enumerate(names):
@@ -240,22 +293,30 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
                 mapped.close()
                 parts = mapped.enter_context(reader.open())
             header, order = safetensors_header([(p.name, p.shape, p.numel * item) for p in specs], dtype)
-            with open(stage / fname, "wb", buffering=0) as f, torch.no_grad():
-                fd = f.fileno()
-                _write_all(fd, header)
-                for name in order:
-                    spec = by_name[name]
-                    for r, g, a, count in reader.ranges(spec):
-                        if extents:
-                            _sendfile_all(fd, srcs[r], extents[r][g][0] + 4 * a, 4 * count)
-                        else:
-                            assert parts is not None
-                            write_mapped(fd, parts[r][g].detach()[a:a + count])
-                    total += spec.numel * item
-            hashes[fname] = pool.submit(_finish_shard, stage / fname)
+            out = _ShardFile(stage / fname)
+            hashes[fname] = hashing.submit(out.digest)
+            try:
+                with torch.no_grad():
+                    out.write(header)
+                    for name in order:
+                        spec = by_name[name]
+                        for r, g, a, count in reader.ranges(spec):
+                            if extents:
+                                out.sendfile(srcs[r], extents[r][g][0] + 4 * a, 4 * count)
+                            else:
+                                assert parts is not None
+                                write_mapped(out, parts[r][g].detach()[a:a + count])
+                        total += spec.numel * item
+            finally:
+                out.close()  # also on an error: the hashing thread must not wait for bytes that never come
+            syncs.append(syncing.submit(_fsync, out.path))
             if progress:
                 progress(fname)
+        if then:
+            then()
         digests = {fname: f.result() for fname, f in hashes.items()}
+        for f in syncs:
+            f.result()
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -325,10 +386,8 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     shutil.rmtree(stage, ignore_errors=True)
     try:
         stage.mkdir(parents=True)
-        with ThreadPoolExecutor(max_workers=1) as side:  # small files, on a thread while the weights stream
-            small = side.submit(write_config_and_tokenizer, rd, cfg, stage, dtype)
-            shards, nbytes, digests = write_weights(reader, stage, dtype, shard_bytes, progress)
-            small.result()
+        shards, nbytes, digests = write_weights(  # the small files while the last shards are hashed
+            reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype))
         seconds = time.perf_counter() - t0
         result: dict[str, Any] = {"skipped": True}
         if verify:
