@@ -38,6 +38,7 @@ STACKS = "stacks"
 STOP = "stop"
 SAVE_NOW = "save-now"
 SWITCHES = (STOP, SAVE_NOW)
+_SWITCH_SET = frozenset(SWITCHES)
 
 
 class RunDir:
@@ -151,6 +152,13 @@ class RunDir:
 
     def pending(self, switch: str) -> bool:
         return (self.control / switch).exists()
+
+    def pending_switches(self) -> frozenset[str]:
+        """Every switch waiting, with one directory read (the trainer asks at every step)."""
+        try:
+            return frozenset(os.listdir(self.control)) & _SWITCH_SET
+        except FileNotFoundError:
+            return frozenset()
 
     def consume(self, switch: str) -> str | None:
         """Remove a switch file; returns its text, or None if it was not there."""

@@ -322,8 +322,9 @@ class Trainer:
         vec[NONFINITE] = 0.0 if torch.isfinite(loss_sum) else 1.0
         vec[F_SIGNAL] = 1.0 if st.signalled else 0.0
         if self.env.is_main:
-            vec[F_STOP] = 1.0 if self.rd.pending(STOP) else 0.0
-            vec[F_SAVE] = 1.0 if self.rd.pending(SAVE_NOW) else 0.0
+            switches = self.rd.pending_switches()
+            vec[F_STOP] = 1.0 if STOP in switches else 0.0
+            vec[F_SAVE] = 1.0 if SAVE_NOW in switches else 0.0
             vec[F_DEADLINE] = 1.0 if self._near_deadline() else 0.0
             vec[GNORM], vec[G_UNAPPLIED] = self._last_gn[0], 0.0 if self._last_gn[1] else 1.0
         if self.dp > 1:
