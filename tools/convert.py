@@ -142,7 +142,7 @@ def plan_shards(reader: ZeroCheckpoint, dtype: str, shard_bytes: int) -> list[li
 
 
 ST_DTYPE = {"bf16": "BF16", "fp32": "F32"}
-CHUNK = 16 << 20  # bytes read per madvise window when weights go through this process
+CHUNK = 16 << 20  # bytes of fp32 read at a time when weights go through this process
 
 
 def safetensors_header(entries: list[tuple[str, tuple[int, ...], int]], dtype: str) -> tuple[bytes, list[str]]:
@@ -242,11 +242,13 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
     Each shard is its safetensors header (built here, from the layout alone) followed by each tensor's
     bytes, copied from the ZeRO partitions straight into the file:
 
-    - fp32 out of fp32 partitions: file to file with sendfile(2), the bytes never enter this process
-      (tools.zero_reader.ZeroCheckpoint.file_extents finds them in the optimizer files);
-    - otherwise (bf16, or where the extents are unknown): through the mmapped partitions in CHUNK windows
-      (madvise POPULATE_READ, cast into one small buffer or written as is, DONTNEED), so resident
-      memory stays at CHUNK whatever the model size.
+    - where tools.zero_reader.ZeroCheckpoint.file_extents finds the fp32 partitions in the optimizer
+      files: fp32 file to file with sendfile(2), the bytes never enter this process; bf16 read (pread)
+      in CHUNK pieces into one buffer, cast into another, written;
+    - otherwise, through the mmapped partitions in CHUNK windows (madvise POPULATE_READ, cast or
+      written as is, DONTNEED).
+
+    Either way resident memory stays at a few CHUNKs whatever the model size.
 
     Two threads hash the shards (for the export's manifest) as they grow (:class:`_ShardFile`) and one
     fsyncs each finished shard, while the next is written; ``then()`` (the small files) runs once the last
@@ -261,9 +263,27 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
     weight_map = {reader.params[i].name: fname for fname, idx in zip(names, plan, strict=True) for i in idx}
     td = torch_dtype(dtype)
     item = 2 if dtype == "bf16" else 4
-    extents = reader.file_extents() if dtype == "fp32" else None
-    buf = torch.empty(0 if extents else CHUNK, dtype=torch.uint8)
+    extents = reader.file_extents()
+    buf = torch.empty(0 if extents and dtype == "fp32" else CHUNK, dtype=torch.uint8)
+    raw_bytes = bytearray(CHUNK if extents and dtype != "fp32" else 4)
+    raw = torch.frombuffer(raw_bytes, dtype=torch.float32)
     per_chunk = CHUNK // 4
+
+    def write_cast(out: _ShardFile, in_fd: int, offset: int, count: int) -> None:
+        """``count`` fp32 elements at ``offset`` of a file, cast to the output dtype."""
+        view = memoryview(raw_bytes)
+        for i in range(0, count, per_chunk):
+            k = min(per_chunk, count - i)
+            got = 0
+            while got < 4 * k:
+                n = os.preadv(in_fd, [view[got:4 * k]], offset + 4 * i + got)
+                if n <= 0:
+                    raise CheckpointError(f"a ZeRO partition file ended early (offset {offset}); the checkpoint "
+                                          "is damaged")
+                got += n
+            cast = buf[:k * item]
+            cast.view(td).copy_(raw[:k])
+            out.write(cast.numpy())
 
     def write_mapped(out: _ShardFile, src: Any) -> None:
         for i in range(0, src.numel(), per_chunk):
@@ -301,8 +321,10 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
                     for name in order:
                         spec = by_name[name]
                         for r, g, a, count in reader.ranges(spec):
-                            if extents:
+                            if extents and dtype == "fp32":
                                 out.sendfile(srcs[r], extents[r][g][0] + 4 * a, 4 * count)
+                            elif extents:
+                                write_cast(out, srcs[r], extents[r][g][0] + 4 * a, count)
                             else:
                                 assert parts is not None
                                 write_mapped(out, parts[r][g].detach()[a:a + count])
