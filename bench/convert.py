@@ -10,6 +10,7 @@ is already there: ``--runs``). Then, per checkpoint, each in a fresh process (so
   the bytes stay in the kernel), and ``copy_userspace``: the same through a buffer in this process;
   ``copy_sha256``: the sendfile copy, then the sha256 of each copied shard (what kit's manifest needs
   too: the least a converter that hashes its output must do, so kit's floor on this machine);
+- ``kit_bf16``: kit writing bf16 shards (half the bytes, cast on the way), for information;
 - ``zero_to_fp32``: DeepSpeed's get_fp32_state_dict_from_zero_checkpoint, then
   BloomForCausalLM.load_state_dict and save_pretrained (the documented route).
 
@@ -78,6 +79,12 @@ def _fsync_all(folder: Path) -> None:
         os.close(fd)
 
 
+def _cpu() -> float:
+    """CPU seconds of this process so far, all threads (on a shared machine, steadier than wall time)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _timed(fn: Any, name: str, phases: dict[str, float]) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
@@ -100,7 +107,8 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
     import_s = time.perf_counter() - t_import
     os.sync()  # flush what others left dirty (the checkpoint just written) outside the timed part
     t0 = time.perf_counter()
-    if kind == "kit":
+    cpu0 = _cpu()
+    if kind in ("kit", "kit_bf16"):
         import kit.tools.convert as conv
         from kit.rundir import RunDir
         from kit.tools.convert import convert, parse_size, pick_checkpoint
@@ -110,8 +118,8 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
             setattr(conv, name, _timed(getattr(conv, name), name, phases))
         rd = RunDir(run)
         ckpt = pick_checkpoint(rd, 1)
-        t0 = time.perf_counter()  # the manifest's hash check above is the same for every route: not timed
-        exp = convert(rd, ckpt, Path(out), "fp32", parse_size(shard), verify=False)
+        t0, cpu0 = time.perf_counter(), _cpu()  # the manifest's hash check above is the same for every route
+        exp = convert(rd, ckpt, Path(out), "bf16" if kind == "kit_bf16" else "fp32", parse_size(shard), verify=False)
         nbytes = exp.bytes
     elif kind in ("copy", "copy_userspace", "copy_sha256"):
         src = Path(run)  # here: the kit export folder
@@ -146,10 +154,11 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
     t_sync = time.perf_counter()
     _fsync_all(Path(out))  # every route's output is on disk when its clock stops
     seconds = time.perf_counter() - t0
-    result: dict[str, Any] = {"kind": kind, "seconds": seconds, "import_s": import_s, "bytes": nbytes,
+    result: dict[str, Any] = {"kind": kind, "seconds": seconds, "cpu_s": round(_cpu() - cpu0, 3),
+                              "import_s": import_s, "bytes": nbytes,
                               "mb_per_s": nbytes / seconds / 1e6,
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if kind == "kit":
+    if kind in ("kit", "kit_bf16"):
         result["phases"] = {**{k: round(v, 3) for k, v in phases.items()},
                             "final_fsync": round(time.perf_counter() - t_sync, 3)}
     return result
@@ -170,8 +179,8 @@ def measure(kind: str, run: Path, out: Path, shard: str, repeat: int) -> dict[st
     result: dict[str, Any] = min(runs, key=lambda r: r["seconds"])
     result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     result["all_seconds"] = [round(r["seconds"], 3) for r in runs]
-    print(f"  {kind:<13} {result['seconds']:7.2f} s  {result['mb_per_s']:7.1f} MB/s  peak RSS "
-          f"{result['peak_rss_mb']:7.0f} MB", flush=True)
+    print(f"  {kind:<14} {result['seconds']:7.2f} s (CPU {result['cpu_s']:5.2f} s) {result['mb_per_s']:7.1f} MB/s  "
+          f"peak RSS {result['peak_rss_mb']:7.0f} MB", flush=True)
     return result
 
 
@@ -200,9 +209,10 @@ def main() -> int:
                        a.repeat)
         hashed = measure("copy_sha256", runs / f"out-kit-{stage}", runs / f"out-hash-{stage}", a.shard_size,
                          a.repeat)
+        bf16 = measure("kit_bf16", run, runs / f"out-bf16-{stage}", a.shard_size, a.repeat)
         ds = measure("zero_to_fp32", run, runs / f"out-ds-{stage}", a.shard_size, a.repeat)
         r = {"checkpoint_bytes": ckpt_bytes, "kit": kit, "copy": copy, "copy_userspace": user, "copy_sha256": hashed,
-             "zero_to_fp32": ds,
+             "kit_bf16": bf16, "zero_to_fp32": ds,
              "throughput_vs_copy": kit["mb_per_s"] / copy["mb_per_s"],
              "throughput_vs_copy_userspace": kit["mb_per_s"] / user["mb_per_s"],
              "throughput_vs_copy_sha256": kit["mb_per_s"] / hashed["mb_per_s"],
@@ -212,10 +222,11 @@ def main() -> int:
         results["stages"][f"zero{stage}"] = r
         results["params"] = kit["bytes"] // 4
         print(f"ZeRO-{stage}: throughput kit/copy = {r['throughput_vs_copy']:.2f} (target >= 0.5; "
-              f"vs a user-space copy {r['throughput_vs_copy_userspace']:.2f}; zero_to_fp32/copy "
+              f"vs a user-space copy {r['throughput_vs_copy_userspace']:.2f}; vs copy+sha256 "
+              f"{r['throughput_vs_copy_sha256']:.2f}; zero_to_fp32/copy "
               f"{r['throughput_zero_to_fp32_vs_copy']:.2f}); "
               f"peak RSS kit/zero_to_fp32 = {r['peak_rss_vs_zero_to_fp32']:.2f} (target <= 0.5)", flush=True)
-        for d in ("out-kit", "out-copy", "out-user", "out-hash", "out-ds"):
+        for d in ("out-kit", "out-copy", "out-user", "out-hash", "out-bf16", "out-ds"):
             shutil.rmtree(runs / f"{d}-{stage}", ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
