@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -167,12 +168,14 @@ class _ShardFile:
 
     STEP = 8 << 20  # the largest single write or sendfile: the hashing thread follows at that distance
     READ = 1 << 20  # hashing reads: cache-sized
+    kernel_copy = True  # sendfile(2) works here (set False, for the process, at its first refusal)
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written = 0
         self.closed = False
+        self.buf: bytearray | None = None
         self.cond = threading.Condition()
 
     def _advance(self, n: int) -> None:
@@ -188,14 +191,28 @@ class _ShardFile:
             self._advance(n)
 
     def sendfile(self, in_fd: int, offset: int, count: int) -> None:
-        """Append ``count`` bytes of another file, copied in the kernel."""
+        """Append ``count`` bytes of another file, copied in the kernel (sendfile(2)); where the file
+        systems refuse that, through a buffer in this process."""
         while count > 0:
-            sent = os.sendfile(self.fd, in_fd, offset, min(count, self.STEP))
-            if sent == 0:
+            if self.kernel_copy:
+                try:
+                    sent = os.sendfile(self.fd, in_fd, offset, min(count, self.STEP))
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    _ShardFile.kernel_copy = False
+                    continue
+            else:
+                self.buf = self.buf or bytearray(self.STEP)
+                sent = os.preadv(in_fd, [memoryview(self.buf)[:min(count, self.STEP)]], offset)
+                if sent > 0:
+                    self.write(memoryview(self.buf)[:sent])
+            if sent <= 0:
                 raise CheckpointError(f"a ZeRO partition file ended early (offset {offset}); the checkpoint "
                                       "is damaged")
             offset, count = offset + sent, count - sent
-            self._advance(sent)
+            if self.kernel_copy:
+                self._advance(sent)
 
     def close(self) -> None:
         with self.cond:
