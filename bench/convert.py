@@ -19,7 +19,8 @@ kit's time covers everything ``convert(..., verify=False)`` does: read the ZeRO 
 write the shards, index, config and tokenizer files, hash every file for MANIFEST.json, fsync the
 shards; the copies only copy (and, for copy_sha256, hash) the shards. Every route's clock starts after
 its imports (reported apart as import_s) and stops after its output is fsynced. kit also reports
-where its time went (``phases``: wall seconds of each step of convert()).
+where its time went (``phases``: wall seconds of each step of convert(), and, untimed, of the check of
+the source checkpoint's hashes that ``kit convert`` does first).
 
 Each route runs ``--repeat`` times (default 3); the fastest run counts, the largest peak RSS counts.
 Targets (issue 7): kit's throughput >= 0.5x the copy's; kit's peak RSS <= 0.5x zero_to_fp32's.
@@ -117,8 +118,10 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
         for name in ("check_model", "write_weights", "write_config_and_tokenizer", "write_export_manifest"):
             setattr(conv, name, _timed(getattr(conv, name), name, phases))
         rd = RunDir(run)
+        t_verify = time.perf_counter()
         ckpt = pick_checkpoint(rd, 1)
-        t0, cpu0 = time.perf_counter(), _cpu()  # the manifest's hash check above is the same for every route
+        phases["source_verify_untimed"] = time.perf_counter() - t_verify
+        t0, cpu0 = time.perf_counter(), _cpu()  # the source's hash check above: kit convert does it, not timed
         exp = convert(rd, ckpt, Path(out), "bf16" if kind == "kit_bf16" else "fp32", parse_size(shard), verify=False)
         nbytes = exp.bytes
     elif kind in ("copy", "copy_userspace", "copy_sha256"):
