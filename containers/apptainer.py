@@ -14,9 +14,8 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from kit.containers.pins import Pins, PinsError
-
 from kit.config import RunConfig
+from kit.containers.pins import Pins, PinsError
 from kit.errors import ConfigError
 
 APPTAINER = "apptainer"

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from spython.main.parse.parsers import SingularityParser
+
+from kit.config import load_recipe
 from kit.containers.apptainer import (
     build_command,
     check_image,
@@ -27,9 +30,6 @@ from kit.containers.apptainer import (
     render,
 )
 from kit.containers.pins import PINS_PATH, PinsError, check_pyproject, load_pins
-from spython.main.parse.parsers import SingularityParser
-
-from kit.config import load_recipe
 from kit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

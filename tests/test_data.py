@@ -147,5 +147,5 @@ def test_reuses_a_given_tokenizer(tmp_path: Path) -> None:
     assert (tmp_path / "d2" / "tokenizer.json").read_bytes() == given.read_bytes()
     assert (tmp_path / "d1" / "js.tokens.bin").read_bytes() == (tmp_path / "d2" / "js.tokens.bin").read_bytes()
     too_small = recipe(tmp_path / "r2", sources, **{"data.tokenizer": str(given), "data.vocab_size": 300})
-    with pytest.raises(DataError, match=r"data.tokenizer has \d+ tokens but data.vocab_size is 300; set data.vocab_size >= "):
+    with pytest.raises(DataError, match=r"has \d+ tokens but data.vocab_size is 300; set data.vocab_size >= "):
         prepare(too_small, tmp_path / "d3", log=lambda m: None)

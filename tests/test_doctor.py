@@ -21,13 +21,13 @@ from typing import Any
 
 import pynvml
 import pytest
-from kit.containers.pins import load_pins
-from kit.tools.doctor_checks import FAIL, NA, OK, WARN, Environment, check_filesystem, check_gpus, check_versions
-from kit.tools.doctor_net import _scores, busbw
 
+from kit.containers.pins import load_pins
 from kit.dist import free_port
 from kit.ledger import read_all
 from kit.rundir import RunDir
+from kit.tools.doctor_checks import FAIL, NA, OK, WARN, Environment, check_filesystem, check_gpus, check_versions
+from kit.tools.doctor_net import _scores, busbw
 
 # ------------------------------------------------------------------------------------------ fake NVML
 

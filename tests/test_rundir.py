@@ -31,7 +31,7 @@ def test_unwritable_run_directory(tmp_path: Path, tiny_cfg: Any) -> None:
     blocker.write_text("")
     cfg = tiny_cfg("x")
     cfg.run.runs_dir = str(blocker)
-    with pytest.raises(RunDirError, match="is not writable.*choose another run.runs_dir"):
+    with pytest.raises(RunDirError, match=r"is not writable.*choose another run.runs_dir"):
         RunDir(cfg.run_dir).create(cfg)
     out = subprocess.run([sys.executable, "-m", "kit.cli", "train", "tiny.toml", "--set",
                           f'run.runs_dir="{blocker}"'], capture_output=True, text=True)

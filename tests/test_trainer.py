@@ -129,7 +129,9 @@ def test_tensorboard_files_match_the_ledger(tiny_cfg: Any) -> None:
 
     cfg = tiny_cfg("tb")
     rd, out = segment(cfg, stop_after=5, seg="a")
+    assert out.reason == "segment_limit"
     rd, out = segment(cfg, seg="b")
+    assert out.reason == "done"
     acc = EventAccumulator(str(rd.tensorboard))
     acc.Reload()
     tb = {e.step: e.value for e in acc.Scalars("train/loss")}
