@@ -13,10 +13,12 @@ the same rules (read from its source, DeepSpeed 0.19) without building anything 
   rank r's piece of parameter i sits at the same running offset in every rank's flat space (the
   groups of a rank end to end). A parameter is its ranks' pieces end to end, cut to numel.
 
-Files are opened with ``torch.load(mmap=True)``, so only the bytes of the requested slices are read.
-Touched pages of a mapping count as resident memory until it is unmapped, so callers read one output
-shard per :meth:`ZeroCheckpoint.open` and leave the ``with`` block to drop the mappings: peak memory
-stays near one output shard whatever the model size.
+Two ways to the bytes. :meth:`ZeroCheckpoint.file_extents` says where each fp32 partition lies in its
+optimizer file, so a writer can copy or pread them without unpickling anything large (tools.convert
+does). Otherwise files are opened with ``torch.load(mmap=True)`` (:meth:`ZeroCheckpoint.open`), so only
+the bytes of the requested slices are read; touched pages of a mapping count as resident memory until
+dropped, so :meth:`ZeroCheckpoint.read_into` drops them (madvise DONTNEED) after each piece, and leaving
+the ``with`` block unmaps everything: peak memory stays small whatever the model size.
 """
 
 from __future__ import annotations
