@@ -214,3 +214,25 @@ def test_reshape_resumes_on_another_world_size(zero_runs: dict[int, RunDir], tmp
     trained = src.load_config()  # the schedule the checkpoint was written under (4 steps)
     assert lr5 == [pytest.approx(cfg.optim.lr * lr_lambda(trained)(4))]
     assert lr_lambda(trained)(4) != lr_lambda(cfg)(0)
+
+
+def test_fallback_paths_give_the_same_bytes(zero_runs: dict[int, RunDir], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where sendfile is refused, or the weights' places in the optimizer file cannot be found, the
+    converter copies through a buffer / reads through the memory map: the shards must not change."""
+    from kit.tools import convert as conv
+    from kit.tools.zero_reader import ZeroCheckpoint
+
+    rd = zero_runs[2]
+    fast = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "fast", "fp32")
+    monkeypatch.setattr(conv._ShardFile, "kernel_copy", False)
+    buffered = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "buffered", "fp32")
+    monkeypatch.setattr(ZeroCheckpoint, "file_extents", lambda self: None)
+    mapped = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "mapped", "fp32")
+    assert fast.verify["bit_identical"] and buffered.verify["bit_identical"] and mapped.verify["bit_identical"]
+    shards = sorted(p.name for p in (tmp_path / "fast").glob("*.safetensors"))
+    assert shards
+    for name in shards:
+        data = (tmp_path / "fast" / name).read_bytes()
+        assert (tmp_path / "buffered" / name).read_bytes() == data
+        assert (tmp_path / "mapped" / name).read_bytes() == data
