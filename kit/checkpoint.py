@@ -146,7 +146,7 @@ def write_manifest(path: Path, step: int, kit_state: dict[str, Any], threads: in
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path / MANIFEST)
-    _fsync_dir(path)
+    fsync_path(path)
     return manifest
 
 
@@ -154,10 +154,11 @@ def set_latest(root: Path, tag: str) -> None:
     tmp = root / f".{LATEST}.tmp-{os.getpid()}"
     tmp.write_text(tag)
     os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
+    fsync_path(root)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so a rename inside it survives a crash of the node)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -260,14 +260,6 @@ class _ShardFile:
                     pos += got
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
                   then: Any = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
@@ -364,7 +356,7 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
                         total += spec.numel * item
             finally:
                 out.close()  # also on an error: the hashing thread must not wait for bytes that never come
-            syncs.append(syncing.submit(_fsync, out.path))
+            syncs.append(syncing.submit(ck.fsync_path, out.path))
             if progress:
                 progress(fname)
         if then:
