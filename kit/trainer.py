@@ -17,6 +17,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from kit import checkpoint as ck
@@ -140,7 +141,7 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         torch.set_num_threads(cfg.trainer.threads)
-        data_dir = self.rd.data if not cfg.data.prepared else __import__("pathlib").Path(cfg.data.prepared)
+        data_dir = Path(cfg.data.prepared) if cfg.data.prepared else self.rd.data
         if env.is_main:
             meta = prepare(cfg, data_dir, log=self._log)
             self.ledger.emit("data_ready", sources=[s["name"] for s in meta["sources"]],
@@ -302,7 +303,9 @@ class Trainer:
 
         cfg, st, eng = self.cfg, self.state, self.engine
         assert self.data is not None
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        # Summed on the device: a .cpu() per micro-step would make the host wait for each one on a
+        # GPU. The step's one host sync is the flags vector's .tolist() below.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=eng.device)
         ga = cfg.batch.grad_accum
         for m in range(ga):
             idx = rank_micro_indices(st.consumed, cfg.batch.micro_batch_size, self.dp, self.env.rank, m)
@@ -312,25 +315,24 @@ class Trainer:
             if m == 0 and fault_active("loss.nan", st.step + 1, self.env.rank):  # tests: NaN on one rank only
                 loss = loss * float("nan")
             eng.backward(loss)
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
             if m < ga - 1:
                 eng.step()  # not a boundary: DeepSpeed only counts the micro step
         # The step's one all-reduce happens before the boundary engine.step(), so that the spike
         # policy can refuse this update on every rank alike (kit.spikes.hold_update).
-        vec = torch.zeros(NFLAGS, dtype=torch.float64)
-        vec[LOSS] = loss_sum
-        vec[NONFINITE] = 0.0 if torch.isfinite(loss_sum) else 1.0
-        vec[F_SIGNAL] = 1.0 if st.signalled else 0.0
+        flags = [0.0] * NFLAGS  # host-side flags; loss and non-finite are filled in on the device
+        flags[F_SIGNAL] = 1.0 if st.signalled else 0.0
         if self.env.is_main:
             switches = self.rd.pending_switches()
-            vec[F_STOP] = 1.0 if STOP in switches else 0.0
-            vec[F_SAVE] = 1.0 if SAVE_NOW in switches else 0.0
-            vec[F_DEADLINE] = 1.0 if self._near_deadline() else 0.0
-            vec[GNORM], vec[G_UNAPPLIED] = self._last_gn[0], 0.0 if self._last_gn[1] else 1.0
+            flags[F_STOP] = 1.0 if STOP in switches else 0.0
+            flags[F_SAVE] = 1.0 if SAVE_NOW in switches else 0.0
+            flags[F_DEADLINE] = 1.0 if self._near_deadline() else 0.0
+            flags[GNORM], flags[G_UNAPPLIED] = self._last_gn[0], 0.0 if self._last_gn[1] else 1.0
+        vec = torch.tensor(flags, dtype=torch.float64, device=eng.device)
+        vec[LOSS] = loss_sum
+        vec[NONFINITE] = (~torch.isfinite(loss_sum)).double()
         if self.dp > 1:
-            dev = vec.to(eng.device) if eng.device.type != "cpu" else vec
-            dist.all_reduce(dev)
-            vec = dev.cpu()
+            dist.all_reduce(vec)
         out_vec: list[float] = vec.tolist()
         self.spike_check = self._check_spikes(out_vec)
         if self.spike_check.skip_update:
