@@ -80,6 +80,7 @@ def test_convert_each_zero_stage_bit_identical(zero_runs: dict[int, RunDir], sta
 
     verified = [e for e in read_all(rd.path, {"ckpt_verified"}) if e.get("where") == "export"]
     assert verified[-1]["ok"] and verified[-1]["bit_identical"] and verified[-1]["atol"] == 0.0
+    assert verified[-1]["weights_identical"] and verified[-1]["differing_weights"] == []
     assert verified[-1]["reference"] == ("deepspeed zero_to_fp32" if stage == 3 else "engine module weights")
     converted = read_all(rd.path, {"ckpt_converted"})
     assert converted[-1]["tag"] == "step_0000004" and converted[-1]["shards"] == len(shards)
@@ -150,7 +151,8 @@ def test_other_model_and_failed_check_leave_nothing(zero_runs: dict[int, RunDir]
     ckpt = pick_checkpoint(rd, 4)
 
     # the verification's tolerance cannot be met: the export must not appear
-    with LedgerWriter(rd.path, "test") as led, pytest.raises(CheckpointError, match="does not reproduce"):
+    with LedgerWriter(rd.path, "test") as led, pytest.raises(CheckpointError, match=r"does not reproduce.*weights are"
+                                                                                     r" bit-identical"):
         convert(rd, ckpt, out, atol=-1.0, ledger=led)
     _nothing_at(out)
     failed = [e for e in read_all(rd.path, {"ckpt_verified"}) if e["src"] == "test"]
@@ -163,6 +165,28 @@ def test_other_model_and_failed_check_leave_nothing(zero_runs: dict[int, RunDir]
     with pytest.raises(CheckpointError, match="not of this run's model"):
         convert(rd, ckpt, out)
     _nothing_at(out)
+
+
+def test_verification_names_a_wrong_weight(zero_runs: dict[int, RunDir], tmp_path: Path) -> None:
+    """The check has teeth: one value changed in an export's shard is caught and named."""
+    from safetensors.torch import load_file, save_file
+
+    from kit.tools.convert import convert, pick_checkpoint
+    from kit.tools.verify_export import verify_export
+
+    rd = zero_runs[2]
+    ckpt = pick_checkpoint(rd, 4)
+    out = tmp_path / "hf"
+    exp = convert(rd, ckpt, out)
+    assert exp.verify["ok"] and exp.verify["weights_identical"]
+    shard = out / "model.safetensors"
+    tensors = load_file(str(shard))
+    name = "transformer.h.1.mlp.dense_4h_to_h.weight"
+    tensors[name][3, 5] += 1e-3
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    result = verify_export(rd, rd.load_config(), ckpt, out, "fp32")
+    assert not result["ok"] and result["max_abs_diff"] > 0
+    assert not result["weights_identical"] and result["differing_weights"] == [name]
 
 
 def test_cli_errors_are_one_line(zero_runs: dict[int, RunDir], tmp_path: Path, capsys: Any) -> None:

@@ -441,9 +441,13 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
             result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
             led.emit("ckpt_verified", tag=ckpt.tag, where="export", **result)
             if not result["ok"]:
+                weights = ("its weights are bit-identical to the checkpoint's, so the arithmetic differs: "
+                           "pass --atol (e.g. 1e-5) if this machine's kernels are not reproducible"
+                           if result["weights_identical"] else
+                           f"weights that differ: {', '.join(result['differing_weights'])}")
                 raise CheckpointError(
                     f"the export of {ckpt.tag} does not reproduce the checkpoint's logits (max |diff| "
-                    f"{result['max_abs_diff']:.3g} > tolerance {atol}); nothing was written to {out}")
+                    f"{result['max_abs_diff']:.3g} > tolerance {atol}; {weights}); nothing was written to {out}")
         write_export_manifest(stage, ckpt, cfg, dtype, result, digests)
         if out.exists():
             shutil.rmtree(out)

@@ -42,6 +42,7 @@ class StreamOptions:
     url: str
     convert: bool = False
     dtype: str = ""
+    atol: float = 0.0  # accepted |logit difference| of an export (kit convert --atol)
     keep_last: int = 0  # 0: never delete local checkpoints
     keep_every: int = 0  # 0: keep every remote checkpoint
     hashes: bool = True  # remote verification re-reads and hashes every file
@@ -142,7 +143,7 @@ class Streamer:
 
         o = self.opts
         local = self.rd.exports / f"{c.tag}-hf"
-        exp = convert(self.rd, c, local, o.dtype, force=True, ledger=self.led)
+        exp = convert(self.rd, c, local, o.dtype, atol=o.atol, force=True, ledger=self.led)
         dest = self.remote("hf", c.tag)
         res = upload_folder(exp.out, dest, o.jobs, o.retries, o.backoff_s, o.progress)
         self.led.emit("ckpt_uploaded", tag=c.tag, url=res.url, step=c.step, sent=res.sent, skipped=res.skipped,
@@ -252,6 +253,8 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
     p.add_argument("--convert", action="store_true", help="also convert each checkpoint and upload it to URL/hf/<tag>")
     p.add_argument("--dtype", default="", choices=("", "bf16", "fp32"), help="export dtype (default: the run's)")
+    p.add_argument("--atol", type=float, default=0.0,
+                   help="with --convert: largest accepted |logit difference| (default 0: exact)")
     p.add_argument("--keep-last", type=int, default=0,
                    help="keep the newest K checkpoints locally, delete older ones once verified remotely (0: keep all)")
     p.add_argument("--keep-every", type=int, default=0,
@@ -265,7 +268,8 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
 
 def run(args: argparse.Namespace, verb: str) -> int:
     rd = resolve_run(args.run, args.runs_dir)
-    opts = StreamOptions(url=args.to, convert=args.convert, dtype=args.dtype, keep_last=args.keep_last,
+    opts = StreamOptions(url=args.to, convert=args.convert, dtype=args.dtype, atol=args.atol,
+                         keep_last=args.keep_last,
                          keep_every=args.keep_every, hashes=not args.quick_verify, jobs=args.jobs)
     with _single_stream(rd), LedgerWriter(rd.path, "stream") as led:
         streamer = Streamer(rd, opts, led)

@@ -6,8 +6,15 @@ The reference must not share code with the converter, or a parsing bug would agr
   ``mp_rank_00_model_states.pt`` (exactly what the engine computed with);
 - otherwise (ZeRO-3 keeps no whole module; or another dtype): DeepSpeed's zero_to_fp32 in lazy
   mode, cast to the export dtype the way the engine casts its fp32 masters.
-Both models run the same attention implementation as training, so equal weights give bit-identical
-logits. Memory: two models in the export dtype (``kit convert --no-verify`` skips this).
+Both models run the same attention implementation as training, and their weights are compared
+tensor by tensor too (exact), so a failure says whether the weights or only the arithmetic differ.
+
+Both models compute from weights in freshly allocated (64-byte aligned) memory. Why: safetensors
+places tensors at whatever offset the header length gives (8-byte granularity), torch.load's mmap at
+64-byte boundaries, and MKL's AVX-512 kernels may sum in another order for differently aligned
+operands (Intel's "conditional numerical reproducibility" caveat). Equal weights at different
+addresses then gave logits 1 ulp apart on one CI machine; placement is not what this check is for.
+Memory: two models in the export dtype (``kit convert --no-verify`` skips this).
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ def reference_state(ckpt: ck.Checkpoint, dtype: Any) -> tuple[dict[str, Any], st
 
 def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path, dtype_name: str,
                   atol: float = 0.0) -> dict[str, Any]:
-    """Compare logits; returns the ledger fields (ok, bit_identical, max_abs_diff, atol, reference)."""
+    """Compare logits (``ok``: within ``atol``) and weights; returns the ledger fields (ok, bit_identical,
+    max_abs_diff, weights_identical, differing_weights, atol, reference)."""
     import torch
     from transformers import AutoModelForCausalLM, BloomForCausalLM
     from transformers.utils import logging as hf_logging
@@ -76,16 +84,40 @@ def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path,
         ref_model = BloomForCausalLM(config)
     ref_model.load_state_dict(state, strict=True, assign=True)
     ref_model.tie_weights()
+    _own_memory(ref_model)
     ref_model.eval()
     with torch.no_grad():
         want = ref_model(input_ids=batch).logits
-    del ref_model, state
     got_model = AutoModelForCausalLM.from_pretrained(str(export), dtype=dtype, attn_implementation=attn,
                                                      local_files_only=True)
+    _own_memory(got_model)
     got_model.eval()
+    differing = _differing_weights(ref_model, got_model)
+    del ref_model, state
     with torch.no_grad():
         got = got_model(input_ids=batch).logits
     del got_model
     diff = float((got.float() - want.float()).abs().max())
-    return {"ok": diff <= atol, "bit_identical": bool(torch.equal(got, want)), "max_abs_diff": diff,
+    return {"ok": diff <= atol, "bit_identical": bool(torch.equal(got, want)),
+            "max_abs_diff": diff, "weights_identical": not differing, "differing_weights": differing[:5],
             "atol": atol, "reference": reference, "batch": list(batch.shape), "dtype": dtype_name}
+
+
+def _own_memory(model: Any) -> None:
+    """Move every parameter into fresh tensors (torch's allocator aligns them to 64 bytes), off the
+    file mappings they were loaded into; shared (tied) parameters stay one object."""
+    import torch
+
+    for p in model.parameters():  # parameters() yields a shared Parameter once
+        p.data = p.data.clone(memory_format=torch.contiguous_format)
+
+
+def _differing_weights(ref: Any, got: Any) -> list[str]:
+    """Names of the parameters whose values are not bit-identical (shapes and dtypes included)."""
+    import torch
+
+    want = dict(ref.named_parameters(remove_duplicate=False))
+    have = dict(got.named_parameters(remove_duplicate=False))
+    names = sorted(set(want) | set(have))
+    return [n for n in names if n not in want or n not in have or want[n].dtype != have[n].dtype
+            or want[n].shape != have[n].shape or not torch.equal(want[n], have[n])]
