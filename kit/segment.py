@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from kit import exitcodes
 from kit.errors import KitError
@@ -27,8 +28,11 @@ def run_segment(run_dir: str, stop_after_steps: int = 0, seg: str = "") -> str:
     env = dist.from_environ()
     dist.init(env)
     trainer = Trainer(cfg, rd, env, seg=seg, stop_after_steps=stop_after_steps)
-    trainer.setup()
-    return trainer.run()
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,5 +66,19 @@ def _destroy() -> None:
         print(f"kit: warning: destroy_process_group failed: {e}", file=sys.stderr)
 
 
+def exit_now(code: int) -> NoReturn:
+    """End this rank's process with ``code``, skipping interpreter finalization.
+
+    Why: by then everything kit owns is closed (Trainer.close, destroy_process_group), and
+    finalization only runs destructors of torch's distributed back ends, one of which aborted a
+    2-rank DeepSpeed process on CI after it had finished its work and destroyed its process group
+    (SIGABRT, "terminate called without an active exception"). The launcher would have reported a
+    clean segment as a crash. It also spares a large model's teardown at the end of an allocation.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -546,11 +546,22 @@ class Trainer:
     def _finish(self, reason: str) -> None:
         if self.health:  # stop the watchdog before anything slow; the sampler writes its last sample
             self.health.stop()
+            self.health = None
         if self.env.is_main:
             self.ledger.emit("segment_ended", reason=reason, step=self.state.step,
                              exit_code=exitcodes.REASONS.get(reason, 1), signal=self.state.signalled)
-            if self.sink:
-                self.sink.close()
+        self.close()
+
+    def close(self) -> None:
+        """Release what the segment holds, however it ended (idempotent): the watchdog and sampler,
+        TensorBoard's queued events, the ledger. Why here: the rank process then ends without
+        interpreter finalization (kit.segment.exit_now), so nothing may rely on it."""
+        if self.health:
+            self.health.stop()
+            self.health = None
+        if self.sink:
+            self.sink.close()
+            self.sink = None
         self.ledger.close()
 
     def _log(self, msg: str) -> None:

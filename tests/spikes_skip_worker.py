@@ -110,5 +110,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from kit.segment import exit_now
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    sys.exit(main())
+    exit_now(main())  # as a rank of kit does: no interpreter finalization after the group is destroyed
