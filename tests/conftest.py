@@ -43,10 +43,18 @@ def slurm() -> None:
 
 @pytest.fixture(scope="session")
 def deepspeed_ok() -> None:
+    """DeepSpeed is importable, and its CPU communication op is built (once, ~30 s on a fresh machine;
+    cached in ~/.cache/torch_extensions): otherwise the first test to start ranks pays for it inside
+    its own timings, and every rank of it waits on the build lock."""
+    import sys
+
     try:
         import deepspeed  # noqa: F401
     except ImportError:
         require(False, "DeepSpeed")
+    warm = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0, f"building DeepSpeed's CPU comm op failed (is g++ installed?):\n{warm.stderr[-2000:]}"
 
 
 def tiny_overrides(runs_dir: Path, name: str = "t", **extra: object) -> list[str]:
