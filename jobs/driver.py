@@ -139,6 +139,7 @@ class Driver:
             "MASTER_ADDR": self.dist.master_addr, "MASTER_PORT": str(port), "RANK": str(self.dist.rank),
             "WORLD_SIZE": str(self.dist.world_size), "LOCAL_RANK": str(self.dist.local_rank),
             "LOCAL_WORLD_SIZE": str(self.dist.local_world_size), "KIT_SEGMENT": seg,
+            "KIT_NODES": ",".join(self.nodes),  # the setup watchdog's rank -> node table (kit.watchdog)
             "OMP_NUM_THREADS": str(self.cfg.trainer.threads), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
             # A dead rank must end the job, not hang it: NCCL's asynchronous error handling aborts the
             # communicator of the survivors (both names: torch >= 2.2 and older).

@@ -353,6 +353,9 @@ class HealthSection:
     """Run the hang watchdog (one thread per rank); independent of ``enabled`` (the sampler)."""
     hang_grace_s: float = 30.0
     """After the watchdog fires, how long the reporting rank waits for the other ranks' stack dumps."""
+    setup_timeout_s: float = 3600.0
+    """The watchdog's bound from a segment's start to its first step: rendezvous, NCCL and DeepSpeed
+    set-up, loading the checkpoint (BLOOM-176B's 2.3 TB took minutes; allow for a slow filesystem)."""
     host_mem_max_pct: float = 95.0
     """Alert when the node's memory use is above this percentage."""
     disk_min_free_gib: float = 50.0
@@ -361,7 +364,7 @@ class HealthSection:
     def __post_init__(self) -> None:
         if self.record_every < 1:
             raise ConfigError(f"health.record_every must be at least 1, got {self.record_every}")
-        for key in ("period_s", "hang_floor_s", "hang_factor", "hang_grace_s"):
+        for key in ("period_s", "hang_floor_s", "hang_factor", "hang_grace_s", "setup_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"health.{key} must be greater than 0, got {getattr(self, key)}")
         if self.hang_ceiling_s < self.hang_floor_s:

@@ -361,8 +361,9 @@ class JobHealth:
 
     @classmethod
     def start(cls, cfg: Any, run_dir: Any, env: Any, seg: str, engine: Any,
-              ledger: LedgerWriter | NullLedger) -> JobHealth:
-        """``cfg``: RunConfig, ``run_dir``: RunDir, ``env``: DistEnv. Makes one collective (rank table)."""
+              ledger: LedgerWriter | NullLedger, watchdog: Any = None) -> JobHealth:
+        """``cfg``: RunConfig, ``run_dir``: RunDir, ``env``: DistEnv. Makes one collective (rank table).
+        ``watchdog``: the one that watched setup (kit.watchdog.for_setup), taken over from here."""
         from kit.stragglers import StepTimer, gather_ranks
         from kit.watchdog import Watchdog
 
@@ -371,7 +372,10 @@ class JobHealth:
         sampler = None
         if h.enabled and env.is_node_main:
             sampler = HealthSampler(run_dir.path, h, seg=seg, fs_path=run_dir.checkpoints).start()
-        watchdog = Watchdog(run_dir.path, h, env.rank, ranks, seg, stamp).start() if h.watchdog else None
+        if watchdog is not None:
+            watchdog.setup_done(ranks)
+        elif h.watchdog:
+            watchdog = Watchdog(run_dir.path, h, env.rank, ranks, seg, stamp).start()
         timer = StepTimer(engine, env.rank, ranks, h.straggler_interval, h.straggler_threshold, ledger) \
             if h.straggler_interval else None
         return cls(sampler, watchdog, timer, ledger, env.rank, env.world_size)

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from kit import exitcodes
 from kit.errors import KitError
+from kit.faults import fault_point
 
 
 def run_segment(run_dir: str, stop_after_steps: int = 0, seg: str = "") -> str:
@@ -21,18 +22,28 @@ def run_segment(run_dir: str, stop_after_steps: int = 0, seg: str = "") -> str:
     from kit import dist
     from kit.rundir import RunDir
     from kit.trainer import Trainer
+    from kit.watchdog import for_setup
 
     rd = RunDir(run_dir)
     cfg = rd.load_config()
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.trainer.threads))
     env = dist.from_environ()
-    dist.init(env)
-    trainer = Trainer(cfg, rd, env, seg=seg, stop_after_steps=stop_after_steps)
+    seg = seg or os.environ.get("KIT_SEGMENT", "local")
+    # Watched from before the first collective: a rendezvous or NCCL set-up that never completes
+    # must end the segment, not hold the allocation (kit.watchdog, health.setup_timeout_s).
+    watchdog = for_setup(rd.path, cfg.health, env.rank, env.world_size, env.local_world_size, seg)
     try:
-        trainer.setup()
-        return trainer.run()
+        fault_point("setup.before_init", 0, env.rank)
+        dist.init(env)
+        trainer = Trainer(cfg, rd, env, seg=seg, stop_after_steps=stop_after_steps, setup_watchdog=watchdog)
+        try:
+            trainer.setup()
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if watchdog is not None:
+            watchdog.stop()  # idempotent: the trainer's health parts stop it too
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,7 @@ class Trainer:
     """Assembles the parts in ``setup()`` and runs the loop in ``run()``; returns an exit reason."""
 
     def __init__(self, cfg: RunConfig, run_dir: RunDir, env: DistEnv, seg: str = "",
-                 stop_after_steps: int = 0) -> None:
+                 stop_after_steps: int = 0, setup_watchdog: Any = None) -> None:
         self.cfg = cfg
         self.rd = run_dir
         self.env = env
@@ -126,6 +126,7 @@ class Trainer:
         self._consumed_at: dict[int, int] = {}  # step -> samples consumed before it (last few steps)
         self._pin_next_save = ""
         self.health: JobHealth | None = None  # kit.health: node sampler, hang watchdog, straggler timings
+        self._setup_watchdog = setup_watchdog  # kit.watchdog.for_setup: watching since before the rendezvous
 
     # ------------------------------------------------------------------------------------ setup
     def _deadline(self) -> float | None:
@@ -164,6 +165,7 @@ class Trainer:
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
+        fault_point("setup.before_engine", 0, env.rank)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optim, lr_scheduler=sched, config=deepspeed_config(cfg, self.dp)
         )
@@ -180,7 +182,8 @@ class Trainer:
                              versions=_versions())
         self._install_signals()
         # Health (kit.health, docs/health.md): sampler on local rank 0, watchdog per rank, straggler timer.
-        self.health = JobHealth.start(cfg, self.rd, env, self.seg, self.engine, self.ledger)
+        self.health = JobHealth.start(cfg, self.rd, env, self.seg, self.engine, self.ledger, self._setup_watchdog)
+        self._setup_watchdog = None
 
     def _resume(self) -> None:
         import torch.distributed as dist
@@ -208,6 +211,7 @@ class Trainer:
                                             "n_head": m.n_head}, self.cfg.data.vocab_size)
         # `kit reshape` (tools/reshape.py) writes DeepSpeed universal checkpoints for a new world size
         # (manifest kit.universal): load that one with DeepSpeed's load_universal switched on.
+        t0 = time.perf_counter()
         universal = self.engine._config.load_universal_checkpoint
         self.engine._config.load_universal_checkpoint = universal or bool(ckpt.manifest["kit"].get("universal"))
         load_path, _ = self.engine.load_checkpoint(str(root), tag=tag)
@@ -220,7 +224,8 @@ class Trainer:
         self.state.consumed = ckpt.consumed
         self.state.resumed_from = tag
         self._log(f"resumed from {tag} (step {ckpt.step}, {ckpt.consumed} samples consumed)")
-        self.ledger.emit("ckpt_loaded", step=ckpt.step, tag=tag, skipped=notes)
+        self.ledger.emit("ckpt_loaded", step=ckpt.step, tag=tag, skipped=notes,
+                         seconds=round(time.perf_counter() - t0, 3))
 
     def _install_signals(self) -> None:
         def handler(signum: int, frame: Any) -> None:
@@ -559,6 +564,9 @@ class Trainer:
         if self.health:
             self.health.stop()
             self.health = None
+        if self._setup_watchdog is not None:  # setup failed before the health parts took it over
+            self._setup_watchdog.stop()
+            self._setup_watchdog = None
         if self.sink:
             self.sink.close()
             self.sink = None

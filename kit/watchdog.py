@@ -23,8 +23,14 @@ wait for); else the ranks outside the largest group of identical stacks. All ran
 collective means the network or NCCL itself: no suspect node, the chain resubmits as is.
 
 A last resort covers hangs that hold the GIL (the watchdog thread cannot run then): faulthandler's C
-timer is armed at ``1.5 * hang_ceiling_s + 2 * hang_grace_s``; it dumps to stderr (the Slurm log) and
-exits.
+timer is armed at ``1.5 * ceiling + 2 * hang_grace_s``; it dumps to stderr (the Slurm log) and exits.
+
+Setup is watched too (:func:`for_setup`): the watchdog starts before the first collective, with
+``health.setup_timeout_s`` as its bound, so a rank stuck in the rendezvous, in NCCL's communicator
+set-up, in DeepSpeed's initialisation or in loading a checkpoint ends the segment instead of holding
+the allocation for its 20 hours. No collective can say where the other ranks are then: all ranks of
+a launch agree on the stack folder from their environment (:func:`setup_stamp`), and nodes come from
+``KIT_NODES`` (set by the chain's driver) or, on one machine, this host.
 """
 
 from __future__ import annotations
@@ -58,12 +64,15 @@ COLLECTIVE_FUNCS = {"all_reduce", "barrier", "all_gather", "all_gather_object", 
                     "all_to_all", "monitored_barrier", "send", "recv", "reduce"}
 
 
+SETUP = "setup"  # the phase before the first step of a segment (bound: health.setup_timeout_s)
+
+
 class Watchdog:
     """Per-rank hang detector. ``beat(step)`` from the training loop; ``start()`` and ``stop()`` around it."""
 
     def __init__(self, run_dir: str | Path, cfg: HealthSection, rank: int, ranks: list[RankInfo], seg: str,
                  stamp: str, exit_fn: Callable[[int], Any] = os._exit, poll_s: float | None = None,
-                 last_resort: bool = True) -> None:
+                 last_resort: bool = True, phase: str = "start") -> None:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.rank = rank
@@ -78,7 +87,7 @@ class Watchdog:
         self._ring = [0.0] * RING
         self._n = 0
         self._last = time.monotonic()
-        self._phase: str | None = "start"  # no interval is recorded for the first beat (setup is not a step)
+        self._phase: str | None = phase  # no interval is recorded for the first beat (setup is not a step)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._armed_at = 0.0
@@ -100,10 +109,18 @@ class Watchdog:
         self._phase = what
         self._last = time.monotonic()
 
+    def setup_done(self, ranks: list[RankInfo]) -> None:
+        """Setup is over (the rank table is known now): from here until the first step, the ceiling."""
+        self.ranks = ranks
+        self.long_phase("start")
+
+    def ceiling(self) -> float:
+        return self.cfg.setup_timeout_s if self._phase == SETUP else self.cfg.hang_ceiling_s
+
     def bound(self) -> float:
         cfg = self.cfg
         if self._phase is not None or self._n < MIN_HISTORY:
-            return cfg.hang_ceiling_s
+            return self.ceiling()
         hist = sorted(self._ring[: min(self._n, RING)])
         median = hist[len(hist) // 2]
         return min(max(cfg.hang_factor * median, cfg.hang_floor_s), cfg.hang_ceiling_s)
@@ -126,10 +143,9 @@ class Watchdog:
         while not self._stop.wait(self.poll_s):
             now = time.monotonic()
             if self.last_resort and (self.step != seen or not self._armed_at) and \
-                    now - self._armed_at > self.cfg.hang_ceiling_s / 4:
+                    now - self._armed_at > self.ceiling() / 4:
                 seen, self._armed_at = self.step, now
-                faulthandler.dump_traceback_later(1.5 * self.cfg.hang_ceiling_s + 2 * self.cfg.hang_grace_s,
-                                                  exit=True)
+                faulthandler.dump_traceback_later(1.5 * self.ceiling() + 2 * self.cfg.hang_grace_s, exit=True)
             stalled, bound = now - self._last, self.bound()
             if stalled > bound:
                 self.fire(stalled, bound)
@@ -178,17 +194,58 @@ class Watchdog:
     def _ledger(self, r: dict[str, Any]) -> None:
         me = r["dumps"].get(self.rank, {})
         who = ", ".join(f"{k} ({self.ranks[k].host})" if k < len(self.ranks) else str(k) for k in r["suspect_ranks"])
-        msg = (f"hang: no step completed for {me.get('stalled_s', '?')} s (bound {me.get('bound_s', '?')} s) after "
-               f"step {me.get('step', '?')}; " + (f"suspect ranks {who}: {r['why']}" if who else r["why"]) +
+        what = (f"setup did not finish in {me.get('stalled_s', '?')} s (health.setup_timeout_s = "
+                f"{me.get('bound_s', '?')} s)" if me.get("phase") == SETUP else
+                f"no step completed for {me.get('stalled_s', '?')} s (bound {me.get('bound_s', '?')} s) after "
+                f"step {me.get('step', '?')}")
+        msg = (f"hang: {what}; " + (f"suspect ranks {who}: {r['why']}" if who else r["why"]) +
                f"; stacks in {r['stacks']}; exiting with HANG ({exitcodes.HANG})" +
                (f" so the chain resubmits without {', '.join(r['suspect_nodes'])}" if r["suspect_nodes"] else ""))
         with LedgerWriter(self.run_dir, writer_name("watchdog", self.rank), seg=self.seg) as led:
             led.emit("hang", bound_s=me.get("bound_s"), stalled_s=me.get("stalled_s"), step=me.get("step"),
+                     phase=me.get("phase"),
                      suspect_ranks=r["suspect_ranks"], suspect_nodes=r["suspect_nodes"],
                      missing_ranks=r["missing_ranks"], groups=r["groups"], stacks=r["stacks"])
             led.alert("critical", msg, suspect_nodes=r["suspect_nodes"], suspect_ranks=r["suspect_ranks"])
             led.emit("segment_ended", reason="hang", step=me.get("step", -1), exit_code=exitcodes.HANG,
                      suspect_nodes=r["suspect_nodes"])
+
+
+# -------------------------------------------------------------------------------------- setup
+def setup_stamp(environ: Any = None) -> str:
+    """A name every rank of one launch derives alike, without a collective: torchrun's run id, the
+    Slurm job and restart count, the rendezvous port."""
+    e = os.environ if environ is None else environ
+    parts = [e.get("TORCHELASTIC_RUN_ID", "")[:8], e.get("SLURM_JOB_ID", ""), e.get("SLURM_RESTART_COUNT", ""),
+             e.get("MASTER_PORT", "")]
+    return "setup-" + "-".join(p for p in parts if p).replace("/", "_")
+
+
+def setup_ranks(rank: int, world: int, local_world: int, environ: Any = None) -> list[RankInfo]:
+    """The rank table as far as the environment knows it: nodes from ``KIT_NODES`` (rank r on node
+    r // local_world), else this host for the ranks of this node and "?" for the others."""
+    from kit.ledger import hostname
+
+    e = os.environ if environ is None else environ
+    nodes = [n for n in e.get("KIT_NODES", "").split(",") if n]
+    per = max(1, local_world)
+
+    def host(r: int) -> str:
+        if nodes:
+            return nodes[min(r // per, len(nodes) - 1)]
+        return hostname() if r // per == rank // per else "?"  # this node's ranks are on this host
+
+    return [RankInfo(r, host(r), r % per, -1, os.getpid() if r == rank else 0) for r in range(world)]
+
+
+def for_setup(run_dir: str | Path, cfg: HealthSection, rank: int, world: int, local_world: int,
+              seg: str) -> Watchdog | None:
+    """A started watchdog in the setup phase (None when ``health.watchdog`` is off); the trainer's
+    JobHealth takes it over once setup is done."""
+    if not cfg.watchdog:
+        return None
+    return Watchdog(run_dir, cfg, rank, setup_ranks(rank, world, local_world), seg, setup_stamp(),
+                    phase=SETUP).start()
 
 
 # ---------------------------------------------------------------------------------- stack files
@@ -278,7 +335,8 @@ def analyse(dumps: dict[int, dict[str, Any]], ranks: list[RankInfo]) -> dict[str
         suspects = []
         why = ("every rank has the same stack (a collective or network hang: no suspect node)" if len(groups) <= 1
                else "the stacks differ without a clear odd one out")
-    hosts = {i.rank: i.host for i in ranks}
+    hosts = {i.rank: i.host for i in ranks if i.host != "?"}
+    hosts.update({r: str(d["host"]) for r, d in dumps.items() if d.get("host", "?") != "?"})  # setup: ranks say
     return {
         "suspect_ranks": suspects,
         "suspect_nodes": sorted({hosts[r] for r in suspects if r in hosts}),

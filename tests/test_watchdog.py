@@ -178,6 +178,65 @@ def test_blocked_rank_is_caught_stacks_dumped_segment_ends_with_hang_then_resume
     assert loaded[0]["step"] == 4
 
 
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.timeout(300)
+def test_a_rank_stuck_in_setup_ends_the_segment_with_hang(
+        deepspeed_ok: None, tiny_cfg: Any, capfd: pytest.CaptureFixture[str]) -> None:
+    """A real 2-rank run; rank 1 blocks in setup, before DeepSpeed's initialisation, so rank 0 waits in
+    the engine's first collective and no step ever completes. The setup watchdog (started before the
+    rendezvous) must fire at health.setup_timeout_s, name rank 1, and end both ranks with HANG."""
+    from kit.launch import create_run, run_local_segment
+
+    cfg = tiny_cfg("setuphang", **{"health.setup_timeout_s": 30.0, "health.hang_grace_s": 10.0,
+                                   "health.hang_floor_s": 2.0, "health.hang_ceiling_s": 600.0})
+    rd = create_run(cfg, log=lambda *a: None)
+    t0 = time.monotonic()
+    out = run_local_segment(rd, cfg, seg="s1", extra_env={"KIT_FAULTS": "setup.before_engine:rank1=hang"})
+    wall = time.monotonic() - t0
+    logs = capfd.readouterr()
+    assert logs.err.count(f"exitcode  : {exitcodes.HANG}") == 2, logs.err[-3000:]
+    assert out.reason == "hang"
+    [hang] = [e for e in read_all(rd.path, {"hang"}) if e["seg"] == "s1"]
+    assert hang["phase"] == "setup" and hang["bound_s"] == 30.0 and hang["step"] == -1
+    assert 30.0 <= hang["stalled_s"] < 40.0
+    assert wall < 30.0 + 60, "ended by the setup watchdog, not by the 600 s ceiling or a timeout"
+    assert hang["suspect_ranks"] == [1] and hang["suspect_nodes"] == [hostname()]
+    folder = rd.path / hang["stacks"]
+    assert sorted(p.name for p in folder.glob("r*.txt")) == ["r00000.txt", "r00001.txt"]
+    assert "fault_point" in (folder / "r00001.txt").read_text()
+    assert "initialize" in (folder / "r00000.txt").read_text()
+    alert = [a for a in read_all(rd.path, {"alert"}) if a["seg"] == "s1" and a["severity"] == "critical"]
+    assert "setup did not finish" in alert[0]["message"] and "suspect ranks 1" in alert[0]["message"]
+    assert not read_all(rd.path, {"segment_started"}), "setup never finished"
+    # without the fault, the same run sets up within the bound and trains (the watchdog hands over)
+    again = run_local_segment(rd, cfg, seg="s2", quiet=True)
+    assert (again.reason, again.step) == ("done", cfg.trainer.max_steps)
+
+
+def test_setup_ranks_and_stamp_from_the_environment() -> None:
+    """Before any collective: every rank of one launch names the same stack folder, and nodes come
+    from KIT_NODES (rank r on node r // ranks-per-node)."""
+    env = {"TORCHELASTIC_RUN_ID": "abcdef123456", "SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "3",
+           "MASTER_PORT": "29511"}
+    assert wd.setup_stamp(env) == "setup-abcdef12-42-3-29511"
+    ranks = wd.setup_ranks(5, 8, 4, {"KIT_NODES": "gpu1,gpu2"})
+    assert [r.host for r in ranks] == ["gpu1"] * 4 + ["gpu2"] * 4
+    assert [r.local_rank for r in ranks] == [0, 1, 2, 3] * 2
+    assert ranks[5].pid > 0 and ranks[4].pid == 0
+    alone = wd.setup_ranks(1, 2, 2, {})
+    assert [r.host for r in alone] == [hostname(), hostname()]
+    unknown = wd.setup_ranks(0, 4, 2, {})
+    assert [r.host for r in unknown] == [hostname(), hostname(), "?", "?"]
+    # hosts the table did not know come from the dumps' headers
+    dumps = {0: {"host": hostname(), "frames": [("x/torch/distributed/c.py", 1, "all_reduce")]},
+             2: {"host": "gpu7", "frames": [("kit/faults.py", 1, "fault_point")]},
+             1: {"host": hostname(), "frames": [("x/torch/distributed/c.py", 1, "all_reduce")]},
+             3: {"host": "gpu7", "frames": [("x/torch/distributed/c.py", 1, "all_reduce")]}}
+    report = wd.analyse(dumps, unknown)
+    assert report["suspect_ranks"] == [2] and report["suspect_nodes"] == ["gpu7"]
+
+
 GIL_HOG = """
 import re, sys, time
 from kit.config import HealthSection
