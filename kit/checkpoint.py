@@ -12,6 +12,8 @@ Layout under ``<run>/checkpoints`` (docs/run-directory.md)::
                                      manifest, so DeepSpeed tools and zero_to_fp32 find it too
     .pins/<tag>                      pinned against retention (spike policy), with the reason
     .busy/<tag>.<who>.<host>.<pid>   in use (upload in progress): never deleted while its process lives
+    .holds/<who>.json                a live consumer's lease on the checkpoints after a step (kit stream:
+                                     not shipped yet); retention keeps a bounded number of them
 
 A save killed at any point leaves a folder without a manifest; resume ignores it and says so.
 """
@@ -39,6 +41,7 @@ MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 PINS = ".pins"
 BUSY = ".busy"
+HOLDS = ".holds"
 RANK_STATE = "kit_rank_{rank:05d}.pt"
 MANIFEST_VERSION = 1
 
@@ -328,25 +331,70 @@ def busy_tags(root: Path) -> set[str]:
     return {p.name.split(".", 1)[0] for p in d.iterdir()} if d.is_dir() else set()
 
 
+def hold(root: Path, who: str, after_step: int, lease_s: float, prefer_every: int = 0) -> None:
+    """Ask retention to keep the checkpoints after ``after_step`` (those a consumer has not taken yet,
+    including the ones still to be saved) for ``lease_s`` seconds from now; when only a few can be
+    kept, multiples of ``prefer_every`` first, then the oldest.
+
+    A lease, not a marker: the holder (kit stream, on a login node) and the deleter (the trainer, on a
+    compute node) cannot see each other's processes, so a holder that dies stops protecting anything
+    once its lease runs out. The holder renews it while it lives."""
+    d = root / HOLDS
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{who}.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"who": who, "until": time.time() + lease_s, "after_step": after_step,
+                               "prefer_every": prefer_every}))
+    os.replace(tmp, d / f"{who}.json")
+
+
+def release(root: Path, who: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (root / HOLDS / f"{who}.json").unlink()
+
+
+def held(root: Path, complete: list[Checkpoint], now: float | None = None) -> list[str]:
+    """The tags among ``complete`` that live holds ask for, most wanted first (an expired or
+    unreadable hold asks for nothing)."""
+    now = time.time() if now is None else now
+    out: list[str] = []
+    d = root / HOLDS
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            h = json.loads(p.read_text())
+            if float(h["until"]) <= now:
+                continue
+            after, every = int(h["after_step"]), int(h.get("prefer_every") or 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a hold being replaced, or garbage: it protects nothing
+        wanted = sorted((c for c in complete if c.step > after), key=lambda c: (not (every and c.step % every == 0),
+                                                                                  c.step))
+        out += [c.tag for c in wanted if c.tag not in out]
+    return out
+
+
 # ----------------------------------------------------------------------------------------- retention
 
 
-def retention_plan(root: Path, keep_last: int, keep_every: int) -> list[Path]:
+def retention_plan(root: Path, keep_last: int, keep_every: int, hold_max: int = 0) -> list[Path]:
     """What to delete: complete checkpoints beyond the newest ``keep_last``, except multiples of
-    ``keep_every``, pinned or busy ones; and incomplete folders older than the newest complete one."""
+    ``keep_every``, pinned or busy ones, and the first ``hold_max`` older ones a live hold asks for;
+    and incomplete folders older than the newest complete one."""
     complete, incomplete = scan(root)
     keep = {c.tag for c in complete[-keep_last:]}
     keep |= {c.tag for c in complete if keep_every and c.step % keep_every == 0}
     keep |= pinned(root) | busy_tags(root)
+    if hold_max:
+        keep |= set([t for t in held(root, complete) if t not in keep][:hold_max])
     doomed = [c.path for c in complete if c.tag not in keep]
     newest = complete[-1].step if complete else -1
     doomed += [p for p in incomplete if (step_of(p.name) or 0) < newest and p.name not in keep]
     return doomed
 
 
-def apply_retention(root: Path, keep_last: int, keep_every: int, on_delete: Any = None) -> list[str]:
+def apply_retention(root: Path, keep_last: int, keep_every: int, on_delete: Any = None,
+                    hold_max: int = 0) -> list[str]:
     deleted = []
-    for path in retention_plan(root, keep_last, keep_every):
+    for path in retention_plan(root, keep_last, keep_every, hold_max):
         try:
             # Remove the manifest first: a half-deleted folder must never look complete.
             with contextlib.suppress(FileNotFoundError):

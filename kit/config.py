@@ -208,8 +208,14 @@ class CheckpointSection:
     """...and every checkpoint whose step is a multiple of N (0 = none), as BigScience kept every 1k."""
     verify_on_resume: bool = False
     """Hash every file against the manifest before resuming (sizes are always checked)."""
+    stream_hold_max: int = 2
+    """While a live `kit stream` has not shipped them yet, keep up to this many more checkpoints than
+    keep_last (its remote keep-every ones first; 0 = retention ignores the stream). Bounded, so a
+    stalled upload cannot fill the filesystem: past it, unshipped ones are deleted with a warning."""
 
     def __post_init__(self) -> None:
+        if self.stream_hold_max < 0:
+            raise ConfigError(f"checkpoint.stream_hold_max must be >= 0, got {self.stream_hold_max}")
         if self.interval_steps <= 0:
             raise ConfigError(f"checkpoint.interval_steps must be greater than 0, got {self.interval_steps}")
         if self.keep_last < 1:

@@ -531,8 +531,15 @@ class Trainer:
             seconds = time.perf_counter() - t0
             self.ledger.emit("ckpt_saved", step=st.step, tag=tag, seconds=round(seconds, 3), reason=why,
                              bytes=sum(f["size"] for f in manifest["files"].values()), consumed=st.consumed)
-            ck.apply_retention(root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every,
-                               on_delete=self._on_delete)
+            c = self.cfg.checkpoint
+            wanted = ck.held(root, ck.scan(root)[0])
+            deleted = ck.apply_retention(root, c.keep_last, c.keep_every, on_delete=self._on_delete,
+                                         hold_max=c.stream_hold_max)
+            if lost := [t for t in deleted if t in wanted]:
+                self.ledger.alert("warning", f"retention deleted {', '.join(lost)} before `kit stream` shipped "
+                                  f"{'it' if len(lost) == 1 else 'them'}: the stream is more than "
+                                  f"checkpoint.stream_hold_max = {c.stream_hold_max} checkpoints behind (a slow or "
+                                  "stalled upload?); raise it if the filesystem has room", tags=lost)
         dist.barrier()
         st.save_times = ([*st.save_times, time.perf_counter() - t0])[-5:]
 

@@ -118,3 +118,35 @@ def test_busy_marker_of_a_killed_process_does_not_protect_forever(tmp_path: Path
     # A marker from another host is kept: its process cannot be checked from here.
     (tmp_path / ck.BUSY / f"{ck.tag_for(30)}.stream.otherhost.1").write_text("stream")
     assert ck.busy_tags(tmp_path) == {ck.tag_for(30)}
+
+
+def test_a_live_hold_keeps_a_bounded_number_of_unshipped_checkpoints(tmp_path: Path) -> None:
+    """kit stream's lease (kit.checkpoint.hold): the trainer's retention keeps up to hold_max of the
+    checkpoints after the holder's step (preferred multiples first, then the oldest), never more,
+    and nothing once the lease has run out or the hold is released."""
+    import json
+    import time
+
+    for s in (10, 20, 30, 40, 50, 60):
+        fake_ckpt(tmp_path, s)
+    complete = ck.scan(tmp_path)[0]
+
+    def plan(hold_max: int) -> list[str]:
+        return sorted(p.name for p in ck.retention_plan(tmp_path, 1, 0, hold_max))
+
+    assert plan(2) == [ck.tag_for(s) for s in (10, 20, 30, 40, 50)], "no hold: hold_max changes nothing"
+    ck.hold(tmp_path, "stream", after_step=20, lease_s=60)
+    assert ck.held(tmp_path, complete) == [ck.tag_for(s) for s in (30, 40, 50, 60)]
+    assert plan(2) == [ck.tag_for(s) for s in (10, 20, 50)]  # 30 and 40 held (the oldest), 60 is keep_last
+    assert plan(0) == [ck.tag_for(s) for s in (10, 20, 30, 40, 50)], "hold_max 0: the stream is ignored"
+    ck.hold(tmp_path, "stream", after_step=20, lease_s=60, prefer_every=50)
+    assert plan(2) == [ck.tag_for(s) for s in (10, 20, 40)]  # 50 (a remote keeper) first, then 30
+    ck.hold(tmp_path, "stream", after_step=20, lease_s=-1)  # a killed stream's lease ran out
+    assert ck.held(tmp_path, complete) == [] and plan(2) == [ck.tag_for(s) for s in (10, 20, 30, 40, 50)]
+    ck.hold(tmp_path, "stream", after_step=20, lease_s=60)
+    (tmp_path / ck.HOLDS / "junk.json").write_text("{not json")
+    (tmp_path / ck.HOLDS / "old.json").write_text(json.dumps({"until": time.time() + 60}))  # no after_step
+    assert plan(2) == [ck.tag_for(s) for s in (10, 20, 50)], "unreadable holds are ignored, the good one counts"
+    ck.release(tmp_path, "stream")
+    assert ck.held(tmp_path, complete) == []
+    ck.release(tmp_path, "stream")  # twice is fine

@@ -85,6 +85,39 @@ def test_stream_live_run_restart_retention(tiny_cfg: Any, tmp_path: Path) -> Non
     assert again.returncode == 0 and "shipped 0 checkpoint(s)" in again.stdout
 
 
+def test_the_trainer_keeps_what_a_lagging_stream_has_not_shipped_within_its_bound(tiny_cfg: Any,
+                                                                                   tmp_path: Path) -> None:
+    """A real run with checkpoint.keep_last = 1 and a stream that stalls 30 s after its first upload
+    (kit fault point), so the run saves steps 4, 6 and 8 while nothing after step 2 is shipped. The
+    stream's hold (checkpoint.stream_hold_max = 1) makes the trainer keep one unshipped checkpoint
+    (step 4) beyond keep_last; the other (6) is deleted, and the trainer says so in an alert."""
+    from kit import checkpoint as ck
+    from kit.launch import create_run, run_local_segment
+
+    cfg = tiny_cfg("held", **{"checkpoint.keep_last": 1, "checkpoint.stream_hold_max": 1})
+    rd = create_run(cfg, log=lambda *a: None)
+    url = f"file://{tmp_path / 'remote'}"
+    stream = subprocess.Popen(stream_cmd(rd.path, url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=dict(os.environ, KIT_FAULTS="stream.after_upload@2=sleep30"))
+    try:
+        out = run_local_segment(rd, cfg, quiet=True)
+        assert out.reason == "done"
+        assert stream.wait(timeout=240) == 0
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+    events = read_all(rd.path)
+    saved8 = next(e["t"] for e in events if e["kind"] == "ckpt_saved" and e["step"] == 8)
+    uploads = {e["tag"]: e["t"] for e in events if e["kind"] == "ckpt_uploaded" and e.get("what") == "checkpoint"}
+    assert saved8 < uploads["step_0000004"], "the stream was behind when the run saved its last checkpoint"
+    assert sorted(uploads) == ["step_0000002", "step_0000004", "step_0000008"]  # 4 held; 6 lost to the bound
+    by_trainer = {e["tag"] for e in events if e["kind"] == "ckpt_deleted" and e["src"] != "stream"}
+    assert "step_0000006" in by_trainer and "step_0000004" not in by_trainer
+    [alert] = [e for e in events if e["kind"] == "alert" and "before `kit stream` shipped" in e["message"]]
+    assert alert["tags"] == ["step_0000006"] and "stream_hold_max = 1" in alert["message"]
+    assert not (rd.checkpoints / ck.HOLDS / "stream.json").exists(), "the stream released its hold on exit"
+
+
 def test_a_second_stream_on_the_same_run_is_refused(tmp_path: Path) -> None:
     """Two streams would race on the same uploads and share one ledger file: the second refuses."""
     import subprocess

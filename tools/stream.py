@@ -7,6 +7,10 @@ verify the remote copy against KIT_UPLOAD.json, optionally convert it and upload
 newest K, deleting only checkpoints whose remote copy verified. Every stage is a ledger event
 (writer ``stream``), so the monitor shows it.
 
+While it lives, the stream holds the checkpoints it has not shipped yet (kit.checkpoint.hold, a
+lease it renews): the trainer's own retention then keeps up to ``checkpoint.stream_hold_max`` of them
+beyond its keep_last, instead of deleting a checkpoint before it was ever uploaded.
+
 Restarts: the state (which tags are done, which remote copies were removed) is in
 ``<run>/exports/stream.json``, rewritten atomically after each stage; an upload cut in the middle
 resumes without resending the files that landed (tools.upload).
@@ -19,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +40,8 @@ from kit.tools.upload import upload_folder
 
 STATE = "stream.json"
 STATE_VERSION = 1
+HOLDER = "stream"  # this stream's hold in checkpoints/.holds/ (one stream per run: _single_stream)
+HOLD_LEASE_S = 900.0  # a killed stream stops protecting checkpoints this long after its last renewal
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,12 +85,43 @@ class StreamState:
         os.replace(tmp, self.path)
 
 
+class Hold:
+    """This stream's lease on the checkpoints after the last one it shipped (kit.checkpoint.hold),
+    renewed by a thread every tenth of the lease (uploading a 2 TB checkpoint outlasts a lease);
+    released on close."""
+
+    def __init__(self, root: Path, prefer_every: int = 0, lease_s: float = HOLD_LEASE_S) -> None:
+        self.root = root
+        self.prefer_every = prefer_every
+        self.lease_s = lease_s
+        self.after_step: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="kit-stream-hold", daemon=True)
+        self._thread.start()
+
+    def set(self, after_step: int) -> None:
+        self.after_step = after_step
+        ck.hold(self.root, HOLDER, after_step, self.lease_s, self.prefer_every)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 10):
+            if self.after_step is not None:
+                with contextlib.suppress(OSError):  # retried at the next renewal; the lease covers ten
+                    ck.hold(self.root, HOLDER, self.after_step, self.lease_s, self.prefer_every)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        ck.release(self.root, HOLDER)
+
+
 class Streamer:
-    def __init__(self, rd: RunDir, opts: StreamOptions, ledger: LedgerWriter) -> None:
+    def __init__(self, rd: RunDir, opts: StreamOptions, ledger: LedgerWriter, hold: Hold | None = None) -> None:
         self.rd = rd
         self.opts = opts
         self.led = ledger
         self.url = opts.url.rstrip("/")
+        self.hold = hold
         rd.exports.mkdir(parents=True, exist_ok=True)
         self.state = StreamState(rd.exports / STATE, opts.url)
         self.clear_stale_busy()
@@ -100,13 +138,24 @@ class Streamer:
     def run_once(self) -> int:
         """Ship every complete checkpoint not shipped yet, then apply retention; returns how many."""
         complete, _ = ck.scan(self.rd.checkpoints)
+        done = self.state.done
+        todo = [c for c in complete if not self.state.shipped(c.tag) and not done.get(c.tag, {}).get("corrupt")]
+        self._hold()
         shipped = 0
-        for c in complete:
-            if not self.state.shipped(c.tag) and not self.state.done.get(c.tag, {}).get("corrupt"):
-                shipped += self.ship(c)
+        for c in todo:
+            n = self.ship(c)
+            shipped += n
+            if n:
+                self._hold()  # shipped: the trainer may delete it now
         self.remote_retention()
         self.local_retention()
         return shipped
+
+    def _hold(self) -> None:
+        """Hold every checkpoint after the newest shipped one (oldest first is the shipping order, so
+        the ones before it are shipped, corrupt, or gone)."""
+        if self.hold is not None:
+            self.hold.set(max((e["step"] for e in self.state.done.values() if e.get("remote_verified")), default=-1))
 
     def ship(self, c: ck.Checkpoint) -> int:
         root, tag, o = self.rd.checkpoints, c.tag, self.opts
@@ -272,10 +321,14 @@ def run(args: argparse.Namespace, verb: str) -> int:
                          keep_last=args.keep_last,
                          keep_every=args.keep_every, hashes=not args.quick_verify, jobs=args.jobs)
     with _single_stream(rd), LedgerWriter(rd.path, "stream") as led:
-        streamer = Streamer(rd, opts, led)
-        if args.once:
-            n = streamer.run_once()
-            print(f"kit stream: shipped {n} checkpoint(s) to {redact(args.to)}")
-            return 0
-        streamer.follow(args.poll, args.exit_when_done)
+        hold = Hold(rd.checkpoints, prefer_every=opts.keep_every)
+        try:
+            streamer = Streamer(rd, opts, led, hold)
+            if args.once:
+                n = streamer.run_once()
+                print(f"kit stream: shipped {n} checkpoint(s) to {redact(args.to)}")
+                return 0
+            streamer.follow(args.poll, args.exit_when_done)
+        finally:
+            hold.close()
     return 0
