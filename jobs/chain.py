@@ -319,6 +319,10 @@ def decide(cfg: RunConfig, state: ChainState, rec: SegmentRecord, usable_nodes: 
     delay = 0.0
     if rec.outcome in (CRASH, HANG, LOST):
         delay = min(MAX_BACKOFF_S, cfg.chain.backoff_s * 2 ** (state.consecutive_crashes - 1))
+    elif rec.outcome == PREFLIGHT and not exclude:
+        # Failed on every node alike (a full shared filesystem): an immediate retry would fail the
+        # same way. Give the operator time, as after crashes, until the crash-loop limit ends it.
+        delay = min(MAX_BACKOFF_S, cfg.chain.backoff_s * 2 ** (state.no_progress - 1))
     return Decision("resubmit", rec.outcome if rec.outcome != CRASH else f"crash: {rec.reason}", delay_s=delay,
                     exclude=tuple(exclude))
 

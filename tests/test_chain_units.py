@@ -83,6 +83,17 @@ def test_preflight_excludes_without_backoff_and_never_the_last_nodes(tmp_path: P
     assert d.exclude == () and st.suspect_nodes == ["b"], "2 nodes needed, only 2 left: keep b, as a suspect"
 
 
+def test_a_preflight_failed_on_every_node_backs_off_then_ends(tmp_path: Path) -> None:
+    """No node to blame (the doctor's shared failures, a full filesystem): no exclusion, a retry after
+    a doubling delay instead of at once, and the crash-loop limit ends the chain."""
+    cfg = _cfg(tmp_path, **{"chain.backoff_s": 10.0, "chain.crash_loop_limit": 3})
+    st = ch.ChainState()
+    delays = [_run(cfg, st, _rec(ch.PREFLIGHT, 4, 4, "preflight")).delay_s for _ in range(2)]
+    assert delays == [10.0, 20.0] and st.excluded_nodes == []
+    d = _run(cfg, st, _rec(ch.PREFLIGHT, 4, 4, "preflight"))
+    assert (d.action, d.reason, d.severity) == ("end", "crash_loop", "critical")
+
+
 def test_limits_end_the_chain(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, **{"chain.max_segments": 2, "chain.deadline": "2030-01-01T00:00:00"})
     st = ch.ChainState()

@@ -302,6 +302,23 @@ def test_two_ranks_name_the_slowest_node_and_fail_below_the_threshold(tiny_cfg: 
 
 
 @pytest.mark.slow
+def test_a_filesystem_failure_on_every_node_blames_no_node(tiny_cfg: Any) -> None:
+    """Two "nodes" (two torchrun agents) whose checkpoint filesystem is too slow for the recipe: the
+    same fs check fails on both, so it is the shared filesystem's fault. No node may be named for
+    exclusion (the chain would drop healthy nodes for the rest of the run); a critical alert says so."""
+    run = make_run(tiny_cfg, **{"doctor.allreduce_mib": 1.0, "doctor.allreduce_iters": 2,
+                                "doctor.min_write_mbps": 1e9})
+    outs = torchrun_two_nodes(run)
+    events = sorted(read_all(run, {"doctor"}), key=lambda e: e["rank"])
+    assert [e["src"] for e in events] == ["doctor-r0", "doctor-r1"], [o.stderr[-2000:] for o in outs]
+    for e in events:
+        assert e["ok"] is False and e["failed_nodes"] == [] and e["shared_failures"] == ["fs.write"]
+    [alert] = [a for a in read_all(run, {"alert"}) if a["src"] == "doctor-r0"]
+    assert alert["severity"] == "critical" and "fs.write failed on every node" in alert["message"]
+    assert all(o.returncode != 0 for o in outs) and "fix the shared filesystem" in outs[0].stdout
+
+
+@pytest.mark.slow
 def test_one_node_two_ranks_agree_on_a_local_failure(tiny_cfg: Any) -> None:
     """Node checks run on the node's first rank only; the verdict is collective, so rank 1 (which ran
     none) fails too, and only rank 0 writes the node's ledger file."""

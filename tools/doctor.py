@@ -43,6 +43,7 @@ class Report:
     world_size: int
     checks: list[Check] = field(default_factory=list)
     failed_nodes: list[str] = field(default_factory=list)
+    shared_failures: list[str] = field(default_factory=list)  # fs.* checks every node failed: not the nodes'
     slowest_node: str = ""
     busbw_gbps: float | None = None
     algbw_gbps: float | None = None
@@ -59,7 +60,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "node": self.node, "rank": self.rank, "world_size": self.world_size,
-                "failed_nodes": self.failed_nodes, "slowest_node": self.slowest_node,
+                "failed_nodes": self.failed_nodes, "shared_failures": self.shared_failures,
+                "slowest_node": self.slowest_node,
                 "busbw_gbps": self.busbw_gbps, "algbw_gbps": self.algbw_gbps, "node_scores": self.node_scores,
                 "node_measures": self.node_measures, "checks": [c.to_dict() for c in self.checks]}
 
@@ -204,13 +206,25 @@ def _network(cfg: RunConfig, node: str, report: Report) -> None:
 
 
 def _agree(report: Report) -> None:
-    """Every rank learns which nodes failed; a bandwidth failure blames the slowest node."""
+    """Every rank learns which nodes failed; a bandwidth failure blames the slowest node.
+
+    A checkpoint-filesystem check (``fs.*``) that fails on every node of a multi-node allocation is
+    the shared filesystem's problem (full, out of inodes, slow), not the nodes': blaming them would
+    make the chain exclude healthy nodes for the rest of the run. Those are ``shared_failures``."""
     import torch.distributed as dist
 
     mine = (report.node, [c.name for c in report.failures if not c.name.startswith("net.")])
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    failed = {node for node, names in everyone if names}
+    by_node: dict[str, set[str]] = {}
+    for node, names in everyone:
+        by_node.setdefault(node, set()).update(names)
+    shared: set[str] = set()
+    if len(by_node) > 1:
+        shared = {n for n in set().union(*by_node.values())
+                  if n.startswith("fs.") and all(n in names for names in by_node.values())}
+    report.shared_failures = sorted(shared)
+    failed = {node for node, names in by_node.items() if names - shared}
     if any(c.name == "net.busbw" and c.status == FAIL for c in report.checks) and report.slowest_node:
         failed.add(report.slowest_node)
     report.failed_nodes = sorted(failed)
@@ -222,6 +236,12 @@ def _to_ledger(report: Report, run_dir: Path, name: str, seg: str) -> None:
     d = report.to_dict()
     with LedgerWriter(run_dir, name, seg=seg or os.environ.get("KIT_SEGMENT", "")) as led:
         led.emit("doctor", **d)
+        if report.shared_failures and report.rank == 0:
+            details = "; ".join(f"{c.name}: {c.detail}" for c in report.failures if c.name in report.shared_failures)
+            led.alert("critical", f"preflight: {', '.join(report.shared_failures)} failed on every node "
+                      f"({details}): the shared checkpoint filesystem, not the nodes (none is excluded). Free "
+                      "space or fix the filesystem; the chain retries with backoff and stops after "
+                      "chain.crash_loop_limit tries", checks=report.shared_failures)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -289,7 +309,9 @@ def _print(report: Report, as_json: bool) -> None:
     if report.ok:
         print(f"doctor: OK on {report.node} ({report.world_size} ranks)")
     else:
-        exclude = f"exclude {', '.join(report.failed_nodes)}" if report.failed_nodes else "see the FAIL lines"
+        exclude = (f"exclude {', '.join(report.failed_nodes)}" if report.failed_nodes else
+                   f"{', '.join(report.shared_failures)} failed on every node: fix the shared filesystem"
+                   if report.shared_failures else "see the FAIL lines")
         print(f"doctor: FAILED on {report.node}: {exclude} (exit {exitcodes.PREFLIGHT})")
 
 
