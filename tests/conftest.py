@@ -83,3 +83,18 @@ def tiny_cfg(tmp_path: Path):  # type: ignore[no-untyped-def]
         return load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp_path / "runs", name, **extra))
 
     return make
+
+
+@pytest.fixture
+def full_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real filesystem with 64 KiB of room (a tmpfs), to see what kit does when a disk fills up.
+    Needs root and permission to mount: skipped (and says so) elsewhere."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (and CAP_SYS_ADMIN)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -189,6 +189,18 @@ def test_verification_names_a_wrong_weight(zero_runs: dict[int, RunDir], tmp_pat
     assert not result["weights_identical"] and result["differing_weights"] == [name]
 
 
+def test_a_full_destination_is_one_clear_error_and_leaves_nothing(zero_runs: dict[int, RunDir], full_fs: Path,
+                                                                   capsys: Any) -> None:
+    """0.5 MB of weights onto a real 64 KiB filesystem: one red line that says the disk is full, and no
+    partial folder left behind (kit upload's full-destination path is tested in test_upload.py)."""
+    rd = zero_runs[2]
+    out = full_fs / "hf"
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "is full; free space or choose another --out" in err and "Traceback" not in err
+    assert list(full_fs.iterdir()) == []
+
+
 def test_cli_errors_are_one_line(zero_runs: dict[int, RunDir], tmp_path: Path, capsys: Any) -> None:
     rd = zero_runs[2]
     assert kit_main(["convert", str(rd.path), "--step", "3", "--out", str(tmp_path / "x")]) == 1

@@ -150,6 +150,17 @@ def test_corrupt_source_and_bad_destinations(s3: dict[str, str], tmp_path: Path)
     assert "incomplete" in problems[0]
 
 
+def test_a_full_destination_fails_at_once_and_never_looks_complete(tmp_path: Path, full_fs: Path) -> None:
+    """A real 64 KiB filesystem: ENOSPC is not retried, says what to do, and no manifest appears."""
+    src = make_folder(tmp_path / "src", files=2, size=100_000)  # 200 KB
+    t0 = time.monotonic()
+    with pytest.raises(UploadError, match=r"the destination is full.*free space or choose another destination"):
+        upload_folder(src, f"file://{full_fs}/dest", retries=5, backoff_s=1.0)
+    assert time.monotonic() - t0 < 5, "not retried with backoff"
+    _, problems = verify_url(f"file://{full_fs}/dest")
+    assert "incomplete" in problems[0]
+
+
 def test_credentials_never_printed(s3: dict[str, str], tmp_path: Path) -> None:
     src = make_folder(tmp_path / "src")
     res = kit("upload", str(src), f"s3://testing:{SECRET}@{BUCKET}/x?token={SECRET}", "--retries", "0")

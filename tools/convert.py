@@ -452,12 +452,27 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
+    except OSError as e:
+        raise _write_error(e, out) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     export = Export(out, ckpt.tag, ckpt.step, dtype, shards, nbytes, round(seconds, 3), result)
     led.emit("ckpt_converted", tag=ckpt.tag, out=str(out), step=ckpt.step, dtype=dtype, shards=shards,
              bytes=nbytes, seconds=export.seconds, verified=result.get("ok"))
     return export
+
+
+def _write_error(e: OSError, out: Path) -> KitError | OSError:
+    """The operator's version of an OSError met while writing the export (anything else stays a bug)."""
+    import errno
+
+    where = f"{out.parent} ({e.strerror})"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return KitError(f"the filesystem of {where} is full; free space or choose another --out "
+                        f"(the export needs about the model's size in the chosen dtype); nothing was written to {out}")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return KitError(f"cannot write to {where}; choose another --out; nothing was written to {out}")
+    return e
 
 
 # ---------------------------------------------------------------------------------------------- CLI
