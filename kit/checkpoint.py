@@ -375,26 +375,29 @@ def held(root: Path, complete: list[Checkpoint], now: float | None = None) -> li
 # ----------------------------------------------------------------------------------------- retention
 
 
-def retention_plan(root: Path, keep_last: int, keep_every: int, hold_max: int = 0) -> list[Path]:
+def retention_plan(root: Path, keep_last: int, keep_every: int, hold_max: int = 0) -> tuple[list[Path], list[str]]:
     """What to delete: complete checkpoints beyond the newest ``keep_last``, except multiples of
     ``keep_every``, pinned or busy ones, and the first ``hold_max`` older ones a live hold asks for;
-    and incomplete folders older than the newest complete one."""
+    and incomplete folders older than the newest complete one. Also returns what live holds ask for."""
     complete, incomplete = scan(root)
     keep = {c.tag for c in complete[-keep_last:]}
     keep |= {c.tag for c in complete if keep_every and c.step % keep_every == 0}
     keep |= pinned(root) | busy_tags(root)
-    if hold_max:
-        keep |= set([t for t in held(root, complete) if t not in keep][:hold_max])
+    wanted = held(root, complete)
+    keep |= set([t for t in wanted if t not in keep][:hold_max])
     doomed = [c.path for c in complete if c.tag not in keep]
     newest = complete[-1].step if complete else -1
     doomed += [p for p in incomplete if (step_of(p.name) or 0) < newest and p.name not in keep]
-    return doomed
+    return doomed, wanted
 
 
 def apply_retention(root: Path, keep_last: int, keep_every: int, on_delete: Any = None,
-                    hold_max: int = 0) -> list[str]:
+                    hold_max: int = 0) -> tuple[list[str], list[str]]:
+    """Delete what :func:`retention_plan` says; returns the deleted tags, and those of them a live
+    hold still wanted (deleted past its bound: the caller says so)."""
+    doomed, wanted = retention_plan(root, keep_last, keep_every, hold_max)
     deleted = []
-    for path in retention_plan(root, keep_last, keep_every, hold_max):
+    for path in doomed:
         try:
             # Remove the manifest first: a half-deleted folder must never look complete.
             with contextlib.suppress(FileNotFoundError):
@@ -407,4 +410,4 @@ def apply_retention(root: Path, keep_last: int, keep_every: int, on_delete: Any 
         deleted.append(path.name)
         if on_delete:
             on_delete(path.name, "")
-    return deleted
+    return deleted, [t for t in deleted if t in wanted]

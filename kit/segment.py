@@ -14,7 +14,6 @@ from typing import NoReturn
 
 from kit import exitcodes
 from kit.errors import KitError
-from kit.faults import fault_point
 
 
 def run_segment(run_dir: str, stop_after_steps: int = 0, seg: str = "") -> str:
@@ -33,7 +32,6 @@ def run_segment(run_dir: str, stop_after_steps: int = 0, seg: str = "") -> str:
     # must end the segment, not hold the allocation (kit.watchdog, health.setup_timeout_s).
     watchdog = for_setup(rd.path, cfg.health, env.rank, env.world_size, env.local_world_size, seg)
     try:
-        fault_point("setup.before_init", 0, env.rank)
         dist.init(env)
         trainer = Trainer(cfg, rd, env, seg=seg, stop_after_steps=stop_after_steps, setup_watchdog=watchdog)
         try:

@@ -532,10 +532,9 @@ class Trainer:
             self.ledger.emit("ckpt_saved", step=st.step, tag=tag, seconds=round(seconds, 3), reason=why,
                              bytes=sum(f["size"] for f in manifest["files"].values()), consumed=st.consumed)
             c = self.cfg.checkpoint
-            wanted = ck.held(root, ck.scan(root)[0])
-            deleted = ck.apply_retention(root, c.keep_last, c.keep_every, on_delete=self._on_delete,
+            _, lost = ck.apply_retention(root, c.keep_last, c.keep_every, on_delete=self._on_delete,
                                          hold_max=c.stream_hold_max)
-            if lost := [t for t in deleted if t in wanted]:
+            if lost:
                 self.ledger.alert("warning", f"retention deleted {', '.join(lost)} before `kit stream` shipped "
                                   f"{'it' if len(lost) == 1 else 'them'}: the stream is more than "
                                   f"checkpoint.stream_hold_max = {c.stream_hold_max} checkpoints behind (a slow or "
@@ -571,9 +570,6 @@ class Trainer:
         if self.health:
             self.health.stop()
             self.health = None
-        if self._setup_watchdog is not None:  # setup failed before the health parts took it over
-            self._setup_watchdog.stop()
-            self._setup_watchdog = None
         if self.sink:
             self.sink.close()
             self.sink = None

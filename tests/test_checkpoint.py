@@ -67,7 +67,7 @@ def test_retention_keeps_last_k_every_n_pinned_and_busy(tmp_path: Path) -> None:
     fake_ckpt(tmp_path, 55, complete=False)  # garbage from a killed save, older than the newest complete
     ck.pin(tmp_path, ck.tag_for(30), "spike at step 34")
     with ck.busy(tmp_path, ck.tag_for(20), "upload"):
-        deleted = ck.apply_retention(tmp_path, keep_last=2, keep_every=40)
+        deleted, _ = ck.apply_retention(tmp_path, keep_last=2, keep_every=40)
     kept = sorted(c.step for c in ck.scan(tmp_path)[0])
     assert kept == [20, 30, 40, 80, 90, 100]
     assert ck.tag_for(55) in deleted and not (tmp_path / ck.tag_for(55)).exists()
@@ -132,7 +132,7 @@ def test_a_live_hold_keeps_a_bounded_number_of_unshipped_checkpoints(tmp_path: P
     complete = ck.scan(tmp_path)[0]
 
     def plan(hold_max: int) -> list[str]:
-        return sorted(p.name for p in ck.retention_plan(tmp_path, 1, 0, hold_max))
+        return sorted(p.name for p in ck.retention_plan(tmp_path, 1, 0, hold_max)[0])
 
     assert plan(2) == [ck.tag_for(s) for s in (10, 20, 30, 40, 50)], "no hold: hold_max changes nothing"
     ck.hold(tmp_path, "stream", after_step=20, lease_s=60)
