@@ -199,6 +199,31 @@ class DeepSpeedSection:
 
 
 @dataclass(kw_only=True, slots=True)
+class ParallelSection:
+    """The layout of the ranks: tensor x pipeline x data parallel, as BLOOM-176B ran (TP4 x PP12 x DP8).
+
+    Data parallelism is what is left of the world: ``world = tensor * pipeline * data``. Ranks are
+    laid out tensor-fastest (the tensor group shares a node's NVLink), then pipeline, then data."""
+
+    tensor: int = 1
+    """Tensor-parallel degree (DeepSpeed AutoTP): each block's matrices split over this many ranks.
+    Must divide model.n_head; keep it within a node (BLOOM-176B: 4)."""
+    pipeline: int = 1
+    """Pipeline stages (DeepSpeed PipelineModule): the blocks split into this many consecutive
+    stages. At most model.n_layer; needs ZeRO 0 or 1 and batch.grad_accum >= pipeline (BLOOM-176B: 12)."""
+
+    def __post_init__(self) -> None:
+        for key in ("tensor", "pipeline"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(self, key)}")
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold one copy of the model between them (tensor x pipeline)."""
+        return self.tensor * self.pipeline
+
+
+@dataclass(kw_only=True, slots=True)
 class CheckpointSection:
     interval_steps: int = 20
     """Save every this many optimizer steps (and at the end, on stop, and before a deadline)."""
@@ -458,6 +483,7 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     batch: BatchSection = field(default_factory=BatchSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
@@ -479,17 +505,42 @@ class RunConfig:
         if self.deepspeed.precision == "bf16" and self.deepspeed.zero_stage == 0:
             # DeepSpeed's bf16 optimizer wrapper needs ZeRO >= 1 to keep fp32 master weights.
             raise ConfigError("deepspeed.precision = \"bf16\" needs deepspeed.zero_stage >= 1 (fp32 master weights)")
+        self.check_layout(self.world_size(local=False), "the Slurm allocation (slurm.nodes x tasks per node)")
+
+    def check_layout(self, world: int, where: str) -> None:
+        """The parallel layout fits the model and ``world`` ranks (``where`` names what sets it)."""
+        p, m = self.parallel, self.model
+        if m.n_head % p.tensor:
+            raise ConfigError(f"parallel.tensor ({p.tensor}) must divide model.n_head ({m.n_head}): "
+                              "tensor parallelism splits the attention heads")
+        if p.pipeline > m.n_layer:
+            raise ConfigError(f"parallel.pipeline ({p.pipeline}) must be at most model.n_layer ({m.n_layer}): "
+                              "every stage needs at least one block")
+        if p.pipeline > 1 and self.deepspeed.zero_stage > 1:
+            raise ConfigError(f"deepspeed.zero_stage = {self.deepspeed.zero_stage} cannot be used with "
+                              f"parallel.pipeline = {p.pipeline}: DeepSpeed's pipeline engine takes ZeRO 0 or 1 "
+                              "(BLOOM-176B used ZeRO-1)")
+        if p.pipeline > 1 and self.batch.grad_accum < p.pipeline:
+            raise ConfigError(f"batch.grad_accum ({self.batch.grad_accum}) must be at least parallel.pipeline "
+                              f"({p.pipeline}): each step's micro-batches fill the pipeline's stages")
+        if world % p.model_parallel:
+            raise ConfigError(f"{where} has {world} ranks, not a multiple of parallel.tensor x parallel.pipeline "
+                              f"= {p.tensor} x {p.pipeline} = {p.model_parallel}")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.runs_dir) / self.run.name
 
     def world_size(self, local: bool = True) -> int:
-        """Data-parallel ranks: trainer.nproc locally, nodes x tasks per node under Slurm."""
+        """All ranks: trainer.nproc locally, nodes x tasks per node under Slurm."""
         if local:
             return self.trainer.nproc
         per_node = self.slurm.gpus_per_node or self.slurm.tasks_per_node or self.trainer.nproc
         return self.slurm.nodes * per_node
+
+    def data_parallel(self, local: bool = True) -> int:
+        """Data-parallel ranks: the world divided by tensor x pipeline."""
+        return self.world_size(local) // self.parallel.model_parallel
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
