@@ -474,6 +474,60 @@ class DoctorSection:
 
 
 @dataclass(kw_only=True, slots=True)
+class EvalSection:
+    """Validation on held-out documents of every source, during training and offline (kit.evaluation,
+    docs/eval.md). BigScience watched validation loss per language: it, more than the training loss,
+    tells whether a spike did lasting damage and whether the mixture is balanced."""
+
+    enabled: bool = True
+    """Evaluate during training every ``interval_steps`` (the held-out split is set aside either way)."""
+    interval_steps: int = 100
+    """Evaluate after every step that is a multiple of this (the schedule is by step number, so it
+    survives segment boundaries and resumes)."""
+    heldout_fraction: float = 0.02
+    """Share of each source's documents set aside at data preparation and never trained on (at least
+    one document when the source has two or more). Chosen from run.seed and each document's origin, so
+    a re-prepare picks the same ones; recorded in the data's meta.json. Changes the training data."""
+    heldout_docs: int = 0
+    """A fixed number of held-out documents per source instead of ``heldout_fraction`` (0 = use the
+    fraction). At most all but one of a source's documents."""
+    sequences: int = 16
+    """Held-out sequences of model.seq_length tokens scored per source at each evaluation: always the
+    same ones (evenly spaced over the source's held-out tokens), so evaluations compare over time."""
+    micro_batch_size: int = 0
+    """Sequences per forward pass of the evaluation (0 = batch.micro_batch_size). It fixes the batches
+    every evaluation uses, live and `kit eval`, so their numbers are identical."""
+    max_fraction: float = 0.05
+    """Bound on the cost: evaluation time over training time of an interval. When a measured evaluation
+    costs more, the interval is stretched (doubled until it fits, never shortened below
+    ``interval_steps``) and the eval event says so."""
+    alert_margin: float = 0.05
+    """Alert when a source's validation loss is more than this fraction above its best of the last
+    ``alert_window`` evaluations (a spike that did lasting damage); one alert per incident."""
+    alert_window: int = 10
+    """Evaluations of history behind the "recent best" of ``alert_margin``."""
+
+    def __post_init__(self) -> None:
+        for key in ("interval_steps", "sequences", "alert_window"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"eval.{key} must be at least 1, got {getattr(self, key)}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"eval.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        for key in ("heldout_docs", "micro_batch_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.max_fraction <= 1.0:
+            raise ConfigError(f"eval.max_fraction must be in (0, 1], got {self.max_fraction}")
+        if self.alert_margin <= 0:
+            raise ConfigError(f"eval.alert_margin must be greater than 0, got {self.alert_margin}")
+
+    @property
+    def holds_out(self) -> bool:
+        """Whether data preparation sets documents aside at all."""
+        return self.heldout_docs > 0 or self.heldout_fraction > 0
+
+
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     """The whole recipe. Sections map one-to-one to TOML tables."""
 
@@ -492,6 +546,7 @@ class RunConfig:
     health: HealthSection = field(default_factory=HealthSection)
     spikes: SpikesSection = field(default_factory=SpikesSection)
     doctor: DoctorSection = field(default_factory=DoctorSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def check(self) -> None:
         """Checks that span sections."""
@@ -502,6 +557,9 @@ class RunConfig:
             )
         if not self.data.sources:
             raise ConfigError("data.sources is empty: add at least one [[data.sources]] table with a name and a path")
+        if self.eval.enabled and not self.eval.holds_out:
+            raise ConfigError("eval.enabled = true needs held-out documents: set eval.heldout_fraction > 0 or "
+                              "eval.heldout_docs > 0, or eval.enabled = false")
         if self.deepspeed.precision == "bf16" and self.deepspeed.zero_stage == 0:
             # DeepSpeed's bf16 optimizer wrapper needs ZeRO >= 1 to keep fp32 master weights.
             raise ConfigError("deepspeed.precision = \"bf16\" needs deepspeed.zero_stage >= 1 (fp32 master weights)")
@@ -553,6 +611,8 @@ class RunConfig:
         d = self.to_dict()
         keep = {k: d[k] for k in ("model", "data", "optim", "batch", "deepspeed")}
         keep["seed"] = d["run"]["seed"]
+        # The held-out split decides which documents are trained on (kit.data): part of the arithmetic.
+        keep["heldout"] = [d["eval"]["heldout_fraction"], d["eval"]["heldout_docs"]]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

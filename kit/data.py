@@ -7,13 +7,23 @@ Why this shape:
   samples were consumed reads exactly the batches an uninterrupted run would, and the postmortem can
   recompute which documents any step saw from the ledger's ``consumed`` field alone.
 
+- A held-out split per source (eval.heldout_fraction or eval.heldout_docs of its documents) is set
+  aside here, before anything is trained on: its documents go to their own files, so the sampler
+  cannot reach them, and the tokenizer is trained without them. Which documents: the lowest
+  blake2b(seed, source, origin) values, so a re-prepare (or a source that grew) keeps the same ones;
+  meta.json records the rule, the settings and the origins' hash.
+
 Layout of ``<run>/data``::
 
-    tokenizer.json           the run's tokenizer (trained here or copied from data.tokenizer)
-    <source>.tokens.bin      uint16/uint32 token ids, documents separated by </s>
-    <source>.docs.npy        int64 start offset of each document (plus the total at the end)
-    <source>.origins.json    where each document came from (file, and item within it)
-    meta.json                written last: sources, sizes, weights, dtype; its presence = ready
+    tokenizer.json                the run's tokenizer (trained here or copied from data.tokenizer)
+    <source>.tokens.bin           uint16/uint32 token ids, documents separated by </s> (training)
+    <source>.docs.npy             int64 start offset of each document (plus the total at the end)
+    <source>.origins.json         where each document came from (file, and item within it)
+    <source>.heldout.tokens.bin   the same three for the held-out documents (kit.evaluation reads them)
+    <source>.heldout.docs.npy
+    <source>.heldout.origins.json
+    meta.json                     written last: sources, sizes, weights, dtype, held-out split; its
+                                  presence = ready
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import contextlib
 import fcntl
 import gettext
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -33,12 +44,15 @@ from typing import Any
 
 import numpy as np
 
-from kit.config import DataSection, RunConfig, SourceSection
+from kit.config import EvalSection, RunConfig, SourceSection
 from kit.errors import DataError
 from kit.fsio import atomic_write
 
 META = "meta.json"
+META_VERSION = 2  # 2: held-out split (1: none; still read, without evaluation)
 TOKENIZER = "tokenizer.json"
+HELDOUT = "heldout"  # file infix and meta key of the held-out split
+HELDOUT_RULE = "lowest blake2b-64(seed NUL source NUL origin)"
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")  # BLOOM's order: unk=0, bos=1, eos=2, pad=3
 EOS_ID = 2
 BLOCK = 4096  # samples per mixture block: exact source proportions within every block
@@ -179,11 +193,11 @@ def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print) -> dict[str,
     data_dir.mkdir(parents=True, exist_ok=True)
     meta_path = data_dir / META
     if meta_path.exists():
-        return check_meta(cfg.data, json.loads(meta_path.read_text()), data_dir)
+        return check_meta(cfg, json.loads(meta_path.read_text()), data_dir)
     with open(data_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if meta_path.exists():
-            return check_meta(cfg.data, json.loads(meta_path.read_text()), data_dir)
+            return check_meta(cfg, json.loads(meta_path.read_text()), data_dir)
         tmp = data_dir / f".tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -200,47 +214,95 @@ def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print) -> dict[str,
 def _build(cfg: RunConfig, out: Path, log: Any) -> dict[str, Any]:
     t0 = time.time()
     docs: dict[str, list[Document]] = {}
+    held: dict[str, list[Document]] = {}
     for src in cfg.data.sources:
-        docs[src.name] = list(iter_documents(src))
-        if not docs[src.name]:
+        every = list(iter_documents(src))
+        if not every:
             raise DataError(f"data.sources[{src.name}]: no non-empty documents in {src.path}")
+        out_idx = set(heldout_indices([d.origin for d in every], src.name, cfg.run.seed, cfg.eval))
+        docs[src.name] = [d for i, d in enumerate(every) if i not in out_idx]
+        held[src.name] = [d for i, d in enumerate(every) if i in out_idx]
     if cfg.data.tokenizer:
         tok = load_tokenizer(cfg.data.tokenizer)
         if tok.get_vocab_size() > cfg.data.vocab_size:
             raise DataError(f"data.tokenizer has {tok.get_vocab_size()} tokens but data.vocab_size is "
                             f"{cfg.data.vocab_size}; set data.vocab_size >= {tok.get_vocab_size()}")
-    else:
+    else:  # trained on the training documents only: the held-out text stays unseen
         tok = train_tokenizer((d.text for ds in docs.values() for d in ds), cfg.data.vocab_size)
     tok.save(str(out / TOKENIZER))
     dtype = np.uint16 if cfg.data.vocab_size <= 65535 else np.uint32
     sources: list[dict[str, Any]] = []
     for src in cfg.data.sources:
-        encs = tok.encode_batch([d.text for d in docs[src.name]])
-        lengths = np.array([len(e.ids) + 1 for e in encs], dtype=np.int64)
-        offsets = np.zeros(len(encs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        tokens = np.empty(int(offsets[-1]), dtype=dtype)
-        for e, start in zip(encs, offsets[:-1], strict=True):
-            n = len(e.ids)
-            tokens[start : start + n] = e.ids
-            tokens[start + n] = EOS_ID
-        tokens.tofile(out / f"{src.name}.tokens.bin")
-        np.save(out / f"{src.name}.docs.npy", offsets)
-        (out / f"{src.name}.origins.json").write_text(json.dumps([d.origin for d in docs[src.name]]))
-        windows = (len(tokens) - 1) // cfg.model.seq_length
+        n_tokens = _write_stream(tok, docs[src.name], out, src.name, dtype)
+        windows = (n_tokens - 1) // cfg.model.seq_length
         if windows < 1:
-            raise DataError(f"data.sources[{src.name}] has {len(tokens)} tokens, fewer than one sample of "
+            raise DataError(f"data.sources[{src.name}] has {n_tokens} tokens, fewer than one sample of "
                             f"model.seq_length={cfg.model.seq_length}; add data or shorten the sequence")
+        h_tokens = _write_stream(tok, held[src.name], out, f"{src.name}.{HELDOUT}", dtype)
         sources.append({"name": src.name, "language": src.language, "format": src.format,
-                        "documents": len(encs), "tokens": len(tokens), "windows": windows,
-                        "bytes": sum(len(d.text.encode()) for d in docs[src.name]), "weight": src.weight})
+                        "documents": len(docs[src.name]), "tokens": n_tokens, "windows": windows,
+                        "bytes": sum(len(d.text.encode()) for d in docs[src.name]), "weight": src.weight,
+                        HELDOUT: {"documents": len(held[src.name]), "tokens": h_tokens,
+                                  "windows": max(0, (h_tokens - 1) // cfg.model.seq_length),
+                                  "origins_sha256": _origins_hash(held[src.name])}})
     weights = mixture_weights([s["tokens"] for s in sources], [s["weight"] for s in sources], cfg.data.alpha)
     for s, w in zip(sources, weights, strict=True):
         s["p"] = w
     log(f"data: {len(sources)} sources, {sum(s['tokens'] for s in sources):,} tokens, "
-        f"vocab {tok.get_vocab_size()}, prepared in {time.time() - t0:.1f}s")
-    return {"version": 1, "seq_length": cfg.model.seq_length, "vocab_size": cfg.data.vocab_size,
-            "dtype": np.dtype(dtype).name, "sources": sources, "created": time.time()}
+        f"{sum(s[HELDOUT]['tokens'] for s in sources):,} held out "
+        f"({sum(s[HELDOUT]['documents'] for s in sources)} documents), vocab {tok.get_vocab_size()}, "
+        f"prepared in {time.time() - t0:.1f}s")
+    return {"version": META_VERSION, "seq_length": cfg.model.seq_length, "vocab_size": cfg.data.vocab_size,
+            "dtype": np.dtype(dtype).name, "sources": sources, "created": time.time(),
+            HELDOUT: heldout_settings(cfg)}
+
+
+def _write_stream(tok: Any, docs: list[Document], out: Path, stem: str, dtype: Any) -> int:
+    """``<stem>.tokens.bin``, ``.docs.npy`` and ``.origins.json`` of some documents; returns the tokens."""
+    encs = tok.encode_batch([d.text for d in docs]) if docs else []
+    lengths = np.array([len(e.ids) + 1 for e in encs], dtype=np.int64)
+    offsets = np.zeros(len(encs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.empty(int(offsets[-1]), dtype=dtype)
+    for e, start in zip(encs, offsets[:-1], strict=True):
+        n = len(e.ids)
+        tokens[start : start + n] = e.ids
+        tokens[start + n] = EOS_ID
+    tokens.tofile(out / f"{stem}.tokens.bin")
+    np.save(out / f"{stem}.docs.npy", offsets)
+    (out / f"{stem}.origins.json").write_text(json.dumps([d.origin for d in docs]))
+    return len(tokens)
+
+
+# -------------------------------------------------------------------------------------- held out
+
+
+def heldout_count(n_docs: int, ev: EvalSection) -> int:
+    """How many of a source's ``n_docs`` documents are held out: eval.heldout_docs, else the fraction
+    (at least one), never all of them (the source must still train)."""
+    if n_docs < 2 or not ev.holds_out:
+        return 0
+    want = ev.heldout_docs if ev.heldout_docs > 0 else max(1, round(ev.heldout_fraction * n_docs))
+    return min(want, n_docs - 1)
+
+
+def heldout_indices(origins: list[str], source: str, seed: int, ev: EvalSection) -> list[int]:
+    """Indices of the held-out documents, sorted: the ones with the lowest blake2b(seed, source,
+    origin). Why a hash of the origin and not a permutation: a document keeps its fate when others are
+    added or removed, so a re-prepare of a grown source holds out (mostly) the same documents."""
+    k = heldout_count(len(origins), ev)
+    keys = [(hashlib.blake2b(f"{seed}\0{source}\0{o}".encode(), digest_size=8).digest(), i)
+            for i, o in enumerate(origins)]
+    return sorted(i for _, i in sorted(keys)[:k])
+
+
+def heldout_settings(cfg: RunConfig) -> dict[str, Any]:
+    return {"rule": HELDOUT_RULE, "seed": cfg.run.seed, "fraction": cfg.eval.heldout_fraction,
+            "docs": cfg.eval.heldout_docs}
+
+
+def _origins_hash(docs: list[Document]) -> str:
+    return hashlib.sha256(json.dumps([d.origin for d in docs]).encode()).hexdigest()[:16]
 
 
 def mixture_weights(sizes: list[int], weights: list[float], alpha: float) -> list[float]:
@@ -250,12 +312,21 @@ def mixture_weights(sizes: list[int], weights: list[float], alpha: float) -> lis
     return [r / total for r in raw]
 
 
-def check_meta(data: DataSection, meta: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+def check_meta(cfg: RunConfig, meta: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """A prepared folder fits the recipe: same sources, same held-out split. A folder prepared before
+    held-out splits existed (meta version 1) is accepted as it is: its run trains as before, without
+    evaluation (kit.evaluation says so)."""
     names = [s["name"] for s in meta["sources"]]
-    want = [s.name for s in data.sources]
+    want = [s.name for s in cfg.data.sources]
     if names != want:
         raise DataError(f"{data_dir} was prepared for sources {names}, the recipe has {want}; "
                         "use a new run name or set data.prepared to another folder")
+    held = meta.get(HELDOUT)
+    if held is not None and held != heldout_settings(cfg):
+        raise DataError(f"{data_dir} holds out documents chosen with seed {held.get('seed')}, "
+                        f"eval.heldout_fraction {held.get('fraction')}, eval.heldout_docs {held.get('docs')}; "
+                        "the recipe differs (run.seed or eval.heldout_*); use the same settings, or set "
+                        "data.prepared to another folder")
     return meta
 
 

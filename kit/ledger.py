@@ -47,6 +47,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     # training
     "step": ("step", "loss"),
     "data_ready": ("sources", "tokens"),
+    "eval": ("step", "sources"),  # kit.evaluation (by: live) and kit eval/stream (by: checkpoint/export/stream)
     # checkpoints
     "ckpt_saved": ("step", "tag", "bytes", "seconds"),
     "ckpt_loaded": ("step", "tag"),

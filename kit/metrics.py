@@ -45,13 +45,17 @@ class MetricSink:
     def step(self, step: int, metrics: dict[str, Any]) -> None:
         self.ledger.emit("step", step=step, **metrics)
         if self.tb is not None:
-            self._queue.put((step, metrics))
+            self._queue.put((step, {tag: metrics.get(key) for key, tag in TB_TAGS.items()}))
+
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        """TensorBoard scalars by tag (``eval/fr/loss``...), written on the same thread as the steps'."""
+        if self.tb is not None:
+            self._queue.put((step, dict(values)))
 
     def _write_tb(self) -> None:
         while (item := self._queue.get()) is not None:
-            step, metrics = item
-            for key, tag in TB_TAGS.items():
-                v = metrics.get(key)
+            step, values = item
+            for tag, v in values.items():
                 if v is not None and math.isfinite(v):
                     self.tb.add_scalar(tag, v, step)
 

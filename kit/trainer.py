@@ -27,6 +27,7 @@ from kit.data import MixtureDataset, prepare, rank_micro_indices, wait_for_meta
 from kit.dist import DistEnv
 from kit.engine import build_engine
 from kit.errors import ConfigError
+from kit.evaluation import Evaluator
 from kit.faults import fault_active, fault_point
 from kit.health import JobHealth
 from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
@@ -90,6 +91,7 @@ class Trainer:
         self._consumed_at: dict[int, int] = {}  # step -> samples consumed before it (last few steps)
         self.health: JobHealth | None = None  # kit.health: node sampler, hang watchdog, straggler timings
         self._setup_watchdog = setup_watchdog  # kit.watchdog.for_setup: watching since before the rendezvous
+        self.evaluator: Evaluator | None = None  # kit.evaluation: validation on held-out data
 
     # ------------------------------------------------------------------------------------ setup
     def _deadline(self) -> float | None:
@@ -126,6 +128,10 @@ class Trainer:
                              job_id=os.environ.get("SLURM_JOB_ID", ""),
                              restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
                              versions=_versions())
+        tag = self.state.resumed_from  # the evaluation schedule and alert state continue from the checkpoint
+        kept = ck.load(self.rd.checkpoints, tag).manifest["kit"].get("eval") if tag else None
+        self.evaluator = Evaluator.build(cfg, data_dir, self.engine, self.dp, env.rank, self.ledger,
+                                         lambda: self.sink, self._log, kept)
         self._install_signals()
         # Health (kit.health, docs/health.md): sampler on local rank 0, watchdog per rank, straggler timer.
         self.health = JobHealth.start(cfg, self.rd, env, self.seg, self.engine, self.ledger, self._setup_watchdog)
@@ -189,6 +195,8 @@ class Trainer:
             if self.health:  # a reload is not a step: the hang watchdog's ceiling applies
                 self.health.long_phase("rollback")
             return "" if self._rollback(self.spike_check.rollback) else "give_up"
+        if self.evaluator:  # validation every eval.interval_steps, before this step's save (kit.evaluation)
+            self.evaluator.after_step(st.step, dt, hurry=vec[F_SIGNAL] > 0 or vec[F_DEADLINE] > 0)
         if vec[F_STOP] > 0:
             return "stop"
         if vec[F_SIGNAL] > 0:
@@ -355,7 +363,8 @@ class Trainer:
         """Collective save (kit.saver): every rank writes its part; rank 0 commits with the manifest."""
         if self.health:  # a save is not a step: the hang watchdog's ceiling applies until the next step
             self.health.long_phase("save")
-        self.saver.save(self.state.step, self.state.consumed, why, self.guard.manifest_state())
+        ev = {"eval": self.evaluator.state()} if self.evaluator else {}
+        self.saver.save(self.state.step, self.state.consumed, why, {**self.guard.manifest_state(), **ev})
 
     # ------------------------------------------------------------------------------------- end
     def _ack(self, switch: str) -> None:

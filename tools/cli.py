@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "cancel": ("kit.jobs.cli", "cancel the chain's Slurm job now (no save)"),
     "monitor": ("kit.monitor.cli", "watch runs live in a terminal UI (or --once for scripts)"),
     "convert": ("kit.tools.convert", "convert a DeepSpeed checkpoint to a Hugging Face model"),
+    "eval": ("kit.tools.evaluate", "score a checkpoint or an export on the run's held-out data, per source"),
     "reshape": ("kit.tools.reshape", "make a checkpoint resumable on another data-parallel size"),
     "upload": ("kit.tools.upload", "upload a folder to any fsspec URL, resumably, manifest last"),
     "verify": ("kit.tools.upload", "check an uploaded folder (or a checkpoint) against its manifest"),
