@@ -500,7 +500,7 @@ class EvalSection:
     max_fraction: float = 0.05
     """Bound on the cost: evaluation time over training time of an interval. When a measured evaluation
     costs more, the interval is stretched (doubled until it fits, never shortened below
-    ``interval_steps``) and the eval event says so."""
+    ``interval_steps``) and the eval event says so. 0 = no bound (the interval is never stretched)."""
     alert_margin: float = 0.05
     """Alert when a source's validation loss is more than this fraction above its best of the last
     ``alert_window`` evaluations (a spike that did lasting damage); one alert per incident."""
@@ -516,8 +516,8 @@ class EvalSection:
         for key in ("heldout_docs", "micro_batch_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
-        if not 0.0 < self.max_fraction <= 1.0:
-            raise ConfigError(f"eval.max_fraction must be in (0, 1], got {self.max_fraction}")
+        if not 0.0 <= self.max_fraction <= 1.0:
+            raise ConfigError(f"eval.max_fraction must be in [0, 1] (0 = no bound), got {self.max_fraction}")
         if self.alert_margin <= 0:
             raise ConfigError(f"eval.alert_margin must be greater than 0, got {self.alert_margin}")
 

@@ -243,8 +243,8 @@ class LossWatch:
 
 def needed_stretch(eval_s: float, step_s: float, interval: int, max_fraction: float) -> int:
     """The smallest power-of-two multiple of ``interval`` whose training time bounds ``eval_s`` to
-    ``max_fraction`` of it (1 when it fits already)."""
-    if not eval_s > 0 or not step_s > 0:
+    ``max_fraction`` of it (1 when it fits already, or when ``max_fraction`` is 0: no bound)."""
+    if not eval_s > 0 or not step_s > 0 or not max_fraction > 0:
         return 1
     need = eval_s / (max_fraction * step_s * interval)
     k = 1

@@ -39,6 +39,7 @@ from kit.monitor.widgets import (
     HealthTable,
     HelpScreen,
     SegmentTable,
+    ValidationPanel,
     clock_text,
 )
 from kit.rundir import SAVE_NOW, STOP, RunDir
@@ -48,7 +49,7 @@ POST_S = 0.2  # at most this often a snapshot per run while data streams in
 TICK_S = 5.0  # a snapshot at least this often anyway (ages, Slurm), even when nothing was appended
 LOSS_METRICS = ("loss", "grad_norm", "lr")
 RATE_METRICS = ("tokens_per_s", "samples_per_s", "tflops", "mfu")
-TABS = ("overview", "gpus", "checkpoints", "alerts", "segments")
+TABS = ("overview", "gpus", "checkpoints", "alerts", "segments", "validation")
 
 
 @dataclass
@@ -118,6 +119,8 @@ class MonitorApp(App[int]):
                     yield AlertTable(id="alerttable")
                 with TabPane("Segments", id="segments"):
                     yield SegmentTable(id="segtable")
+                with TabPane("Validation", id="validation"):
+                    yield ValidationPanel(id="valpanel")
         yield Static(id="statusline")
         yield Footer()
 
@@ -173,6 +176,8 @@ class MonitorApp(App[int]):
             self.query_one(AlertTable).show(snap)
         elif tab == "segments":
             self.query_one(SegmentTable).show(snap)
+        elif tab == "validation":
+            self.query_one(ValidationPanel).show(snap)
         r = snap.summary["reader"]
         skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in r.items()
                             if k in ("bad_lines", "unknown_kinds", "future_version", "vanished_files",

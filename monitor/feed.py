@@ -23,6 +23,7 @@ from kit.monitor.follow import Follower, _t, cold_start, merged_events
 from kit.monitor.health import GpuHealth, worst_first
 from kit.monitor.model import Alert, Ckpt, RunModel, Segment
 from kit.monitor.status import summarize
+from kit.monitor.validation import Validation
 from kit.rundir import RunDir
 
 WINDOWS: dict[str, float] = {"hour": 3600.0, "day": 86400.0, "run": math.inf}
@@ -50,6 +51,7 @@ class Snapshot:
     control_acks: list[tuple[float, str, int | None]]
     loading: str
     replay: str
+    validation: Validation | None = None  # per-source validation loss (kit.monitor.validation)
 
 
 def thin(xs: list[int], ys: list[float], n: int = MAX_POINTS) -> tuple[list[int], list[float]]:
@@ -191,7 +193,7 @@ class Feed:
             alerts=[replace(a) for a in m.alerts_newest()[:200]],
             health=[(n.node, g, n.node in flagged) for n, g in worst_first(m.health, flagged)][:1024],
             nvml_absent=dict(m.nvml_absent), segments=[replace(s) for s in m.segments.values()][-30:],
-            control_acks=list(m.control_acks), loading=loading, replay=replay,
+            control_acks=list(m.control_acks), loading=loading, replay=replay, validation=m.evals.view(),
         )
 
 

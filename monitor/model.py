@@ -17,6 +17,7 @@ from typing import Any
 from kit.ledger import EVENTS, ReadStats
 from kit.monitor.health import NodeHealth, parse_health
 from kit.monitor.series import Curves, clean
+from kit.monitor.validation import EvalHistory
 
 PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu", "step_time")
 REQUEUE_REASONS = ("signal", "deadline", "segment_limit")
@@ -103,6 +104,7 @@ class RunModel:
     hangs: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
     control_acks: deque[tuple[float, str, int | None]] = field(default_factory=lambda: deque(maxlen=50))
     doctor: dict[str, Any] = field(default_factory=dict)
+    evals: EvalHistory = field(default_factory=EvalHistory)  # validation loss per source (kit.evaluation)
     kinds: dict[str, int] = field(default_factory=dict)
     unknown_kinds: dict[str, int] = field(default_factory=dict)
     junk_events: int = 0
@@ -249,6 +251,9 @@ class RunModel:
     def _control_ack(self, e: dict[str, Any], t: float) -> None:
         self.control_acks.append((t, text(e.get("switch")), _int(e.get("step"))))
 
+    def _eval(self, e: dict[str, Any], t: float) -> None:
+        self.evals.fold(e, t)
+
     def _doctor(self, e: dict[str, Any], t: float) -> None:
         self.doctor = {"t": t, "ok": bool(e.get("ok")), "checks": e.get("checks")}
 
@@ -307,4 +312,5 @@ _HANDLERS: dict[str, Any] = {
     "hang": RunModel._incident,
     "control_ack": RunModel._control_ack,
     "doctor": RunModel._doctor,
+    "eval": RunModel._eval,
 }

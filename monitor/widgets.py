@@ -230,6 +230,65 @@ class SegmentTable(DataTable[Any]):
                          s.reason or ("running" if s.ended_t is None else NA), s.host or NA, val(s.world_size, "d"))
 
 
+class ValidationPanel(Vertical):
+    """Per-source validation loss over steps (kit.evaluation's ``eval`` events): when the last
+    evaluation was, a plot with the worst-moving sources in colour, and a table, worst first."""
+
+    COLUMNS = ("source", "lang", "loss", "previous", "change", "best", "above best", "")
+
+    def compose(self) -> Any:
+        yield Static(id="valhead")
+        yield PlotextPlot(id="valplot")
+        yield DataTable(id="valtable", cursor_type="row", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#valtable", DataTable).add_columns(*self.COLUMNS)
+        self._sig: tuple[Any, ...] = ()
+
+    def show(self, snap: Snapshot) -> None:
+        v = snap.validation
+        head = self.query_one("#valhead", Static)
+        if v is None:
+            head.update(Text("no evaluations in the ledger yet (eval.interval_steps; docs/eval.md)", "dim"))
+            return
+        line = Text(f"last evaluation: step {v.last_step}, {dur(snap.now - v.last_t)} ago ({v.by})")
+        if v.seconds is not None:
+            line.append(f", {v.seconds:.3g}s")
+        if v.fraction is not None:
+            line.append(f" = {v.fraction:.1%} of training time")
+        if v.interval:
+            line.append(f"; every {v.interval} steps")
+        if v.note:
+            line.append(f"\n{v.note}", "yellow")
+        head.update(line)
+        sig = (snap.name, snap.version, self.size)
+        if sig == self._sig:
+            return
+        self._sig = sig
+        self._plot(v)
+        table = self.query_one("#valtable", DataTable)
+        table.clear()
+        for t in v.trends:
+            style = "bold red" if t.incident else "yellow" if t.worst else ""
+            flag = "ALERT" if t.incident else "worst-moving" if t.worst else ""
+            table.add_row(Text(t.name, style), t.language or NA, val(t.last), val(t.prev),
+                          Text(val(t.change, "+.1%"), style), val(t.best), val(t.above_best, "+.1%"), Text(flag, style))
+
+    def _plot(self, v: Any) -> None:
+        plt = self.query_one("#valplot", PlotextPlot).plt
+        plt.clear_figure()
+        plt.title("validation loss per source")
+        plt.xlabel("step")
+        colours = iter(("red", "orange", "magenta"))
+        for t in reversed(v.trends):  # the highlighted ones drawn last, on top
+            xs = [s for s, y in zip(v.steps, v.series[t.name], strict=True) if y is not None]
+            ys = [y for y in v.series[t.name] if y is not None]
+            hot = t.incident or t.worst
+            plt.plot(xs, ys, marker="braille", label=t.name if hot else None,
+                     color=next(colours, "red") if hot else "gray")
+        self.query_one("#valplot", PlotextPlot).refresh()
+
+
 class ConfirmScreen(ModalScreen[bool]):
     """Yes/no before anything that changes the run."""
 
@@ -258,7 +317,7 @@ HELP = """\
 
 | key | what |
 |---|---|
-| `1`-`5` | overview, GPUs, checkpoints, alerts, segments |
+| `1`-`6` | overview, GPUs, checkpoints, alerts, segments, validation |
 | `w` | loss/throughput window: last hour, last day, whole run |
 | `l` | left plot: loss, grad norm, learning rate |
 | `t` | right plot: tokens/s, samples/s, TFLOP/s per GPU, MFU |
