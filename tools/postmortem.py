@@ -7,7 +7,10 @@ Sources, in order of authority:
 - the step events around each spike (loss, grad norm, lr, throughput; abandoned steps of a
   rollback stay visible as their own series), health samples and alerts in the same time span;
 - the data: every step's sample ids are ``range(consumed, consumed + samples)`` of the step event,
-  and kit.data.MixtureDataset maps them to sources and documents (tools/spike_data.py).
+  and kit.data.MixtureDataset maps them to sources and documents (tools/spike_data.py);
+- validation loss per source (the ``eval`` events of kit.evaluation) before and after each spike: a
+  spike that healed is back within eval.alert_margin of the loss before it; one that did lasting
+  damage is not (:func:`validation_around`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from kit.config import SpikesSection
+from kit.config import EvalSection, SpikesSection
 from kit.errors import KitError
 from kit.spikes import LOCAL, PRED_VAR, SQRT2, TRIM, TRIM_STD, predict
 from kit.tools.spike_ledger import Ledger, Steps, read_ledger
@@ -300,6 +303,48 @@ def spikes_config(run_dir: Path) -> SpikesSection:
         return SpikesSection()
 
 
+def eval_config(run_dir: Path) -> EvalSection:
+    from kit.rundir import RunDir
+
+    try:
+        return RunDir(run_dir).load_config().eval
+    except KitError:
+        return EvalSection()
+
+
+AFTER_EVALS = 3  # evaluations after a spike that the postmortem shows
+
+
+def validation_around(hist: dict[str, dict[int, float]], ep: Episode, margin: float) -> dict[str, Any]:
+    """Validation loss per source around a spike: the last evaluation before it started and up to
+    AFTER_EVALS from its first step on. Per source, ``rise`` compares the latest of those with the one
+    before: within ``margin`` the spike healed, above it did lasting damage (so far)."""
+    if not hist:
+        return {"verdict": "unknown", "note": "no evaluations in the ledger (eval.enabled, eval.interval_steps)"}
+    steps = sorted({s for pts in hist.values() for s in pts})
+    before = [s for s in steps if s < ep.start][-1:]
+    after = [s for s in steps if s >= ep.start][:AFTER_EVALS]
+    out: dict[str, Any] = {"before_step": before[0] if before else None, "after_steps": after, "margin": margin,
+                           "sources": {}}
+    if not before or not after:
+        out.update(verdict="unknown", note="no evaluation before the spike" if not before else
+                   "not evaluated since the spike (yet)")
+        return out
+    for name, pts in sorted(hist.items()):
+        b = pts.get(before[0])
+        later = [pts[s] for s in after if s in pts]
+        if b is None or not later or not b > 0:
+            continue
+        rise, peak = later[-1] / b - 1, max(later) / b - 1
+        out["sources"][name] = {"before": b, "after": [pts.get(s) for s in after], "peak_rise": peak, "rise": rise,
+                                "verdict": "healed" if rise <= margin else "damaged"}
+    damaged = sorted((n for n, v in out["sources"].items() if v["verdict"] == "damaged"),
+                     key=lambda n: -out["sources"][n]["rise"])
+    out["damaged"] = damaged
+    out["verdict"] = "damaged" if damaged else "healed" if out["sources"] else "unknown"
+    return out
+
+
 def analyse(run_dir: str | Path, step: int | None = None, span: int = 20, data: bool = True,
             max_data_steps: int = 4) -> dict[str, Any]:
     """Everything the report shows, as plain JSON-able data."""
@@ -307,6 +352,9 @@ def analyse(run_dir: str | Path, step: int | None = None, span: int = 20, data: 
     cfg = spikes_config(run_dir)
     led = read_ledger(run_dir)
     eps = episodes(led, cfg)
+    from kit.tools.eval_report import history
+
+    val_hist, margin = history(led.kind("eval")), eval_config(run_dir).alert_margin
     if step is not None:
         eps = [min(eps, key=lambda e: 0 if e.start <= step <= e.end else min(abs(e.start - step), abs(e.end - step)))] \
             if eps else []
@@ -324,7 +372,8 @@ def analyse(run_dir: str | Path, step: int | None = None, span: int = 20, data: 
         inspector = DataInspector.open(run_dir)
         out["data"] = inspector.summary() if inspector else {"note": "prepared data not found: no batch analysis"}
     for ep in eps:
-        item = ep.to_json() | {"context": context(led, ep, span)}
+        item = ep.to_json() | {"context": context(led, ep, span),
+                               "validation": _clean(validation_around(val_hist, ep, margin))}
         if inspector is not None:
             item["batches"] = inspector.inspect(ep.steps[:max_data_steps])
         out["spikes"].append(item)

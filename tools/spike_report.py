@@ -36,11 +36,22 @@ def summary_rows(res: dict[str, Any]) -> list[list[str]]:
         rb = "; ".join(f"to {r['to_step']}, skipped samples {r['skip_start']}-{r['skip_end'] - 1}"
                        for r in sp["rollbacks"] if r.get("skip_end") is not None)
         rows.append([steps, fmt(sp["peak_loss"]), fmt(sp["baseline"]), size, str(sp["duration"]),
-                     fmt(sp["score"], ".1f"), ", ".join(sp["metrics"]), actions(sp), sp["found_by"], rb or "–"])
+                     fmt(sp["score"], ".1f"), ", ".join(sp["metrics"]), actions(sp), sp["found_by"], rb or "–",
+                     verdict(sp.get("validation") or {})])
     return rows
 
 
-SUMMARY_HEAD = ["steps", "peak loss", "expected", "size", "duration", "score", "on", "action", "found", "rollback"]
+SUMMARY_HEAD = ["steps", "peak loss", "expected", "size", "duration", "score", "on", "action", "found", "rollback",
+                "validation"]
+
+
+def verdict(v: dict[str, Any]) -> str:
+    """One word or a few for a spike's validation verdict (tools.postmortem.validation_around)."""
+    if v.get("verdict") == "damaged":
+        worst = v["damaged"][:3]
+        return "damaged: " + ", ".join(f"{n} {v['sources'][n]['rise']:+.0%}" for n in worst) + \
+            (" ..." if len(v["damaged"]) > 3 else "")
+    return str(v.get("verdict") or "–")
 
 
 def write_report(res: dict[str, Any], out: Path) -> list[Path]:
@@ -84,6 +95,7 @@ def _section(sp: dict[str, Any], out: Path, files: list[Path]) -> list[str]:
     ctx = sp["context"]
     files.append(_around(sp, out / f"{name}.png"))
     lines += ["", f"![around step {sp['start']}]({name}.png)", ""]
+    lines += _validation(sp, out, name, files)
     h = ctx["health"]
     if h.get("samples"):
         gpu = "; ".join(f"{k} {fmt(v['min'])}-{fmt(v['max'])} (run median {fmt(v['run_median'])})"
@@ -116,6 +128,45 @@ def _section(sp: dict[str, Any], out: Path, files: list[Path]) -> list[str]:
         lines += [f"- sample {s['index']}, {s['source']} doc {s['doc']} ({s['origin'] or '?'})"
                   + (f": **{'; '.join(s['flags'])}**" if s["flags"] else ""), f"  `{s['text'][:120]}`"]
     return [*lines, ""]
+
+
+def _validation(sp: dict[str, Any], out: Path, name: str, files: list[Path]) -> list[str]:
+    """The validation loss per source before and after the spike: healed, or lasting damage."""
+    v = sp.get("validation") or {}
+    if not v.get("sources"):
+        return [f"Validation: {v.get('note', 'none')}.", ""]
+    after = ", ".join(map(str, v["after_steps"]))
+    lines = [f"Validation (eval events): {verdict(v)}. Loss per source at step {v['before_step']} (before the spike) "
+             f"and at step(s) {after}; a source whose latest loss is more than {v['margin']:.0%} above its loss "
+             "before did lasting damage.", ""]
+    head = ["source", f"step {v['before_step']}", *(f"step {s}" for s in v["after_steps"]), "peak rise", "now",
+            "verdict"]
+    rows = [[n, fmt(x["before"]), *(fmt(a) for a in x["after"]), f"{x['peak_rise']:+.1%}", f"{x['rise']:+.1%}",
+             x["verdict"]] for n, x in sorted(v["sources"].items(), key=lambda kv: -kv[1]["rise"])]
+    files.append(_validation_plot(sp, v, out / f"{name}_val.png"))
+    return [*lines, *table(rows, head), "", f"![validation around step {sp['start']}]({name}_val.png)", ""]
+
+
+def _validation_plot(sp: dict[str, Any], v: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    steps = [v["before_step"], *v["after_steps"]]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for n, x in sorted(v["sources"].items()):
+        ys = [x["before"], *x["after"]]
+        hot = x["verdict"] == "damaged"
+        ax.plot(steps, [y if y is not None else float("nan") for y in ys], "o-" if hot else ".-",
+                lw=1.6 if hot else 0.8, label=n if hot else None, color=None if hot else "grey")
+    ax.axvspan(sp["start"] - 0.5, sp["end"] + 0.5, color="red", alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"validation around step {sp['start']}: {verdict(v)}", fontsize=9)
+    if v.get("damaged"):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def _overview(res: dict[str, Any], path: Path) -> Path:
