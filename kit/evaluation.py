@@ -337,7 +337,7 @@ class Evaluator:
         mine = time.perf_counter() - t0
         recent = self._times[-max(1, self.every):]
         vec[es.sequences + 2 * self.rank] = mine
-        vec[es.sequences + 2 * self.rank + 1] = sum(recent) / len(recent)
+        vec[es.sequences + 2 * self.rank + 1] = sum(recent) / len(recent) if recent else 0.0  # 0: unknown
         if self.dp > 1:
             dist.all_reduce(vec, group=self.group)
         values = vec.tolist()
@@ -349,7 +349,8 @@ class Evaluator:
     def _report(self, step: int, res: dict[str, Any], eval_s: float, step_s: float, wall: float) -> dict[str, Any]:
         interval = self.every
         fraction = eval_s / (step_s * interval) if step_s > 0 else math.nan
-        stretch = needed_stretch(eval_s, step_s, self.cfg.interval_steps, self.cfg.max_fraction)
+        stretch = needed_stretch(eval_s, step_s, self.cfg.interval_steps, self.cfg.max_fraction) if step_s > 0 \
+            else self.stretch  # no step timed since the last evaluation: nothing to judge by
         note = ""
         if stretch != self.stretch:
             note = (f"evaluation took {eval_s:.3g}s = {fraction:.1%} of {interval} steps of training "

@@ -198,3 +198,22 @@ def test_a_stretched_interval_is_kept_across_a_resume(tmp_path: Path) -> None:
 
     assert ck.load(rd.checkpoints, "step_0000002").manifest["kit"]["eval"]["stretch"] == 1024
     assert [e["step"] for e in read_all(rd.path, {"segment_ended"})] == [2, 4]
+
+
+def test_stream_scores_each_checkpoint_it_ships(runs: dict[str, RunDir], tmp_path: Path) -> None:
+    """`kit stream --eval` records an eval event (by: stream) per checkpoint shipped, equal to the live
+    evaluation of that step where there is one (steps 2, 4, 6, 8; step 3 is a segment's last save)."""
+    rd = runs["evaluated"]
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "stream", str(rd.path), "--to",
+                          f"file://{tmp_path / 'remote'}", "--once", "--eval"], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    streamed = {e["step"]: e for e in read_all(rd.path, {"eval"}) if e.get("by") == "stream"}
+    assert sorted(streamed) == [2, 3, 4, 6, 8]
+    live = {e["step"]: e for e in evals(rd)}
+    for step, e in streamed.items():
+        assert e["src"] == "stream" and e["tag"] == f"step_{step:07d}"
+        if step in live:
+            assert e["live_max_abs_diff"] == 0.0 and e["sources"] == live[step]["sources"]
+        else:
+            assert e["live_max_abs_diff"] is None

@@ -2,8 +2,9 @@
 
 For every complete checkpoint, oldest first, while it is marked busy (so the trainer's retention
 leaves it alone): verify it locally against its manifest, upload it to ``URL/checkpoints/<tag>``,
-verify the remote copy against KIT_UPLOAD.json, optionally convert it and upload the export to
-``URL/hf/<tag>``. Then retention: remotely keep every N-th step (and the newest); locally keep the
+verify the remote copy against KIT_UPLOAD.json, optionally score it on the run's held-out data
+(``--eval``: kit.tools.evaluate, an ``eval`` event with ``by: stream``), optionally convert it and
+upload the export to ``URL/hf/<tag>``. Then retention: remotely keep every N-th step (and the newest); locally keep the
 newest K, deleting only checkpoints whose remote copy verified. Every stage is a ledger event
 (writer ``stream``), so the monitor shows it.
 
@@ -49,6 +50,7 @@ HOLD_LEASE_S = 900.0  # a killed stream stops protecting checkpoints this long a
 class StreamOptions:
     url: str
     convert: bool = False
+    evaluate: bool = False  # score each checkpoint on the held-out sets before it counts as shipped
     dtype: str = ""
     atol: float = 0.0  # accepted |logit difference| of an export (kit convert --atol)
     keep_last: int = 0  # 0: never delete local checkpoints
@@ -180,11 +182,26 @@ class Streamer:
             if problems:
                 raise UploadError(f"the remote copy of {tag} does not verify ({problems[0]}); "
                                   "run `kit stream` again to resume")
+            if o.evaluate:  # before it counts as shipped: a stream killed meanwhile evaluates it again
+                self.evaluate(c)
             entry.update(remote_verified=True, url=redact(dest), uploaded=time.time())
             self.state.save()
             if o.convert:
                 self.ship_export(c, entry)
         return 1
+
+    def evaluate(self, c: ck.Checkpoint) -> None:
+        """Score a checkpoint on the run's held-out sets and record it in the ledger. A failure to
+        evaluate (no held-out data, say) is an alert, not a reason to stop shipping."""
+        from kit.tools.evaluate import evaluate_checkpoint, record
+
+        try:
+            res = evaluate_checkpoint(self.rd, c)
+        except KitError as e:
+            self.led.alert("warning", f"stream could not evaluate {c.tag}: {e}", tag=c.tag)
+            return
+        res["by"] = "stream"
+        record(self.rd, res, self.led)
 
     def ship_export(self, c: ck.Checkpoint, entry: dict[str, Any]) -> None:
         from kit.tools.convert import convert
@@ -300,6 +317,8 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--to", required=True, metavar="URL", help="destination root: a path or any fsspec URL")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
     p.add_argument("--convert", action="store_true", help="also convert each checkpoint and upload it to URL/hf/<tag>")
+    p.add_argument("--eval", action="store_true",
+                   help="score each checkpoint on the run's held-out data (kit eval) and record it in the ledger")
     p.add_argument("--dtype", default="", choices=("", "bf16", "fp32"), help="export dtype (default: the run's)")
     p.add_argument("--atol", type=float, default=0.0,
                    help="with --convert: largest accepted |logit difference| (default 0: exact)")
@@ -316,7 +335,7 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
 
 def run(args: argparse.Namespace, verb: str) -> int:
     rd = resolve_run(args.run, args.runs_dir)
-    opts = StreamOptions(url=args.to, convert=args.convert, dtype=args.dtype, atol=args.atol,
+    opts = StreamOptions(url=args.to, convert=args.convert, evaluate=args.eval, dtype=args.dtype, atol=args.atol,
                          keep_last=args.keep_last,
                          keep_every=args.keep_every, hashes=not args.quick_verify, jobs=args.jobs)
     with _single_stream(rd), LedgerWriter(rd.path, "stream") as led:
