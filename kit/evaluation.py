@@ -348,12 +348,12 @@ class Evaluator:
 
     def _report(self, step: int, res: dict[str, Any], eval_s: float, step_s: float, wall: float) -> dict[str, Any]:
         interval = self.every
-        fraction = eval_s / (step_s * interval) if step_s > 0 else math.nan
+        fraction = eval_s / (step_s * interval) if step_s > 0 else None  # None: no step timed since the last one
         stretch = needed_stretch(eval_s, step_s, self.cfg.interval_steps, self.cfg.max_fraction) if step_s > 0 \
             else self.stretch  # no step timed since the last evaluation: nothing to judge by
         note = ""
         if stretch != self.stretch:
-            note = (f"evaluation took {eval_s:.3g}s = {fraction:.1%} of {interval} steps of training "
+            note = (f"evaluation took {eval_s:.3g}s = {fraction or 0:.1%} of {interval} steps of training "
                     f"(eval.max_fraction {self.cfg.max_fraction:.0%}): interval now "
                     f"{self.cfg.interval_steps * stretch} steps")
             self.log(f"eval: {note}")

@@ -98,6 +98,7 @@ def load_model(t: Target) -> Any:
     hf_logging.disable_progress_bar()
     dtype = torch_dtype(t.dtype)
     attn = t.cfg.model.attn_implementation if t.cfg else "eager"
+    model: Any
     if t.kind == "export":
         model = AutoModelForCausalLM.from_pretrained(str(t.path), dtype=dtype, attn_implementation=attn,
                                                      local_files_only=True)
@@ -185,7 +186,7 @@ def compare(res: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any] 
         lv = live["sources"].get(name, {})
         if isinstance(lv, dict) and isinstance(lv.get("loss"), (int, float)):
             diffs[name] = abs(v["loss"] - lv["loss"])
-    worst = max(diffs.values(), default=float("nan"))
+    worst = max(diffs.values(), default=None)
     return {"step": live["step"], "max_abs_diff": worst, "identical": bool(diffs) and worst == 0.0,
             "sources": {k: live["sources"][k]["loss"] for k in diffs}}
 
