@@ -146,11 +146,18 @@ def demo(args: argparse.Namespace) -> int:
     if steps:
         console.print(f"    loss {steps[0]['loss']:.3f} at step {steps[0]['step']} -> {steps[-1]['loss']:.3f} "
                       f"at step {steps[-1]['step']}; {steps[-1]['tokens_per_s']:,.0f} tokens/s")
+    evals = [e for e in events if e["kind"] == "eval" and e.get("by") == "live"]
+    if evals:
+        last = ", ".join(f"{k} {v['loss']:.2f}" for k, v in evals[-1]["sources"].items())
+        first = evals[0]
+        console.print(f"    validation loss {first['loss']:.3f} at step {first['step']} -> {evals[-1]['loss']:.3f} "
+                      f"at step {evals[-1]['step']} ({last})")
     console.print(f"    run directory  {rd.path}")
     console.print(f"    ledger         {rd.ledger}  ({len(events)} events)")
     console.print(f"    TensorBoard    {rd.tensorboard}  (tensorboard --logdir {rd.tensorboard})")
     console.print(f"    checkpoints    {rd.checkpoints}  (latest: {(rd.checkpoints / 'latest').read_text()})")
     console.print(f"    watch it       kit monitor {rd.path}")
+    console.print(f"    score it       kit eval {rd.path} --plot {rd.exports / 'validation.png'}")
     console.rule(f"done in {time.time() - t0:.0f}s")
     return 0
 
