@@ -302,8 +302,11 @@ class Evaluator:
         if step <= self._last_step:  # a rollback replays steps: their old evaluations are abandoned
             self.watch.rewind(step - 1)
         self._last_step = step
+        if not self.active:
+            return None
         self._times.append(seconds)
-        if not self.active or step % self.every:
+        del self._times[:-self.every]  # the interval's steps are all the cost bound needs
+        if step % self.every:
             return None
         if hurry:
             self.log(f"eval: skipped at step {step} (the segment is ending)")

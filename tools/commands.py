@@ -149,8 +149,8 @@ def demo(args: argparse.Namespace) -> int:
     evals = [e for e in events if e["kind"] == "eval" and e.get("by") == "live"]
     if evals:
         last = ", ".join(f"{k} {v['loss']:.2f}" for k, v in evals[-1]["sources"].items())
-        first = evals[0]
-        console.print(f"    validation loss {first['loss']:.3f} at step {first['step']} -> {evals[-1]['loss']:.3f} "
+        ev0 = evals[0]
+        console.print(f"    validation loss {ev0['loss']:.3f} at step {ev0['step']} -> {evals[-1]['loss']:.3f} "
                       f"at step {evals[-1]['step']} ({last})")
     console.print(f"    run directory  {rd.path}")
     console.print(f"    ledger         {rd.ledger}  ({len(events)} events)")

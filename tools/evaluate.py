@@ -141,9 +141,8 @@ def eval_set_for(t: Target, data: str = "", sequences: int = 0) -> tuple[EvalSet
         return es, tok
     seq = t.cfg.model.seq_length if t.cfg else _export_seq_length(t.path)
     micro = (t.cfg.eval.micro_batch_size or t.cfg.batch.micro_batch_size) if t.cfg else 4
-    texts = _read_texts(Path(data))
-    return eval_set_from_texts(tok, {Path(data).stem: texts}, seq, sequences or (t.cfg.eval.sequences if t.cfg
-                                                                              else 16), micro), tok
+    sequences = sequences or (t.cfg.eval.sequences if t.cfg else 16)
+    return eval_set_from_texts(tok, {Path(data).stem: _read_texts(Path(data))}, seq, sequences, micro), tok
 
 
 def _export_seq_length(path: Path) -> int:
