@@ -8,7 +8,8 @@ Tokens are positions processed (sequences x seq_length) on all ranks together.
 
 Part 2, overhead of live evaluation at the recipe's interval: blocks of exactly ``interval`` kit steps
 (Trainer.step_once), each starting on a multiple of it, with the evaluator on (one evaluation per block)
-and off, in ABBA order. Rank 0 prints one JSON line.
+and off, in ABBA order. Wall time and rank 0's process CPU time (the steadier figure on a shared machine:
+other tenants stretch wall time, not it) of both parts. Rank 0 prints one JSON line.
 """
 
 from __future__ import annotations
@@ -64,31 +65,34 @@ def main() -> None:
     for fn in fns.values():  # warm-up
         fn()
     tok: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}  # tokens per CPU second of rank 0's process
     order = list(fns)
     for r in range(rounds):
         for name in order if r % 2 == 0 else order[::-1]:
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             n = sum(fns[name]() for _ in range(3))
             dist.barrier()
             tok[name].append(n / (time.perf_counter() - t0))
+            cpu[name].append(n / (time.process_time() - c0))
 
     interval = cfg.eval.interval_steps
     while st.step % interval:  # align: every block of `interval` steps holds exactly one evaluation step
         assert tr.step_once() == ""
-    block_s: dict[str, list[float]] = {"on": [], "off": []}
+    block_s: dict[str, list[float]] = {"on": [], "off": [], "on_cpu": [], "off_cpu": []}
     for b in range(blocks):
         for mode in ("on", "off", "off", "on") if b % 2 == 0 else ("off", "on", "on", "off"):
             ev.active = mode == "on"
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(interval):
                 assert tr.step_once() == "", "the benchmark must not end the segment"
             block_s[mode].append(time.perf_counter() - t0)
+            block_s[mode + "_cpu"].append(time.process_time() - c0)
     ev.active = True
     if env.rank == 0:
-        print("RESULT " + json.dumps({"tokens_per_s": tok, "block_s": block_s, "interval": interval,
-                                      "stretch": ev.stretch, "eval_sequences": ev.es.sequences,
+        print("RESULT " + json.dumps({"tokens_per_s": tok, "tokens_per_cpu_s": cpu, "block_s": block_s,
+                                      "interval": interval, "stretch": ev.stretch, "eval_sequences": ev.es.sequences,
                                       "global_batch": tr.global_batch}), flush=True)
     tr._finish("done")
 

@@ -29,13 +29,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def run(hidden: int, layers: int, rounds: int, blocks: int) -> dict:
-    from kit.config import load_recipe
+    from kit.config import EvalSection, load_recipe
     from kit.launch import create_run
 
     tmp = Path(tempfile.mkdtemp(prefix="kit-bench-eval-"))
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", [
         f'run.name="h{hidden}"', f'run.runs_dir="{tmp}"', "trainer.max_steps=1000000", "optim.warmup_steps=10",
         "checkpoint.interval_steps=1000000", f"model.hidden_size={hidden}", f"model.n_layer={layers}",
+        f"eval.interval_steps={EvalSection().interval_steps}",  # the default interval, not the tiny demo's
     ])
     rd = create_run(cfg, log=lambda m: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -47,7 +48,9 @@ def run(hidden: int, layers: int, rounds: int, blocks: int) -> dict:
         raise SystemExit(f"worker failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     r = json.loads(line[7:])
     tps = {k: statistics.median(v) for k, v in r["tokens_per_s"].items()}
-    on, off = statistics.median(r["block_s"]["on"]), statistics.median(r["block_s"]["off"])
+    tpc = {k: statistics.median(v) for k, v in r["tokens_per_cpu_s"].items()}
+    med = {k: statistics.median(v) for k, v in r["block_s"].items()}
+    on, off = med["on"], med["off"]
     evals = [e for e in _read_evals(rd.path) if e.get("by") == "live"]
     fractions = [e["fraction"] for e in evals if isinstance(e.get("fraction"), float)]
     return {"hidden": hidden, "layers": layers, "seq_length": cfg.model.seq_length,
@@ -55,8 +58,12 @@ def run(hidden: int, layers: int, rounds: int, blocks: int) -> dict:
             "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
             "eval_vs_train_step": round(tps["eval"] / tps["train"], 2),
             "eval_vs_train_forward": round(tps["eval"] / tps["fwd"], 2),
-            "block_s": {k: round(statistics.median(v), 3) for k, v in r["block_s"].items()},
+            "tokens_per_cpu_s": {k: round(v, 1) for k, v in tpc.items()},
+            "cpu_eval_vs_train_step": round(tpc["eval"] / tpc["train"], 2),
+            "cpu_eval_vs_train_forward": round(tpc["eval"] / tpc["fwd"], 2),
+            "block_s": {k: round(v, 3) for k, v in med.items()},
             "overhead_pct": round((on / off - 1) * 100, 2),
+            "cpu_overhead_pct": round((med["on_cpu"] / med["off_cpu"] - 1) * 100, 2),
             "measured_fraction_pct": round(100 * statistics.median(fractions), 3) if fractions else None,
             "stretch": r["stretch"], "rounds": rounds, "blocks": blocks,
             "samples": {k: [round(x, 1) for x in v] for k, v in r["tokens_per_s"].items()},
@@ -85,10 +92,12 @@ def main() -> int:
         print(f"hidden {h} x {n}: eval {t['eval']:,.0f} tok/s, train step {t['train']:,.0f}, train forward "
               f"{t['fwd']:,.0f} -> eval/train step {r['eval_vs_train_step']:.2f}x "
               f"[target >= 2x: {'MET' if r['eval_vs_train_step'] >= 2 else 'NOT MET'}], eval/forward "
-              f"{r['eval_vs_train_forward']:.2f}x; live eval every {r['interval']} steps: blocks on "
-              f"{r['block_s']['on']:.2f}s / off {r['block_s']['off']:.2f}s = {r['overhead_pct']:+.2f}% "
-              f"(measured eval/train time {r['measured_fraction_pct']}%) "
-              f"[target <= 5%: {'MET' if r['overhead_pct'] <= 5 else 'NOT MET'}]", flush=True)
+              f"{r['eval_vs_train_forward']:.2f}x (CPU time: {r['cpu_eval_vs_train_step']:.2f}x, "
+              f"{r['cpu_eval_vs_train_forward']:.2f}x); live eval every {r['interval']} steps: blocks on "
+              f"{r['block_s']['on']:.2f}s / off {r['block_s']['off']:.2f}s = {r['overhead_pct']:+.2f}% wall, "
+              f"{r['cpu_overhead_pct']:+.2f}% CPU (the evaluations' own measure: {r['measured_fraction_pct']}%) "
+              f"[target <= 5%: {'MET' if max(r['overhead_pct'], r['cpu_overhead_pct']) <= 5 else 'NOT MET'}]",
+              flush=True)
     doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": f"{os.cpu_count()} CPUs, 2 ranks, gloo",
            "load_avg_1m": {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)},
            "targets": {"eval_vs_train_step": 2.0, "overhead_pct": 5.0}, "results": results}

@@ -261,7 +261,8 @@ class Evaluator:
     calls it at every step and takes the same branches (the step, the stretch and ``hurry`` agree)."""
 
     def __init__(self, cfg: RunConfig, es: EvalSet | None, engine: Any, dp: int, rank: int, ledger: Any,
-                 sink: Callable[[], Any], log: Callable[[str], None] = print, group: Any = None) -> None:
+                 sink: Callable[[], Any], log: Callable[[str], None] = print, group: Any = None,
+                 phase: Callable[[str], None] = lambda what: None) -> None:
         self.cfg = cfg.eval
         self.es = es
         self.engine = engine
@@ -269,6 +270,7 @@ class Evaluator:
         self.ledger = ledger
         self.sink = sink
         self.log = log
+        self.phase = phase  # told "eval" before an evaluation: not a step, for the hang watchdog
         self.stretch = 1
         self.watch = LossWatch(cfg.eval.alert_margin, cfg.eval.alert_window)
         self._times: list[float] = []  # step seconds since the last evaluation (this rank)
@@ -277,10 +279,11 @@ class Evaluator:
 
     @classmethod
     def build(cls, cfg: RunConfig, data_dir: Path, engine: Any, dp: int, rank: int, ledger: Any,
-              sink: Callable[[], Any], log: Callable[[str], None], resumed: dict[str, Any] | None) -> Evaluator:
+              sink: Callable[[], Any], log: Callable[[str], None], resumed: dict[str, Any] | None,
+              phase: Callable[[str], None] = lambda what: None) -> Evaluator:
         """Load the set (every rank), restore the schedule and alert state of the resumed checkpoint."""
         es = load_eval_set(data_dir, cfg) if cfg.eval.enabled else None
-        ev = cls(cfg, es, engine, dp, rank, ledger, sink, log)
+        ev = cls(cfg, es, engine, dp, rank, ledger, sink, log, phase=phase)
         if cfg.eval.enabled and es is None:
             log(f"eval: {data_dir} was prepared before held-out splits existed: no validation for this run")
         elif es is not None:
@@ -311,6 +314,7 @@ class Evaluator:
         if hurry:
             self.log(f"eval: skipped at step {step} (the segment is ending)")
             return None
+        self.phase("eval")
         return self.evaluate(step)
 
     def evaluate(self, step: int) -> dict[str, Any]:

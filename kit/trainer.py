@@ -131,7 +131,7 @@ class Trainer:
         tag = self.state.resumed_from  # the evaluation schedule and alert state continue from the checkpoint
         kept = ck.load(self.rd.checkpoints, tag).manifest["kit"].get("eval") if tag else None
         self.evaluator = Evaluator.build(cfg, data_dir, self.engine, self.dp, env.rank, self.ledger,
-                                         lambda: self.sink, self._log, kept)
+                                         lambda: self.sink, self._log, kept, phase=self._long_phase)
         self._install_signals()
         # Health (kit.health, docs/health.md): sampler on local rank 0, watchdog per rank, straggler timer.
         self.health = JobHealth.start(cfg, self.rd, env, self.seg, self.engine, self.ledger, self._setup_watchdog)
@@ -319,6 +319,10 @@ class Trainer:
             self.sink.close()
             self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=back.step + 1)
         return True
+
+    def _long_phase(self, what: str) -> None:
+        if self.health:  # not a step (an evaluation): the hang watchdog's ceiling applies until the next step
+            self.health.long_phase(what)
 
     def _give_up(self, why: str) -> str:
         self._log(f"giving up: {why}")

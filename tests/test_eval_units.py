@@ -228,3 +228,28 @@ def test_the_heldout_split_is_part_of_the_config_digest(tmp_path: Path) -> None:
     b = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp_path, **{"eval.heldout_docs": 2}))
     c = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp_path, **{"eval.interval_steps": 7}))
     assert a.digest() != b.digest() and a.digest() == c.digest()
+
+
+# ------------------------------------------------------------------------------------- kit eval
+@pytest.mark.parametrize(("setup", "message"), [
+    ("nothing", "no run directory at"),
+    ("no_checkpoint", "holds no complete checkpoint"),
+    ("bad_export", "no readable MANIFEST.json from `kit convert`"),
+    ("negative_step", "--step must be >= 0"),
+])
+def test_kit_eval_refuses_with_one_clear_line(tmp_path: Path, capsys: Any, setup: str, message: str) -> None:
+    from kit.rundir import RunDir
+    from kit.tools.cli import main as kit_main
+
+    target = tmp_path / "target"
+    args = [str(target)]
+    if setup == "no_checkpoint":
+        RunDir(target).create(load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp_path)))
+    elif setup == "bad_export":
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+    elif setup == "negative_step":
+        args += ["--step", "-3"]
+    assert kit_main(["eval", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

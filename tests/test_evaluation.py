@@ -217,3 +217,15 @@ def test_stream_scores_each_checkpoint_it_ships(runs: dict[str, RunDir], tmp_pat
             assert e["live_max_abs_diff"] == 0.0 and e["sources"] == live[step]["sources"]
         else:
             assert e.get("live_max_abs_diff") is None  # null: no live evaluation of a segment-end save
+
+
+def test_kit_eval_of_a_given_file(runs: dict[str, RunDir], tmp_path: Path) -> None:
+    rd = runs["evaluated"]
+    data = tmp_path / "probe.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"Le chat {i} dort sur le tapis. " * 20}) for i in range(30)))
+    got = kit("eval", str(rd.path), "--data", str(data), "--sequences", "3", "--samples", "0")
+    assert list(got["sources"]) == ["probe"] and got["sources"]["probe"]["sequences"] == 3
+    assert got["data"] == str(data) and got["live"] is None and 0 < got["loss"] < 20
+    bad = subprocess.run(["kit", "eval", str(rd.path), "--data", str(tmp_path / "nope.txt")], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 1 and "--data" in bad.stderr and "no such file" in bad.stderr
