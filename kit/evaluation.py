@@ -145,9 +145,11 @@ def score_batch(model: Any, x: Any) -> Any:
 
     logits = model(input_ids=x, use_cache=False).logits
     rows, cols = x.shape
-    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                         reduction="none")
-    return ce.view(rows, cols - 1).to(torch.float64).sum(dim=1)
+    # Targets shifted left, the last position ignored (-100: a loss of exactly 0), so the logits are used
+    # in place: no copy of a [rows, cols - 1, vocab] slice (the vocabulary makes it the largest tensor).
+    targets = torch.cat([x[:, 1:], torch.full((rows, 1), -100, dtype=x.dtype, device=x.device)], dim=1)
+    ce = F.cross_entropy(logits.float().reshape(rows * cols, -1), targets.view(-1), reduction="none")
+    return ce.view(rows, cols).to(torch.float64).sum(dim=1)
 
 
 def score_into(model: Any, es: EvalSet, out: Any, batches: Iterable[int]) -> None:
