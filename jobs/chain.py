@@ -197,7 +197,7 @@ def estimated_times(cfg: RunConfig, rd: RunDir | None = None) -> tuple[float, fl
     step_t, save_t = measured_times(rd)
     if step_t and save_t:
         return step_t, save_t
-    from kit.commands import sizing
+    from kit.perfmodel import sizing
 
     s = sizing(cfg)
     gpus = cfg.slurm.gpus_per_node > 0

@@ -100,8 +100,8 @@ def static_checks(target: str, strict: bool, environment: Environment | None = N
 def node_checks(cfg: RunConfig, run_dir: Path, *, expect_gpus: int, nvml: Any = None,
                 environment: Environment | None = None, tag: str = "") -> list[Check]:
     """Everything checked once per node: image, GPUs, versions, checkpoint filesystem."""
-    from kit.commands import sizing
     from kit.containers.pins import load_pins
+    from kit.perfmodel import sizing
     from kit.tools.doctor_checks import check_filesystem, check_gpus
 
     checks: list[Check] = []
