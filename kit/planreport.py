@@ -115,12 +115,17 @@ _HEADER = ("      TP  PP   DP ZeRO  micro x accum  mem GiB fits  step s  TFLOP/s
            "    pipe    data")
 
 
+def _g(x: float) -> str:
+    """Seconds in 7 columns, 3 significant digits (tiny recipes' transfers are microseconds)."""
+    return f"{x:7.3g}" if x == 0 or x >= 0.01 else f"{x:7.1e}"
+
+
 def _row(pl: Plan, own: bool) -> str:
     lay, tm = pl.layout, pl.timing
     return (f"   {'*' if own else ' '} {lay.tensor:3d} {lay.pipeline:3d} {lay.data:4d} {lay.zero:4d} "
             f"{lay.micro_batch:6d} x {lay.grad_accum:5d} {pl.memory.total / GIB:8.1f} {'yes' if pl.fits else ' no'} "
-            f"{tm.step:7.3g} {pl.tflops_per_gpu:8.1f} {pl.mfu:6.1%} {tm.bubble_fraction:6.1%} "
-            f"{tm.tensor:7.3g} {tm.pipeline:7.3g} {tm.data_exposed:7.3g}")
+            f"{_g(tm.step)} {pl.tflops_per_gpu:8.1f} {pl.mfu:6.1%} {tm.bubble_fraction:6.1%} "
+            f"{_g(tm.tensor)} {_g(tm.pipeline)} {_g(tm.data_exposed)}")
 
 
 def render_compare(cfg: RunConfig, plans: list[Plan], skipped: dict[str, int], recipe: str, top: int) -> str:

@@ -74,6 +74,20 @@ def test_old_zero3_data_parallel_layout_is_communication_bound_and_much_slower()
     assert fast.timing.step < z3.timing.step / 4
 
 
+def test_comm_bound_zero3_halves_per_gpu_throughput_when_gpus_double_at_a_fixed_batch() -> None:
+    # Narayanan et al. 2021 (175B, batch 1536, ZeRO-3 on Selene, 25 GB/s per GPU): 88 -> 44 TFLOP/s
+    # from 768 to 1536 GPUs. The model is optimistic in level (nominal bandwidth) but not in shape.
+    selene = ClusterSection(preset="", peak_tflops=312, hbm_gib=80, hbm_gbps=2039, nvlink_gbps=300,
+                            internode_gbps=25, gpus_per_node=8, matmul_efficiency=JEAN_ZAY.matmul_efficiency)
+    gpt3 = ["model.hidden_size=12288", "model.n_layer=96", "model.n_head=96", "data.vocab_size=51200",
+            "parallel.tensor=1", "parallel.pipeline=1", "deepspeed.zero_stage=3", "batch.grad_accum=1"]
+    at = {nodes: plan(bloom(*gpt3, f"slurm.nodes={nodes}", f"batch.micro_batch_size={mb}"), selene)
+          for nodes, mb in ((48, 4), (96, 2), (192, 1))}
+    assert at[96].timing.data_comm > at[96].timing.compute  # communication-bound from 768 GPUs
+    assert at[192].tflops_per_gpu == pytest.approx(at[96].tflops_per_gpu / 2, rel=0.02)
+    assert at[48].tflops_per_gpu > at[96].tflops_per_gpu  # measured 144 > 88: compute-bound at 4 a GPU
+
+
 def test_kit_stack_shows_the_replicated_head_on_the_last_stage() -> None:
     pl = plan(bloom(), JEAN_ZAY)  # AutoTP keeps the 250880 x 14336 head whole on every tensor rank
     assert pl.timing.slowest_stage == 11
