@@ -258,7 +258,8 @@ def test_every_shipped_recipe_validates_and_plans(recipe: str, capsys: pytest.Ca
     (["--set", "parallel.tensor=3"], "parallel.tensor (3) must divide model.n_head (16)"),
     (["--set", "slurm.time_limit=\"soon\""], "slurm.time_limit must be [D-]HH:MM:SS or minutes"),
 ])
-def test_impossible_inputs_are_one_clear_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_impossible_inputs_are_one_clear_line(args: list[str], message: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "bloom-1b7.toml", *args]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
