@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kit.config import ModelSection
+from kit.config import ModelSection, RunConfig
 
 # Dense bf16 peak TFLOP/s by GPU name fragment, for MFU when trainer.peak_tflops is 0.
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0}
@@ -79,3 +79,24 @@ def peak_tflops(configured: float) -> float:
     except Exception:  # no CUDA runtime: MFU is simply not available
         return 0.0
     return 0.0
+
+
+def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float]:
+    """What a recipe costs whatever the cluster: parameters, batch, FLOPs, checkpoint bytes, and the
+    model state per GPU under its ZeRO stage and layout (the chain, the preflight and `kit plan`).
+    The global batch counts data-parallel ranks only: tensor and pipeline ranks share a sample."""
+    n = param_count(cfg.model, cfg.data.vocab_size)
+    world = cfg.world_size(local=local)
+    mp = cfg.parallel.model_parallel
+    dp = max(1, world // mp)
+    gb = cfg.batch.micro_batch_size * cfg.batch.grad_accum * dp
+    tokens = gb * cfg.model.seq_length
+    half = cfg.deepspeed.precision == "bf16"
+    w, g, o = (2 if half else 4) * n / mp, (2 if half else 4) * n / mp, (12 if half else 8) * n / mp
+    z = cfg.deepspeed.zero_stage
+    per_gpu = w / (dp if z >= 3 else 1) + g / (dp if z >= 2 else 1) + o / (dp if z >= 1 else 1)
+    ckpt_bytes = (w + o) * mp  # weights + optimizer state (fp32 master copy with bf16, and the two moments)
+    return {"parameters": n, "world_size": world, "global_batch": gb, "tokens_per_step": tokens,
+            "total_tokens": tokens * cfg.trainer.max_steps,
+            "flops_per_step": step_flops(cfg.model, cfg.data.vocab_size, gb),
+            "state_bytes_per_gpu": per_gpu, "checkpoint_bytes": ckpt_bytes, "steps": cfg.trainer.max_steps}

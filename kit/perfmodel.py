@@ -517,26 +517,3 @@ def compare(cfg: RunConfig, cluster: ClusterSection, stack: str = "kit") -> tupl
     layouts, skipped = candidate_layouts(cfg, cluster)
     plans = [plan(cfg, cluster, lay, stack) for lay in layouts]
     return sorted(plans, key=lambda pl: (pl.timing.step, pl.memory.total)), skipped
-
-
-# ---------------------------------------------------------------------------------------- sizing
-
-
-def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float]:
-    """What a recipe costs whatever the cluster: parameters, batch, FLOPs, checkpoint bytes, and the
-    model state per GPU under its ZeRO stage and layout (the chain and the preflight use it)."""
-    n = param_count(cfg.model, cfg.data.vocab_size)
-    world = cfg.world_size(local=local)
-    mp = cfg.parallel.model_parallel
-    gb = cfg.batch.micro_batch_size * cfg.batch.grad_accum * max(1, world // mp)
-    tokens = gb * cfg.model.seq_length
-    half = cfg.deepspeed.precision == "bf16"
-    w, g, o = (2 if half else 4) * n / mp, (2 if half else 4) * n / mp, (12 if half else 8) * n / mp
-    z, d = cfg.deepspeed.zero_stage, max(1, world // mp)
-    per_gpu = w / (d if z >= 3 else 1) + g / (d if z >= 2 else 1) + o / (d if z >= 1 else 1)
-    ckpt_bytes = (w + o) * mp  # weights + optimizer state (fp32 master copy with bf16, and the two moments)
-    return {"parameters": n, "world_size": world, "global_batch": gb, "tokens_per_step": tokens,
-            "total_tokens": tokens * cfg.trainer.max_steps,
-            "flops_per_step": step_flops(cfg.model, cfg.data.vocab_size, gb),
-            "state_bytes_per_gpu": per_gpu, "checkpoint_bytes": ckpt_bytes, "steps": cfg.trainer.max_steps}
-

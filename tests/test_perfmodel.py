@@ -16,10 +16,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kit.cli import main
 from kit.config import ClusterSection, RunConfig, from_dict, load_recipe
 from kit.errors import ConfigError
-from kit.perfmodel import GIB, Layout, candidate_layouts, compare, plan, recipe_layout, sizing, stages
+from kit.model import sizing
+from kit.perfmodel import GIB, Layout, candidate_layouts, compare, plan, recipe_layout, stages
+from kit.tools.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "jobs").glob("*.toml"))

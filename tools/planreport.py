@@ -1,7 +1,7 @@
 """Text and JSON for ``kit plan``: one plan in full, or layouts side by side (``--compare``).
 
-Kept apart from kit/perfmodel.py so that the model stays arithmetic and the wording can change
-without touching it. Every figure printed here is a field of :class:`kit.perfmodel.Plan`; the JSON
+Kept apart from kit/perfmodel.py (beside the verb, in tools/) so that the model stays arithmetic
+and the wording can change without touching it. Every figure printed here is a field of :class:`kit.perfmodel.Plan`; the JSON
 carries all of them.
 """
 

@@ -9,9 +9,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from kit.cli import add_recipe_args
 from kit.config import load_recipe
 from kit.errors import KitError
+from kit.model import sizing
+from kit.tools.cli import add_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
@@ -61,7 +62,8 @@ def validate(args: argparse.Namespace) -> int:
 
 def plan(args: argparse.Namespace) -> int:
     """The performance model (kit/perfmodel.py) on the recipe's layout, or every layout (--compare)."""
-    from kit import perfmodel, planreport
+    from kit import perfmodel
+    from kit.tools import planreport
 
     cfg = load_recipe(args.recipe, args.overrides)
     cluster = perfmodel.resolve_cluster(cfg, args.cluster)
@@ -73,7 +75,7 @@ def plan(args: argparse.Namespace) -> int:
             print(planreport.render_compare(cfg, plans, skipped, args.recipe, args.top))
         return 0
     pl = perfmodel.plan(cfg, cluster, stack=args.stack)
-    s = perfmodel.sizing(cfg)
+    s = sizing(cfg)
     days = pl.timing.step * cfg.trainer.max_steps / 86400
     training = {"total_tokens": s["total_tokens"], "checkpoint_bytes": s["checkpoint_bytes"], "days": days,
                 "segments": math.ceil(days * 86400 / _limit_seconds(cfg.slurm.time_limit))}
@@ -119,8 +121,7 @@ def demo(args: argparse.Namespace) -> int:
     overrides = [f'run.name="{name}"', f'run.runs_dir="{Path(args.runs_dir).absolute()}"', *args.overrides]
     if args.steps:
         overrides.append(f"trainer.max_steps={args.steps}")
-    recipe = Path(__file__).resolve().parent.parent / "jobs" / "tiny.toml"
-    cfg = load_recipe(recipe, overrides)
+    cfg = load_recipe("tiny.toml", overrides)  # the embedded default, found with importlib.resources
     if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()):
         raise KitError(f"{cfg.run_dir} already exists; pick another --name (nothing was changed)")
     t0 = time.time()
