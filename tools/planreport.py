@@ -1,8 +1,8 @@
 """Text and JSON for ``kit plan``: one plan in full, or layouts side by side (``--compare``).
 
 Kept apart from kit/perfmodel.py (beside the verb, in tools/) so that the model stays arithmetic
-and the wording can change without touching it. Every figure printed here is a field of :class:`kit.perfmodel.Plan`; the JSON
-carries all of them.
+and the wording can change without touching it. Every figure printed here is a field of
+:class:`kit.perfmodel.Plan`; the JSON carries all of them.
 """
 
 from __future__ import annotations
