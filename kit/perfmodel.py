@@ -266,8 +266,8 @@ def _partition_uniform(items: int, parts: int) -> list[int]:
 
 def plan(cfg: RunConfig, cluster: ClusterSection, layout: Layout | None = None, stack: str = "kit") -> Plan:
     """Memory, step time and throughput of ``layout`` (default: the recipe's) on ``cluster``."""
-    sw = _stack(cfg, stack)
     lay = layout or recipe_layout(cfg)
+    sw = _stack(cfg, stack, lay.zero)
     rpn = ranks_per_node(cfg, cluster)
     parts = stages(cfg, lay.pipeline, sw)
     params = [_stage_params(cfg, s, lay, sw) for s in parts]
@@ -286,13 +286,14 @@ def plan(cfg: RunConfig, cluster: ClusterSection, layout: Layout | None = None, 
                 notes=_notes(lay, cluster, memory, timing, fits, sw))
 
 
-def _stack(cfg: RunConfig, name: str) -> Stack:
+def _stack(cfg: RunConfig, name: str, zero: int) -> Stack:
+    """The stack's constants for this recipe at this ZeRO stage."""
     if name not in STACKS:
         raise ConfigError(f"unknown software stack {name!r}: one of {', '.join(STACKS)}")
     sw = STACKS[name]
     if name == "kit" and _grad_accum_fp32(cfg):
         sw = dataclasses.replace(sw, fp32_grad_accum=True)
-    if cfg.deepspeed.zero_stage > 1 or cfg.deepspeed.precision != "bf16":
+    if zero > 1 or cfg.deepspeed.precision != "bf16":
         sw = dataclasses.replace(sw, fp32_grad_accum=False)  # BF16_Optimizer exists for ZeRO 0/1 with bf16
     return sw
 

@@ -170,6 +170,16 @@ def test_bf16_optimizer_keeps_an_unsharded_fp32_gradient() -> None:
     assert fp32.memory.gradients - plain.memory.gradients == 4 * n
 
 
+def test_a_compared_layout_is_modelled_at_its_own_zero_stage() -> None:
+    cfg = small("parallel.tensor=1", "parallel.pipeline=1")  # the recipe says ZeRO-1
+    plans, _ = compare(cfg, JEAN_ZAY, "megatron-deepspeed")
+    z2 = next(pl for pl in plans if pl.layout.zero == 2)
+    n = 4 * (12 * 64 * 64 + 13 * 64) + 1000 * 64 + 4 * 64
+    assert z2.memory.gradients == pytest.approx(2 * n / 8)  # no BF16_Optimizer fp32 copy above ZeRO-1
+    z1 = next(pl for pl in plans if pl.layout.zero == 1)
+    assert z1.memory.gradients == pytest.approx(2 * n + 4 * n)
+
+
 def test_communication_follows_the_ring_formulas() -> None:
     cfg = small("slurm.nodes=2", "slurm.gpus_per_node=4")  # TP2 x PP2 = 4 ranks: one replica a node
     pl = plan(cfg, JEAN_ZAY)
