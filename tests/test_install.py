@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -52,7 +51,7 @@ def test_a_wheel_install_runs_the_demo_and_finds_its_recipes(tmp_path: Path, dee
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", purelib], capture_output=True, text=True,
                                check=True).stdout.strip())
     # The dependencies come from this environment (no download); kit itself only from the wheel.
-    (site / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (site / "_deps.pth").write_text("".join(f"{p}\n" for p in sys.path if p.endswith("site-packages")))
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                            str(wheel)], capture_output=True, text=True, timeout=600)
     assert inst.returncode == 0, inst.stderr[-2000:]
