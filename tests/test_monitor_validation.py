@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from test_monitor_support import append, event, fixed_now, wait_for
 
 from kit.monitor.app import loaded, make_app
-from kit.monitor.model import RunModel
-from kit.monitor.validation import EvalHistory
 from kit.monitor.widgets import ValidationPanel
+from kit.run.model import RunModel
+from kit.run.validation import EvalHistory
 
 fixed_run = support.fixed_run
 SOURCES = ("fr", "de", "ru", "ja", "zh")

@@ -1,11 +1,11 @@
-"""The monitor's validation picture: per-source validation loss over steps, from the ledger's ``eval``
-events (kit.evaluation), and which sources move the wrong way.
+"""A run's validation picture (the monitor's Validation tab): per-source validation loss over steps,
+from the ledger's ``eval`` events (kit.evaluation), and which sources move the wrong way.
 
-No UI here (the panel is kit.monitor.widgets.ValidationPanel). Bounded like the step curves: at most
-``capacity`` evaluations are kept; past it, every other one of the older half is dropped, so a long run
-keeps its whole shape at a coarser grain. For a step evaluated twice the latest event wins; a live
-evaluation of a step at or before the last live one (a rollback replayed it) first forgets the
-evaluations from that step on.
+No UI here: RunModel folds the events into an :class:`EvalHistory`; the panel is
+kit.monitor.widgets.ValidationPanel. Bounded like the step curves: at most ``capacity`` evaluations
+are kept; past it, every other one of the older half is dropped, so a long run keeps its whole shape
+at a coarser grain. For a step evaluated twice the latest event wins; a live evaluation of a step at
+or before the last live one (a rollback replayed it) first forgets the evaluations from that step on.
 """
 
 from __future__ import annotations
