@@ -215,7 +215,7 @@ class LossWatch:
         opened, closed = [], []
         for name, loss in losses.items():
             h = self.history.setdefault(name, [])
-            best = min((v for s, v in h if s < step), default=None)
+            best = min((v for s, v in h if s < step and math.isfinite(v)), default=None)
             above = best is not None and not loss <= best * (1 + self.margin)  # NaN counts as above
             if above and name not in self.open:
                 self.open[name] = step

@@ -181,6 +181,15 @@ def test_one_alert_per_incident(series: list[float], margin: float, window: int)
     assert opened - closed == len(w.open)
 
 
+def test_a_non_finite_loss_is_an_incident_and_never_the_best() -> None:
+    w = LossWatch(0.05, 5)
+    w.observe(10, {"fr": 2.0})
+    opened, _ = w.observe(20, {"fr": float("nan")})
+    assert [o["source"] for o in opened] == ["fr"]
+    _, closed = w.observe(30, {"fr": 2.02})  # judged against 2.0, not against the NaN
+    assert closed == ["fr"] and not w.open
+
+
 def test_rewind_forgets_abandoned_evaluations() -> None:
     w = LossWatch(0.05, 5)
     w.observe(10, {"fr": 2.0})
