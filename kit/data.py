@@ -10,8 +10,8 @@ Why this shape:
 - A held-out split per source (eval.heldout_fraction or eval.heldout_docs of its documents) is set
   aside here, before anything is trained on: its documents go to their own files, so the sampler
   cannot reach them, and the tokenizer is trained without them. Which documents: the lowest
-  blake2b(seed, source, origin) values, so a re-prepare (or a source that grew) keeps the same ones;
-  meta.json records the rule, the settings and the origins' hash.
+  blake2b(seed, source, text) values, so a re-prepare (wherever the files are, or once the source
+  grew) keeps the same ones; meta.json records the rule, the settings and a hash of the held-out text.
 
 Layout of ``<run>/data``::
 
@@ -52,7 +52,7 @@ META = "meta.json"
 META_VERSION = 2  # 2: held-out split (1: none; still read, without evaluation)
 TOKENIZER = "tokenizer.json"
 HELDOUT = "heldout"  # file infix and meta key of the held-out split
-HELDOUT_RULE = "lowest blake2b-64(seed NUL source NUL origin)"
+HELDOUT_RULE = "lowest blake2b-64(seed NUL source NUL text)"
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")  # BLOOM's order: unk=0, bos=1, eos=2, pad=3
 EOS_ID = 2
 BLOCK = 4096  # samples per mixture block: exact source proportions within every block
@@ -219,7 +219,7 @@ def _build(cfg: RunConfig, out: Path, log: Any) -> dict[str, Any]:
         every = list(iter_documents(src))
         if not every:
             raise DataError(f"data.sources[{src.name}]: no non-empty documents in {src.path}")
-        out_idx = set(heldout_indices([d.origin for d in every], src.name, cfg.run.seed, cfg.eval))
+        out_idx = set(heldout_indices([d.text for d in every], src.name, cfg.run.seed, cfg.eval))
         docs[src.name] = [d for i, d in enumerate(every) if i not in out_idx]
         held[src.name] = [d for i, d in enumerate(every) if i in out_idx]
     if cfg.data.tokenizer:
@@ -244,7 +244,7 @@ def _build(cfg: RunConfig, out: Path, log: Any) -> dict[str, Any]:
                         "bytes": sum(len(d.text.encode()) for d in docs[src.name]), "weight": src.weight,
                         HELDOUT: {"documents": len(held[src.name]), "tokens": h_tokens,
                                   "windows": max(0, (h_tokens - 1) // cfg.model.seq_length),
-                                  "origins_sha256": _origins_hash(held[src.name])}})
+                                  "text_sha256": _text_hash(held[src.name])}})
     weights = mixture_weights([s["tokens"] for s in sources], [s["weight"] for s in sources], cfg.data.alpha)
     for s, w in zip(sources, weights, strict=True):
         s["p"] = w
@@ -286,13 +286,16 @@ def heldout_count(n_docs: int, ev: EvalSection) -> int:
     return min(want, n_docs - 1)
 
 
-def heldout_indices(origins: list[str], source: str, seed: int, ev: EvalSection) -> list[int]:
-    """Indices of the held-out documents, sorted: the ones with the lowest blake2b(seed, source,
-    origin). Why a hash of the origin and not a permutation: a document keeps its fate when others are
-    added or removed, so a re-prepare of a grown source holds out (mostly) the same documents."""
-    k = heldout_count(len(origins), ev)
-    keys = [(hashlib.blake2b(f"{seed}\0{source}\0{o}".encode(), digest_size=8).digest(), i)
-            for i, o in enumerate(origins)]
+def heldout_indices(texts: list[str], source: str, seed: int, ev: EvalSection) -> list[int]:
+    """Indices of the held-out documents, sorted: the ones with the lowest blake2b(seed, source, text).
+
+    Why the text: the choice must not depend on where the files are (a run directory moved, the same
+    data under another path) nor on the order of the others; a document keeps its fate when documents
+    are added or removed, and identical documents get the same key (the same side of the cut, unless
+    exactly at it)."""
+    k = heldout_count(len(texts), ev)
+    keys = [(hashlib.blake2b(f"{seed}\0{source}\0".encode() + t.encode(), digest_size=8).digest(), i)
+            for i, t in enumerate(texts)]
     return sorted(i for _, i in sorted(keys)[:k])
 
 
@@ -301,8 +304,11 @@ def heldout_settings(cfg: RunConfig) -> dict[str, Any]:
             "docs": cfg.eval.heldout_docs}
 
 
-def _origins_hash(docs: list[Document]) -> str:
-    return hashlib.sha256(json.dumps([d.origin for d in docs]).encode()).hexdigest()[:16]
+def _text_hash(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.text.encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def mixture_weights(sizes: list[int], weights: list[float], alpha: float) -> list[float]:

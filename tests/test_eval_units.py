@@ -78,6 +78,22 @@ def test_prepare_sets_documents_aside_and_records_it(tmp_path: Path) -> None:
                 (tmp_path / "d2" / f"{s['name']}.{suffix}").read_bytes()
 
 
+def test_the_split_does_not_depend_on_where_the_files_are(tmp_path: Path) -> None:
+    """The same documents under another path (a moved run, a copy on scratch): the same split."""
+    import shutil
+
+    write_sources(tmp_path / "src")
+    shutil.copytree(tmp_path / "src", tmp_path / "elsewhere" / "copy")
+    metas = []
+    for i, where in enumerate((tmp_path / "src", tmp_path / "elsewhere" / "copy")):
+        (tmp_path / f"r{i}").mkdir()
+        sources = [{**s, "path": str(where / Path(s["path"]).name)} for s in write_sources(tmp_path / "unused")]
+        metas.append(prepare(recipe(tmp_path / f"r{i}", sources, **{"eval.heldout_docs": 5}), tmp_path / f"d{i}",
+                             log=lambda m: None))
+    assert [s[HELDOUT] for s in metas[0]["sources"]] == [s[HELDOUT] for s in metas[1]["sources"]]
+    assert (tmp_path / "d0" / "js.tokens.bin").read_bytes() == (tmp_path / "d1" / "js.tokens.bin").read_bytes()
+
+
 def test_a_prepared_folder_with_another_split_is_refused(tmp_path: Path) -> None:
     sources = write_sources(tmp_path / "src")
     prepare(recipe(tmp_path, sources, **{"eval.heldout_docs": 4}), tmp_path / "d", log=lambda m: None)
