@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.data import EOS_ID
+from kit.errors import KitError
 from kit.evaluation import EVAL_KIND, EvalSet
 from kit.ledger import read_all
 from kit.rundir import RunDir
@@ -115,7 +116,11 @@ def plot_history(rd: RunDir, path: Path, mark: int | None = None) -> Path:
     ax.set_ylabel("validation loss")
     ax.set_title(f"validation loss per source: {rd.path.name}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+    except OSError as e:
+        raise KitError(f"cannot write --plot {path}: {e.strerror or e}; choose another file") from None
+    finally:
+        plt.close(fig)
     return path

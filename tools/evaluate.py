@@ -255,6 +255,8 @@ def run(args: argparse.Namespace, verb: str) -> int:
         raise KitError(f"--step must be >= 0, not {args.step}")
     if args.samples < 0 or args.new_tokens < 1 or args.sequences < 0:
         raise KitError("--samples and --sequences must be >= 0 and --new-tokens >= 1")
+    if args.plot is not None and args.plot.parent.is_dir() and not os.access(args.plot.parent, os.W_OK):
+        raise KitError(f"cannot write --plot {args.plot}: {args.plot.parent} is not writable; choose another file")
     t = find_target(args.target, args.runs_dir, args.step, args.run)
     if t.kind == "export" and args.step is not None and args.step != t.step:
         raise KitError(f"{t.path} is the export of step {t.step}; --step {args.step} applies to a run")
