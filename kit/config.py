@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kit import validation as rules
 from kit.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------- sections
@@ -39,6 +40,10 @@ class RunSection:
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ \t\n") or self.name.startswith("."):
             raise ConfigError(f"run.name must be a plain folder name (no spaces or slashes), got {self.name!r}")
+        if not self.runs_dir.strip():
+            raise ConfigError("run.runs_dir must not be empty (use \".\" for the current directory)")
+        if self.seed < 0:
+            raise ConfigError(f"run.seed must be >= 0, got {self.seed}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,6 +82,9 @@ class ModelSection:
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        for key in ("layer_norm_epsilon", "initializer_range"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key} must be greater than 0, got {getattr(self, key)}")
         if self.attn_implementation not in ("eager", "sdpa"):
             raise ConfigError(f'model.attn_implementation must be "eager" or "sdpa", got {self.attn_implementation!r}')
 
@@ -107,8 +115,18 @@ class SourceSection:
     def __post_init__(self) -> None:
         if self.format not in SOURCE_FORMATS:
             raise ConfigError(f"data.sources[{self.name}].format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        if not self.name or any(c in self.name for c in "/\\") or self.name.strip() != self.name:
+            raise ConfigError(f"data.sources[{self.name}].name must be a plain label (it names shard files), "
+                              f"got {self.name!r}")
+        if not self.path.strip():
+            raise ConfigError(f"data.sources[{self.name}].path must not be empty")
         if self.weight < 0:
             raise ConfigError(f"data.sources[{self.name}].weight must be >= 0, got {self.weight}")
+        if self.max_bytes < 0:
+            raise ConfigError(f"data.sources[{self.name}].max_bytes must be >= 0 (0 = all), got {self.max_bytes}")
+        if self.languages and self.format != "gettext":
+            raise ConfigError(f"data.sources[{self.name}].languages only applies to format \"gettext\" "
+                              f"(this source is {self.format!r}); remove it")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -166,6 +184,11 @@ class OptimSection:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps must be greater than 0, got {self.eps}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -189,13 +212,16 @@ class DeepSpeedSection:
     precision: str = "fp32"
     """bf16 or fp32 (fp16 is not supported: it needs loss scaling and is refused on CPU)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Raw DeepSpeed config merged last, for settings the kit does not model."""
+    """Raw DeepSpeed config merged last, for settings the kit does not model. Keys the recipe models
+    (ZeRO stage, precision, batch sizes, clipping, optimizer, scheduler, tensor/pipeline parallelism)
+    are refused here, with the recipe key to use instead (kit.validation.DEEPSPEED_MODELLED)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f'deepspeed.precision must be "bf16" or "fp32", got {self.precision!r}')
+        rules.check_deepspeed_extra(self.extra)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -277,6 +303,11 @@ class TrainerSection:
             raise ConfigError(f"trainer.log_interval must be greater than 0, got {self.log_interval}")
         if self.nproc <= 0:
             raise ConfigError(f"trainer.nproc must be greater than 0, got {self.nproc}")
+        for key in ("stop_after_steps", "stop_margin_s", "peak_tflops"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"trainer.{key} must be >= 0 (0 = off), got {getattr(self, key)}")
+        if self.threads < 1:
+            raise ConfigError(f"trainer.threads must be at least 1, got {self.threads}")
         if self.deadline:
             from datetime import datetime
 
@@ -309,13 +340,41 @@ class SlurmSection:
     reservation: str = ""
     """Reservation name."""
     time_limit: str = "20:00:00"
-    """Wall time of one allocation, [D-]HH:MM:SS or minutes. Jean Zay gave BLOOM 20 h."""
+    """Wall time of one allocation: [D-]HH:MM:SS, D-HH[:MM], MM:SS or minutes (sbatch --time). Jean Zay
+    gave BLOOM 20 h."""
     exclude: list[str] = field(default_factory=list)
     """Nodes never to use (the chain adds nodes implicated in failures)."""
     sbatch_args: dict[str, Any] = field(default_factory=dict)
-    """Extra sbatch parameters, passed to submitit's slurm_additional_parameters."""
+    """Extra sbatch parameters, passed to submitit's slurm_additional_parameters (e.g. gres, constraint).
+    Options the recipe models (time, nodes, tasks, cpus, mem, partition, account, qos, reservation,
+    exclude, job name, signal) are refused, naming the key to use (kit.validation.SBATCH_MODELLED)."""
     srun_args: list[str] = field(default_factory=list)
     """Extra srun arguments."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"slurm.nodes must be at least 1, got {self.nodes}")
+        for key in ("gpus_per_node", "tasks_per_node"):
+            if getattr(self, key) < 0:
+                zero = "CPU tasks" if key == "gpus_per_node" else "trainer.nproc"
+                raise ConfigError(f"slurm.{key} must be >= 0 (0 = {zero}), got {getattr(self, key)}")
+        if self.cpus_per_task < 1:
+            raise ConfigError(f"slurm.cpus_per_task must be at least 1, got {self.cpus_per_task}")
+        if self.mem_gb < 0:
+            raise ConfigError(f"slurm.mem_gb must be >= 0 (0 = Slurm's default), got {self.mem_gb}")
+        rules.check_time_limit("slurm.time_limit", self.time_limit)
+        for key in ("partition", "account", "qos", "reservation"):
+            rules.check_word(f"slurm.{key}", getattr(self, key))
+        rules.check_names("slurm.exclude", self.exclude)
+        rules.check_sbatch_args(self.sbatch_args)
+        for i, arg in enumerate(self.srun_args):
+            if not arg.strip():
+                raise ConfigError(f"slurm.srun_args[{i}] is empty")
+
+    @property
+    def time_limit_s(self) -> float:
+        """The time limit in seconds (validated when the recipe was loaded)."""
+        return rules.check_time_limit("slurm.time_limit", self.time_limit)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -357,6 +416,11 @@ class ContainerSection:
     """Bind mounts, "src[:dst[:opts]]" (scratch, checkpoint filesystems, /dev/infiniband)."""
     target: str = ""
     """Image target of containers/pins.toml (a100, h100) the preflight checks against."""
+
+    def __post_init__(self) -> None:
+        for i, b in enumerate(self.binds):
+            if not b.split(":")[0].strip():
+                raise ConfigError(f"container.binds[{i}] must be \"src[:dst[:opts]]\", got {b!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -405,6 +469,12 @@ class HealthSection:
             raise ConfigError(f"health.straggler_interval must be >= 0, got {self.straggler_interval}")
         if self.straggler_threshold <= 0:
             raise ConfigError(f"health.straggler_threshold must be greater than 0, got {self.straggler_threshold}")
+        if self.gpu_temp_max_c <= 0:
+            raise ConfigError(f"health.gpu_temp_max_c must be greater than 0, got {self.gpu_temp_max_c}")
+        if not 0 < self.host_mem_max_pct <= 100:
+            raise ConfigError(f"health.host_mem_max_pct must be in (0, 100], got {self.host_mem_max_pct}")
+        if self.disk_min_free_gib < 0:
+            raise ConfigError(f"health.disk_min_free_gib must be >= 0, got {self.disk_min_free_gib}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -614,6 +684,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, _, text = item.partition("=")
     key = key.strip()
     try:
+        item.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"--set {key}: the value is not valid UTF-8 text") from None
+    try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
@@ -634,7 +708,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "the recipe"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table, found {type(raw).__name__} {raw!r}")
+        raise ConfigError(f"{where} must be a table, found {type(raw).__name__} {_show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in raw if k not in names]
@@ -665,7 +739,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key} must be a list, found {type(value).__name__} {_show(value)}")
         if dataclasses.is_dataclass(item_tp):
             out = []
             for i, v in enumerate(value):
@@ -675,17 +749,24 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key} must be a table, found {type(value).__name__} {_show(value)}")
+        rules.check_plain(key, value)
         return value
     if origin in (typing.Union, types.UnionType):
         return value
+    rules.check_number(key, value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is Any:
         return value
     if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{key} must be {_TYPE_NAMES[tp]}, found {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key} must be {_TYPE_NAMES[tp]}, found {type(value).__name__} {_show(value)}")
     return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -701,11 +782,11 @@ def dumps_toml(d: dict[str, Any]) -> str:
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, str):
-            return json.dumps(v)
+            return _toml_str(v)
         if isinstance(v, list):
             return "[" + ", ".join(scalar(x) for x in v) + "]"
         if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {scalar(x)}" for k, x in v.items()) + "}"
+            return "{" + ", ".join(f"{_toml_str(k)} = {scalar(x)}" for k, x in v.items()) + "}"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
     def table(name: str, t: dict[str, Any]) -> None:
@@ -723,6 +804,20 @@ def dumps_toml(d: dict[str, Any]) -> str:
     for name, t in d.items():
         table(name, t)
     return "\n".join(lines)
+
+
+def _toml_str(text: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped (JSON's escapes would
+    write non-BMP characters as surrogate pairs, which TOML refuses, and leave DEL bare)."""
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
 
 
 def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:

@@ -11,14 +11,14 @@ from pathlib import Path
 from kit.config import load_recipe
 from kit.errors import KitError
 from kit.model import sizing
-from kit.tools.cli import add_recipe_args
+from kit.tools.cli import NONNEGATIVE, add_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "demo":
         p.add_argument("--name", default="", help="run name (default: demo-<date-time>, never reused)")
         p.add_argument("--runs-dir", default="runs", help="where the run directory goes (default: ./runs)")
-        p.add_argument("--steps", type=int, default=0, help="total steps (default: the recipe's)")
+        p.add_argument("--steps", type=NONNEGATIVE, default=0, help="total steps (default: the recipe's)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value of the embedded recipe (jobs/tiny.toml)")
         return
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     if verb in ("validate", "plan"):
         p.add_argument("--json", action="store_true", help="machine-readable output")
     if verb == "train":
-        p.add_argument("--stop-after-steps", type=int, default=0,
+        p.add_argument("--stop-after-steps", type=NONNEGATIVE, default=0,
                        help="end the segment after N steps, saving first (a simulated allocation boundary)")
 
 
@@ -55,7 +55,7 @@ def plan(args: argparse.Namespace) -> int:
     s["assumed_tflops_per_gpu"] = round(peak * 0.45, 1)
     s["step_time_s_at_45pct_mfu"] = step_s
     s["days_at_45pct_mfu"] = step_s * cfg.trainer.max_steps / 86400
-    limit_h = _hours(cfg.slurm.time_limit)
+    limit_h = cfg.slurm.time_limit_s / 3600
     s["segments_needed"] = int(step_s * cfg.trainer.max_steps / 3600 / max(limit_h, 1e-9)) + 1
     if args.json:
         print(json.dumps(s, indent=1))
@@ -76,20 +76,6 @@ def plan(args: argparse.Namespace) -> int:
         print("  WARNING: model state alone exceeds an 80 GB GPU: use ZeRO-3, more GPUs, or tensor/pipeline "
               "parallelism (BLOOM-176B used TP=4, PP=12 with Megatron-DeepSpeed)")
     return 0
-
-
-def _hours(limit: str) -> float:
-    days = 0
-    if "-" in limit:
-        d, limit = limit.split("-", 1)
-        days = int(d)
-    parts = [int(x) for x in limit.split(":")]
-    if len(parts) == 1:
-        return days * 24 + parts[0] / 60
-    while len(parts) < 3:
-        parts.append(0)
-    h, m, sec = parts[:3]
-    return days * 24 + h + m / 60 + sec / 3600
 
 
 # --------------------------------------------------------------------------------------- train, demo

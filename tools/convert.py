@@ -477,17 +477,27 @@ def _write_error(e: OSError, out: Path) -> KitError | OSError:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except KitError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--shard-size ")) from None
+
+
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, seconds
+
     p.add_argument("run", help="run directory (or run name under --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, default=None, help="the checkpoint's step")
+    which.add_argument("--step", type=NONNEGATIVE, default=None, help="the checkpoint's step")
     which.add_argument("--latest", action="store_true", help="the newest complete checkpoint (the default)")
     p.add_argument("--out", default="", help="output folder or fsspec URL (default: <run>/exports/<tag>-<dtype>)")
     p.add_argument("--dtype", default="", choices=("", *DTYPES), help="weights dtype (default: the run's precision)")
-    p.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--shard-size", type=_size_arg, default=2 * 10**9, help="largest safetensors shard (default 2GB)")
     p.add_argument("--no-verify", action="store_true", help="skip the logits check (it needs 2x the model in RAM)")
-    p.add_argument("--atol", type=float, default=0.0, help="largest accepted |logit difference| (default 0: exact)")
+    p.add_argument("--atol", type=seconds(0.0), default=0.0,
+                   help="largest accepted |logit difference| (default 0: exact)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -505,7 +515,7 @@ def run(args: argparse.Namespace, verb: str) -> int:
             if not args.json:
                 print(f"  wrote {fname}", flush=True)
 
-        exp = convert(rd, ckpt, out, dtype, parse_size(args.shard_size), verify=not args.no_verify,
+        exp = convert(rd, ckpt, out, dtype, args.shard_size, verify=not args.no_verify,
                       atol=args.atol, force=args.force or bool(url), ledger=led, progress=say)
         result: dict[str, Any] = {"tag": exp.tag, "step": exp.step, "out": str(exp.out), "dtype": exp.dtype,
                                   "shards": exp.shards, "bytes": exp.bytes, "seconds": exp.seconds,

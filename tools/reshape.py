@@ -72,11 +72,15 @@ def reshape(rd: RunDir, ckpt: ck.Checkpoint, world_size: int, ledger: LedgerWrit
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, POSITIVE
+
     p.add_argument("run", help="run directory (or run name under --runs-dir); stop the run first")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
-    p.add_argument("--world-size", type=int, required=True, help="data-parallel ranks of the next segment")
-    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest complete)")
-    p.add_argument("--workers", type=int, default=1, help="ds_to_universal worker processes (memory grows with it)")
+    p.add_argument("--world-size", type=POSITIVE, required=True, help="data-parallel ranks of the next segment")
+    p.add_argument("--step", type=NONNEGATIVE, default=None,
+                   help="the checkpoint's step (default: the newest complete)")
+    p.add_argument("--workers", type=POSITIVE, default=1,
+                   help="ds_to_universal worker processes (memory grows with it)")
 
 
 def run(args: argparse.Namespace, verb: str) -> int:

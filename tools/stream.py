@@ -296,20 +296,23 @@ def _rm(fs: Any, path: str, recursive: bool) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, POSITIVE, seconds
+
     p.add_argument("run", help="run directory (or run name under --runs-dir)")
     p.add_argument("--to", required=True, metavar="URL", help="destination root: a path or any fsspec URL")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
     p.add_argument("--convert", action="store_true", help="also convert each checkpoint and upload it to URL/hf/<tag>")
     p.add_argument("--dtype", default="", choices=("", "bf16", "fp32"), help="export dtype (default: the run's)")
-    p.add_argument("--atol", type=float, default=0.0,
+    p.add_argument("--atol", type=seconds(0.0), default=0.0,
                    help="with --convert: largest accepted |logit difference| (default 0: exact)")
-    p.add_argument("--keep-last", type=int, default=0,
+    p.add_argument("--keep-last", type=NONNEGATIVE, default=0,
                    help="keep the newest K checkpoints locally, delete older ones once verified remotely (0: keep all)")
-    p.add_argument("--keep-every", type=int, default=0,
+    p.add_argument("--keep-every", type=NONNEGATIVE, default=0,
                    help="remotely keep only multiples of N steps (and the newest); 0 keeps all")
     p.add_argument("--quick-verify", action="store_true", help="verify remote copies by size only (no read-back)")
-    p.add_argument("--jobs", type=int, default=4, help="files sent at once (default 4)")
-    p.add_argument("--poll", type=float, default=30.0, help="seconds between looks at the run (default 30)")
+    p.add_argument("--jobs", type=POSITIVE, default=4, help="files sent at once (default 4)")
+    p.add_argument("--poll", type=seconds(0.0, strict=True), default=30.0,
+                   help="seconds between looks at the run (default 30)")
     p.add_argument("--once", action="store_true", help="ship what is there now, then exit")
     p.add_argument("--exit-when-done", action="store_true", help="exit once the run (or its chain) has ended")
 

@@ -268,17 +268,21 @@ def _upload_cli(src: Path, args: argparse.Namespace) -> UploadResult:
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, POSITIVE, seconds
+
     if verb == "upload":
         p.add_argument("src", help="local folder: a checkpoint (step_NNNNNNN) or an export")
         p.add_argument("url", help="destination: a path or any fsspec URL (s3://bucket/prefix, hf://, file://)")
-        p.add_argument("--jobs", type=int, default=4, help="files sent at once (default 4)")
-        p.add_argument("--retries", type=int, default=5, help="attempts per file after the first (default 5)")
-        p.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds, doubled each time")
+        p.add_argument("--jobs", type=POSITIVE, default=4, help="files sent at once (default 4)")
+        p.add_argument("--retries", type=NONNEGATIVE, default=5,
+                       help="attempts per file after the first, for transient errors (default 5)")
+        p.add_argument("--backoff", type=seconds(0.0), default=1.0,
+                       help="first retry wait in seconds, doubled each time")
     else:
         p.add_argument("target", help="an uploaded URL (checked against KIT_UPLOAD.json) or a local checkpoint "
                                       "or export folder (checked against MANIFEST.json)")
         p.add_argument("--quick", action="store_true", help="sizes only, no hashes (no download)")
-        p.add_argument("--jobs", type=int, default=4, help="files checked at once (default 4)")
+        p.add_argument("--jobs", type=POSITIVE, default=4, help="files checked at once (default 4)")
     p.add_argument("--json", action="store_true", help="machine-readable result, no progress bars")
 
 
