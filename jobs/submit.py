@@ -201,8 +201,11 @@ def current_job(state: ch.ChainState) -> str:
     return state.job_id if slurmctl.is_active(state.job_id) else ""
 
 
-def submit(cfg: RunConfig, log: Any = print) -> Submitted:
-    """Validate, create the run directory, start the chain, or attach to the one already running."""
+def submit(cfg: RunConfig, log: Any = print, amend: bool = False) -> Submitted:
+    """Validate, create the run directory, start the chain, or attach to the one already running.
+
+    An existing run whose frozen run.toml differs from ``cfg`` is refused, unless ``amend``: then the
+    differences are applied as a recorded amendment (kit.amend) first, also when attaching."""
     check_paths(cfg)
     existing = RunDir(cfg.run_dir)
     _, lead = check_time_limit(cfg, existing if existing.exists() else None)
@@ -211,6 +214,11 @@ def submit(cfg: RunConfig, log: Any = print) -> Submitted:
         slurmctl.test_only(test_only_args(slurm_parameters(cfg, ch.ChainState(), lead)))
     with submit_lock(cfg):
         if existing.exists():
+            if amend:
+                from kit.amend import amend as apply_amendment
+
+                apply_amendment(existing, cfg, who="kit submit", log=log)
+            existing.check_frozen(cfg)
             state = ch.load_state(existing)
             live = current_job(state)
             if live:
@@ -223,7 +231,6 @@ def submit(cfg: RunConfig, log: Any = print) -> Submitted:
         from kit.launch import create_run
 
         rd = create_run(cfg, log=log)
-        rd.update_frozen(cfg)  # same arithmetic (create_run checked); Slurm resources may differ
         leftover = rd.consume("stop")
         state = ch.load_state(rd)
         state.state, state.end_reason = ch.QUEUED, ""

@@ -11,6 +11,7 @@ its own checks in ``__post_init__``; cross-section checks live in :meth:`RunConf
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
@@ -621,9 +622,49 @@ class RunConfig:
     def digest(self) -> str:
         """Hash of what determines the arithmetic (model, data, optimizer, batch, seed, ZeRO)."""
         d = self.to_dict()
-        keep = {k: d[k] for k in ("model", "data", "optim", "batch", "deepspeed")}
+        keep = {k: d[k] for k in ARITHMETIC_SECTIONS}
         keep["seed"] = d["run"]["seed"]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: RunConfig) -> list[Change]:
+        """Every dotted key whose value differs from ``other``'s (self is the old side), in key order."""
+        mine, theirs = flatten(self.to_dict()), flatten(other.to_dict())
+        return [Change(k, mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs))
+                if mine.get(k) != theirs.get(k)]
+
+
+# What RunConfig.digest covers: a frozen run never changes these (its checkpoints hold their arithmetic).
+ARITHMETIC_SECTIONS = ("model", "data", "optim", "batch", "deepspeed")
+ARITHMETIC_KEYS = ("run.seed",)
+IDENTITY_KEYS = ("run.name", "run.runs_dir")  # where the run is: a change would be another run
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One recipe key of a frozen run and the value asked for instead."""
+
+    key: str
+    old: Any
+    new: Any
+
+    @property
+    def arithmetic(self) -> bool:
+        return self.key.split(".")[0] in ARITHMETIC_SECTIONS or self.key in ARITHMETIC_KEYS
+
+    def __str__(self) -> str:
+        return f"{self.key} {_show(self.old)} -> {_show(self.new)}"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``; lists (data.sources, exclude) stay whole values, and raw
+    tables (deepspeed.extra, slurm.sbatch_args) are compared as one value each."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix:
+            out.update(flatten(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 # --------------------------------------------------------------------------------- loading & overrides
@@ -691,6 +732,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
+    if isinstance(value, (datetime.date, datetime.time)):
+        value = text.strip()  # 20:00:00 or 2026-12-01T06:00:00: no recipe key is date-typed, these are text
     parts = key.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):

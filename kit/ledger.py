@@ -35,7 +35,9 @@ SUFFIX = ".jsonl"
 EVENTS: dict[str, tuple[str, ...]] = {
     # the run and its chain
     "run_created": ("name", "config_digest"),
+    "amended": ("changes",),  # kit.amend: run.toml changed; changes = [{key, old, new}], by, reason, notes
     "chain_submitted": ("job_id",),
+    "chain_submit_failed": ("error",),  # kit submit failed after queueing: cancelled (job_ids) or recorded
     "segment_started": ("world_size", "step"),
     "segment_signalled": ("signal",),
     "segment_ended": ("reason", "step"),

@@ -136,7 +136,7 @@ def test_bad_checkpoints_are_refused(zero_runs: dict[int, RunDir], tmp_path: Pat
     (step2 / ck.MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         pick_checkpoint(rd, 2)  # incomplete: no manifest
-    ck.write_manifest(step2, 2, ck.read_manifest(zero_runs[2].checkpoints / "step_0000002")["kit"])  # type: ignore[index]
+    ck.write_manifest(step2, 2, ck.load(zero_runs[2].checkpoints, "step_0000002").manifest.kit)
     with pytest.raises(CheckpointError, match="shards are missing"):
         convert(rd, pick_checkpoint(rd, 2), out)
     _nothing_at(out)
@@ -215,6 +215,7 @@ def test_cli_errors_are_one_line(zero_runs: dict[int, RunDir], tmp_path: Path, c
 
 def test_reshape_resumes_on_another_world_size(zero_runs: dict[int, RunDir], tmp_path: Path) -> None:
     """`kit reshape` to 1 rank (DeepSpeed universal checkpoint), then a real 1-rank segment resumes it."""
+    from kit.amend import amend
     from kit.config import load_recipe
     from kit.launch import create_run, run_local_segment
 
@@ -222,15 +223,15 @@ def test_reshape_resumes_on_another_world_size(zero_runs: dict[int, RunDir], tmp
     rd = _copy_run(src, tmp_path / "z2")
     assert kit_main(["reshape", str(rd.path), "--world-size", "1"]) == 0
     ckpt = ck.load(rd.checkpoints, "step_0000004")
-    assert ckpt.manifest["kit"]["world_size"] == 1 and ckpt.manifest["kit"]["universal"] is True
+    assert ckpt.manifest.kit.world_size == 1 and ckpt.manifest.kit.universal is True
     assert (rd.checkpoints / "step_0000004.dp2" / ck.MANIFEST).exists()  # the original is kept, not scanned
     assert [c.tag for c in ck.scan(rd.checkpoints)[0]] == ["step_0000002", "step_0000004"]
     assert read_all(rd.path, {"ckpt_reshaped"})[-1]["world_size"] == 1
 
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(
         tmp_path, "z2", **{"deepspeed.zero_stage": 2, "trainer.max_steps": 6, "trainer.nproc": 1}))
+    amend(RunDir(cfg.run_dir), cfg, who="test: one rank after the reshape", log=lambda m: None)  # nproc 2 -> 1
     rd = create_run(cfg, log=lambda *a: None)
-    rd.update_frozen(cfg)
     out = run_local_segment(rd, cfg, seg="one-rank", quiet=True)
     assert (out.reason, out.step) == ("done", 6)
     loaded = [e for e in read_all(rd.path, {"ckpt_loaded"}) if e.get("seg") == "one-rank"]

@@ -177,5 +177,12 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override a recipe value, e.g. --set trainer.max_steps=200 (repeatable)")
 
 
+def add_amend_arg(p: argparse.ArgumentParser) -> None:
+    """``--amend`` on the verbs that reopen an existing run (train, submit)."""
+    p.add_argument("--amend", action="store_true",
+                   help="the run exists and this recipe changes some of its frozen settings (e.g. "
+                        "trainer.max_steps, slurm.*): apply them, recorded in the ledger (kit amend)")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ from pathlib import Path
 from kit.config import load_recipe
 from kit.errors import KitError
 from kit.model import sizing
-from kit.tools.cli import NONNEGATIVE, add_recipe_args
+from kit.tools.cli import NONNEGATIVE, add_amend_arg, add_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "train":
         p.add_argument("--stop-after-steps", type=NONNEGATIVE, default=0,
                        help="end the segment after N steps, saving first (a simulated allocation boundary)")
+        add_amend_arg(p)
 
 
 def run(args: argparse.Namespace, verb: str) -> int:
@@ -82,9 +83,13 @@ def plan(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    from kit.amend import amend
     from kit.launch import create_run, run_local_segment
+    from kit.rundir import RunDir
 
     cfg = load_recipe(args.recipe, args.overrides)
+    if args.amend and RunDir(cfg.run_dir).exists():
+        amend(RunDir(cfg.run_dir), cfg, who="kit train")
     rd = create_run(cfg)
     seg = f"local-{datetime.now():%Y%m%d-%H%M%S}"  # unique: the outcome is read back from the ledger by seg
     out = run_local_segment(rd, cfg, stop_after_steps=args.stop_after_steps, seg=seg)

@@ -111,10 +111,10 @@ def verify_source(ckpt: ck.Checkpoint, threads: int = 0) -> list[str]:
     problems = ck.verify(ckpt, hashes=False)
     if problems:
         return problems
-    files = list(ckpt.manifest["files"].items())
+    files = list(ckpt.manifest.files.items())
     with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(lambda item: ck.sha256(ckpt.path / item[0]), files))
-    return [f"{rel}: sha256 mismatch" for (rel, info), d in zip(files, digests, strict=True) if d != info["sha256"]]
+    return [f"{rel}: sha256 mismatch" for (rel, info), d in zip(files, digests, strict=True) if d != info.sha256]
 
 
 def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -403,7 +403,7 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
         "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "sha256": known.get(p.name) or ck.sha256(p)}
                   for p in files},
         "export": {"tag": ckpt.tag, "step": ckpt.step, "run": cfg.run.name, "dtype": dtype,
-                   "zero_stage": ckpt.manifest["kit"].get("zero_stage"), "config_digest": cfg.digest(),
+                   "zero_stage": ckpt.manifest.kit.zero_stage, "config_digest": cfg.digest(),
                    "source_manifest_sha256": hashlib.sha256((ckpt.path / ck.MANIFEST).read_bytes()).hexdigest(),
                    "verify": verify},
     }
@@ -418,13 +418,12 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     from kit.tools.verify_export import verify_export
 
     led = ledger or NullLedger()
+    out = Path(out)
+    check_destination(out, force)
     cfg = rd.load_config()
     dtype = dtype or cfg.deepspeed.precision
     if dtype not in DTYPES:
         raise KitError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    out = Path(out)
-    if out.exists() and not force:
-        raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
     t0 = time.perf_counter()
     reader = ZeroCheckpoint(ckpt.path)
     check_model(reader, cfg, ckpt)
@@ -459,6 +458,36 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     led.emit("ckpt_converted", tag=ckpt.tag, out=str(out), step=ckpt.step, dtype=dtype, shards=shards,
              bytes=nbytes, seconds=export.seconds, verified=result.get("ok"))
     return export
+
+
+def check_destination(out: Path, force: bool) -> None:
+    """Before any work: ``out`` can be written (nothing on its way is a file, its folder is writable:
+    a write probe) and, if it exists, may be replaced: only with ``force``, and only an earlier
+    export. --force never deletes a checkpoint, a run directory or any other folder."""
+    from kit.tools.remote import UploadError, probe
+
+    if out.exists():
+        if not force:
+            raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
+        if not out.is_dir():
+            raise KitError(f"{out} is a file; --force replaces only an earlier export folder; choose another --out")
+        if any(out.iterdir()) and not _is_export(out):
+            kind = "a checkpoint" if (out / ck.MANIFEST).exists() else "not an earlier kit export"
+            raise KitError(f"{out} is {kind}: --force replaces only an earlier export (a folder whose "
+                           f"{ck.MANIFEST} says hf-export) or an empty folder; choose another --out; nothing "
+                           "was changed")
+    try:
+        probe(str(out.parent))
+    except UploadError as e:
+        raise KitError(f"--out {out}: {e}") from None
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        raw = json.loads((path / ck.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("kind") == "hf-export"
 
 
 def _write_error(e: OSError, out: Path) -> KitError | OSError:
@@ -503,12 +532,16 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace, verb: str) -> int:
-    from kit.tools.upload import is_url, redact, upload_folder
+    from kit.tools.upload import is_url, probe, redact, upload_folder
 
     rd = resolve_run(args.run, args.runs_dir)
+    url = args.out if is_url(args.out) else ""
+    if url:
+        probe(url)  # before hours of conversion: a destination that cannot work fails now
+    elif args.out:
+        check_destination(Path(args.out), args.force)
     ckpt = pick_checkpoint(rd, args.step)
     dtype = args.dtype or rd.load_config().deepspeed.precision
-    url = args.out if is_url(args.out) else ""
     out = Path(args.out) if args.out and not url else rd.exports / f"{ckpt.tag}-{dtype}"
     with LedgerWriter(rd.path, f"convert-{hostname()}-{os.getpid()}") as led:
         def say(fname: str) -> None:

@@ -36,10 +36,10 @@ def reshape(rd: RunDir, ckpt: ck.Checkpoint, world_size: int, ledger: LedgerWrit
     """Replace ``ckpt`` by a universal checkpoint for ``world_size`` ranks; returns the kept original."""
     led = ledger or NullLedger()
     root, tag = rd.checkpoints, ckpt.tag
-    old = int(ckpt.manifest["kit"].get("world_size") or 0)
+    old = ckpt.manifest.kit.world_size or 0
     if world_size < 1:
         raise KitError("--world-size must be at least 1")
-    if ckpt.manifest["kit"].get("universal"):
+    if ckpt.manifest.kit.universal:
         raise KitError(f"{tag} is already a universal checkpoint; it resumes on any world size as it is")
     problems = ck.verify(ckpt, hashes=True)
     if problems:
@@ -60,11 +60,18 @@ def reshape(rd: RunDir, ckpt: ck.Checkpoint, world_size: int, ledger: LedgerWrit
             raise CheckpointError(f"DeepSpeed's ds_to_universal failed on {tag}: {tail[0]}")
         for r in range(world_size):
             shutil.copy2(ckpt.path / ck.RANK_STATE.format(rank=r % old), stage / ck.RANK_STATE.format(rank=r))
-        kit_state = dict(ckpt.manifest["kit"], world_size=world_size, universal=True,
-                         reshaped_from={"tag": tag, "world_size": old, "kept_as": backup.name})
+        kit_state = ckpt.manifest.kit.replace(world_size=world_size, universal=True,
+                                              reshaped_from={"tag": tag, "world_size": old, "kept_as": backup.name})
         ck.write_manifest(stage, ckpt.step, kit_state)
         os.rename(ckpt.path, backup)
-        os.rename(stage, root / tag)
+        try:
+            os.rename(stage, root / tag)
+        except OSError:
+            os.rename(backup, ckpt.path)  # the original back: the newest checkpoint never goes missing
+            raise
+    except OSError as e:
+        raise CheckpointError(f"reshaping {tag} failed ({e.strerror or e}): nothing was changed, {tag} is as it "
+                              f"was; free space in {root} or fix its permissions") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     led.emit("ckpt_reshaped", tag=tag, world_size=world_size, from_world_size=old, kept_as=backup.name)

@@ -36,7 +36,7 @@ from kit.faults import fault_point
 from kit.fsio import atomic_write_json
 from kit.ledger import LedgerWriter, read_all
 from kit.rundir import RunDir, resolve_run
-from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, redact, retrying, verify_url
+from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, probe, redact, retrying, verify_url
 from kit.tools.upload import upload_folder
 
 STATE = "stream.json"
@@ -224,19 +224,21 @@ class Streamer:
             self.led.emit("ckpt_deleted", tag=tag, where="remote", url=redact(self.remote("checkpoints", tag)))
 
     def local_retention(self) -> None:
-        """Keep the newest K locally; older ones go only once their remote copy verified."""
+        """Keep the newest K locally; older ones go only once their remote copy verified, and never
+        the newest complete one (kit.checkpoint.delete refuses it, whatever K says)."""
         k = self.opts.keep_last
-        if not k:
-            return
+        if k <= 0:
+            return  # 0: keep everything (the CLI refuses negative values)
         root = self.rd.checkpoints
         complete, _ = ck.scan(root)
         protected = ck.pinned(root) | ck.busy_tags(root)
-        for c in complete[:-k]:
+        for c in complete[:max(0, len(complete) - k)]:
             if c.tag in protected or not self.state.shipped(c.tag):
                 continue
             try:
-                (c.path / ck.MANIFEST).unlink()  # never leave a half-deleted folder that looks complete
-                shutil.rmtree(c.path)
+                ck.delete(root, c.tag)
+            except ck.ProtectedCheckpoint:
+                continue
             except OSError as e:
                 self.led.alert("warning", f"stream could not delete {c.tag} locally: {e}", tag=c.tag)
                 continue
@@ -319,6 +321,7 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
 
 def run(args: argparse.Namespace, verb: str) -> int:
     rd = resolve_run(args.run, args.runs_dir)
+    probe(args.to)  # a destination that cannot work fails now, not after the first checkpoint's hashing
     opts = StreamOptions(url=args.to, convert=args.convert, dtype=args.dtype, atol=args.atol,
                          keep_last=args.keep_last,
                          keep_every=args.keep_every, hashes=not args.quick_verify, jobs=args.jobs)

@@ -45,7 +45,7 @@ def fixed_batch(cfg: RunConfig) -> Any:
 def reference_state(ckpt: ck.Checkpoint, dtype: Any) -> tuple[dict[str, Any], str]:
     import torch
 
-    stage = ckpt.manifest["kit"].get("zero_stage")
+    stage = ckpt.manifest.kit.zero_stage
     if stage in (1, 2):
         module = torch.load(ckpt.path / MODEL_STATES_Z12, map_location="cpu", mmap=True, weights_only=False)["module"]
         if all(v.dtype == dtype for v in module.values() if v.is_floating_point()):
