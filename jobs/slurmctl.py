@@ -95,13 +95,17 @@ class QueueEntry:
     name: str
 
 
-def squeue(job_id: str = "", name: str = "") -> list[QueueEntry]:
-    """Jobs in the queue (pending or running), by id or by job name."""
+def squeue(job_id: str = "", name: str = "", mine: bool = False) -> list[QueueEntry]:
+    """Jobs in the queue (pending or running), by id or by job name (``mine``: this user's only)."""
     cmd = ["squeue", "-h", "-o", "%i|%T|%r|%S|%e|%L|%N|%j"]
     if job_id:
         cmd += ["-j", job_id]
     if name:
         cmd += ["-n", name]
+    if mine:
+        import getpass
+
+        cmd += ["-u", getpass.getuser()]
     out = _run(cmd)
     if out.returncode != 0:  # "Invalid job id specified" once the job has left the queue
         return []

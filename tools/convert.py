@@ -464,7 +464,7 @@ def check_destination(out: Path, force: bool) -> None:
     """Before any work: ``out`` can be written (nothing on its way is a file, its folder is writable:
     a write probe) and, if it exists, may be replaced: only with ``force``, and only an earlier
     export. --force never deletes a checkpoint, a run directory or any other folder."""
-    from kit.tools.remote import UploadError, probe
+    from kit.tools.remote import UploadError, local_folder, probe
 
     if out.exists():
         if not force:
@@ -477,6 +477,7 @@ def check_destination(out: Path, force: bool) -> None:
                            f"{ck.MANIFEST} says hf-export) or an empty folder; choose another --out; nothing "
                            "was changed")
     try:
+        local_folder(out, "cannot write the export")
         probe(str(out.parent))
     except UploadError as e:
         raise KitError(f"--out {out}: {e}") from None
