@@ -79,7 +79,8 @@ def s3_auth() -> Iterator[str]:
 # ------------------------------------------------------------------------------ permanent: at once
 
 
-def test_missing_credentials_fail_at_once_with_advice(s3: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.usefixtures("s3")
+def test_missing_credentials_fail_at_once_with_advice(tmp_path: Path) -> None:
     src = make_folder(tmp_path / "src")
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
@@ -103,7 +104,8 @@ def test_auth_refused_fails_at_once(s3_auth: str, tmp_path: Path) -> None:
     ("s3://ab/x", "is not a valid S3 bucket name"),
     ("s3://kit-no-such-bucket/x", "the bucket does not exist"),
 ])
-def test_invalid_or_missing_bucket_fails_at_once(s3: dict[str, str], tmp_path: Path, url: str, message: str) -> None:
+@pytest.mark.usefixtures("s3")
+def test_invalid_or_missing_bucket_fails_at_once(tmp_path: Path, url: str, message: str) -> None:
     src = make_folder(tmp_path / "src")
     assert message in one_error_line(kit("upload", str(src), url, *SLOW_RETRIES))
 
@@ -136,7 +138,8 @@ def test_classification_of_real_client_errors() -> None:
 # ---------------------------------------------------------------------------- before any long work
 
 
-def test_convert_checks_its_destination_before_converting(s3: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.usefixtures("s3")
+def test_convert_checks_its_destination_before_converting(tmp_path: Path) -> None:
     """Each destination fails on its own problem, not on the (fake) checkpoint that a conversion would
     read first: the check comes before any work, and no export or ledger event appears."""
     run = fake_run(tmp_path)
@@ -165,7 +168,8 @@ def test_convert_force_never_replaces_a_checkpoint_or_a_run(tmp_path: Path, targ
 
 
 @pytest.mark.slow
-def test_stream_checks_its_destination_before_shipping(s3: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.usefixtures("s3")
+def test_stream_checks_its_destination_before_shipping(tmp_path: Path) -> None:
     run = fake_run(tmp_path)
     line = one_error_line(kit("stream", str(run), "--to", f"s3://kit-no-such-bucket-{os.getpid()}", "--once"))
     assert "the bucket does not exist" in line
@@ -186,7 +190,8 @@ def test_stream_keep_last_negative_is_refused_and_deletes_nothing(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_verify_of_a_path_that_does_not_exist_says_so(s3: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.usefixtures("s3")
+def test_verify_of_a_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
     for target in (str(tmp_path / "nothing"), f"file://{tmp_path}/nothing", f"s3://{BUCKET}/nothing-{os.getpid()}"):
         line = one_error_line(kit("verify", target))
         assert "does not exist: nothing to verify" in line and "incomplete" not in line, line
@@ -195,7 +200,8 @@ def test_verify_of_a_path_that_does_not_exist_says_so(s3: dict[str, str], tmp_pa
     assert res.returncode == 1 and "incomplete" in res.stdout + res.stderr
 
 
-def test_probe_leaves_nothing_behind(s3: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.usefixtures("s3")
+def test_probe_leaves_nothing_behind(tmp_path: Path) -> None:
     import fsspec
 
     probe(f"s3://{BUCKET}/probed")

@@ -145,14 +145,14 @@ def test_corrupt_source_and_bad_destinations(s3: dict[str, str], tmp_path: Path)
     good = make_folder(tmp_path / "good")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(UploadError, match="a-file is a file, so .* cannot be a folder under it") as e:
+    with pytest.raises(UploadError, match=r"a-file is a file, so .* cannot be a folder under it") as e:
         upload_folder(good, f"file://{blocker}/dest", retries=1, backoff_s=0.01)
     assert e.value.permanent and e.value.attempts == 1
 
-    with pytest.raises(UploadError, match="bucket does not exist.*create it or fix the URL") as e:
+    with pytest.raises(UploadError, match=r"bucket does not exist.*create it or fix the URL") as e:
         upload_folder(good, f"s3://no-such-bucket-{os.getpid()}/x", retries=3, backoff_s=30)
     assert e.value.permanent and e.value.attempts == 1
-    with pytest.raises(UploadError, match="does not exist: nothing to verify"):
+    with pytest.raises(UploadError, match=r"does not exist: nothing to verify"):
         verify_url(f"s3://{BUCKET}/nothing-here")
 
 
