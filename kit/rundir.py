@@ -90,7 +90,7 @@ class RunDir:
         return self.path / STACKS
 
     def exists(self) -> bool:
-        return self.run_toml.exists()
+        return _is_file(self.run_toml)
 
     # ---- creation
     def create(self, cfg: RunConfig) -> bool:
@@ -147,7 +147,7 @@ class RunDir:
             raw = tomllib.loads(self.run_toml.read_text())
         except FileNotFoundError:
             raise RunDirError(f"{self.path} is not a run directory (no {RUN_TOML}); check the path") from None
-        except (OSError, tomllib.TOMLDecodeError) as e:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise RunDirError(f"{self.run_toml} cannot be read: {e}") from None
         return from_dict(raw)
 
@@ -186,6 +186,14 @@ class RunDir:
         return text
 
 
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file; False too for a name the system refuses (too long, a loop, no access)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _toml_value(value: object) -> str:
     """A value as `--set` takes it (TOML), for the advice in error messages."""
     text = dumps_toml({"x": {"v": value}}).split("\n")[1]
@@ -195,9 +203,9 @@ def _toml_value(value: object) -> str:
 def resolve_run(arg: str | Path, runs_dir: str | Path = "runs") -> RunDir:
     """A run given by path or by name (looked up under runs_dir)."""
     p = Path(arg)
-    if (p / RUN_TOML).exists():
+    if _is_file(p / RUN_TOML):
         return RunDir(p)
     q = Path(runs_dir) / str(arg)
-    if (q / RUN_TOML).exists():
+    if _is_file(q / RUN_TOML):
         return RunDir(q)
     raise RunDirError(f"no run directory at {p} or {q} (a run directory holds {RUN_TOML}); check the name")

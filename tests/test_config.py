@@ -193,7 +193,8 @@ def test_time_limit_malformed(text: str) -> None:
 
 def test_bare_times_and_dates_in_overrides_are_text() -> None:
     """`--set slurm.time_limit=20:00:00` is a TOML time; no recipe key is date-typed, so it is the text."""
-    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", ["slurm.time_limit=20:00:00", "trainer.deadline=2030-01-02T03:04:05"])
+    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", ["slurm.time_limit=20:00:00",
+                                                    "trainer.deadline=2030-01-02T03:04:05"])
     assert (cfg.slurm.time_limit, cfg.trainer.deadline) == ("20:00:00", "2030-01-02T03:04:05")
 
 
@@ -204,8 +205,8 @@ _VALUES = st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(key=st.sampled_from(describe_keys() + ["deepspeed.extra.x", "deepspeed.extra.bf16.enabled",
-                                              "slurm.sbatch_args.gres", "data.sources", "slurm"]),
+@given(key=st.sampled_from([*describe_keys(), "deepspeed.extra.x", "deepspeed.extra.bf16.enabled",
+                            "slurm.sbatch_args.gres", "data.sources", "slurm"]),
        value=_VALUES)
 def test_any_value_for_any_key_is_a_config_error_or_a_plannable_frozen_recipe(key: str, value: object) -> None:
     """Whatever an override says, loading raises ConfigError or gives a config that `kit plan` can size

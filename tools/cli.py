@@ -9,6 +9,7 @@ exit 1, no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import math
 import sys
@@ -86,9 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     except KitError as e:
         _error(str(e))
         return e.exit_code
+    except OSError as e:
+        if e.errno not in PATH_ERRNOS or not e.filename:
+            raise  # not about a path the operator gave: a bug, keep its traceback
+        _error(f"cannot use {e.filename}: {e.strerror}; check the path")
+        return 1
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+
+
+# An OSError about a path itself (too long, a loop, a file where a folder belongs, no permission, a
+# full or read-only filesystem) from a path an operator gave: one line naming it, whatever verb met it.
+PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                         errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 
 
 def _error(msg: str) -> None:

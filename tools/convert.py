@@ -55,7 +55,7 @@ def parse_size(text: str) -> int:
     num = t.rstrip("KMGIB")
     try:
         value = int(float(num) * units[t[len(num):]])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):
         raise KitError(f"--shard-size {text!r} is not a size; write e.g. 2GB, 500MB or 1048576") from None
     if value <= 0:
         raise KitError("--shard-size must be positive")
