@@ -159,7 +159,7 @@ def make_executor(cfg: RunConfig, rd: RunDir, state: ch.ChainState, delay_s: flo
 
 def resubmit(rd: RunDir, cfg: RunConfig, delay_s: float = 0.0, after: str = "") -> str:
     """From inside a job: submit the chain's next job (new id, backoff, current exclusions)."""
-    job_id, _ = queue_job(cfg, rd, ch.load_state(rd), delay_s, after, reload=True)
+    job_id, _ = queue_job(cfg, rd, ch.load_state(rd, repair=True), delay_s, after, reload=True)
     return job_id
 
 
@@ -182,7 +182,7 @@ def queue_job(cfg: RunConfig, rd: RunDir, state: ch.ChainState, delay_s: float =
         job = executor.submit(SegmentJob(str(rd.path)))
         fault_point("submit.after_queue", 0, 0)
         if reload:
-            state = ch.load_state(rd)
+            state = ch.load_state(rd, repair=True)
         state.job_id = str(job.job_id)
         state.job_ids.append(state.job_id)
         state.state = ch.QUEUED
@@ -220,7 +220,7 @@ def _undo_queue(cfg: RunConfig, rd: RunDir, job: Any, known: set[str], error: Ba
         except Exception:  # recorded below as still queued; the operator is told to cancel it
             stuck.append(job_id)
     try:
-        state = ch.load_state(rd)
+        state = ch.load_state(rd, repair=True)
         state.job_ids += [j for j in queued if j not in state.job_ids]
         if stuck:
             state.job_id, state.state = stuck[-1], ch.QUEUED
@@ -304,7 +304,7 @@ def submit(cfg: RunConfig, log: Any = print, amend: bool = False) -> Submitted:
 
         rd = create_run(cfg, log=log)
         leftover = rd.consume("stop")
-        state = ch.load_state(rd)
+        state = ch.load_state(rd, repair=True)
         state.state, state.end_reason = ch.QUEUED, ""
         state.consecutive_crashes = state.no_progress = 0
         state.executor = "slurm" if slurm else "local"
