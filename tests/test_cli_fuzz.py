@@ -5,8 +5,9 @@ choices and sub-commands, read from argparse) with values drawn from what operat
 negative and zero counts, huge and non-finite numbers, text where numbers belong, paths under a file,
 a file where a folder belongs, folders that are not runs, malformed URLs and bucket names, every
 recipe key with a bad value. ``kit.tools.cli.main`` runs in-process; the only outcomes allowed are
-exit 0, 1 or 2 (and a verb's documented statuses: ``kit monitor --once`` 0/1/2, ``kit doctor`` 76)
-with a ``kit: error:`` line for every failure, never an exception.
+exit 0, 1 or 2 (and a verb's documented statuses: ``kit monitor --once`` and ``kit status
+--exit-status`` 0/1/2, ``kit doctor`` 76) with a ``kit: error:`` line for every failure, never an
+exception.
 
 Nothing long may start: runs are looked up in an empty temporary folder (no run exists, so verbs
 that follow, convert or upload a run stop at their checks), no URL reaches a network (only malformed
@@ -130,7 +131,7 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     return parser
 
 
-EXTRA_OK = {"monitor": {0, 1, 2}, "doctor": {0, 1, 2, 76}}
+EXTRA_OK = {"monitor": {0, 1, 2}, "status": {0, 1, 2}, "doctor": {0, 1, 2, 76}}
 SCALE = float(os.environ.get("KIT_FUZZ_SCALE", "1"))  # e.g. 20 for a long hunt; CI runs the default
 EXAMPLES = {"submit": 15, "demo": 15, "train": 20, "doctor": 15}
 

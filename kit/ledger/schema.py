@@ -183,14 +183,6 @@ SPECS: tuple[EventSpec, ...] = (
     # ---- the run and its chain
     EventSpec("run_created", "a run directory was created and its recipe frozen", "kit train/submit/demo", (
         req("name", "str", "run.name"), req("config_digest", "str", "hash of what determines the arithmetic"))),
-    EventSpec("amended", "the run's frozen run.toml was changed (kit amend, --amend on kit train/submit)",
-              "kit amend/train/submit", (
-                  req("changes", "list", "one object per key: key, old, new"), opt("by", "str", "which command"),
-                  opt("reason", "str", "the operator's --reason"), opt("notes", "strs", "what follows from it"),
-                  opt("config_digest", "str", "hash of what determines the arithmetic (unchanged)"))),
-    EventSpec("chain_submit_failed", "a submission failed once a job may have been queued", "kit submit", (
-        req("error", "str", "what failed"), opt("cancelled", "strs", "jobs cancelled"),
-        opt("still_queued", "strs", "jobs that could not be cancelled (recorded as the chain's)"))),
     EventSpec("chain_submitted", "kit submit queued the chain's first job", _C, (
         req("job_id", "str", "Slurm (or local) job id"), opt("executor", "str", "slurm or local"),
         opt("signal_lead_s", "float", "seconds before the time limit Slurm signals the job"),
@@ -324,6 +316,15 @@ SPECS: tuple[EventSpec, ...] = (
         opt("slowest_node", "str", "the node the bandwidth test found slowest"),
         opt("busbw_gbps", "float", "all-reduce bus bandwidth"), opt("algbw_gbps", "float", "algorithm bandwidth"),
         opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"))),
+    # ---- added later (KIND_CODES: append only)
+    EventSpec("amended", "the run's frozen run.toml was changed (kit amend, --amend on kit train/submit)",
+              "kit amend/train/submit", (
+                  req("changes", "list", "one object per key: key, old, new"), opt("by", "str", "which command"),
+                  opt("reason", "str", "the operator's --reason"), opt("notes", "strs", "what follows from it"),
+                  opt("config_digest", "str", "hash of what determines the arithmetic (unchanged)"))),
+    EventSpec("chain_submit_failed", "a submission failed once a job may have been queued", "kit submit", (
+        req("error", "str", "what failed"), opt("cancelled", "strs", "jobs cancelled"),
+        opt("still_queued", "strs", "jobs that could not be cancelled (recorded as the chain's)"))),
 )
 
 KINDS = {s.kind: s for s in SPECS}
