@@ -5,10 +5,11 @@ reads that file, never the recipe: a months-long chain trains one thing. Some se
 change in the life of a run — more steps (extending ``trainer.max_steps`` is routine), other Slurm
 resources, a deadline, thresholds — and those go through :func:`amend`: the new config is validated
 whole, arithmetic keys (model, data, optimizer, batch, seed, ZeRO: what RunConfig.digest covers) are
-refused, the run's identity (name, runs_dir) too, and the change is an ``amended`` ledger event with
-every key's old and new value. ``kit amend RUN --set KEY=VALUE``, and ``--amend`` on ``kit train`` and
-``kit submit`` (the recipe's differences from run.toml), use it; without it a differing recipe is
-refused (kit.rundir.RunDir.check_frozen), never silently ignored.
+refused, the run's identity (name, runs_dir: where the directory is) too, and the change is an
+``amended`` ledger event with every key's old and new value. ``kit amend RUN --set KEY=VALUE``,
+and ``--amend`` on ``kit train`` and ``kit submit`` (the recipe's differences from run.toml), use
+it; without it a differing recipe is refused (kit.rundir.RunDir.check_frozen), never silently
+ignored.
 
 A running segment keeps the settings it started with; the next segment reads the amended run.toml.
 """
@@ -43,10 +44,6 @@ def check(rd: RunDir, frozen: RunConfig, new: RunConfig, changes: list[Change]) 
             f"cannot amend {', '.join(c.key for c in fixed)} of run {rd.path.name}: model, data, optimizer, batch, "
             "seed and ZeRO settings are the arithmetic every checkpoint of the run was trained with; start a new "
             "run (another run.name) to change them; nothing was changed")
-    moved = [c for c in changes if c.key in IDENTITY_KEYS]
-    if moved:
-        raise ConfigError(f"cannot amend {', '.join(c.key for c in moved)}: they say where the run is; move the run "
-                          "directory instead, or start a new run; nothing was changed")
     notes: list[str] = []
     if any(c.key == "trainer.max_steps" for c in changes):
         newest = ck.newest_complete_step(rd.checkpoints)
@@ -96,6 +93,10 @@ def amend_overrides(rd: RunDir, overrides: list[str], who: str, reason: str = ""
         raw = tomllib.loads(rd.run_toml.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{rd.run_toml} cannot be read ({e}); restore it before amending") from None
+    moved = [item.partition("=")[0].strip() for item in overrides if item.partition("=")[0].strip() in IDENTITY_KEYS]
+    if moved:
+        raise ConfigError(f"cannot amend {', '.join(moved)}: they say where the run is; move the run directory "
+                          "instead, or start a new run; nothing was changed")
     for item in overrides:
         apply_override(raw, item)
     new = from_dict(raw)

@@ -704,10 +704,12 @@ class RunConfig:
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: RunConfig) -> list[Change]:
-        """Every dotted key whose value differs from ``other``'s (self is the old side), in key order."""
+        """Every dotted key whose value differs from ``other``'s (self is the old side), in key order;
+        not run.name and run.runs_dir: a run directory is where it is (a run moved or restored to
+        another filesystem keeps its old runs_dir in run.toml, and is the same run)."""
         mine, theirs = flatten(self.to_dict()), flatten(other.to_dict())
         return [Change(k, mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs))
-                if mine.get(k) != theirs.get(k)]
+                if mine.get(k) != theirs.get(k) and k not in IDENTITY_KEYS]
 
 
 # What RunConfig.digest covers: a frozen run never changes these (its checkpoints hold their arithmetic).
