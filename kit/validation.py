@@ -180,3 +180,9 @@ def check_word(key: str, value: str) -> None:
     """A Slurm name (partition, account, qos, reservation): empty or without spaces."""
     if any(c.isspace() for c in value):
         raise ConfigError(f"{key} must not contain spaces, got {value!r}")
+
+
+def show(value: Any) -> str:
+    """A value for an error message, cut short when long (a 400-digit number, a pasted file)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
