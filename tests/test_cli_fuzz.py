@@ -137,12 +137,18 @@ EXAMPLES = {"submit": 15, "demo": 15, "train": 20, "doctor": 15}
 
 
 def run_kit(argv: list[str]) -> tuple[int | None, str, str]:
+    """`kit ARGV` in this process; the environment is put back after (`kit doctor` completes a bare
+    process's torch.distributed variables, as it should in its own process)."""
     out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             rc: int | None = cli.main(argv)
         except Accepted:
             rc = None
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
     return rc, out.getvalue(), err.getvalue()
 
 
