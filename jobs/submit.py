@@ -170,7 +170,8 @@ def queue_job(cfg: RunConfig, rd: RunDir, state: ch.ChainState, delay_s: float =
     Everything that can be checked is checked before (the executor's parameters are built first).
     Once the job may be queued, any failure (inside submitit after sbatch answered, or writing
     chain.json) cancels it: by the Job submitit returned, or, when submitit failed before returning
-    one, by finding this run's job name in the queue. Only if the cancel itself fails is the job id
+    one, by finding it in the queue: this run's job name, with its batch script in this run's submitit
+    folder (never another run's job of the same name). Only if the cancel itself fails is the job id
     recorded as the chain's, so `kit cancel` can reach it. ``reload``: re-read chain.json after
     queueing (inside a job, the driver's own record may have moved on)."""
     from kit.jobs.driver import SegmentJob
@@ -203,8 +204,8 @@ def _undo_queue(cfg: RunConfig, rd: RunDir, job: Any, known: set[str], error: Ba
         queued = [str(job.job_id)]
     elif use_slurm():
         try:
-            queued = [q.job_id for q in slurmctl.squeue(name=f"kit-{cfg.run.name}", mine=True)
-                      if q.job_id not in known]
+            folder = str(rd.slurm / ch.SUBMITIT_DIR)
+            queued = [j for j in slurmctl.queued_from(f"kit-{cfg.run.name}", folder) if j not in known]
         except KitError:
             queued = []
     else:

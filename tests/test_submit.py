@@ -37,7 +37,7 @@ def _cfg(tmp: Path, name: str, **extra: Any) -> RunConfig:
 def _queued(name: str) -> list[str]:
     from kit.jobs import slurmctl
 
-    return [q.job_id for q in slurmctl.squeue(name=f"kit-{name}", mine=True)]
+    return [q.job_id for q in slurmctl.squeue(name=f"kit-{name}")]
 
 
 def _wait_gone(job_id: str, timeout: float = 60) -> None:

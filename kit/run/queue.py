@@ -126,18 +126,14 @@ def squeue_rows(out: str) -> list[JobInfo]:
     return rows
 
 
-def squeue(job_id: str = "", name: str = "", mine: bool = False) -> list[JobInfo]:
-    """Jobs in the queue (pending or running), by id or by job name (``mine``: this user's only); []
-    when there are none or Slurm cannot be asked."""
+def squeue(job_id: str = "", name: str = "") -> list[JobInfo]:
+    """Jobs in the queue (pending or running), by id or by job name; [] when there are none or
+    Slurm cannot be asked."""
     cmd = ["squeue", "-h", "-o", SQUEUE_FORMAT]
     if job_id:
         cmd += ["-j", job_id]
     if name:
         cmd += ["-n", name]
-    if mine:
-        import getpass
-
-        cmd += ["-u", getpass.getuser()]
     out, _ = run(cmd)  # "Invalid job id specified" once the job has left the queue: no rows
     return squeue_rows(out)
 
