@@ -299,6 +299,7 @@ class Train:
                 skip_at, step = step, back + 1
                 continue
             if step == save_now:
+                save_now = -1  # the switch is consumed: a replay of this step does not save again
                 t = self._save(step, t, "save-now")
                 self.emit("control_ack", t, switch="save-now", step=step, note="before the maintenance window")
             elif step % sh.ckpt_interval == 0 and step != last:
@@ -695,19 +696,36 @@ def cached(sh: Shape, root: Path | None = None) -> tuple[Path, dict[str, Any]]:
     return path, meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """``--steps``, ``--nodes``... (every :class:`Shape` field) for a benchmark's command line."""
     for f in fields(Shape):
         default = f.default
+        name = f"--{f.name.replace('_', '-')}"
         if isinstance(default, bool):
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
-                           default=default, help=f"(default {default})")
+            p.add_argument(name, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
+                           help=f"generated run: {f.name} (default {default})")
         else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
-                           help=f"(default {default})")
+            p.add_argument(name, type=type(default), default=default,
+                           help=f"generated run: {f.name} (default {default})")
+
+
+def shape_from(args: argparse.Namespace) -> Shape:
+    return Shape(**{f.name: getattr(args, f.name) for f in fields(Shape)})
+
+
+def machine(load_before: tuple[float, float, float] | None = None) -> dict[str, Any]:
+    """What every result file records about the machine: its name, CPUs and load (before and after)."""
+    return {"machine": os.uname().nodename, "cpus": os.cpu_count(),
+            "load_before": [round(x, 2) for x in load_before] if load_before else None,
+            "load_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="runs directory to write into (default: the cache)")
     a = p.parse_args(argv)
-    sh = Shape(**{f.name: getattr(a, f.name) for f in fields(Shape)})
+    sh = shape_from(a)
     if a.out:
         path, counts = generate(sh, a.out)
         meta = {"counts": asdict(counts)}
