@@ -32,7 +32,7 @@ from kit.health import JobHealth
 from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
 from kit.metrics import MetricSink
 from kit.model import build_model, peak_tflops, step_flops
-from kit.rundir import SAVE_NOW, STOP, RunDir
+from kit.rundir import SAVE_NOW, STOP, RunDir, SwitchWatcher
 
 # Positions in the per-step all-reduce vector. GNORM/G_UNAPPLIED: rank 0's grad norm of the previous
 # step and whether DeepSpeed skipped its update (kit.spikes judges them one step late, on every rank).
@@ -125,6 +125,7 @@ class Trainer:
         self._last_gn: tuple[float, bool] = (-1.0, True)  # rank 0: previous step's grad norm (-1: unknown), applied
         self._consumed_at: dict[int, int] = {}  # step -> samples consumed before it (last few steps)
         self._pin_next_save = ""
+        self.switches = SwitchWatcher(run_dir, cfg.trainer.control_check_s)  # rank 0's look at control/
         self.health: JobHealth | None = None  # kit.health: node sampler, hang watchdog, straggler timings
         self._setup_watchdog = setup_watchdog  # kit.watchdog.for_setup: watching since before the rendezvous
 
@@ -328,7 +329,7 @@ class Trainer:
         flags = [0.0] * NFLAGS  # host-side flags; loss and non-finite are filled in on the device
         flags[F_SIGNAL] = 1.0 if st.signalled else 0.0
         if self.env.is_main:
-            switches = self.rd.pending_switches()
+            switches = self.switches.poll()
             flags[F_STOP] = 1.0 if STOP in switches else 0.0
             flags[F_SAVE] = 1.0 if SAVE_NOW in switches else 0.0
             flags[F_DEADLINE] = 1.0 if self._near_deadline() else 0.0
