@@ -171,7 +171,7 @@ def child(kind: str, path: Path) -> dict[str, Any]:
 def once(run: Path) -> dict[str, Any]:
     """``kit monitor --once --json`` as an operator's cron runs it: the whole command, cold, timed."""
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "kit.cli", "monitor", str(run), "--once", "--json", "--no-slurm"],
+    p = subprocess.run([sys.executable, "-m", "kit.tools.cli", "monitor", str(run), "--once", "--json", "--no-slurm"],
                        capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t
     try:
