@@ -15,9 +15,11 @@ kernel, bf16 cast 16 MB at a time. Peak memory is the Python process plus a few 
 shard, and not 2.3x the model like DeepSpeed's zero_to_fp32. The time is mostly sha256 (of the source
 checkpoint, then of the shards for the manifest, as they are written), on several threads.
 
-Verification loads the result with ``from_pretrained`` and compares its logits on a fixed batch with
-a model holding the checkpoint's own weights: the engine's module weights (ZeRO-1/2, same dtype) or
-DeepSpeed's own zero_to_fp32 reconstruction (ZeRO-3, or another dtype). Expected: bit-identical.
+Before converting, every byte of the source checkpoint is checked against its manifest (CRC-32:
+:func:`verify_source`). After, the result is verified against the checkpoint's own weights (the
+engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's own zero_to_fp32 reconstruction):
+every tensor bit for bit, one at a time, and the logits of the model's first blocks loaded with
+``from_pretrained`` (tools/verify_export.py). Memory stays near the largest tensor either way.
 """
 
 from __future__ import annotations
@@ -105,16 +107,20 @@ def pick_checkpoint(rd: RunDir, step: int | None) -> ck.Checkpoint:
 
 
 def verify_source(ckpt: ck.Checkpoint, threads: int = 0) -> list[str]:
-    """kit.checkpoint.verify (sizes, then every file's sha256 against the manifest), the files hashed on
-    several threads: hashing the source (several times the export's bytes, with the Adam moments) is the
-    largest part of ``kit convert``'s time, and hashlib releases the GIL."""
+    """Every byte of the checkpoint against its manifest: sizes, then each file's CRC-32 (sha256 for a
+    checkpoint saved before manifests had one), on several threads (zlib and hashlib release the GIL).
+
+    Why CRC-32 here: the source is several times the export's size (the Adam moments), and its sha256
+    was most of ``kit convert``'s time (bench/convert.py). A CRC-32 still catches any changed byte;
+    ``kit verify`` and resume keep checking sha256."""
     problems = ck.verify(ckpt, hashes=False)
     if problems:
         return problems
-    files = list(ckpt.manifest["files"].items())
+    files = sorted(ckpt.manifest["files"].items(), key=lambda item: -int(item[1]["size"]))  # big ones first
+    key, digest = ("crc32", ck.crc32) if all("crc32" in info for _, info in files) else ("sha256", ck.sha256)
     with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: ck.sha256(ckpt.path / item[0]), files))
-    return [f"{rel}: sha256 mismatch" for (rel, info), d in zip(files, digests, strict=True) if d != info["sha256"]]
+        digests = list(pool.map(lambda item: digest(ckpt.path / item[0]), files))
+    return [f"{rel}: {key} mismatch" for (rel, info), d in zip(files, digests, strict=True) if d != info[key]]
 
 
 def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -486,7 +492,8 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--out", default="", help="output folder or fsspec URL (default: <run>/exports/<tag>-<dtype>)")
     p.add_argument("--dtype", default="", choices=("", *DTYPES), help="weights dtype (default: the run's precision)")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
-    p.add_argument("--no-verify", action="store_true", help="skip the logits check (it needs 2x the model in RAM)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check of the export against the checkpoint (weights and first blocks' logits)")
     p.add_argument("--atol", type=float, default=0.0, help="largest accepted |logit difference| (default 0: exact)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
