@@ -274,7 +274,8 @@ def test_fallback_paths_give_the_same_bytes(zero_runs: dict[int, RunDir], tmp_pa
         assert (tmp_path / "mapped" / name).read_bytes() == data
 
 
-def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], tmp_path: Path) -> None:
+def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], tmp_path: Path,
+                                                  capsys: Any) -> None:
     """kit convert checks every source byte (CRC-32 from the manifest, or sha256 where an older manifest
     has none): one byte changed anywhere in any file (the fp32 masters, the Adam moments, the module,
     a rank's RNG state, the pickles' own structure) is refused, and nothing is written."""
@@ -300,6 +301,20 @@ def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], 
                 data[where] ^= bit  # put it back before the next one
             f.write_bytes(bytes(data))
         assert pick_checkpoint(rd, 4).tag == "step_0000004"  # restored: accepted again
+        # the command checks while it converts (other threads): refused all the same, nothing written
+        rel = max(manifest["files"], key=lambda r: manifest["files"][r]["size"])
+        data = bytearray((step4 / rel).read_bytes())
+        data[len(data) // 2] ^= 0x04
+        (step4 / rel).write_bytes(bytes(data))
+        out = tmp_path / f"out{stage}" / "hf"
+        out.parent.mkdir()
+        capsys.readouterr()
+        assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"is corrupt ({rel}: crc32 mismatch" in err and "Traceback" not in err
+        _nothing_at(out)
+        data[len(data) // 2] ^= 0x04
+        (step4 / rel).write_bytes(bytes(data))
         # a manifest without CRC-32 (saved by an older kit): the same byte is caught by sha256
         for info in manifest["files"].values():
             del info["crc32"]

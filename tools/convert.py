@@ -85,8 +85,10 @@ class Export:
 # ------------------------------------------------------------------------------------------ checks
 
 
-def pick_checkpoint(rd: RunDir, step: int | None) -> ck.Checkpoint:
-    """The requested step (or the newest complete one) as a complete, intact checkpoint."""
+def pick_checkpoint(rd: RunDir, step: int | None, check: bool = True) -> ck.Checkpoint:
+    """The requested step (or the newest complete one) as a complete, intact checkpoint (``check``:
+    every byte against the manifest first; ``kit convert`` passes False and has :func:`convert` check
+    while it converts)."""
     root = rd.checkpoints
     if step is not None:
         tag = ck.tag_for(step)
@@ -99,11 +101,15 @@ def pick_checkpoint(rd: RunDir, step: int | None) -> ck.Checkpoint:
         if not complete:
             raise CheckpointError(f"{root} holds no complete checkpoint (none with {ck.MANIFEST}); train first")
         ckpt = complete[-1]
-    problems = verify_source(ckpt)
+    if check:
+        _refuse_corrupt(ckpt, verify_source(ckpt))
+    return ckpt
+
+
+def _refuse_corrupt(ckpt: ck.Checkpoint, problems: list[str]) -> None:
     if problems:
         raise CheckpointError(f"checkpoint {ckpt.tag} is corrupt ({'; '.join(problems[:3])}); "
                               "choose another step with --step")
-    return ckpt
 
 
 def verify_source(ckpt: ck.Checkpoint, threads: int = 0) -> list[str]:
@@ -419,8 +425,13 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
 
 def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_bytes: int = 2 * 10**9,
             verify: bool = True, atol: float = 0.0, force: bool = False,
-            ledger: LedgerWriter | NullLedger | None = None, progress: Any = None) -> Export:
-    """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem."""
+            ledger: LedgerWriter | NullLedger | None = None, progress: Any = None,
+            check_source: bool = False) -> Export:
+    """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem.
+
+    ``check_source``: check every byte of the checkpoint against its manifest (:func:`verify_source`)
+    on other threads while converting, and refuse it before anything appears at ``out``: the reads of
+    the check overlap the conversion's work (on a parallel filesystem, most of the check is waiting)."""
     from kit.tools.verify_export import verify_export
 
     led = ledger or NullLedger()
@@ -436,11 +447,15 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     check_model(reader, cfg, ckpt)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
+    checking = ThreadPoolExecutor(max_workers=1)
+    source = checking.submit(verify_source, ckpt) if check_source else None
     try:
         stage.mkdir(parents=True)
         shards, nbytes, digests = write_weights(  # the small files while the last shards are hashed
             reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype))
         seconds = time.perf_counter() - t0
+        if source is not None:  # a corrupt source must not be verified against, nor exported
+            _refuse_corrupt(ckpt, source.result())
         result: dict[str, Any] = {"skipped": True}
         if verify:
             result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
@@ -460,6 +475,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     except OSError as e:
         raise _write_error(e, out) from None
     finally:
+        checking.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(stage, ignore_errors=True)
     export = Export(out, ckpt.tag, ckpt.step, dtype, shards, nbytes, round(seconds, 3), result)
     led.emit("ckpt_converted", tag=ckpt.tag, out=str(out), step=ckpt.step, dtype=dtype, shards=shards,
@@ -503,7 +519,7 @@ def run(args: argparse.Namespace, verb: str) -> int:
     from kit.tools.upload import is_url, redact, upload_folder
 
     rd = resolve_run(args.run, args.runs_dir)
-    ckpt = pick_checkpoint(rd, args.step)
+    ckpt = pick_checkpoint(rd, args.step, check=False)  # convert() checks every byte while it converts
     dtype = args.dtype or rd.load_config().deepspeed.precision
     url = args.out if is_url(args.out) else ""
     out = Path(args.out) if args.out and not url else rd.exports / f"{ckpt.tag}-{dtype}"
@@ -513,7 +529,7 @@ def run(args: argparse.Namespace, verb: str) -> int:
                 print(f"  wrote {fname}", flush=True)
 
         exp = convert(rd, ckpt, out, dtype, parse_size(args.shard_size), verify=not args.no_verify,
-                      atol=args.atol, force=args.force or bool(url), ledger=led, progress=say)
+                      atol=args.atol, force=args.force or bool(url), ledger=led, progress=say, check_source=True)
         result: dict[str, Any] = {"tag": exp.tag, "step": exp.step, "out": str(exp.out), "dtype": exp.dtype,
                                   "shards": exp.shards, "bytes": exp.bytes, "seconds": exp.seconds,
                                   "verify": exp.verify}
