@@ -50,7 +50,7 @@ from kit.ledger import LedgerWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 
-GEN_VERSION = 1  # bump when the output changes: cached runs of another version are not reused
+GEN_VERSION = 2  # bump when the output changes: cached runs of another version are not reused
 CACHE = Path(os.environ.get("KIT_BENCH_CACHE", "/tmp/kit-bench-runs"))
 START = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the first submission (fixed: same shape, same bytes)
 SETUP_S = 240.0  # allocation start to first step: preflight, data, engine, resume

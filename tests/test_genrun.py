@@ -26,7 +26,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 import genrun
 
-from kit.ledger import EVENTS, SCHEMA_VERSION, LedgerReader, ReadStats, read_all
+from kit.ledger import EVENTS, SCHEMA_VERSION, Cursor, Follower, LedgerReader, ReadStats, read_all
 from kit.rundir import RunDir
 
 SMALL = genrun.Shape(steps=6000, segments=10, nodes=2, gpus=4, ckpt_interval=100, keep_every=500, spikes=2,
@@ -39,7 +39,8 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, genrun.Counts
 
 
 def _clean(stats: ReadStats) -> None:
-    assert (stats.bad_lines, stats.unknown_kinds, stats.future_version, stats.last_error) == (0, 0, 0, ""), stats
+    assert (stats.bad_lines, stats.invalid_events, stats.coerced, stats.unknown_kinds, stats.future_version,
+            stats.last_error) == (0, 0, 0, 0, 0, ""), stats
 
 
 def test_the_shape_has_every_feature(small: tuple[Path, genrun.Counts]) -> None:
@@ -50,37 +51,39 @@ def test_the_shape_has_every_feature(small: tuple[Path, genrun.Counts]) -> None:
                  "chain_requeued", "allocation_started", "allocation_ended", "alert", "alert_ack"):
         assert ev.get(kind, 0) > 0, f"no {kind} event"
     assert counts.step_events > SMALL.steps  # the rolled-back steps are replayed
-    names = {p.stem for p in (run / "ledger").iterdir()}
+    names = {p.stem for p in (run / "ledger").glob("*.jsonl")}
     assert {"train-r0", "chain", "chain-signals", "cli", "submit", "doctor-r0", "doctor-r4"} <= names
     assert len([n for n in names if n.startswith("health-")]) == SMALL.nodes + 1  # the crashed node's replacement
     chain = json.loads((run / "slurm" / "chain.json").read_text())
     assert len(chain["segments"]) == SMALL.segments and chain["state"] == "running"
-    rows = [e for e in read_all(run, {"rank_timings"})]
-    assert all(len(e["ranks"]) == SMALL.world for e in rows)
-    health = read_all(run, {"health"})
-    assert all(len(e["gpus"]) == SMALL.gpus for e in health)
+    assert all(len(e["ranks"]) == SMALL.world for e in read_all(run, {"rank_timings"}))
+    assert all(len(e["gpus"]) == SMALL.gpus for e in read_all(run, {"health"}))
 
 
 def test_kit_ledger_reads_it_all(small: tuple[Path, genrun.Counts]) -> None:
+    """The one reader (kit.ledger): every line parses and conforms to the schema, nothing coerced."""
     run, counts = small
     reader = LedgerReader(run)
     events = reader.poll()
     _clean(reader.stats)
     assert Counter(e["kind"] for e in events) == Counter(counts.events)
     assert all(e["v"] == SCHEMA_VERSION and e["kind"] in EVENTS for e in events)
-    for e in events:
-        missing = [f for f in EVENTS[e["kind"]] if f not in e]
-        assert not missing, (e["kind"], missing)
     ts = [e["t"] for e in events]
     assert ts == sorted(ts)
-    for name in (run / "ledger").iterdir():  # each writer's file is in time order, as a real writer's is
-        t = [json.loads(line)["t"] for line in name.read_bytes().splitlines()]
-        assert t == sorted(t), name.name
+    for name in sorted(p.name for p in (run / "ledger").glob("*.jsonl")):  # each writer's file in time order
+        one = Follower(run / "ledger", ReadStats())
+        one.cursors = {other: Cursor(offset=1 << 62) for other in one.files() if other != name}
+        t = [e["t"] for e in one.poll_all()]
+        assert t == sorted(t) and t, name
 
 
-def test_the_monitor_reads_it_all(small: tuple[Path, genrun.Counts]) -> None:
+def test_every_reader_reads_it_all(small: tuple[Path, genrun.Counts]) -> None:
+    """Chunked following (the monitor's backfill), replay, the tail (chain, status), the indexed scan
+    (cold starts, the postmortem's columns) and ``kit monitor --once``'s summary."""
+    from kit.ledger import merged, tail
+    from kit.ledger.scan import scan
     from kit.monitor.cli import summary_of
-    from kit.monitor.follow import Follower, cold_start, merged_events
+    from kit.tools.spike_ledger import read_ledger
 
     run, counts = small
     total = sum(counts.events.values())
@@ -94,30 +97,20 @@ def test_the_monitor_reads_it_all(small: tuple[Path, genrun.Counts]) -> None:
             break
     _clean(stats)
     assert len(got) == total
-    cold = ReadStats()
-    start = cold_start(run / "ledger", cold)
-    _clean(cold)
-    assert start.partial and any(e["kind"] == "step" for e in start.events)
     replay = ReadStats()
-    assert sum(1 for _ in merged_events(run / "ledger", replay)) == total
+    assert sum(1 for _ in merged(run, replay)) == total
     _clean(replay)
+    tailed = tail(run, set(EVENTS), max_bytes=1 << 30)
+    assert Counter(e["kind"] for e in tailed) == Counter(counts.events)
+    cold = ReadStats()
+    s = scan(run, cold)
+    _clean(cold)
+    assert len(s.steps) == counts.step_events and s.parsed_bytes < s.indexed_bytes  # the writer's index served
+    led = read_ledger(run)
+    assert led.bad_lines == 0 and len(led.timeline) == counts.step_events
+    assert int(led.timeline.final()["step"][-1]) == SMALL.steps
     summary = summary_of(RunDir(run), use_slurm=False)
     assert summary["step"] == SMALL.steps
-    assert summary["reader"]["bad_lines"] == 0 and summary["reader"]["unknown_kinds"] == 0
-
-
-def test_the_postmortem_and_the_chain_read_it_all(small: tuple[Path, genrun.Counts]) -> None:
-    from kit.jobs.chain import tail_events
-    from kit.tools.spike_ledger import read_ledger
-
-    run, counts = small
-    led = read_ledger(run)
-    assert led.bad_lines == 0
-    assert len(led.timeline) == counts.step_events
-    assert len(led.events) == sum(counts.events.values()) - counts.step_events
-    assert int(led.timeline.final()["step"][-1]) == SMALL.steps
-    tail = tail_events(RunDir(run), set(EVENTS), max_bytes=1 << 30)
-    assert Counter(e["kind"] for e in tail) == Counter(counts.events)
 
 
 def test_health_and_timings_are_the_real_writers_payloads(small: tuple[Path, genrun.Counts], tmp_path: Path) -> None:
@@ -163,7 +156,7 @@ def test_same_shape_same_bytes(tmp_path: Path) -> None:
     shape = genrun.Shape(steps=800, segments=3, nodes=1, gpus=2, ckpt_interval=100, spikes=0)
     a, _ = genrun.generate(shape, tmp_path / "a", workers=1)
     b, _ = genrun.generate(shape, tmp_path / "b", workers=1)
-    for f in sorted((a / "ledger").iterdir()):
+    for f in sorted((a / "ledger").glob("*.jsonl")):
         assert f.read_bytes().replace(str(a).encode(), b"") == (b / "ledger" / f.name).read_bytes().replace(
             str(b).encode(), b""), f.name
     path, meta = genrun.cached(shape, tmp_path / "cache")
