@@ -279,7 +279,8 @@ def promptness(tr: Any, every: float, requests: int) -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latency", type=float, default=0.005, help="seconds added to every metadata operation")
-    p.add_argument("--every", type=float, default=1.0, help="the watcher's trainer.control_check_s")
+    p.add_argument("--every", type=float, default=1.0,
+                   help="the watcher's trainer.control_check_s (the default 10 s; 1 s here keeps the run short)")
     p.add_argument("--blocks", type=int, default=10, help="ABBA pairs of blocks")
     p.add_argument("--steps", type=int, default=25, help="steps per block")
     p.add_argument("--requests", type=int, default=5, help="save-nows for the promptness check")

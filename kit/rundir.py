@@ -184,7 +184,7 @@ class SwitchWatcher:
     ``every_s = 0`` looks at every step (the trainer's behaviour before ``trainer.control_check_s``).
     """
 
-    def __init__(self, run_dir: RunDir, every_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, run_dir: RunDir, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.rd = run_dir
         self.every_s = every_s
         self.clock = clock
