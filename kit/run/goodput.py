@@ -31,7 +31,7 @@ CATEGORIES = ("productive", "startup", "preflight", "ckpt_load", "ckpt_stall", "
 PRODUCTIVE, STARTUP, PREFLIGHT, CKPT_LOAD, CKPT_STALL, EVAL, REDONE, HANG, OTHER = range(len(CATEGORIES))
 QUEUE = len(CATEGORIES)
 NCAT = QUEUE + 1
-LABELS = {"productive": "productive training", "startup": "start-up", "preflight": "preflight (kit doctor)",
+LABELS = {"productive": "productive training", "startup": "start-up (the rest)", "preflight": "preflight (kit doctor)",
           "ckpt_load": "checkpoint load", "ckpt_stall": "checkpoint stall", "eval": "evaluation",
           "redone": "training redone (lost)", "hang": "hang detection", "other": "other / unaccounted",
           "queue": "queue wait (not allocated)"}
@@ -227,16 +227,18 @@ class Account:
         cat = max(LOSSES, key=lambda c: parts[c])
         return (cat, parts[cat]) if parts[cat] > 0 else None
 
-    def to_dict(self) -> dict[str, Any]:
-        """``kit goodput --json``: seconds everywhere (exact microseconds as floats)."""
+    def to_dict(self, newest: int | None = None) -> dict[str, Any]:
+        """``kit goodput --json``: seconds everywhere (exact microseconds as floats). ``newest``: keep only
+        that many of the newest segments, days and restarts (the monitor's snapshot)."""
         loss = self.biggest_loss()
+        cut = slice(-newest, None) if newest else slice(None)
         return {"allocated_s": self.allocated_us / US, "queue_s": self.queue_us / US, "ettr": self.ettr,
                 "parts": _secs(self.parts_us), "redone_by": _secs(self.redone_by), "as_of": self.as_of,
                 "biggest_loss": None if loss is None else {"category": loss[0], "seconds": loss[1] / US,
                                                            "share": loss[1] / self.allocated_us},
-                "steps": self.steps, "segments": [s.to_dict() for s in self.segments],
-                "days": [d.to_dict() for d in self.days], "restarts": self.restarts, "projection": self.projection,
-                "stats": self.stats}
+                "steps": self.steps, "segment_count": len(self.segments),
+                "segments": [s.to_dict() for s in self.segments[cut]], "days": [d.to_dict() for d in self.days[cut]],
+                "restarts": self.restarts[cut], "projection": self.projection, "stats": self.stats}
 
     def block(self) -> dict[str, Any] | None:
         """The compact form in the run summary (``kit status``, ``kit monitor --once``, the overview line)."""
@@ -253,6 +255,31 @@ class Account:
                                                            "share": loss[1] / self.allocated_us},
                 "restarts": len(self.restarts), "restart_cost_s": float(np.median(costs)) if costs else None,
                 "projected_ettr": proj.get("ettr"), "time_limit_s": proj.get("time_limit_s")}
+
+
+def line(block: dict[str, Any] | None) -> str:
+    """The summary's block as one line (``kit status``, ``kit monitor --once``, the monitor's overview)."""
+    if not block:
+        return "N/A (no allocated time yet)"
+
+    def p(x: Any) -> str:
+        return "N/A" if x is None else f"{100 * x:.1f}%"
+
+    def h(x: Any) -> str:
+        return "N/A" if x is None else (f"{x / 3600:.1f}h" if x >= 7200 else f"{x / 60:.0f}m" if x >= 120
+                                        else f"{x:.0f}s")
+
+    out = f"ETTR {p(block['ettr'])} of {h(block['allocated_s'])}"
+    if block.get("day"):
+        out += f" (day {block['day']}: {p(block['ettr_day'])})"
+    loss = block.get("biggest_loss")
+    if loss:
+        out += f"; biggest loss {LABELS[loss['category']]} {p(loss['share'])}"
+    if block.get("restarts"):
+        out += f"; {block['restarts']} restart(s), median {h(block['restart_cost_s'])} each"
+    if block.get("projected_ettr") is not None:
+        out += f"; expect {p(block['projected_ettr'])} at {h(block['time_limit_s'])} allocations"
+    return out
 
 
 def account(inp: Inputs, chain: ChainState | None = None, history: Sequence[AcctRecord] = (),
@@ -280,3 +307,50 @@ def account(inp: Inputs, chain: ChainState | None = None, history: Sequence[Acct
     return acc
 
 
+
+
+# ------------------------------------------------------------------------------------- a run directory
+
+
+def recipe_plan(rd: Any) -> tuple[float | None, int | None]:
+    """(slurm.time_limit in seconds, checkpoint.interval_steps) from the frozen recipe; (None, None)
+    when it cannot be read (the account is still made, without a projection)."""
+    from kit.errors import KitError
+    from kit.run.queue import parse_duration
+
+    try:
+        cfg = rd.load_config()
+    except (KitError, ValueError, TypeError, KeyError, OSError):
+        return None, None
+    return parse_duration(cfg.slurm.time_limit), cfg.checkpoint.interval_steps
+
+
+def slurm_history(inp: Inputs, chain: ChainState) -> tuple[AcctRecord, ...]:
+    """Slurm's accounting of the chain's jobs (every requeued run): one sacct call; () off Slurm."""
+    import shutil
+
+    from kit.run.queue import query
+
+    if chain.executor == "local" or not shutil.which("sacct"):
+        return ()
+    jobs = [*chain.job_ids, *(str(e.get("job_id")) for e in inp.events if e.get("kind") == "allocation_started")]
+    if not any(jobs):
+        return ()
+    return query(jobs, history=True).history
+
+
+def of_run(run_dir: Any, use_slurm: bool = True, history: Scan | None = None,
+           acct: Sequence[AcctRecord] | None = None) -> Account:
+    """The account of a run directory: its ledger (through the index), chain.json, its recipe and, with
+    ``use_slurm``, sacct. ``history`` and ``acct`` reuse a scan and a Slurm query already made."""
+    from kit.ledger.scan import scan
+    from kit.run.chainstate import load_state
+    from kit.rundir import RunDir
+
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    inp = Inputs.from_scan(history if history is not None else scan(rd.path))
+    chain = load_state(rd)
+    if acct is None:
+        acct = slurm_history(inp, chain) if use_slurm else ()
+    limit, interval = recipe_plan(rd)
+    return account(inp, chain, acct, interval_steps=interval, time_limit_s=limit)
