@@ -155,6 +155,8 @@ def windows(inp: Inputs, t_us: np.ndarray, chain: ChainState, history: Sequence[
     by_seg, submitted = _gather(inp.events, chain)
     wins = sorted(by_seg.values(), key=lambda w: (w.a, w.b))
     _match_sacct(wins, history)
+    for w in wins:
+        w.b = max(w.b, w.a)  # an end before the start (clocks, hand edits) is no end
     wins.sort(key=lambda w: (w.a, w.b))
     # An allocation whose end nobody recorded (lost, running) ends at its last step or event.
     if len(t_us):

@@ -160,8 +160,9 @@ class Timeline:
             tail = [(progress, work), (clip(w.trainer_end), OTHER)]
         elif w.outcome in ("running", "unknown", "clean", "finished"):
             tail = [(progress, work)]
-        else:  # crash, lost, preflight: what ran after the last progress was lost with it
-            tail = [(progress, lost), (clip(max(progress, w.last_trainer or progress)), OTHER)]
+        else:  # crash, lost, preflight: lost up to the trainer's last sign of life, other after it
+            alive = w.last_trainer if w.last_trainer is not None else (progress if r1 > r0 else b)
+            tail = [(progress, lost), (clip(max(progress, alive)), OTHER)]
         tail.append((b, QUEUE))
         self._add([p for p, _ in tail], [c for _, c in tail], [-1] * len(tail))
         self._paint(i, w, r0, r1)
