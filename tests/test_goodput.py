@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import test_monitor_support as support
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,7 @@ from kit.run.goodput import CATEGORIES, DAY_US, KINDS, US, Account, Inputs, Trac
 from kit.run.queue import AcctRecord
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+fixed_run = support.fixed_run  # a copy of the committed tiny run's ledger (tests/snapshots/monitor_run)
 
 
 class Ledger:
@@ -469,3 +471,33 @@ def test_the_run_summary_carries_the_goodput_block(run_dir: Path) -> None:
     assert "goodput    ETTR 36.5% of 52s" in out.stdout, out.stdout
     once = kit("monitor", str(run_dir), "--once", "--no-slurm")
     assert "goodput ETTR 36.5%" in once.stdout, once.stdout
+
+
+async def test_the_monitor_shows_the_account_and_follows_the_run(fixed_run: Path) -> None:
+    """The overview line and the goodput tab (the tab's layout is a snapshot test); a segment appended
+    to the ledger reaches the tab's account (the account is redone every goodput_period_s)."""
+    from test_monitor_support import fixed_now, last_t, wait_for
+
+    from kit.monitor.app import loaded, make_app
+    from kit.monitor.widgets import ChainPanel, GoodputPanel
+
+    app = make_app([fixed_run], use_slurm=False, clock=fixed_now)
+    app.feeds[0].goodput_period_s = 0.0
+    async with app.run_test(size=(130, 36)) as pilot:
+        await wait_for(pilot, lambda: loaded(app), what="first frame")
+        assert "goodput ETTR 3.0% of 14s" in str(app.query_one(ChainPanel).render())
+        await pilot.press("6")
+        assert app.query_one("TabbedContent").active == "goodput"  # type: ignore[attr-defined]
+        before = app.snaps[0].goodput
+        assert before is not None and before["segment_count"] == 2
+        t = last_t(fixed_run) + 100
+        with LedgerWriter(fixed_run, "train-r0", seg="seg3") as w:
+            w.emit("segment_started", world_size=2, step=8, t=t)
+            for s in range(9, 13):
+                w.emit("step", step=s, loss=6.0, step_time=1.0, t=t + s - 8)
+            w.emit("segment_ended", reason="done", step=12, t=t + 5)
+        await wait_for(pilot, lambda: (app.snaps[0].goodput or {}).get("segment_count") == 3, what="3 segments")
+        await wait_for(pilot, lambda: app.query_one(GoodputPanel)._key[1][0] == t + 5, what="the tab redrawn")
+        after = app.snaps[0].goodput
+        assert after is not None and after["parts"]["productive"] == pytest.approx(before["parts"]["productive"] + 4)
+        assert after["queue_s"] == pytest.approx(before["queue_s"] + t - before["as_of"])  # the gap before seg3
