@@ -191,6 +191,9 @@ def _orphans(wins: list[Window], t_us: np.ndarray, inp: Inputs) -> list[Window]:
         return wins
     a = np.array([w.a for w in wins], dtype=np.int64)
     b = np.array([w.b for w in wins], dtype=np.int64)
+    inside_n = np.searchsorted(t_us, b, "right") - np.searchsorted(t_us, a, "left")  # t_us is sorted
+    if int(inside_n.sum()) == len(t_us):  # the common case: every step in an allocation (windows are disjoint)
+        return wins
     idx = np.searchsorted(a, t_us, "right") - 1
     inside = (idx >= 0) & (t_us <= b[np.clip(idx, 0, None)]) if len(wins) else np.zeros(len(t_us), bool)
     out = np.flatnonzero(~inside)

@@ -294,8 +294,9 @@ def account(inp: Inputs, chain: ChainState | None = None, history: Sequence[Acct
     step = np.asarray(inp.step, dtype=np.float64)
     ok = np.isfinite(t_s) & np.isfinite(step)
     t_s, step, st = t_s[ok], step[ok], np.asarray(inp.step_time, dtype=np.float64)[ok]
-    order = np.argsort(t_s, kind="stable")
-    t_s, step, st = t_s[order], step[order], st[order]
+    if len(t_s) > 1 and bool(np.any(t_s[1:] < t_s[:-1])):  # a scan's columns are sorted already
+        order = np.argsort(t_s, kind="stable")
+        t_s, step, st = t_s[order], step[order], st[order]
     t_us = np.rint(np.clip(t_s, 0.0, T_MAX_S) * US).astype(np.int64)
     wins, submitted = windows(inp, t_us, chain, history)
     tl = Timeline(t_us, step, st, wins, inp.events)
