@@ -93,6 +93,7 @@ class Feed:
         self.account: Account | None = None
         self.goodput_period_s = GOODPUT_PERIOD_S
         self._goodput_at = -math.inf
+        self._goodput_of: tuple[Any, ...] = ()  # what the account was made from (redone only when it moved)
         self.interval_steps: int | None = None
 
     # -------------------------------------------------------------------------------- driving
@@ -113,12 +114,18 @@ class Feed:
         self.chain = load_state(self.rd)
         self.update_goodput()
 
-    def update_goodput(self) -> None:
-        """Redo the account from what the tracker holds (the chain and Slurm's history as last read)."""
+    def update_goodput(self) -> bool:
+        """Redo the account from what the tracker holds (the chain and Slurm's history as last read), when
+        any of them changed since the last one; True when it was redone."""
+        self._goodput_at = time.monotonic()
         q = self.queue
+        of = (self.tracker.added, self.chain, q.history if q else ())
+        if of == self._goodput_of:
+            return False
+        self._goodput_of = of
         self.account = account(self.tracker.inputs(), self.chain, q.history if q else (),
                                interval_steps=self.interval_steps, time_limit_s=self.time_limit_s)
-        self._goodput_at = time.monotonic()
+        return True
 
     def now(self) -> float:
         return self._vnow if self.replay_speed is not None else self.clock()
@@ -143,8 +150,7 @@ class Feed:
                 changed |= q != self.queue
                 self.queue = q
         if time.monotonic() - self._goodput_at >= self.goodput_period_s:
-            self.update_goodput()
-            changed = True
+            changed |= self.update_goodput()
         return changed
 
     @property

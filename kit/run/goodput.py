@@ -103,6 +103,7 @@ class Tracker:
         self._st: list[float] = []
         self.events: list[Event] = []
         self._cache: Inputs | None = None
+        self.added = 0  # events taken so far: a consumer redoes its account only when this moved
         if base is not None:
             self._cols.append((base.t, base.step, base.step_time))
             self.events = list(base.events)
@@ -119,9 +120,11 @@ class Tracker:
                 self._s.append(s)
                 self._st.append(np.nan if st is None else st)
                 self._cache = None
+                self.added += 1
             elif kind in KINDS:
                 self.events.append(e)
                 self._cache = None
+                self.added += 1
 
     def inputs(self) -> Inputs:
         if self._cache is None:
