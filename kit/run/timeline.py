@@ -75,7 +75,7 @@ class Timeline:
             if i is not None:
                 self.by_win.setdefault(i, []).append(e)
         spans, row_win = self._spans()
-        self.row_win = row_win
+        self.spans = spans
         redone = ~surviving(step) if n else np.zeros(0, dtype=bool)
         for i, w in enumerate(self.wins):  # not yet replayed: what a failed segment trained after its last save
             r0, r1 = spans[i]
@@ -247,13 +247,13 @@ class Timeline:
             redone_by=redone_by, as_of=hi / US, steps=len(self.t))
 
     def _segment(self, i: int, w: Window, counts: np.ndarray) -> SegmentAccount:
-        rows = np.flatnonzero(self.row_win == i) if len(self.t) else np.zeros(0, dtype=np.int64)
+        r0, r1 = self.spans[i]
         first, last = self.first[i], self.last[i]
         failed = w.outcome in FAILED
         return SegmentAccount(
             seg=w.seg, job_id=w.job_id, start=w.a / US, end=w.b / US, outcome=w.outcome, reason=w.reason,
             bounds=w.bounds, allocated_us=w.b - w.a, parts_us=_parts(counts), start_step=w.start_step,
-            end_step=int(self.step[rows[-1]]) if len(rows) else None,
+            end_step=int(self.step[r1 - 1]) if r1 > r0 else None,
             first_step_t=None if first is None else first / US, last_step_t=None if last is None else last / US,
             trainer_end_t=None if w.trainer_end is None else w.trainer_end / US,
             failure_t=((last if last is not None else w.a) / US) if failed else None)
