@@ -181,14 +181,16 @@ def plot(a: dict[str, Any], out: Path, name: str) -> None:
     if not days:
         raise KitError("nothing to plot: no allocated or queued time in the ledger yet")
     x = list(range(len(days)))
+    tallest = max(d["allocated_s"] + d["queue_s"] for d in days)
+    unit, per = ("hours", 3600.0) if tallest >= 7200 else ("minutes", 60.0) if tallest >= 120 else ("seconds", 1.0)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(days) + 3), 4.5), dpi=110)
     bottom = [0.0] * len(days)
     for c in CATEGORIES:
-        h = [d["parts"][c] / 3600 for d in days]
+        h = [d["parts"][c] / per for d in days]
         if any(h):
             ax.bar(x, h, bottom=bottom, color=COLORS[c], label=LABELS[c], width=0.8)
             bottom = [b + v for b, v in zip(bottom, h, strict=True)]
-    q = [d["queue_s"] / 3600 for d in days]
+    q = [d["queue_s"] / per for d in days]
     if any(q):
         ax.bar(x, q, bottom=bottom, color="none", edgecolor="#757575", hatch="//", label=LABELS["queue"], width=0.8)
     for i, d in enumerate(days):
@@ -196,7 +198,7 @@ def plot(a: dict[str, Any], out: Path, name: str) -> None:
             ax.annotate(f"{100 * d['ettr']:.0f}%", (i, bottom[i] + q[i]), ha="center", va="bottom", fontsize=7)
     step = max(1, len(days) // 20)
     ax.set_xticks(x[::step], [d["day"][5:] for d in days][::step], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("hours")
+    ax.set_ylabel(unit)
     ax.set_title(f"{name}: ETTR {pct(a['ettr'])} of {hours(a['allocated_s'])} allocated (per UTC day)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
