@@ -315,7 +315,8 @@ SPECS: tuple[EventSpec, ...] = (
         opt("failed_nodes", "strs", "nodes that failed"), opt("shared_failures", "strs", "checks failed on every node"),
         opt("slowest_node", "str", "the node the bandwidth test found slowest"),
         opt("busbw_gbps", "float", "all-reduce bus bandwidth"), opt("algbw_gbps", "float", "algorithm bandwidth"),
-        opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"))),
+        opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"),
+        opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"))),
 )
 
 KINDS = {s.kind: s for s in SPECS}
