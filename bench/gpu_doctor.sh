@@ -13,11 +13,11 @@ python3 -c 'import kit.tools.doctor' 2>/dev/null || python3 -m pip install -q --
 python3 -c 'import pynvml' 2>/dev/null || echo "warning: pynvml (nvidia-ml-py) missing: GPU checks will read na" >&2
 nvidia-smi -q -d ECC,ROW_REMAPPER,PAGE_RETIREMENT > "$OUT/gpu_doctor_nvidia_smi.txt" 2>&1 || true
 # One rank under torchrun, so the recipe's GPU count is enforced as on a compute node.
-python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kit.cli doctor tiny.toml \
+python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kit.tools.cli doctor tiny.toml \
     --set 'run.runs_dir="/tmp/kit-gpu-doctor"' --set slurm.gpus_per_node=1 \
     --set doctor.allreduce_mib=256 --set doctor.allreduce_iters=20 --json > "$OUT/gpu_doctor.json" || rc=$?
 cat "$OUT/gpu_doctor.json"
 # Versions of this machine against the H100 image's pins (a bare machine is expected to differ).
-python3 -m kit.cli doctor --static --target h100 > "$OUT/gpu_doctor_versions.txt" || true
+python3 -m kit.tools.cli doctor --static --target h100 > "$OUT/gpu_doctor_versions.txt" || true
 cat "$OUT/gpu_doctor_versions.txt"
 echo "kit doctor exit status: ${rc:-0} (76 = a check failed; outside the image version drift only warns)"

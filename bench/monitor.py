@@ -196,7 +196,7 @@ def in_tmux(run: Path, seconds: float = 10.0) -> dict[str, Any]:
     if not shutil.which("tmux"):
         return {"skipped": "no tmux"}
     session, pidfile = f"benchmon{os.getpid()}", run.parent / "monitor.pid"
-    cmd = f"echo $$ > {pidfile}; exec {sys.executable} -m kit.cli monitor {run} --no-slurm"
+    cmd = f"echo $$ > {pidfile}; exec {sys.executable} -m kit.tools.cli monitor {run} --no-slurm"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "48", cmd], check=True)
     try:
         t0 = time.monotonic()

@@ -25,6 +25,7 @@ from typing import Any
 
 from kit import exitcodes
 from kit.config import RunConfig
+from kit.fsio import atomic_write
 from kit.rundir import RunDir
 
 CHAIN_JSON = "chain.json"
@@ -113,9 +114,7 @@ def save_state(rd: RunDir, state: ChainState) -> None:
     """Atomic replace: a reader on another node sees the old or the new file, never half of one."""
     p = chain_path(rd)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(f".json.tmp-{os.getpid()}")
-    tmp.write_text(state.to_json())
-    os.replace(tmp, p)
+    atomic_write(p, state.to_json())
 
 
 def latest_step(rd: RunDir) -> int:
@@ -197,7 +196,7 @@ def estimated_times(cfg: RunConfig, rd: RunDir | None = None) -> tuple[float, fl
     step_t, save_t = measured_times(rd)
     if step_t and save_t:
         return step_t, save_t
-    from kit.commands import sizing
+    from kit.model import sizing
 
     s = sizing(cfg)
     gpus = cfg.slurm.gpus_per_node > 0

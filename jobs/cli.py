@@ -10,12 +10,12 @@ import argparse
 import json
 import time
 
-from kit.cli import add_recipe_args
 from kit.config import load_recipe
 from kit.jobs import chain as ch
 from kit.jobs import slurmctl
 from kit.ledger import LedgerWriter
 from kit.rundir import STOP, resolve_run
+from kit.tools.cli import add_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:

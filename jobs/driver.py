@@ -32,7 +32,9 @@ from typing import Any
 
 import submitit
 
+from kit import envvars
 from kit.config import RunConfig
+from kit.fsio import atomic_write_json
 from kit.jobs import chain as ch
 from kit.jobs.command import segment_command
 from kit.ledger import LedgerWriter, hostname
@@ -58,9 +60,7 @@ class SegmentJob(submitit.helpers.Checkpointable):
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=None)
 
 
 def _wait_json(path: Path, timeout: float) -> dict[str, Any] | None:
@@ -138,8 +138,8 @@ class Driver:
         env.update({
             "MASTER_ADDR": self.dist.master_addr, "MASTER_PORT": str(port), "RANK": str(self.dist.rank),
             "WORLD_SIZE": str(self.dist.world_size), "LOCAL_RANK": str(self.dist.local_rank),
-            "LOCAL_WORLD_SIZE": str(self.dist.local_world_size), "KIT_SEGMENT": seg,
-            "KIT_NODES": ",".join(self.nodes),  # the setup watchdog's rank -> node table (kit.watchdog)
+            "LOCAL_WORLD_SIZE": str(self.dist.local_world_size), envvars.SEGMENT: seg,
+            envvars.NODES: ",".join(self.nodes),  # the setup watchdog's rank -> node table (kit.watchdog)
             "OMP_NUM_THREADS": str(self.cfg.trainer.threads), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
             # A dead rank must end the job, not hang it: NCCL's asynchronous error handling aborts the
             # communicator of the survivors (both names: torch >= 2.2 and older).
@@ -147,10 +147,10 @@ class Driver:
             "NCCL_ASYNC_ERROR_HANDLING": env.get("NCCL_ASYNC_ERROR_HANDLING", "1"),
         })
         if self.is_main and self.job_end:
-            env["KIT_DEADLINE"] = f"{self.job_end:.0f}"  # the trainer saves and leaves before it
-        only = env.get("KIT_FAULTS_SEGMENTS")
+            env[envvars.DEADLINE] = f"{self.job_end:.0f}"  # the trainer saves and leaves before it
+        only = env.get(envvars.FAULTS_SEGMENTS)
         if only is not None and str(len(ch.load_state(self.rd).segments)) not in only.split(","):
-            env.pop("KIT_FAULTS", None)  # test hook: inject faults into the listed segments only
+            env.pop(envvars.FAULTS, None)  # test hook: inject faults into the listed segments only
         return env
 
     def _run_child(self, seg: str, i: int) -> int:

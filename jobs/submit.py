@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kit import envvars
 from kit.config import RunConfig
 from kit.errors import ConfigError, DataError, KitError
 from kit.jobs import chain as ch
@@ -130,7 +131,7 @@ def test_only_args(params: dict[str, Any]) -> list[str]:
 
 
 def use_slurm() -> bool:
-    forced = os.environ.get("KIT_EXECUTOR", "")
+    forced = os.environ.get(envvars.EXECUTOR, "")
     if forced:
         return forced == "slurm"
     return slurmctl.available()

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from kit.errors import CheckpointError
+from kit.fsio import atomic_write, atomic_write_json
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -143,30 +144,12 @@ def write_manifest(path: Path, step: int, kit_state: dict[str, Any], threads: in
                   for p, d in zip(files, digests, strict=True)},
         "kit": kit_state,
     }
-    tmp = path / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
-    fsync_path(path)
+    atomic_write_json(path / MANIFEST, manifest, fsync=True)
     return manifest
 
 
 def set_latest(root: Path, tag: str) -> None:
-    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.write_text(tag)
-    os.replace(tmp, root / LATEST)
-    fsync_path(root)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder: so a rename inside it survives a crash of the node)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(root / LATEST, tag, fsync=True)
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -341,10 +324,8 @@ def hold(root: Path, who: str, after_step: int, lease_s: float, prefer_every: in
     once its lease runs out. The holder renews it while it lives."""
     d = root / HOLDS
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{who}.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"who": who, "until": time.time() + lease_s, "after_step": after_step,
-                               "prefer_every": prefer_every}))
-    os.replace(tmp, d / f"{who}.json")
+    atomic_write_json(d / f"{who}.json", {"who": who, "until": time.time() + lease_s, "after_step": after_step,
+                                          "prefer_every": prefer_every})
 
 
 def release(root: Path, who: str) -> None:

@@ -567,11 +567,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """
     path = Path(path)
     if not path.exists():
-        builtin = Path(__file__).resolve().parent.parent / "jobs" / path.name
-        if path.parent == Path(".") and builtin.exists():
-            path = builtin
-        else:
-            raise ConfigError(f"recipe {path} does not exist: give a path to a .toml file (see jobs/ for examples)")
+        builtin = builtin_recipe(path.name) if path.parent == Path(".") else None
+        if builtin is None:
+            raise ConfigError(f"recipe {path} does not exist: give a path to a .toml file, or the name of a "
+                              f"shipped one ({', '.join(builtin_recipes())})")
+        path = builtin
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -589,6 +589,22 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         src.path = str(p.absolute()) if not any(c in src.path for c in "*?[") else str(p)
     cfg.check()
     return cfg
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with kit (package data of kit.jobs, wherever kit is installed)."""
+    from importlib.resources import files
+
+    return sorted(p.name for p in files("kit.jobs").iterdir() if p.name.endswith(".toml"))
+
+
+def builtin_recipe(name: str) -> Path | None:
+    """A shipped recipe by file name, found with importlib.resources: in an editable checkout it is
+    jobs/NAME, in an installed wheel (the container images) site-packages/kit/jobs/NAME."""
+    from importlib.resources import files
+
+    p = files("kit.jobs").joinpath(name)
+    return Path(str(p)) if p.is_file() else None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from kit.config import DataSection, RunConfig, SourceSection
 from kit.errors import DataError
+from kit.fsio import atomic_write
 
 META = "meta.json"
 TOKENIZER = "tokenizer.json"
@@ -259,9 +260,7 @@ def check_meta(data: DataSection, meta: dict[str, Any], data_dir: Path) -> dict[
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 # ------------------------------------------------------------------------------------------ sampling

@@ -12,6 +12,8 @@ import os
 import signal
 import time
 
+from kit import envvars
+
 
 def _parse(spec: str) -> dict[str, list[tuple[int, int | None, str]]]:
     out: dict[str, list[tuple[int, int | None, str]]] = {}
@@ -28,7 +30,7 @@ def _parse(spec: str) -> dict[str, list[tuple[int, int | None, str]]]:
     return out
 
 
-_FAULTS = _parse(os.environ.get("KIT_FAULTS", ""))
+_FAULTS = _parse(os.environ.get(envvars.FAULTS, ""))
 
 
 def fault_point(name: str, step: int, rank: int) -> None:

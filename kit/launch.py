@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit import exitcodes
+from kit import envvars, exitcodes
 from kit.config import RunConfig
 from kit.data import prepare
 from kit.ledger import LedgerWriter, read_all
@@ -53,7 +53,7 @@ def run_local_segment(rd: RunDir, cfg: RunConfig, stop_after_steps: int = 0, seg
                       extra_env: dict[str, str] | None = None, quiet: bool = False) -> SegmentOutcome:
     """One segment on this machine with trainer.nproc ranks; says how it ended (from the ledger)."""
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": str(cfg.trainer.threads), "KIT_SEGMENT": seg,
+    env.update({"OMP_NUM_THREADS": str(cfg.trainer.threads), envvars.SEGMENT: seg,
                 "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"})
     env.update(extra_env or {})
     out = subprocess.DEVNULL if quiet else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kit.config import ModelSection
+from kit.config import ModelSection, RunConfig
 
 # Dense bf16 peak TFLOP/s by GPU name fragment, for MFU when trainer.peak_tflops is 0.
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0}
@@ -79,3 +79,21 @@ def peak_tflops(configured: float) -> float:
     except Exception:  # no CUDA runtime: MFU is simply not available
         return 0.0
     return 0.0
+
+
+def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float]:
+    """What a recipe costs: parameters, batch, FLOPs, and bytes per GPU for its ZeRO stage."""
+    n = param_count(cfg.model, cfg.data.vocab_size)
+    world = cfg.world_size(local=local)
+    gb = cfg.batch.micro_batch_size * cfg.batch.grad_accum * world
+    tokens = gb * cfg.model.seq_length
+    flops = step_flops(cfg.model, cfg.data.vocab_size, gb)
+    half = cfg.deepspeed.precision == "bf16"
+    w, g, o = (2 if half else 4) * n, (2 if half else 4) * n, (12 if half else 8) * n
+    z = cfg.deepspeed.zero_stage
+    per_gpu = w / (world if z >= 3 else 1) + g / (world if z >= 2 else 1) + o / (world if z >= 1 else 1)
+    ckpt_bytes = w + o  # weights + optimizer state (fp32 master copy with bf16, and the two moments)
+    return {"parameters": n, "world_size": world, "global_batch": gb, "tokens_per_step": tokens,
+            "total_tokens": tokens * cfg.trainer.max_steps, "flops_per_step": flops,
+            "state_bytes_per_gpu": per_gpu, "checkpoint_bytes": ckpt_bytes,
+            "steps": cfg.trainer.max_steps}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from kit.config import RunConfig, dumps_toml, from_dict
 from kit.errors import ConfigError, RunDirError
+from kit.fsio import atomic_write
 
 RUN_TOML = "run.toml"
 LEDGER = "ledger"
@@ -111,9 +112,7 @@ class RunDir:
                 "or fix its permissions"
             ) from None
         if new:
-            tmp = self.run_toml.with_suffix(".toml.tmp")
-            tmp.write_text(cfg.to_toml())
-            os.replace(tmp, self.run_toml)
+            atomic_write(self.run_toml, cfg.to_toml(), fsync=True)
         else:
             frozen = self.load_config()
             if frozen.digest() != cfg.digest():
@@ -136,9 +135,7 @@ class RunDir:
 
     def update_frozen(self, cfg: RunConfig) -> None:
         """Rewrite run.toml (non-arithmetic settings such as Slurm resources may change)."""
-        tmp = self.run_toml.with_suffix(".toml.tmp")
-        tmp.write_text(dumps_toml(cfg.to_dict()))
-        os.replace(tmp, self.run_toml)
+        atomic_write(self.run_toml, dumps_toml(cfg.to_dict()), fsync=True)
 
     # ---- control switches
     def request(self, switch: str, reason: str = "") -> Path:

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import NoReturn
 
-from kit import exitcodes
+from kit import envvars, exitcodes
 from kit.errors import KitError
 
 
@@ -27,7 +27,7 @@ def run_segment(run_dir: str, stop_after_steps: int = 0, seg: str = "") -> str:
     cfg = rd.load_config()
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.trainer.threads))
     env = dist.from_environ()
-    seg = seg or os.environ.get("KIT_SEGMENT", "local")
+    seg = seg or os.environ.get(envvars.SEGMENT, "local")
     # Watched from before the first collective: a rendezvous or NCCL set-up that never completes
     # must end the segment, not hold the allocation (kit.watchdog, health.setup_timeout_s).
     watchdog = for_setup(rd.path, cfg.health, env.rank, env.world_size, env.local_world_size, seg)

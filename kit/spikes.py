@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.config import SpikesSection
+from kit.fsio import atomic_write_json
 
 SKIP_FILE = "skip-ranges.json"  # under <run>/control/
 MAD_SCALE = 1.4826  # MAD -> standard deviation for a normal distribution
@@ -245,9 +246,7 @@ class SkipRanges:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"version": 1, "ranges": self.to_list()}, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(path, {"version": 1, "ranges": self.to_list()})
 
     def to_list(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.ranges]

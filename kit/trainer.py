@@ -11,7 +11,6 @@ The loop's invariants (what makes months of chained allocations lose nothing):
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -21,69 +20,30 @@ from pathlib import Path
 from typing import Any
 
 from kit import checkpoint as ck
-from kit import exitcodes
+from kit import envvars, exitcodes
 from kit import spikes as sp
 from kit.config import RunConfig
 from kit.data import MixtureDataset, prepare, rank_micro_indices, wait_for_meta
 from kit.dist import DistEnv
-from kit.errors import CheckpointError, ConfigError
+from kit.engine import build_engine
+from kit.errors import ConfigError
 from kit.faults import fault_active, fault_point
 from kit.health import JobHealth
 from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
 from kit.metrics import MetricSink
-from kit.model import build_model, peak_tflops, step_flops
+from kit.model import peak_tflops, step_flops
+from kit.rollback import RollbackPolicy
 from kit.rundir import SAVE_NOW, STOP, RunDir
+from kit.saver import Saver
 
 # Positions in the per-step all-reduce vector. GNORM/G_UNAPPLIED: rank 0's grad norm of the previous
 # step and whether DeepSpeed skipped its update (kit.spikes judges them one step late, on every rank).
 LOSS, NONFINITE, F_STOP, F_SAVE, F_SIGNAL, F_DEADLINE, GNORM, G_UNAPPLIED, NFLAGS = range(9)
 
 
-def lr_lambda(cfg: RunConfig) -> Any:
-    """Linear warm-up to optim.lr, then cosine decay to optim.min_lr (as a factor of optim.lr)."""
-    o, total = cfg.optim, cfg.trainer.max_steps
-    decay = o.decay_steps or max(1, total - o.warmup_steps)
-    floor = o.min_lr / o.lr
-
-    def f(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / decay)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
-    if cfg.deepspeed.zero_stage == 3:
-        # DeepSpeed's memory-efficient linear patches torch.nn.functional.linear process-wide and
-        # changes rounding: off, so converted checkpoints reproduce the engine's logits exactly.
-        zero["memory_efficient_linear"] = False
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
-        "gradient_accumulation_steps": cfg.batch.grad_accum,
-        "train_batch_size": cfg.batch.micro_batch_size * cfg.batch.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    return _merge(ds, cfg.deepspeed.extra)
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def slurm_deadline() -> float | None:
     """The end of this allocation, when the chain tells us (KIT_DEADLINE, Unix seconds)."""
-    v = os.environ.get("KIT_DEADLINE")
+    v = os.environ.get(envvars.DEADLINE)
     return float(v) if v else None
 
 
@@ -93,19 +53,21 @@ class SegmentState:
     consumed: int = 0
     resumed_from: str = ""
     step_times: list[float] = field(default_factory=list)
-    save_times: list[float] = field(default_factory=list)
     signalled: str = ""
 
 
 class Trainer:
-    """Assembles the parts in ``setup()`` and runs the loop in ``run()``; returns an exit reason."""
+    """Assembles the parts in ``setup()`` and runs the loop in ``run()``; returns an exit reason.
+
+    The parts: the engine (kit.engine), the data (kit.data), saving and resuming (kit.saver), the
+    rollback policy (kit.rollback), health (kit.health), spikes (kit.spikes), metrics (kit.metrics)."""
 
     def __init__(self, cfg: RunConfig, run_dir: RunDir, env: DistEnv, seg: str = "",
                  stop_after_steps: int = 0, setup_watchdog: Any = None) -> None:
         self.cfg = cfg
         self.rd = run_dir
         self.env = env
-        self.seg = seg or os.environ.get("KIT_SEGMENT", "local")
+        self.seg = seg or os.environ.get(envvars.SEGMENT, "local")
         self.stop_after_steps = stop_after_steps or cfg.trainer.stop_after_steps
         self.state = SegmentState()
         self.ledger: LedgerWriter | NullLedger = (
@@ -120,11 +82,12 @@ class Trainer:
         # Loss spikes (kit.spikes): same detector state on every rank, fed all-reduced values only.
         self.guard = sp.SpikeGuard(cfg.spikes, self.ledger)
         self.spike_check = sp.StepCheck()
+        self.saver = Saver(cfg, run_dir, env, self.ledger, self.seg, self.dp, log=self._log)
+        self.rollback = RollbackPolicy(cfg, run_dir, env, self.ledger, self.guard, self.saver, log=self._log)
         self._optim: Any = None
         self._sched: Any = None
         self._last_gn: tuple[float, bool] = (-1.0, True)  # rank 0: previous step's grad norm (-1: unknown), applied
         self._consumed_at: dict[int, int] = {}  # step -> samples consumed before it (last few steps)
-        self._pin_next_save = ""
         self.health: JobHealth | None = None  # kit.health: node sampler, hang watchdog, straggler timings
         self._setup_watchdog = setup_watchdog  # kit.watchdog.for_setup: watching since before the rendezvous
 
@@ -136,8 +99,6 @@ class Trainer:
         return min(ends) if ends else None
 
     def setup(self) -> None:
-        import deepspeed
-        import numpy as np
         import torch
 
         cfg, env = self.cfg, self.env
@@ -151,26 +112,11 @@ class Trainer:
             with wait_for_meta(data_dir):
                 pass
         self.data = MixtureDataset(data_dir, cfg.run.seed, cfg.model.seq_length)
-
-        torch.manual_seed(cfg.run.seed)
-        np.random.seed(cfg.run.seed % 2**32)
-        import random
-
-        random.seed(cfg.run.seed)
-        model = build_model(cfg.model, cfg.data.vocab_size)
-        if cfg.deepspeed.precision == "bf16":
-            model = model.to(torch.bfloat16)
-        optim = torch.optim.AdamW(
-            model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
-        fault_point("setup.before_engine", 0, env.rank)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optim, lr_scheduler=sched, config=deepspeed_config(cfg, self.dp)
-        )
-        self._optim, self._sched = optim, sched
-        self._resume()
+        built = build_engine(cfg, self.dp, env.rank)
+        self.engine, self._optim, self._sched = built.engine, built.optimizer, built.scheduler
+        self.saver.engine = self.engine
+        resumed = self.saver.resume()
+        self.state.step, self.state.consumed, self.state.resumed_from = resumed.step, resumed.consumed, resumed.tag
         self._setup_spikes()
         if env.is_main:
             self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=self.state.step + 1)
@@ -184,48 +130,6 @@ class Trainer:
         # Health (kit.health, docs/health.md): sampler on local rank 0, watchdog per rank, straggler timer.
         self.health = JobHealth.start(cfg, self.rd, env, self.seg, self.engine, self.ledger, self._setup_watchdog)
         self._setup_watchdog = None
-
-    def _resume(self) -> None:
-        import torch.distributed as dist
-
-        root = self.rd.checkpoints
-        choice: list[Any] = [None, []]
-        if self.env.is_main:
-            try:
-                ckpt, notes = ck.find_resume(root, hashes=self.cfg.checkpoint.verify_on_resume)
-                choice = [ckpt.tag if ckpt else None, notes]
-            except CheckpointError as e:
-                choice = [f"!{e}", []]
-        dist.broadcast_object_list(choice, src=0)
-        tag, notes = choice
-        if isinstance(tag, str) and tag.startswith("!"):
-            raise CheckpointError(tag[1:])
-        for note in notes:
-            self._log(f"checkpoint {note}")
-        if tag is None:
-            self._log("no complete checkpoint: starting from step 0")
-            return
-        ckpt = ck.load(root, tag)
-        m = self.cfg.model
-        ck.check_compatible(ckpt, self.dp, {"hidden_size": m.hidden_size, "n_layer": m.n_layer,
-                                            "n_head": m.n_head}, self.cfg.data.vocab_size)
-        # `kit reshape` (tools/reshape.py) writes DeepSpeed universal checkpoints for a new world size
-        # (manifest kit.universal): load that one with DeepSpeed's load_universal switched on.
-        t0 = time.perf_counter()
-        universal = self.engine._config.load_universal_checkpoint
-        self.engine._config.load_universal_checkpoint = universal or bool(ckpt.manifest["kit"].get("universal"))
-        load_path, _ = self.engine.load_checkpoint(str(root), tag=tag)
-        self.engine._config.load_universal_checkpoint = universal
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {ckpt.path}; its files may be damaged "
-                                  "(run `kit verify` on it) or from another DeepSpeed setup")
-        ck.load_rank_state(ckpt.path, self.env.rank)
-        self.state.step = ckpt.step
-        self.state.consumed = ckpt.consumed
-        self.state.resumed_from = tag
-        self._log(f"resumed from {tag} (step {ckpt.step}, {ckpt.consumed} samples consumed)")
-        self.ledger.emit("ckpt_loaded", step=ckpt.step, tag=tag, skipped=notes,
-                         seconds=round(time.perf_counter() - t0, 3))
 
     def _install_signals(self) -> None:
         def handler(signum: int, frame: Any) -> None:
@@ -245,7 +149,7 @@ class Trainer:
             if reason:
                 break
         reason = reason or "done"
-        if reason != "give_up" and not self._saved_at(st.step):  # never checkpoint a state given up on
+        if reason != "give_up" and not self.saver.saved_at(st.step):  # never checkpoint a state given up on
             self.save(reason)
         if reason == "stop":
             self._ack(STOP)
@@ -280,7 +184,7 @@ class Trainer:
         if self.spike_check.give_up is not None:
             return self._give_up(self.spike_check.give_up.why)
         if self.spike_check.decisions and self.env.is_main:
-            self._pin_around(self.spike_check.decisions[0].verdict.step)
+            self.rollback.pin_around(self.spike_check.decisions[0].verdict.step)
         if self.spike_check.rollback is not None:
             if self.health:  # a reload is not a step: the hang watchdog's ceiling applies
                 self.health.long_phase("rollback")
@@ -394,66 +298,19 @@ class Trainer:
 
     def _rollback(self, d: sp.Decision) -> bool:
         """Reload the newest complete checkpoint at least spikes.rollback_steps before the spike, then
-        skip spikes.skip_batches batches from the spike on. Collective; False = nothing to load."""
-        import torch.distributed as dist
-
-        cfg, st, root = self.cfg.spikes, self.state, self.rd.checkpoints
-        spike = d.verdict.step
-        choice: list[Any] = [None, ""]
-        if self.env.is_main:
-            ckpt, _ = ck.find_resume(root, before_step=max(spike - cfg.rollback_steps, 0))
-            note = ""
-            if ckpt is None:
-                ckpt, _ = ck.find_resume(root, before_step=spike - 1)
-                note = f"no checkpoint {cfg.rollback_steps} steps before the spike; used the newest before it"
-            choice = [ckpt.tag if ckpt else None, note]
-        dist.broadcast_object_list(choice, src=0)
-        tag, note = choice
+        skip spikes.skip_batches batches from the spike on (kit.rollback). False = nothing to load."""
+        st, spike = self.state, d.verdict.step
+        tag, note = self.rollback.choose(spike)
         if tag is None:
             self._give_up(f"loss spike at step {spike} ({d.why}) and no complete checkpoint before it to roll back to")
             return False
-        ckpt = ck.load(root, tag)
-        aside: list[list[str]] = [[], []]
-        if self.env.is_main:
-            ck.pin(root, tag, f"rollback target for the spike at step {spike}")
-            aside = list(sp.set_aside_after(root, ckpt.step, spike, f"r{self.guard.skips.rollbacks + 1}-spike{spike}"))
-            ck.set_latest(root, tag)
-        dist.barrier()
-        load_path, _ = self.engine.load_checkpoint(str(root), tag=tag)
-        if load_path is None:
-            raise CheckpointError(f"rollback: DeepSpeed could not load {ckpt.path}; run `kit verify` on it")
-        ck.load_rank_state(ckpt.path, self.env.rank)
-        start = self._consumed_at.get(spike, st.consumed - self.global_batch)
-        skip = sp.SkipRange(start, start + cfg.skip_batches * self.global_batch, step=spike, rollback=True,
-                            reason=f"rollback {self.guard.skips.rollbacks + 1} for the {d.verdict.metric} "
-                                   f"spike at step {spike}")
-        self.guard.record_skip(self.rd.control / sp.SKIP_FILE if self.env.is_main else None, skip)
-        self.guard.after_rollback(ckpt.step)
-        from_step = st.step
-        st.step, st.consumed = ckpt.step, ckpt.consumed
+        back = self.rollback.roll_back(d, tag, note, st.step, st.consumed, self._consumed_at, self.global_batch)
+        st.step, st.consumed = back.step, back.consumed
         self._last_gn = (-1.0, True)  # the previous step's grad norm is of the abandoned timeline
-        self._pin_next_save = ""  # the next save is after the skip, not around the spike
-        self._log(f"rollback: spike at step {spike}, reloaded {tag}, skipping samples [{skip.start}, {skip.end})")
-        self.ledger.emit("rollback", from_step=from_step, to_step=ckpt.step, spike_step=spike, tag=tag,
-                         skip_start=skip.start, skip_end=skip.end, skip_batches=cfg.skip_batches,
-                         rollbacks=self.guard.skips.rollbacks, why=d.why, note=note, deleted=aside[0],
-                         set_aside=[f"{sp.ROLLED_BACK}/r{self.guard.skips.rollbacks}-spike{spike}/{t}"
-                                    for t in aside[1]])
-        self.ledger.alert("warning", f"loss spike at step {spike}: rolled back to {tag}, skipping "
-                          f"{cfg.skip_batches} batches (samples {skip.start}-{skip.end - 1})", step=spike)
         if self.sink is not None:  # replayed steps replace the old points in TensorBoard (purge_step)
             self.sink.close()
-            self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=ckpt.step + 1)
-        dist.barrier()
+            self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=back.step + 1)
         return True
-
-    def _pin_around(self, spike: int) -> None:
-        """Keep the newest checkpoint before a spike and the next one saved (rank 0)."""
-        root = self.rd.checkpoints
-        before, _ = ck.find_resume(root, before_step=spike - 1)
-        if before is not None:
-            ck.pin(root, before.tag, f"last checkpoint before the spike at step {spike}")
-        self._pin_next_save = f"first checkpoint after the spike at step {spike}"
 
     def _give_up(self, why: str) -> str:
         self._log(f"giving up: {why}")
@@ -466,7 +323,7 @@ class Trainer:
             return False
         st = self.state
         step_t = max(st.step_times[-10:], default=0.0)
-        save_t = max(st.save_times, default=step_t * 5)
+        save_t = max(self.saver.save_times, default=step_t * 5)
         margin = self.cfg.trainer.stop_margin_s + 2 * step_t + 1.5 * save_t
         return time.time() + margin >= self.deadline
 
@@ -494,59 +351,11 @@ class Trainer:
         })
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _saved_at(self, step: int) -> bool:
-        return (self.rd.checkpoints / ck.tag_for(step) / ck.MANIFEST).exists()
-
     def save(self, why: str) -> None:
-        """Collective save: every rank writes its part; rank 0 commits with the manifest."""
-        import torch.distributed as dist
-
-        st, root = self.state, self.rd.checkpoints
-        tag = ck.tag_for(st.step)
+        """Collective save (kit.saver): every rank writes its part; rank 0 commits with the manifest."""
         if self.health:  # a save is not a step: the hang watchdog's ceiling applies until the next step
             self.health.long_phase("save")
-        t0 = time.perf_counter()
-        if self.env.is_main:
-            ck.prepare_tag_dir(root, tag)
-        dist.barrier()
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={"kit_step": st.step}, save_latest=False)
-        ck.save_rank_state(root / tag, self.env.rank)
-        fault_point("ckpt.before_manifest", st.step, self.env.rank)
-        dist.barrier()
-        if self.env.is_main:
-            m = self.cfg.model
-            manifest = ck.write_manifest(root / tag, st.step, {
-                "step": st.step, "consumed": st.consumed, "world_size": self.dp,
-                "model": {"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
-                          "seq_length": m.seq_length},
-                "vocab_size": self.cfg.data.vocab_size, "zero_stage": self.cfg.deepspeed.zero_stage,
-                "precision": self.cfg.deepspeed.precision, "config_digest": self.cfg.digest(),
-                "seg": self.seg, "reason": why, **self.guard.manifest_state(),
-            })
-            if self._pin_next_save:
-                ck.pin(root, tag, self._pin_next_save)
-                self._pin_next_save = ""
-            fault_point("ckpt.before_latest", st.step, self.env.rank)
-            ck.set_latest(root, tag)
-            seconds = time.perf_counter() - t0
-            self.ledger.emit("ckpt_saved", step=st.step, tag=tag, seconds=round(seconds, 3), reason=why,
-                             bytes=sum(f["size"] for f in manifest["files"].values()), consumed=st.consumed)
-            c = self.cfg.checkpoint
-            _, lost = ck.apply_retention(root, c.keep_last, c.keep_every, on_delete=self._on_delete,
-                                         hold_max=c.stream_hold_max)
-            if lost:
-                self.ledger.alert("warning", f"retention deleted {', '.join(lost)} before `kit stream` shipped "
-                                  f"{'it' if len(lost) == 1 else 'them'}: the stream is more than "
-                                  f"checkpoint.stream_hold_max = {c.stream_hold_max} checkpoints behind (a slow or "
-                                  "stalled upload?); raise it if the filesystem has room", tags=lost)
-        dist.barrier()
-        st.save_times = ([*st.save_times, time.perf_counter() - t0])[-5:]
-
-    def _on_delete(self, tag: str, error: str) -> None:
-        if error:
-            self.ledger.alert("warning", f"retention could not delete {tag}: {error}", tag=tag)
-        else:
-            self.ledger.emit("ckpt_deleted", tag=tag)
+        self.saver.save(self.state.step, self.state.consumed, why, self.guard.manifest_state())
 
     # ------------------------------------------------------------------------------------- end
     def _ack(self, switch: str) -> None:

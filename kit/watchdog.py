@@ -48,8 +48,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kit import exitcodes
+from kit import envvars, exitcodes
 from kit.config import HealthSection
+from kit.fsio import atomic_write_json
 from kit.ledger import LedgerWriter, writer_name
 from kit.rundir import STACKS
 from kit.stragglers import RankInfo
@@ -186,9 +187,8 @@ class Watchdog:
         report = analyse(read_dumps(self.folder), self.ranks)
         report.update(reporter=self.rank, stacks=str(self.folder.relative_to(self.run_dir)))
         self._ledger(report)  # first: the other ranks exit when hang.json appears, and a launcher that sees
-        tmp = report_path.with_suffix(".tmp")  # one rank exit may kill this one (srun --kill-on-bad-exit)
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, report_path)
+        # one rank exit may kill this one (srun --kill-on-bad-exit)
+        atomic_write_json(report_path, report)
         return report
 
     def _ledger(self, r: dict[str, Any]) -> None:
@@ -227,7 +227,7 @@ def setup_ranks(rank: int, world: int, local_world: int, environ: Any = None) ->
     from kit.ledger import hostname
 
     e = os.environ if environ is None else environ
-    nodes = [n for n in e.get("KIT_NODES", "").split(",") if n]
+    nodes = [n for n in e.get(envvars.NODES, "").split(",") if n]
     per = max(1, local_world)
 
     def host(r: int) -> str:

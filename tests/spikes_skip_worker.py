@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from kit.config import RunConfig
+from kit.engine import deepspeed_config, lr_lambda
 from kit.model import build_model
 from kit.spikes import hold_update
-from kit.trainer import deepspeed_config, lr_lambda
 
 
 def make_engine(stage: int, precision: str) -> tuple[Any, Any, Any]:

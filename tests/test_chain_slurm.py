@@ -218,6 +218,6 @@ def test_crash_loop_stops_with_alert(tmp_path: Path, slurm: None, deepspeed_ok: 
     critical = [e for e in _kinds(events, "alert") if e["severity"] == "critical"]
     assert critical and "crash loop" in critical[-1]["message"]
     assert _kinds(events, "chain_ended")[-1]["reason"] == "crash_loop"
-    out = subprocess.run([sys.executable, "-m", "kit.cli", "status", str(sub.run_dir)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "status", str(sub.run_dir)], capture_output=True,
                          text=True, check=True).stdout
     assert "ended (crash_loop)" in out and "crash" in out

@@ -87,7 +87,7 @@ def test_every_field_has_a_docstring_in_docs() -> None:
 
 
 def test_validate_cli_one_line_error_no_traceback() -> None:
-    out = subprocess.run([sys.executable, "-m", "kit.cli", "validate", "tiny.toml", "--set", "optim.lr=-1"],
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "validate", "tiny.toml", "--set", "optim.lr=-1"],
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip() == "kit: error: optim.lr must be greater than 0, got -1.0"

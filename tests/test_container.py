@@ -183,7 +183,7 @@ def test_build_command_golden(target: str) -> None:
 
 def kit(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin"}  # no apptainer there
-    return subprocess.run([sys.executable, "-m", "kit.cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "kit.tools.cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_container_build_prints_the_command_and_stops_without_apptainer(tmp_path: Path) -> None:

@@ -18,10 +18,10 @@ import torch
 from conftest import ROOT, tiny_overrides
 
 from kit import checkpoint as ck
-from kit.cli import main as kit_main
 from kit.errors import CheckpointError, KitError
 from kit.ledger import LedgerWriter, read_all
 from kit.rundir import RunDir
+from kit.tools.cli import main as kit_main
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.usefixtures("deepspeed_ok")]
 
@@ -237,8 +237,8 @@ def test_reshape_resumes_on_another_world_size(zero_runs: dict[int, RunDir], tmp
     assert loaded and loaded[-1]["tag"] == "step_0000004"
     # what DeepSpeed loaded is the original's state: the universal fp32 weights are the 2-rank ones exactly,
     # and the LR schedule went on from step 4 (a fresh scheduler would start the warm-up again)
+    from kit.engine import lr_lambda
     from kit.tools.zero_reader import ZeroCheckpoint
-    from kit.trainer import lr_lambda
 
     orig = ZeroCheckpoint(rd.checkpoints / "step_0000004.dp2")
     with orig.open() as parts:

@@ -255,7 +255,7 @@ def make_run(tiny_cfg: Any, **extra: Any) -> Path:
 
 def test_kit_doctor_from_the_login_node(tiny_cfg: Any) -> None:
     run = make_run(tiny_cfg, **{"doctor.allreduce_mib": 1.0, "doctor.allreduce_iters": 2})
-    out = subprocess.run([sys.executable, "-m", "kit.cli", "doctor", str(run), "--json"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "doctor", str(run), "--json"], capture_output=True,
                          text=True, env={**os.environ, "KIT_IMAGE_TARGET": ""}, timeout=120)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -271,7 +271,7 @@ def torchrun_two_nodes(run: Path, faults: str = "") -> list[subprocess.Completed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KIT_FAULTS": faults, "KIT_IMAGE_TARGET": ""}
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={i}",
                                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-                               "-m", "kit.cli", "doctor", str(run)],
+                               "-m", "kit.tools.cli", "doctor", str(run)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     outs = []
     for p in procs:
@@ -325,7 +325,7 @@ def test_one_node_two_ranks_agree_on_a_local_failure(tiny_cfg: Any) -> None:
     run = make_run(tiny_cfg, **{"doctor.allreduce_mib": 1.0, "doctor.allreduce_iters": 2,
                                 "doctor.min_write_mbps": 1e9})
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          "-m", "kit.cli", "doctor", str(run)], capture_output=True, text=True, timeout=180,
+                          "-m", "kit.tools.cli", "doctor", str(run)], capture_output=True, text=True, timeout=180,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "KIT_IMAGE_TARGET": ""})
     (event,) = read_all(run, {"doctor"})
     assert event["src"] == "doctor-r0" and event["ok"] is False, out.stderr[-2000:]
@@ -343,7 +343,7 @@ def test_a_missing_peer_fails_the_preflight_instead_of_hanging(tiny_cfg: Any) ->
     run = make_run(tiny_cfg, **{"doctor.timeout_s": 3.0})
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "KIT_IMAGE_TARGET": ""}
-    out = subprocess.run([sys.executable, "-m", "kit.cli", "doctor", str(run)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "doctor", str(run)], capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.returncode == 76, out.stdout + out.stderr
     assert "FAIL  net.collective" in out.stdout

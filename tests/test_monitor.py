@@ -199,7 +199,7 @@ def test_replay_plays_the_run_back_in_order(tiny_run: Path) -> None:
 
 def test_once_exit_status_and_json(fixed_run: Path) -> None:
     """On the committed ledger of a real tiny run (finished): healthy, then degraded, then down."""
-    kit = [sys.executable, "-m", "kit.cli", "monitor"]
+    kit = [sys.executable, "-m", "kit.tools.cli", "monitor"]
     for extra in ("stream", "health-node01", "health-node02", "health-node03"):
         (fixed_run / "ledger" / f"{extra}.jsonl").rename(fixed_run / f"{extra}.aside")
     p = subprocess.run([*kit, str(fixed_run), "--once", "--json", "--no-slurm"], capture_output=True, text=True)

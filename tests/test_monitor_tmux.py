@@ -43,7 +43,7 @@ def test_monitor_in_a_real_terminal(fixed_run: Path, tmp_path: Path) -> None:
     require(shutil.which("tmux") is not None, "tmux (dev.sh installs it)")
     session = f"kitmon{os.getpid()}"
     rc_file = tmp_path / "rc"
-    cmd = (f"{shlex.quote(sys.executable)} -m kit.cli monitor {shlex.quote(str(fixed_run))} --no-slurm; "
+    cmd = (f"{shlex.quote(sys.executable)} -m kit.tools.cli monitor {shlex.quote(str(fixed_run))} --no-slurm; "
            f"echo $? > {shlex.quote(str(rc_file))}; sleep 30")
     tmux("new-session", "-d", "-s", session, "-x", "130", "-y", "36", cmd)
     try:

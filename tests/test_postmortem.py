@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from spikes_fixtures import GLOBAL_BATCH, SPIKE_STEP, junk_steps, recipe
 
-from kit.cli import main as kit_main
 from kit.config import load_recipe
 from kit.launch import create_run
 from kit.ledger import LedgerWriter
 from kit.rundir import RunDir
+from kit.tools.cli import main as kit_main
 from kit.tools.postmortem import analyse, episodes, spikes_config
 from kit.tools.spike_ledger import _python_file, read_ledger
 

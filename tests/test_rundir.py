@@ -33,7 +33,7 @@ def test_unwritable_run_directory(tmp_path: Path, tiny_cfg: Any) -> None:
     cfg.run.runs_dir = str(blocker)
     with pytest.raises(RunDirError, match=r"is not writable.*choose another run.runs_dir"):
         RunDir(cfg.run_dir).create(cfg)
-    out = subprocess.run([sys.executable, "-m", "kit.cli", "train", "tiny.toml", "--set",
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "train", "tiny.toml", "--set",
                           f'run.runs_dir="{blocker}"'], capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.startswith("kit: error:") and "Traceback" not in out.stderr
 

@@ -9,7 +9,7 @@ import sys
 def test_importing_kit_does_not_import_heavy_parts() -> None:
     # DESIGN.md: importing kit must not import DeepSpeed, Textual or Slurm tooling.
     code = (
-        "import sys, kit, kit.config, kit.ledger, kit.rundir, kit.checkpoint, kit.data, kit.cli; "
+        "import sys, kit, kit.config, kit.ledger, kit.rundir, kit.checkpoint, kit.data, kit.tools.cli; "
         "bad = [m for m in ('deepspeed', 'textual', 'submitit', 'torch', 'transformers') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -18,7 +18,7 @@ def test_importing_kit_does_not_import_heavy_parts() -> None:
 
 
 def test_kit_help_lists_verbs() -> None:
-    out = subprocess.run([sys.executable, "-m", "kit.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for verb in ("validate", "demo", "submit", "monitor", "convert", "spikes", "doctor"):
         assert verb in out.stdout

@@ -18,12 +18,12 @@ from spikes_fixtures import SPIKE_STEP, junk_steps, recipe
 
 from kit import checkpoint as ck
 from kit import exitcodes
-from kit.cli import main as kit_main
 from kit.config import RunConfig, load_recipe
 from kit.launch import SegmentOutcome, create_run, run_local_segment
 from kit.ledger import read_all
 from kit.rundir import RunDir
 from kit.spikes import SKIP_FILE
+from kit.tools.cli import main as kit_main
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.usefixtures("deepspeed_ok")]
 

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.usefixtures("
 
 
 def stream_cmd(run: Path, url: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kit.cli", "stream", str(run), "--to", url, "--poll", "0.3", "--exit-when-done",
+    return [sys.executable, "-m", "kit.tools.cli", "stream", str(run), "--to", url, "--poll", "0.3", "--exit-when-done",
             "--keep-every", "4", "--keep-last", "1", *extra]
 
 
@@ -129,21 +129,22 @@ def test_a_second_stream_on_the_same_run_is_refused(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "run")
     rd.path.mkdir()
     (rd.path / "run.toml").write_text("")
-    first = subprocess.Popen([sys.executable, "-m", "kit.cli", "stream", str(rd.path), "--to", str(tmp_path / "dst"),
-                              "--poll", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([sys.executable, "-m", "kit.tools.cli", "stream", str(rd.path),
+                              "--to", str(tmp_path / "dst"), "--poll", "60"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lock = rd.exports / "stream.lock"
         for _ in range(200):
             if lock.exists() and lock.read_text().startswith("pid"):
                 break
             time.sleep(0.1)
-        second = subprocess.run([sys.executable, "-m", "kit.cli", "stream", str(rd.path), "--to",
+        second = subprocess.run([sys.executable, "-m", "kit.tools.cli", "stream", str(rd.path), "--to",
                                  str(tmp_path / "dst"), "--once"], capture_output=True, text=True, timeout=120)
         assert second.returncode == 1
         assert f"another `kit stream` is already following {rd.path} (pid {first.pid}" in second.stderr
     finally:
         first.kill()
         first.wait()
-    again = subprocess.run([sys.executable, "-m", "kit.cli", "stream", str(rd.path), "--to", str(tmp_path / "dst"),
-                            "--once"], capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, "-m", "kit.tools.cli", "stream", str(rd.path),
+                            "--to", str(tmp_path / "dst"), "--once"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr  # the lock died with its process

@@ -79,7 +79,7 @@ def make_folder(path: Path, files: int = 6, size: int = 300_000) -> Path:
 
 def kit(*args: str, faults: str = "") -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, KIT_FAULTS=faults)
-    return subprocess.run([sys.executable, "-m", "kit.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "kit.tools.cli", *args], capture_output=True, text=True, env=env,
                           timeout=120)
 
 

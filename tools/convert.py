@@ -39,6 +39,7 @@ from typing import Any
 from kit import checkpoint as ck
 from kit.config import RunConfig
 from kit.errors import CheckpointError, KitError
+from kit.fsio import atomic_write_json, fsync_path
 from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.rundir import RunDir, resolve_run
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
@@ -356,7 +357,7 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
                         total += spec.numel * item
             finally:
                 out.close()  # also on an error: the hashing thread must not wait for bytes that never come
-            syncs.append(syncing.submit(ck.fsync_path, out.path))
+            syncs.append(syncing.submit(fsync_path, out.path))
             if progress:
                 progress(fname)
         if then:
@@ -406,9 +407,7 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
                    "source_manifest_sha256": hashlib.sha256((ckpt.path / ck.MANIFEST).read_bytes()).hexdigest(),
                    "verify": verify},
     }
-    tmp = stage / (ck.MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, stage / ck.MANIFEST)
+    atomic_write_json(stage / ck.MANIFEST, manifest)
     return manifest
 
 

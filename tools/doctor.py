@@ -24,13 +24,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from kit import exitcodes
+from kit import envvars, exitcodes
 from kit.config import RunConfig
 from kit.dist import DistEnv
 from kit.errors import ConfigError, KitError
 from kit.tools.doctor_checks import FAIL, NA, OK, WARN, Check, Environment, probe_environment
 
-IMAGE_ENV = "KIT_IMAGE_TARGET"  # set by the images' %environment: "we are inside the image of this target"
+IMAGE_ENV = envvars.IMAGE_TARGET  # set by the images' %environment: "we are inside the image of this target"
 
 
 @dataclass(slots=True)
@@ -100,8 +100,8 @@ def static_checks(target: str, strict: bool, environment: Environment | None = N
 def node_checks(cfg: RunConfig, run_dir: Path, *, expect_gpus: int, nvml: Any = None,
                 environment: Environment | None = None, tag: str = "") -> list[Check]:
     """Everything checked once per node: image, GPUs, versions, checkpoint filesystem."""
-    from kit.commands import sizing
     from kit.containers.pins import load_pins
+    from kit.model import sizing
     from kit.tools.doctor_checks import check_filesystem, check_gpus
 
     checks: list[Check] = []
@@ -234,7 +234,7 @@ def _to_ledger(report: Report, run_dir: Path, name: str, seg: str) -> None:
     from kit.ledger import LedgerWriter
 
     d = report.to_dict()
-    with LedgerWriter(run_dir, name, seg=seg or os.environ.get("KIT_SEGMENT", "")) as led:
+    with LedgerWriter(run_dir, name, seg=seg or os.environ.get(envvars.SEGMENT, "")) as led:
         led.emit("doctor", **d)
         if report.shared_failures and report.rank == 0:
             details = "; ".join(f"{c.name}: {c.detail}" for c in report.failures if c.name in report.shared_failures)

@@ -33,6 +33,7 @@ from typing import Any
 from kit import checkpoint as ck
 from kit.errors import KitError
 from kit.faults import fault_point
+from kit.fsio import atomic_write_json
 from kit.ledger import LedgerWriter, read_all
 from kit.rundir import RunDir, resolve_run
 from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, redact, retrying, verify_url
@@ -80,9 +81,7 @@ class StreamState:
         return bool(self.done.get(tag, {}).get("remote_verified"))
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, self.data)
 
 
 class Hold:

@@ -17,10 +17,10 @@ from kit.errors import KitError
 # verb -> (module, one-line help). Modules live under kit (kit/), kit.jobs (jobs/), kit.monitor
 # (monitor/) and kit.tools (tools/), following the dependency direction of DESIGN.md.
 VERBS: dict[str, tuple[str, str]] = {
-    "validate": ("kit.commands", "check a recipe (and --set overrides); print the resolved config"),
-    "plan": ("kit.commands", "size a recipe: parameters, batch, tokens, FLOPs and memory per GPU"),
-    "train": ("kit.commands", "run one segment on this machine with torchrun (no Slurm)"),
-    "demo": ("kit.commands", "the embedded default: a small multilingual run, end to end, on this machine"),
+    "validate": ("kit.tools.commands", "check a recipe (and --set overrides); print the resolved config"),
+    "plan": ("kit.tools.commands", "size a recipe: parameters, batch, tokens, FLOPs and memory per GPU"),
+    "train": ("kit.tools.commands", "run one segment on this machine with torchrun (no Slurm)"),
+    "demo": ("kit.tools.commands", "the embedded default: a small multilingual run, end to end, on this machine"),
     "submit": ("kit.jobs.cli", "submit a run as a self-resubmitting chain of Slurm allocations"),
     "status": ("kit.jobs.cli", "state of a run's chain, segments, progress and finish estimate"),
     "stop": ("kit.jobs.cli", "graceful stop: save at the next step and end the chain"),

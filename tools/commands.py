@@ -8,9 +8,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from kit.cli import add_recipe_args
-from kit.config import RunConfig, load_recipe
+from kit.config import load_recipe
 from kit.errors import KitError
+from kit.model import sizing
+from kit.tools.cli import add_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
@@ -44,26 +45,6 @@ def validate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- plan
-
-
-def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float]:
-    """What a recipe costs: parameters, batch, FLOPs, and bytes per GPU for its ZeRO stage."""
-    from kit.model import param_count, step_flops
-
-    n = param_count(cfg.model, cfg.data.vocab_size)
-    world = cfg.world_size(local=local)
-    gb = cfg.batch.micro_batch_size * cfg.batch.grad_accum * world
-    tokens = gb * cfg.model.seq_length
-    flops = step_flops(cfg.model, cfg.data.vocab_size, gb)
-    half = cfg.deepspeed.precision == "bf16"
-    w, g, o = (2 if half else 4) * n, (2 if half else 4) * n, (12 if half else 8) * n
-    z = cfg.deepspeed.zero_stage
-    per_gpu = w / (world if z >= 3 else 1) + g / (world if z >= 2 else 1) + o / (world if z >= 1 else 1)
-    ckpt_bytes = w + o  # weights + optimizer state (fp32 master copy with bf16, and the two moments)
-    return {"parameters": n, "world_size": world, "global_batch": gb, "tokens_per_step": tokens,
-            "total_tokens": tokens * cfg.trainer.max_steps, "flops_per_step": flops,
-            "state_bytes_per_gpu": per_gpu, "checkpoint_bytes": ckpt_bytes,
-            "steps": cfg.trainer.max_steps}
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -140,8 +121,7 @@ def demo(args: argparse.Namespace) -> int:
     overrides = [f'run.name="{name}"', f'run.runs_dir="{Path(args.runs_dir).absolute()}"', *args.overrides]
     if args.steps:
         overrides.append(f"trainer.max_steps={args.steps}")
-    recipe = Path(__file__).resolve().parent.parent / "jobs" / "tiny.toml"
-    cfg = load_recipe(recipe, overrides)
+    cfg = load_recipe("tiny.toml", overrides)  # the embedded default, found with importlib.resources
     if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()):
         raise KitError(f"{cfg.run_dir} already exists; pick another --name (nothing was changed)")
     t0 = time.time()
