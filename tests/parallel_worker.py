@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
 
 import deepspeed
 import torch
@@ -70,7 +69,8 @@ def main() -> int:
         norms.append(float(eng.get_global_grad_norm()))
     shapes = {n: list(p.shape) for n, p in eng.module.named_parameters() if "query_key_value.weight" in n
               or "dense_4h_to_h.weight" in n}
-    me = torch.tensor([rank, c.tensor, c.pipeline, c.data, lm.mesh.grid.get_slice_parallel_rank() if lm.mesh.grid else 0], dtype=torch.long)
+    tp_rank = lm.mesh.grid.get_slice_parallel_rank() if lm.mesh.grid else 0
+    me = torch.tensor([rank, c.tensor, c.pipeline, c.data, tp_rank], dtype=torch.long)
     rows = [torch.zeros_like(me) for _ in range(world)]
     dist.all_gather(rows, me)
     if rank == 0:

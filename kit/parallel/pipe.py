@@ -95,7 +95,8 @@ def layer_specs(config: Any) -> list[Any]:
                         LayerSpec(LayerNormPipe, h, eps=eps)]
     specs += [LayerSpec(BloomBlockPipe, config, layer_idx=i) for i in range(config.n_layer)]
     specs += [LayerSpec(LayerNormPipe, h, eps=eps),
-              TiedLayerSpec(TIED, EmbeddingPipe, v, h, forward_fn=output_head, tied_weight_attr="word_embeddings.weight")]
+              TiedLayerSpec(TIED, EmbeddingPipe, v, h, forward_fn=output_head,
+                            tied_weight_attr="word_embeddings.weight")]
     return specs
 
 

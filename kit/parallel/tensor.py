@@ -59,7 +59,7 @@ def apply_autotp(module: Any, model_config: Any, tensor: int, tp_group: Any, ref
             tp_config.injection_policy_tuple = row_parallel
             replace_transformer_layer(target, module, None, tp_config, model_config, training_mode=True)
     setattr(module, UNIVERSAL_CHECKPOINT_INFO, collect_autotp_universal_checkpoint_info(module))
-    setattr(module, "ds_autotp_parsed", True)
+    module.ds_autotp_parsed = True
 
 
 def install_alibi_slicing(module: Any, n_head: int, tp_rank: int, wrong: bool = False) -> int:
