@@ -34,7 +34,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from kit import checkpoint as ck
 from kit.config import RunConfig
@@ -42,7 +42,10 @@ from kit.errors import CheckpointError, KitError
 from kit.fsio import atomic_write_json, fsync_path
 from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.rundir import RunDir, resolve_run
+from kit.tools.layout_reader import LayoutCheckpoint, open_checkpoint
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
+
+Reader: TypeAlias = ZeroCheckpoint | LayoutCheckpoint  # a data-parallel checkpoint, or one of any layout
 
 DTYPES = ("bf16", "fp32")
 EXPORT_VERSION = 1
@@ -129,7 +132,7 @@ def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_model(reader: ZeroCheckpoint, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
+def check_model(reader: Reader, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
     """Refuse a checkpoint of another model; returns the parameter names to write, in order."""
     expected = expected_shapes(cfg)
     got = {p.name: p.shape for p in reader.params}
@@ -144,7 +147,7 @@ def check_model(reader: ZeroCheckpoint, cfg: RunConfig, ckpt: ck.Checkpoint) -> 
 # ------------------------------------------------------------------------------------------ writing
 
 
-def plan_shards(reader: ZeroCheckpoint, dtype: str, shard_bytes: int) -> list[list[int]]:
+def plan_shards(reader: Reader, dtype: str, shard_bytes: int) -> list[list[int]]:
     """Parameter indices per output shard, known before reading a single weight."""
     item = 2 if dtype == "bf16" else 4
     shards: list[list[int]] = [[]]
@@ -261,7 +264,7 @@ class _ShardFile:
                     pos += got
 
 
-def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
+def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
                   then: Any = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
@@ -426,7 +429,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     if out.exists() and not force:
         raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
     t0 = time.perf_counter()
-    reader = ZeroCheckpoint(ckpt.path)
+    reader = open_checkpoint(ckpt.path, ckpt.manifest["kit"], expected_shapes(cfg), cfg.model.n_layer)
     check_model(reader, cfg, ckpt)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
