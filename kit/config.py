@@ -520,6 +520,9 @@ class RunConfig:
             raise ConfigError(f"deepspeed.zero_stage = {self.deepspeed.zero_stage} cannot be used with "
                               f"parallel.pipeline = {p.pipeline}: DeepSpeed's pipeline engine takes ZeRO 0 or 1 "
                               "(BLOOM-176B used ZeRO-1)")
+        if p.tensor > 1 and self.deepspeed.zero_stage > 2:
+            raise ConfigError(f"deepspeed.zero_stage = 3 cannot be used with parallel.tensor = {p.tensor}: kit shards "
+                              "the blocks with AutoTP over ZeRO 1 or 2 (BLOOM-176B used ZeRO-1)")
         if p.pipeline > 1 and self.batch.grad_accum < p.pipeline:
             raise ConfigError(f"batch.grad_accum ({self.batch.grad_accum}) must be at least parallel.pipeline "
                               f"({p.pipeline}): each step's micro-batches fill the pipeline's stages")
