@@ -207,7 +207,7 @@ class ParallelSection:
 
     tensor: int = 1
     """Tensor-parallel degree (DeepSpeed AutoTP): each block's matrices split over this many ranks.
-    Must divide model.n_head; keep it within a node (BLOOM-176B: 4)."""
+    Must divide model.n_head; needs ZeRO 1 or 2; keep it within a node (BLOOM-176B: 4). docs/parallel.md"""
     pipeline: int = 1
     """Pipeline stages (DeepSpeed PipelineModule): the blocks split into this many consecutive
     stages. At most model.n_layer; needs ZeRO 0 or 1 and batch.grad_accum >= pipeline (BLOOM-176B: 12)."""
