@@ -18,6 +18,11 @@ checkpoint, then of the shards for the manifest, as they are written), on severa
 Verification loads the result with ``from_pretrained`` and compares its logits on a fixed batch with
 a model holding the checkpoint's own weights: the engine's module weights (ZeRO-1/2, same dtype) or
 DeepSpeed's own zero_to_fp32 reconstruction (ZeRO-3, or another dtype). Expected: bit-identical.
+
+Checkpoints written at a tensor x pipeline layout (kit.parallel) are read through
+tools.layout_reader: the same byte ranges, gathered from every model-parallel rank's partitions, with
+pipeline names mapped and tensor shards merged; their reference is the engine's module weights of
+every shard, joined with torch.cat (tools.verify_export.layout_module_state).
 """
 
 from __future__ import annotations
