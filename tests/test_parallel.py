@@ -109,6 +109,15 @@ def test_wrong_alibi_fails_the_comparison(runs: dict[str, RunDir]) -> None:
     assert max_delta(metric(rd), metric(runs["plain"])) > TOL
 
 
+def test_activation_checkpointing_in_pipeline_stages(runs: dict[str, RunDir]) -> None:
+    """model.activation_checkpointing at PP2xDP2 recomputes the stages' blocks (not the embedding, whose
+    token ids carry no gradient) and trains the plain run's numbers."""
+    cfg = layout_cfg(runs["base"].path, "recompute", 1, 2, 4, **{"model.activation_checkpointing": True})
+    rd, out = train(cfg, "recompute", stop_after=4)
+    assert (out.reason, out.step) == ("segment_limit", 4)
+    assert max_delta(metric(rd), metric(runs["plain"])) <= TOL
+
+
 def tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor inside a loaded checkpoint file, by its path in the structure."""
     if isinstance(obj, torch.Tensor):

@@ -108,7 +108,8 @@ def build_pipeline(config: Any, topology: Any, checkpoint_blocks: bool, hf_state
     rng = torch.get_rng_state()
     net = PipelineModule(layers=layer_specs(config), topology=topology, loss_fn=causal_lm_loss(config.vocab_size),
                          partition_method="type:BloomBlockPipe",
-                         activation_checkpoint_interval=1 if checkpoint_blocks else 0)
+                         activation_checkpoint_interval=1 if checkpoint_blocks else 0,
+                         checkpointable_layers=["BloomBlockPipe"])  # not the embedding: token ids carry no grad
     torch.set_rng_state(rng)
     net.config = config  # AutoTP reads the model's shape from it
     with torch.no_grad():
