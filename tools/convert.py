@@ -20,6 +20,11 @@ Before converting, every byte of the source checkpoint is checked against its ma
 engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's own zero_to_fp32 reconstruction):
 every tensor bit for bit, one at a time, and the logits of the model's first blocks loaded with
 ``from_pretrained`` (tools/verify_export.py). Memory stays near the largest tensor either way.
+
+Checkpoints written at a tensor x pipeline layout (kit.parallel) are read through
+tools.layout_reader: the same byte ranges, gathered from every model-parallel rank's partitions, with
+pipeline names mapped and tensor shards merged; their reference is the engine's module weights of
+every shard, joined with torch.cat (tools.verify_export.layout_module_state), held whole in memory.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from kit import checkpoint as ck
 from kit.config import RunConfig
@@ -44,7 +49,10 @@ from kit.errors import CheckpointError, KitError
 from kit.fsio import atomic_write_json, fsync_path
 from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.rundir import RunDir, resolve_run
+from kit.tools.layout_reader import LayoutCheckpoint, open_checkpoint
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
+
+Reader: TypeAlias = ZeroCheckpoint | LayoutCheckpoint  # a data-parallel checkpoint, or one of any layout
 
 DTYPES = ("bf16", "fp32")
 EXPORT_VERSION = 1
@@ -141,7 +149,7 @@ def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_model(reader: ZeroCheckpoint, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
+def check_model(reader: Reader, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
     """Refuse a checkpoint of another model; returns the parameter names to write, in order."""
     expected = expected_shapes(cfg)
     got = {p.name: p.shape for p in reader.params}
@@ -156,7 +164,7 @@ def check_model(reader: ZeroCheckpoint, cfg: RunConfig, ckpt: ck.Checkpoint) -> 
 # ------------------------------------------------------------------------------------------ writing
 
 
-def plan_shards(reader: ZeroCheckpoint, dtype: str, shard_bytes: int) -> list[list[int]]:
+def plan_shards(reader: Reader, dtype: str, shard_bytes: int) -> list[list[int]]:
     """Parameter indices per output shard, known before reading a single weight."""
     item = 2 if dtype == "bf16" else 4
     shards: list[list[int]] = [[]]
@@ -273,7 +281,7 @@ class _ShardFile:
                     pos += got
 
 
-def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
+def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
                   then: Any = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
@@ -443,7 +451,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     if out.exists() and not force:
         raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
     t0 = time.perf_counter()
-    reader = ZeroCheckpoint(ckpt.path)
+    reader = open_checkpoint(ckpt.path, ckpt.manifest["kit"], expected_shapes(cfg), cfg.model.n_layer)
     check_model(reader, cfg, ckpt)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)

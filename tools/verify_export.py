@@ -6,7 +6,10 @@ The reference must not share code with the converter, or a parsing bug would agr
   ``mp_rank_00_model_states.pt`` (exactly what the engine computed with; a second copy of the weights,
   so a damaged byte in either copy shows as a difference);
 - otherwise (ZeRO-3 keeps no whole module; or another dtype): DeepSpeed's zero_to_fp32 in lazy
-  mode, cast to the export dtype the way the engine casts its fp32 masters.
+  mode, cast to the export dtype the way the engine casts its fp32 masters;
+- a tensor x pipeline layout (kit.parallel): the engine's module weights of every shard, joined with
+  torch.cat (:func:`layout_module_state`; held whole in memory), in the training dtype: the export is
+  compared cast to it.
 The export is read with safetensors' own reader and transformers' from_pretrained.
 
 What is checked, and why it is bounded (issue 16: verification held two whole models, twice the
@@ -32,12 +35,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kit import checkpoint as ck
 from kit.config import RunConfig
+from kit.errors import CheckpointError
+from kit.parallel.layout import Layout
 from kit.rundir import RunDir
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, MODEL_STATES_Z12, advise
 
@@ -60,19 +66,29 @@ class Reference:
     """The checkpoint's own weights in the export dtype, one tensor at a time (:meth:`get`), with the
     file pages behind them given back as it goes (:meth:`done`)."""
 
-    def __init__(self, ckpt: ck.Checkpoint, dtype: Any) -> None:
+    def __init__(self, ckpt: ck.Checkpoint, dtype: Any, cfg: RunConfig) -> None:
         import torch
 
         self.dtype = dtype
         self.module: dict[str, Any] | None = None
+        self.mapped = False  # module tensors are file mappings (their pages can be given back)
         self.lazy: dict[str, Any] = {}
         self._flat: dict[int, Any] = {}
         self._read = 0
+        layout = ck.layout_of(ckpt)
+        if not layout.plain:
+            self.module = layout_module_state(ckpt, layout, _full_shapes(cfg))
+            self.kind = f"engine module weights ({layout} shards merged)"
+            kinds = {v.dtype for v in self.module.values() if v.is_floating_point()}
+            if len(kinds) == 1 and dtype not in kinds:  # the shards are in the training dtype: compare there
+                self.dtype = kinds.pop()
+                self.kind += f", export compared as {str(self.dtype).removeprefix('torch.')}"
+            return
         if ckpt.manifest["kit"].get("zero_stage") in (1, 2):
             states = torch.load(ckpt.path / MODEL_STATES_Z12, map_location="cpu", mmap=True, weights_only=False)
             module = states["module"]
             if all(v.dtype == dtype for v in module.values() if v.is_floating_point()):
-                self.module, self.kind = dict(module), "engine module weights"
+                self.module, self.kind, self.mapped = dict(module), "engine module weights", True
                 return
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -93,7 +109,7 @@ class Reference:
     def drop(self) -> None:
         """Give back every file page read so far (the next reads fault them in again from the page cache)."""
         self._read = 0
-        if self.module is not None:
+        if self.module is not None and self.mapped:
             for t in self.module.values():
                 advise(t, MADV_DONTNEED)
         for flat in self._flat.values():
@@ -103,11 +119,65 @@ class Reference:
         """``t`` (from :meth:`get`) is no longer needed: give its file pages back now and then."""
         self._read += t.numel() * t.element_size()
         if self.module is not None:
-            advise(t, MADV_DONTNEED)
+            if self.mapped:  # never on memory of its own: MADV_DONTNEED would zero it
+                advise(t, MADV_DONTNEED)
         elif self._read >= DROP_EVERY:
             for flat in self._flat.values():
                 advise(flat, MADV_DONTNEED)
             self._read = 0
+
+
+def _full_shapes(cfg: RunConfig) -> dict[str, Any]:
+    import torch
+    from transformers import BloomForCausalLM
+
+    from kit.model import bloom_config
+
+    with torch.device("meta"):
+        model = BloomForCausalLM(bloom_config(cfg.model, cfg.data.vocab_size))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def layout_module_state(ckpt: ck.Checkpoint, layout: Layout, full_shapes: dict[str, Any]) -> dict[str, Any]:
+    """The engine's own module weights of a tensor/pipeline checkpoint, put together with torch.cat:
+    each tensor rank's ``module`` (or, in a pipeline, each layer's file), shards joined along the one
+    dimension where they differ from each other's sum. Independent of the converter's byte ranges."""
+    import torch
+
+    from kit.parallel.pipe import hf_name
+
+    n_layer = 1 + max((int(k.split(".")[2]) for k in full_shapes if k.startswith("transformer.h.")), default=-1)
+    shards: dict[str, dict[int, Any]] = {}
+    if layout.pipeline == 1:
+        for t in range(layout.tensor):
+            module = torch.load(ckpt.path / f"mp_rank_{t:02d}_model_states.pt", map_location="cpu",
+                                weights_only=False)["module"]
+            for k, v in module.items():
+                shards.setdefault(k, {})[t] = v
+    else:
+        for f in sorted(ckpt.path.glob("layer_*-model_*-model_states.pt")):
+            m = re.fullmatch(r"layer_(\d+)-model_(\d+)-model_states\.pt", f.name)
+            if m is None:
+                continue
+            idx, t = int(m.group(1)), int(m.group(2))
+            for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+                name = "transformer.word_embeddings.weight" if idx == 0 else hf_name(f"{idx}.{k}", n_layer)
+                if name not in full_shapes:
+                    raise CheckpointError(f"{f.name}: {k} is not a parameter of this run's model")
+                shards.setdefault(name, {})[t] = v
+    state: dict[str, Any] = {}
+    for name, by_rank in shards.items():
+        parts = [by_rank[t] for t in sorted(by_rank)]
+        full = tuple(full_shapes[name])
+        if tuple(parts[0].shape) == full:  # replicated over the tensor ranks
+            state[name] = parts[0]
+            continue
+        dims = [d for d in range(len(full)) if parts[0].shape[d] * len(parts) == full[d]]
+        if len(dims) != 1:
+            raise CheckpointError(f"{ckpt.tag}: {name} shards {[tuple(p.shape) for p in parts]} do not make {full}")
+        state[name] = torch.cat(parts, dim=dims[0])
+    state.setdefault("lm_head.weight", state["transformer.word_embeddings.weight"])
+    return state
 
 
 def _export_tensors(export: Path) -> Iterator[tuple[str, Any]]:
@@ -136,6 +206,8 @@ def compare_weights(ref: Reference, export: Path) -> tuple[list[str], int]:
             differing.append(name)
             continue
         want = ref.get(name)
+        if got.dtype != ref.dtype and got.is_floating_point():
+            got = got.to(ref.dtype)  # a layout's reference is in the training dtype (as from_pretrained casts)
         if not same_bits(want, got):
             differing.append(name)
         ref.done(want)
@@ -169,7 +241,7 @@ def _prefix_config(cfg: RunConfig, layers: int) -> Any:
     return config
 
 
-def sampled_logits(cfg: RunConfig, ref: Reference, export: Path, dtype: Any) -> tuple[Any, Any]:
+def sampled_logits(cfg: RunConfig, ref: Reference, export: Path) -> tuple[Any, Any]:
     """Logits of the first blocks: loaded from the export by from_pretrained, and built from the reference.
     One model at a time, so memory holds one prefix (and its file pages are given back)."""
     import torch
@@ -182,7 +254,7 @@ def sampled_logits(cfg: RunConfig, ref: Reference, export: Path, dtype: Any) -> 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "weights of the other blocks not used": that is the point
     try:
-        got_model = AutoModelForCausalLM.from_pretrained(str(export), config=config, dtype=dtype,
+        got_model = AutoModelForCausalLM.from_pretrained(str(export), config=config, dtype=ref.dtype,
                                                          attn_implementation=config._attn_implementation,
                                                          local_files_only=True)
     finally:
@@ -206,7 +278,7 @@ def sampled_logits(cfg: RunConfig, ref: Reference, export: Path, dtype: Any) -> 
     missing = [n for n, p in ref_model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"the reference lacks {missing[:3]}")
-    if ref.module is not None:  # mapped file pages: into fresh memory (DeepSpeed's merge already allocated)
+    if ref.mapped:  # mapped file pages: into fresh memory (the merges already allocated theirs)
         _own_memory(ref_model)
     del state
     ref.drop()
@@ -224,9 +296,9 @@ def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path,
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    ref = Reference(ckpt, dtype)
+    ref = Reference(ckpt, dtype, cfg)
     differing, compared = compare_weights(ref, export)
-    got, want = sampled_logits(cfg, ref, export, dtype)
+    got, want = sampled_logits(cfg, ref, export)
     diff = float((got.float() - want.float()).abs().max())
     return {"ok": not differing and diff <= atol, "bit_identical": bool(torch.equal(got, want)),
             "max_abs_diff": diff, "weights_identical": not differing, "differing_weights": differing[:5],
