@@ -6,7 +6,7 @@ Layout under ``<run>/checkpoints`` (docs/run-directory.md)::
       mp_rank_00_model_states.pt     DeepSpeed's files (model, ZeRO optimizer partitions, scheduler)
       zero_pp_rank_*_optim_states.pt
       kit_rank_00000.pt              per-rank RNG state (torch, numpy, python): DeepSpeed saves none
-      MANIFEST.json                  written LAST: every file's size and sha256, step, consumed samples,
+      MANIFEST.json                  written LAST: every file's size, sha256 and CRC-32, step, consumed samples,
                                      world size, model shape. No manifest = not a checkpoint.
     latest                           the newest complete tag (DeepSpeed's own format), moved after the
                                      manifest, so DeepSpeed tools and zero_to_fp32 find it too
@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ import numpy as np
 
 from kit.errors import CheckpointError
 from kit.fsio import atomic_write, atomic_write_json, fsync_path
+from kit.parallel.layout import Layout
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -88,12 +90,20 @@ class FileEntry:
 
     size: int
     sha256: str
+    crc32: str = ""  # zlib CRC-32, 8 hex digits (kit convert's fast check); "" in older manifests
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> FileEntry:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: a file entry is {type(d).__name__}, not a table; the manifest is damaged")
-        return cls(_field(d, "size", int, where, 0), _field(d, "sha256", str, where, ""))
+        return cls(_field(d, "size", int, where, 0), _field(d, "sha256", str, where, ""),
+                   _field(d, "crc32", str, where, ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"size": self.size, "sha256": self.sha256}
+        if self.crc32:
+            out["crc32"] = self.crc32
+        return out
 
 
 def read_files(d: dict[str, Any], where: str) -> dict[str, FileEntry]:
@@ -107,7 +117,8 @@ def read_files(d: dict[str, Any], where: str) -> dict[str, FileEntry]:
 # KitState's fields as they appear in MANIFEST.json's "kit" table, with their JSON types
 _KIT_TYPES: dict[str, type] = {
     "step": int, "consumed": int, "world_size": int, "model": dict, "vocab_size": int, "zero_stage": int,
-    "precision": str, "config_digest": str, "seg": str, "reason": str, "universal": bool, "reshaped_from": dict}
+    "precision": str, "config_digest": str, "seg": str, "reason": str, "universal": bool, "reshaped_from": dict,
+    "layout": dict}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +138,7 @@ class KitState:
     reason: str = ""  # why it was saved: interval, segment_limit, signal, stop, rollback...
     universal: bool = False  # kit reshape: a DeepSpeed universal checkpoint, loaded with load_universal
     reshaped_from: dict[str, Any] | None = None
+    layout: dict[str, int] | None = None  # tensor, pipeline, data (kit.parallel.layout); None: data parallel only
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -168,7 +180,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "tag": self.tag, "step": self.step, "created": self.created,
-                "files": {rel: {"size": f.size, "sha256": f.sha256} for rel, f in self.files.items()},
+                "files": {rel: f.to_dict() for rel, f in self.files.items()},
                 "kit": self.kit.to_dict()}
 
     @classmethod
@@ -262,16 +274,46 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+HASH_CHUNK = 8 << 20
+
+
+def digests(path: Path) -> tuple[str, str]:
+    """A file's sha256 and CRC-32, in one read. sha256 is what ``kit verify``, resume and uploads check;
+    the CRC-32 (zlib, about 3x faster here) lets ``kit convert`` check every byte of a checkpoint several
+    times the export's size without its time being mostly sha256 (bench/convert.py). CRC-32 catches
+    any change of up to 32 consecutive bits and a random corruption but for 1 in 2^32: an integrity
+    check, not a defence against a forger (sha256 stays that)."""
+    h, crc = hashlib.sha256(), 0
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            crc = zlib.crc32(view[:n], crc)
+    return h.hexdigest(), f"{crc:08x}"
+
+
+def crc32(path: Path) -> str:
+    """A file's CRC-32 as :func:`digests` writes it in manifests (zlib releases the GIL: threads help)."""
+    crc = 0
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return f"{crc:08x}"
+
+
 def write_manifest(path: Path, step: int, kit_state: KitState | dict[str, Any], threads: int = 4) -> Manifest:
     """Hash every file of the tag folder and write MANIFEST.json atomically (the commit point)."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        digests = list(pool.map(sha256, files))
+        sums = list(pool.map(digests, files))
     kit = kit_state if isinstance(kit_state, KitState) else KitState.from_dict({"step": step, **kit_state},
                                                                                    f"{path / MANIFEST}", step)
     manifest = Manifest(tag=path.name, step=step, created=time.time(), kit=kit,
-                        files={str(p.relative_to(path)): FileEntry(p.stat().st_size, d)
-                               for p, d in zip(files, digests, strict=True)})
+                        files={str(p.relative_to(path)): FileEntry(p.stat().st_size, d, c)
+                               for p, (d, c) in zip(files, sums, strict=True)})
     atomic_write_json(path / MANIFEST, manifest.to_dict(), fsync=True)
     return manifest
 
@@ -369,13 +411,24 @@ def load(root: Path, tag: str) -> Checkpoint:
     return Checkpoint(step if step is not None else m.step, tag, path, m)
 
 
-def check_compatible(ckpt: Checkpoint, world_size: int, model: dict[str, Any], vocab_size: int) -> None:
+def layout_of(ckpt: Checkpoint) -> Layout:
+    """The layout a checkpoint was written at (``kit.layout``; before layouts: data parallel only)."""
     kit = ckpt.manifest.kit
-    if kit.world_size != world_size:
+    return Layout.from_dict(kit.layout, kit.world_size or 1)
+
+
+def check_compatible(ckpt: Checkpoint, layout: Layout | int, model: dict[str, Any], vocab_size: int) -> None:
+    """Refuse to resume ``ckpt`` at another layout (an int: that many data-parallel ranks) or of
+    another model, saying what to do instead."""
+    kit = ckpt.manifest.kit
+    want = layout if isinstance(layout, Layout) else Layout(1, 1, layout)
+    have = layout_of(ckpt)
+    if have != want:
         raise CheckpointError(
-            f"checkpoint {ckpt.tag} was written by {kit.world_size} data-parallel ranks, this segment "
-            f"has {world_size}; run with {kit.world_size} ranks, or `kit reshape` the checkpoint"
-        )
+            f"checkpoint {ckpt.tag} was written at layout {have} ({have.world} ranks: parallel.tensor = "
+            f"{have.tensor}, parallel.pipeline = {have.pipeline}), this segment runs {want} ({want.world} ranks); "
+            f"resume at {have}, or move the checkpoint to the new layout with `kit reshape RUN --tensor "
+            f"{want.tensor} --pipeline {want.pipeline} --world-size {want.world}`")
     theirs = kit.model
     keys = ("hidden_size", "n_layer", "n_head")
     diff = [f"model.{k} {theirs.get(k)} != {model[k]}" for k in keys if theirs.get(k) != model[k]]

@@ -53,6 +53,7 @@ class SegmentOutcome:
 def run_local_segment(rd: RunDir, cfg: RunConfig, stop_after_steps: int = 0, seg: str = "local",
                       extra_env: dict[str, str] | None = None, quiet: bool = False) -> SegmentOutcome:
     """One segment on this machine with trainer.nproc ranks; says how it ended (from the ledger)."""
+    cfg.check_layout(cfg.trainer.nproc, "trainer.nproc (the local ranks)")
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(cfg.trainer.threads), envvars.SEGMENT: seg,
                 "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"})

@@ -83,7 +83,8 @@ def test_compatibility_errors_say_what_to_do(tmp_path: Path) -> None:
     fake_ckpt(tmp_path, 2, world=4)
     c = ck.load(tmp_path, ck.tag_for(2))
     model = {"hidden_size": 64, "n_layer": 2, "n_head": 4}
-    with pytest.raises(CheckpointError, match=r"written by 4 data-parallel ranks, this segment has 2.*kit reshape"):
+    with pytest.raises(CheckpointError, match=r"written at layout DP4 \(4 ranks.*this segment runs DP2 \(2 ranks\)"
+                                              r".*kit reshape RUN --tensor 1 --pipeline 1 --world-size 2"):
         ck.check_compatible(c, 2, model, 512)
     with pytest.raises(CheckpointError, match=r"different model \(model.hidden_size 64 != 128"):
         ck.check_compatible(c, 4, {**model, "hidden_size": 128}, 512)
@@ -262,3 +263,19 @@ def test_delete_removes_the_manifest_first(tmp_path: Path) -> None:
         assert [c.step for c in complete] == [20] and incomplete == [p]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_manifest_digests_are_sha256_and_crc32_of_the_bytes(tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import zlib
+
+    folder = tmp_path / "step_0000001"
+    folder.mkdir()
+    blobs = {"empty.bin": b"", "small.bin": b"kit", "big.bin": os.urandom(ck.HASH_CHUNK * 2 + 12345)}
+    for name, data in blobs.items():
+        (folder / name).write_bytes(data)
+    files = ck.write_manifest(folder, 1, {"consumed": 0}).files
+    for name, data in blobs.items():
+        assert files[name] == ck.FileEntry(len(data), hashlib.sha256(data).hexdigest(), f"{zlib.crc32(data):08x}")
+        assert ck.crc32(folder / name) == files[name].crc32

@@ -97,6 +97,7 @@ def train(args: argparse.Namespace) -> int:
     from kit.rundir import RunDir
 
     cfg = load_recipe(args.recipe, args.overrides)
+    cfg.check_layout(cfg.trainer.nproc, "trainer.nproc (the local ranks of `kit train`)")
     if args.amend and RunDir(cfg.run_dir).exists():
         amend(RunDir(cfg.run_dir), cfg, who="kit train")
     rd = create_run(cfg)
