@@ -41,6 +41,7 @@ FINISHED = "finished"  # done, stop or give_up: the trainer says the chain ends
 PREFLIGHT = "preflight"  # the node failed its preflight: exclude it, resubmit, not a training failure
 HANG = "hang"
 CRASH = "crash"  # a rank died, a non-zero exit, no segment_ended from the trainer
+DISK_FULL = "disk_full"  # a save found the checkpoint filesystem full: end (or exclude nodes whose own disk it was)
 LOST = "lost"  # the driver never recorded an end (node failure, job killed): found by the next segment
 
 
@@ -259,6 +260,8 @@ def classify(reason: str, rc0: int) -> str:
         return PREFLIGHT
     if rc0 == exitcodes.HANG or reason == "hang":
         return HANG
+    if rc0 == exitcodes.DISK_FULL or reason == "disk_full":
+        return DISK_FULL
     return CRASH
 
 
@@ -301,6 +304,13 @@ def decide(cfg: RunConfig, state: ChainState, rec: SegmentRecord, usable_nodes: 
     elif rec.outcome == CLEAN:
         state.consecutive_crashes = 0
     exclude = _new_exclusions(cfg, state, rec, usable_nodes) if rec.outcome != CLEAN else []
+    if rec.outcome == DISK_FULL and not exclude:
+        # The shared checkpoint filesystem is full (or nothing shows it was a node's own disk): a new
+        # allocation would fill it again at its first save. Only an operator can make room.
+        return Decision("end", "disk_full", severity="critical",
+                        alert=f"disk full: the chain ended at checkpoint step {rec.ckpt_after} (the newest complete "
+                              "one; see the alert above for where). Free space on the checkpoint filesystem, "
+                              "then `kit submit` again")
 
     if state.no_progress >= cfg.chain.crash_loop_limit:
         return Decision("end", "crash_loop", severity="critical",

@@ -75,6 +75,15 @@ def _destroy() -> None:
         print(f"kit: warning: destroy_process_group failed: {e}", file=sys.stderr)
 
 
+def start_process() -> None:
+    """First thing in a rank's process: die with the launcher (kit.procs: a SIGKILLed torchrun or
+    driver leaves no orphaned rank), and build DeepSpeed's ops in this install's cache (kit.opcache)."""
+    from kit import opcache, procs
+
+    procs.arm_in_rank()
+    opcache.set_extensions_dir()
+
+
 def exit_now(code: int) -> NoReturn:
     """End this rank's process with ``code``, skipping interpreter finalization.
 
@@ -90,4 +99,5 @@ def exit_now(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
+    start_process()
     exit_now(main())

@@ -1,0 +1,89 @@
+"""`kit train` and its processes: a killed torchrun leaves no rank; a hang is not an exit 0.
+
+Real parts: the `kit` command in a subprocess, torchrun, two real DeepSpeed ranks on gloo, /proc. The
+environment these tests give `kit train` has no TORCH_EXTENSIONS_DIR: the kit must set its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kit import exitcodes
+from kit.ledger import read_all
+from tests.conftest import processes_of, tiny_overrides, wait_no_processes
+from tests.test_chain_local import rank_pid
+
+pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
+
+
+def _kit_train(runs: Path, name: str, faults: str, **extra: Any) -> tuple[subprocess.Popen[str], Path]:
+    sets = [a for o in tiny_overrides(runs, name, **{"trainer.log_interval": 1, "doctor.enabled": False, **extra})
+            for a in ("--set", o)]
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env.update(KIT_FAULTS=faults, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "kit.tools.cli", "train", "tiny.toml", *sets], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, runs / name
+
+
+def _wait_steps(run_dir: Path, proc: subprocess.Popen[str], n: int, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if len(read_all(run_dir, {"step"})) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"kit train ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"{n} steps not reached in {timeout} s")
+
+
+def test_kill_9_of_torchrun_leaves_no_rank(no_leftovers: Path, deepspeed_ok: None) -> None:
+    """kill -9 of the launcher (torchrun under `kit train`): both ranks die with it (their parent-death
+    signal), instead of training on as orphans of pid 1; `kit train` says the segment failed. The ranks
+    built DeepSpeed's op in this install's cache, set by the kit (kit.opcache)."""
+    proc, run_dir = _kit_train(no_leftovers / "runs", "kill9", "step.after=sleep0.2", **{"trainer.max_steps": 2000})
+    try:
+        _wait_steps(run_dir, proc, 2)
+        mine = processes_of(str(run_dir))
+        [launcher] = [pid for pid, cmd in mine if "torch.distributed.run" in cmd]
+        ranks = [rank_pid(run_dir, r) for r in (0, 1)]
+        environ = Path(f"/proc/{ranks[0]}/environ").read_bytes().split(b"\0")
+        assert f"TORCH_EXTENSIONS_DIR={Path(sys.prefix) / 'torch_extensions'}".encode() in environ
+        os.kill(launcher, signal.SIGKILL)
+        left = wait_no_processes(f"kit.segment {run_dir}", 60)
+        assert not left, f"ranks outlived their killed launcher: {left}"
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "the segment failed" in err, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_kit_train_exits_with_hang_after_a_frozen_rank(no_leftovers: Path, deepspeed_ok: None) -> None:
+    """Rank 1 frozen (SIGSTOP): the watchdog ends the segment, every process ends, and `kit train` exits
+    with HANG (77) and says so; before, it printed "segment ended: hang" and exited 0."""
+    proc, run_dir = _kit_train(no_leftovers / "runs", "hang", "step.after=sleep0.2", **{
+        "trainer.max_steps": 2000, "health.hang_floor_s": 2.0, "health.hang_ceiling_s": 120.0,
+        "health.hang_factor": 5.0, "health.hang_grace_s": 3.0, "health.exit_grace_s": 5.0})
+    try:
+        _wait_steps(run_dir, proc, 3)
+        os.kill(rank_pid(run_dir, 1), signal.SIGSTOP)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == exitcodes.HANG == 77, err[-3000:]
+    assert "segment ended: hang: the hang watchdog ended it" in out and "exit 77" in out, out
+    [hang] = read_all(run_dir, {"hang"})
+    assert hang["suspect_ranks"] == [1]
+    assert not wait_no_processes(str(run_dir), 60), "a rank outlived the segment"
