@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kit: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     finally:
+        from kit.faults import fault_point
+
+        fault_point("segment.teardown", -1, int(os.environ.get("RANK", "0")))  # tests: a rank stuck after its end
         _destroy()
     code = exitcodes.REASONS.get(reason, 1)
     return args.boundary_exit_code if code == exitcodes.REQUEUE else code

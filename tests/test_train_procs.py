@@ -87,3 +87,21 @@ def test_kit_train_exits_with_hang_after_a_frozen_rank(no_leftovers: Path, deeps
     [hang] = read_all(run_dir, {"hang"})
     assert hang["suspect_ranks"] == [1]
     assert not wait_no_processes(str(run_dir), 60), "a rank outlived the segment"
+
+
+def test_a_rank_stuck_after_the_segment_ended_is_stopped(no_leftovers: Path, deepspeed_ok: None) -> None:
+    """The segment ends (done, saved, `segment_ended` written) but rank 1 never leaves its teardown
+    (kit.faults: segment.teardown hangs it). torchrun waits on it forever (rank 0 exited 0: no failure
+    to act on); `kit train` sees the end in the ledger and, health.exit_grace_s later, stops torchrun and
+    with it the rank. The run is done: exit 0."""
+    proc, run_dir = _kit_train(no_leftovers / "runs", "teardown", "segment.teardown:rank1=hang", **{
+        "trainer.max_steps": 4, "health.exit_grace_s": 5.0})
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert "segment ended: done at step 4" in out and "is still running after health.exit_grace_s = 5 s" in err
+    assert not wait_no_processes(str(run_dir), 60), "the stuck rank outlived the segment"

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
     if verb == "train":
         p.add_argument("--stop-after-steps", type=int, default=0,
-                       help="end the segment after N steps, saving first (a simulated allocation boundary)")
+                       help="end the segment after N steps, saving first (a simulated allocation boundary; "
+                            "exit 75: run the same command again to continue)")
 
 
 def run(args: argparse.Namespace, verb: str) -> int:
