@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,8 @@ from typing import Any
 from kit import exitcodes
 from kit.config import RunConfig
 from kit.fsio import atomic_write
+from kit.ledger import tail
+from kit.ledger.schema import end_outcome
 from kit.rundir import RunDir
 
 CHAIN_JSON = "chain.json"
@@ -147,35 +148,9 @@ def limit_seconds(time_limit: str) -> float:
 
 
 def tail_events(rd: RunDir, kinds: set[str], max_bytes: int = 1 << 20) -> list[dict[str, Any]]:
-    """Events of the given kinds from the last ``max_bytes`` of every ledger file, by time.
-
-    A months-long run's ledger holds millions of step events; the chain and ``kit status`` only need
-    the recent ones, so they never read whole files (a torn or cut first line is skipped)."""
-    out: list[dict[str, Any]] = []
-    if not rd.ledger.is_dir():
-        return out
-    for f in rd.ledger.glob("*.jsonl"):
-        try:
-            with open(f, "rb") as fh:
-                size = fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, size - max_bytes))
-                data = fh.read()
-        except OSError:
-            continue
-        lines = data.split(b"\n")
-        if size > max_bytes:
-            lines = lines[1:]
-        for raw in lines:
-            if not raw.strip():
-                continue
-            try:
-                e = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(e, dict) and e.get("kind") in kinds:
-                out.append(e)
-    out.sort(key=lambda e: e.get("t", 0.0))
-    return out
+    """Events of the given kinds from the last ``max_bytes`` of every ledger file, by time (the one
+    reader's tail: a months-long ledger holds millions of step events, the chain needs recent ones)."""
+    return tail(rd.path, kinds, max_bytes)
 
 
 def measured_times(rd: RunDir | None) -> tuple[float, float]:
@@ -184,10 +159,10 @@ def measured_times(rd: RunDir | None) -> tuple[float, float]:
         return 0.0, 0.0
     step_t = save_t = 0.0
     for e in tail_events(rd, {"step", "ckpt_saved"}):
-        if e["kind"] == "step" and isinstance(e.get("step_time"), (int, float)):
-            step_t = max(step_t, float(e["step_time"]))
-        elif e["kind"] == "ckpt_saved" and isinstance(e.get("seconds"), (int, float)):
-            save_t = max(save_t, float(e["seconds"]))
+        if e["kind"] == "step" and "step_time" in e:  # the reader hands out finite floats only
+            step_t = max(step_t, e["step_time"])
+        elif e["kind"] == "ckpt_saved":
+            save_t = max(save_t, e["seconds"])  # whole save (an async one is waited for at the end)
     return step_t, save_t
 
 
@@ -252,9 +227,10 @@ class Decision:
 
 def classify(reason: str, rc0: int) -> str:
     """Segment outcome from the trainer's segment_ended reason and rank 0's exit status."""
-    if reason in ("done", "stop", "give_up"):
+    outcome = end_outcome(reason)  # the one vocabulary: kit.ledger.schema.END_REASONS
+    if outcome == FINISHED:
         return FINISHED
-    if reason in ("signal", "deadline", "segment_limit"):
+    if outcome == CLEAN:
         return CLEAN
     if rc0 == exitcodes.PREFLIGHT or reason == "preflight":
         return PREFLIGHT

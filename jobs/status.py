@@ -34,7 +34,7 @@ def gather(rd: RunDir, now: float | None = None) -> dict[str, Any]:
     steps = [e for e in events if e["kind"] == "step"]
     step = int(steps[-1]["step"]) if steps else ch.latest_step(rd)
     max_steps = cfg.trainer.max_steps
-    recent = [float(e["step_time"]) for e in steps[-50:] if isinstance(e.get("step_time"), (int, float))]
+    recent = [e["step_time"] for e in steps[-50:] if "step_time" in e]  # the reader: finite floats only
     step_time = statistics.median(recent) if recent else None
 
     live: dict[str, Any] = {}

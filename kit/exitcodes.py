@@ -4,11 +4,13 @@ The chain (kit.jobs) reads them to decide: end the chain, requeue at once, or re
 backoff and count a failure. Anything not listed (a crash, a signal) counts as a failure.
 ``kit train`` exits with the same status as the segment it ran (docs/chain.md).
 
-:data:`REASONS` is the vocabulary of segment-end reasons (the ``reason`` of ``segment_ended``) and
-their statuses; ``disk_full`` lives here until the ledger's schema owns the vocabulary.
+:data:`REASONS` maps the segment-end reasons (the ``reason`` of ``segment_ended``; one vocabulary,
+kit.ledger.schema.END_REASONS) to their statuses.
 """
 
 from __future__ import annotations
+
+from kit.ledger.schema import END_REASONS
 
 DONE = 0  # trainer.max_steps reached: the chain ends
 STOPPED = 0  # the operator's `stop` switch: the chain ends (the ledger says which)
@@ -19,13 +21,5 @@ GIVE_UP = 78  # the trainer asks the chain to stop (rollback cap, unrecoverable 
 DISK_FULL = 79  # a checkpoint save found its filesystem full (or over quota): alert, no node blamed
 USAGE = 2  # a bad command line or recipe (nothing ran)
 
-REASONS = {
-    "done": DONE,
-    "stop": STOPPED,
-    "signal": REQUEUE,
-    "deadline": REQUEUE,
-    "segment_limit": REQUEUE,
-    "give_up": GIVE_UP,
-    "hang": HANG,
-    "disk_full": DISK_FULL,
-}
+# reason -> exit status, from the one vocabulary of segment-end reasons (kit.ledger.schema.END_REASONS)
+REASONS = {r.name: r.exit_code for r in END_REASONS}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -119,48 +118,26 @@ def stop(proc: subprocess.Popen[Any], term_wait: float = TERM_WAIT_S) -> int:
 
 
 class LedgerTail:
-    """Follows the ledger files of a run from where they end now, for ``segment_ended`` of one segment.
+    """Follows the ledger of a run from where its files end now, for ``segment_ended`` of one segment.
 
-    Only the bytes appended since construction are read (a months-long run's ledger is large), and
-    only lines that mention ``segment_ended`` are parsed."""
+    The ledger's own reader (kit.ledger.Follower), started at the end of each file: only the bytes
+    appended since construction are read (a months-long run's ledger is large), and only lines that
+    can be ``segment_ended`` are parsed."""
 
     def __init__(self, run_dir: str | Path, seg: str) -> None:
-        self.folder = Path(run_dir) / "ledger"
-        self.seg = seg
-        self._offsets: dict[str, int] = {}
-        self._partial: dict[str, bytes] = {}
-        for p in self._files():
-            with contextlib.suppress(OSError):
-                self._offsets[p.name] = p.stat().st_size
+        from kit.ledger import Cursor, Follower, ledger_dir
 
-    def _files(self) -> list[Path]:
-        try:
-            return [Path(e.path) for e in os.scandir(self.folder) if e.name.endswith(".jsonl")]
-        except FileNotFoundError:
-            return []
+        self.seg = seg
+        self.follower = Follower(ledger_dir(run_dir), kinds=frozenset({"segment_ended"}))
+        for name in self.follower.files():
+            with contextlib.suppress(OSError):  # a file that vanished meanwhile is read from its start
+                st = os.stat(self.follower.ledger_dir / name)
+                self.follower.cursors[name] = Cursor(offset=st.st_size, inode=st.st_ino)
 
     def ended(self) -> dict[str, Any] | None:
         """The first new ``segment_ended`` event of the segment, or None."""
-        for p in self._files():
-            try:
-                with open(p, "rb") as f:
-                    f.seek(self._offsets.get(p.name, 0))
-                    data = f.read()
-            except OSError:
-                continue
-            self._offsets[p.name] = self._offsets.get(p.name, 0) + len(data)
-            lines = (self._partial.pop(p.name, b"") + data).split(b"\n")
-            self._partial[p.name] = lines.pop()
-            for raw in lines:
-                if b"segment_ended" not in raw:
-                    continue
-                try:
-                    e = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(e, dict) and e.get("kind") == "segment_ended" and e.get("seg") == self.seg:
-                    return e
-        return None
+        events, _ = self.follower.poll()
+        return next((e for e in events if e.get("seg") == self.seg), None)
 
 
 class EndWatch:

@@ -10,15 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from kit.errors import KitError, RunDirError
 from kit.monitor.status import DOWN, EXIT, dur, worst
 from kit.rundir import RunDir, resolve_run
-
-ONCE_TIMEOUT_S = 120.0
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
@@ -46,16 +43,13 @@ def run(args: argparse.Namespace, verb: str) -> int:
     return app.return_code or 0
 
 
-def summary_of(run_dir: RunDir, use_slurm: bool = True, timeout_s: float = ONCE_TIMEOUT_S) -> dict[str, Any]:
-    """Read a run to the end (cold start, then the whole history) and summarize it."""
+def summary_of(run_dir: RunDir, use_slurm: bool = True) -> dict[str, Any]:
+    """Read a run's whole history (kit.ledger.scan, through the index) and summarize it."""
     from kit.monitor.feed import Feed
 
     feed = Feed(run_dir.path, use_slurm=use_slurm)
     feed.open()
-    deadline = time.monotonic() + timeout_s
-    feed.work()
-    while feed.busy and time.monotonic() < deadline:
-        feed.work()
+    feed.work()  # what was appended meanwhile, and the Slurm query
     return feed.snapshot().summary
 
 
@@ -96,7 +90,8 @@ def render_text(s: dict[str, Any]) -> str:
     if ck:
         lines.append(f"  last checkpoint {ck['tag']} {dur(ck['age_s'])} ago")
     r = s["reader"]
-    skipped = {k: r[k] for k in ("bad_lines", "unknown_kinds", "future_version", "vanished_files", "junk_events")
+    skipped = {k: r[k] for k in ("bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",
+                                 "vanished_files", "torn_tail", "junk_events")
                if r[k]}
     if skipped:
         lines.append("  skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()))

@@ -14,12 +14,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kit.ledger import EVENTS, ReadStats
+from kit.ledger import EVENTS, PLOTTED, ReadStats
+from kit.ledger.scan import Scan
 from kit.monitor.health import NodeHealth, parse_health
 from kit.monitor.series import Curves, clean
 
-PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu", "step_time")
-REQUEUE_REASONS = ("signal", "deadline", "segment_limit")
 MAX_ALERTS = 500
 MAX_CKPTS = 200
 MAX_SEGMENTS = 400
@@ -109,6 +108,55 @@ class RunModel:
     reader: ReadStats = field(default_factory=ReadStats)
 
     # ------------------------------------------------------------------------------------ folding
+    def load_scan(self, scan: Scan) -> None:
+        """Fold a whole history at once (kit.ledger.scan): the step columns straight into the curves,
+        the other events one by one, each node's latest health sample. The same picture as folding
+        every event in time order, without parsing a million step lines."""
+        import numpy as np
+
+        from kit.ledger.index import decode_enum
+        from kit.ledger.scan import surviving
+
+        cols = scan.steps
+        bulk_latest = sorted(scan.latest.items(), key=lambda kv: kv[1]["t"])
+        spikes: list[tuple[float, int, float]] = []
+        if len(cols):
+            keep = surviving(cols["step"])
+            kept = cols[keep]
+            values = np.stack([kept[k] for k in PLOTTED], axis=1) if len(kept) else np.zeros((0, len(PLOTTED)))
+            self.curves.load(kept["step"].astype(np.int64), kept["t"], values)
+            flagged = cols[(cols["spike"] > 0) & np.isfinite(cols["loss"])]
+            spikes = list(zip(flagged["t"].tolist(), flagged["step"].astype(np.int64).tolist(),
+                              flagged["loss"].tolist(), strict=True))
+            self.kinds["step"] = len(cols)
+            last = [e for (_, kind), e in bulk_latest if kind == "step"]
+            self.last = dict(last[-1]) if last else {}
+            self.step, self.step_t = int(cols["step"][-1]), float(cols["t"][-1])
+            if self.last.get("step") != self.step:  # the latest step line could not be read back
+                self.last = {"step": self.step, "t": self.step_t, "spike": decode_enum("spike", cols["spike"][-1])}
+            self._span(float(cols["t"][0]), self.step_t)
+        for code in np.unique(scan.bulk["kind"]).tolist() if len(scan.bulk) else []:
+            kind = scan.kinds[code] if code < len(scan.kinds) else "?"
+            self.kinds[kind] = int(np.count_nonzero(scan.bulk["kind"] == code))
+        if len(scan.bulk):
+            self._span(float(scan.bulk["t"][0]), float(scan.bulk["t"][-1]))
+        for e in scan.events:
+            self.fold(e)
+        for (_, kind), e in bulk_latest:
+            if kind != "step":
+                handler = _HANDLERS.get(kind)
+                if handler is not None:
+                    handler(self, e, float(e["t"]))
+        for t, step, loss in sorted(spikes):
+            self._add_spike(step, loss, t)
+        self.version += 1
+
+    def _span(self, first: float, last: float) -> None:
+        if self.first_t is None or first < self.first_t:
+            self.first_t = first
+        if self.last_t is None or last > self.last_t:
+            self.last_t = last
+
     def fold_all(self, events: list[dict[str, Any]]) -> None:
         for e in events:
             self.fold(e)

@@ -12,8 +12,9 @@ import math
 import statistics
 from typing import Any
 
+from kit.ledger import REQUEUE_REASONS
 from kit.monitor.health import worst_first
-from kit.monitor.model import REQUEUE_REASONS, RunModel
+from kit.monitor.model import RunModel
 from kit.monitor.slurm import QueueInfo
 
 HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
@@ -181,9 +182,10 @@ def summarize(m: RunModel, now: float, q: QueueInfo | None = None) -> dict[str, 
         "health": {"nodes": len(m.health), "gpus": len(gpus), "problems": sum(bool(g.problems()) for g in gpus),
                    "nvml_absent": sorted(m.nvml_absent)},
         "reader": {"events": m.reader.events, "bad_lines": m.reader.bad_lines,
+                   "invalid_events": m.reader.invalid_events, "coerced": m.reader.coerced,
                    "unknown_kinds": m.reader.unknown_kinds, "future_version": m.reader.future_version,
                    "vanished_files": m.reader.vanished_files, "truncated_files": m.reader.truncated_files,
-                   "junk_events": m.junk_events, "last_error": m.reader.last_error,
+                   "torn_tail": m.reader.torn_tail, "junk_events": m.junk_events, "last_error": m.reader.last_error,
                    "unknown": dict(sorted(m.unknown_kinds.items())[:10])},
     }
 

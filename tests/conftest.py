@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_REAL = os.environ.get("KIT_REQUIRE_REAL") == "1"
+# Every ledger writer of the tests (ranks included: they inherit it) raises on a field that does not
+# conform to kit/ledger/schema.py, instead of writing it as null as production does.
+os.environ.setdefault("KIT_LEDGER_STRICT", "1")
 
 
 def require(condition: bool, what: str) -> None:
