@@ -142,16 +142,37 @@ def wait_no_processes(text: str, timeout: float) -> list[tuple[int, str]]:
     return left
 
 
-@pytest.fixture
-def no_leftovers(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """At teardown, no process of the test (its command line mentions tmp_path) may be left: any found
-    (after a grace of 90 s for ones on their way out) are killed, and the test fails naming them."""
+def _reap(tmp_path: Path) -> list[tuple[int, str]]:
+    """Processes of a test still there after a grace of 90 s (on their way out): killed, and returned."""
     import signal
 
-    yield tmp_path
     left = wait_no_processes(str(tmp_path), 90.0)
     for pid, _ in left:
         for sig in (signal.SIGCONT, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
+    return left
+
+
+@pytest.fixture
+def no_leftovers(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """At teardown, no process of the test (its command line mentions tmp_path) may be left: any found
+    are killed, and the test fails naming them."""
+    yield tmp_path
+    left = _reap(tmp_path)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_ranks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Every test that starts ranks (marked deepspeed or slurm) and has a tmp_path leaves no process
+    behind: checked at teardown, like :func:`no_leftovers` (a frozen or orphaned rank fails it)."""
+    marked = any(request.node.get_closest_marker(m) for m in ("deepspeed", "slurm"))
+    uses_tmp = bool({"tmp_path", "tiny_cfg", "no_leftovers"} & set(request.fixturenames))
+    if not marked or not uses_tmp or "no_leftovers" in request.fixturenames:
+        yield
+        return
+    tmp = request.getfixturevalue("tmp_path")
+    yield
+    left = _reap(tmp)
     assert not left, f"processes left behind: {left}"
