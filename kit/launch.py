@@ -17,6 +17,7 @@ from typing import Any
 from kit import envvars, exitcodes, opcache, procs
 from kit.config import RunConfig
 from kit.data import prepare
+from kit.errors import KitError
 from kit.ledger import LedgerWriter, read_all
 from kit.ledger.schema import end_outcome
 from kit.rundir import RunDir
@@ -66,6 +67,10 @@ def run_local_segment(rd: RunDir, cfg: RunConfig, stop_after_steps: int = 0, seg
                 "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"})
     opcache.set_extensions_dir(env)
     env.update(extra_env or {})
+    stale = opcache.stale_locks([Path(env[opcache.ENV])])
+    if stale:  # every rank would wait on it forever, silently
+        raise KitError(f"stale DeepSpeed build lock {stale[0].path} ({stale[0].age_s / 60:.0f} min old, no process "
+                       f"building): the ranks would wait on it forever; remove it: {stale[0].command}")
     out = subprocess.DEVNULL if quiet else None
     watch = procs.EndWatch(cfg.health.exit_grace_s, [procs.ledger_ended(procs.LedgerTail(rd.path, seg))])
     # SIGTERM, not SIGKILL, for torchrun itself: it then ends its ranks (which also die with it).

@@ -419,3 +419,18 @@ def test_a_missing_peer_fails_the_preflight_instead_of_hanging(tiny_cfg: Any) ->
     assert "FAIL  net.collective" in out.stdout
     (event,) = read_all(run, {"doctor"})
     assert event["ok"] is False and event["failed_nodes"] == []  # the missing peer is not this node's fault
+
+
+def test_kit_train_refuses_to_start_ranks_on_a_stale_lock(tmp_path: Path, no_leftovers: Path) -> None:
+    """`kit train` runs no preflight, so it checks the lock itself: one red line naming the lock and the
+    `rm` that removes it, instead of two ranks sleeping on it forever (the trap that hung a test suite)."""
+    ext = tmp_path / "ext"
+    lock = _plant_lock(ext, 900)
+    runs = tmp_path / "runs"
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "train", "tiny.toml", "--set",
+                          f'run.runs_dir="{runs}"', "--set", "trainer.max_steps=12"], capture_output=True, text=True,
+                         timeout=300,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert out.stderr.startswith("kit: error: stale DeepSpeed build lock") and f"rm {lock}" in out.stderr
+    assert "Traceback" not in out.stderr
