@@ -239,6 +239,7 @@ def test_frozen_rank_is_stopped_and_the_slurm_chain_resumes(no_leftovers: Path, 
     monkeypatch.setenv("KIT_FAULTS", "step.after=sleep0.3")
     cfg = _cfg(no_leftovers, "frozen", **{**FROZEN, "slurm.time_limit": "00:10:00"})
     sub = submit(cfg, log=lambda m: None)
+    assert sub.executor == "slurm", "Slurm went away: submit fell back to the local executor"
     wait_steps(sub.run_dir, sub.job_id, 5, timeout=300)
     os.kill(rank_pid(sub.run_dir, 1), signal.SIGSTOP)
     # The next job depends on this one (afterany): the chain can only end within the bound below if the
