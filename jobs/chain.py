@@ -13,124 +13,41 @@ crash loop, max segments or the chain's deadline — is tested without a cluster
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from kit import exitcodes
 from kit.config import RunConfig
-from kit.fsio import atomic_write
 from kit.ledger import tail
 from kit.ledger.schema import end_outcome
+from kit.run.chainstate import (  # noqa: F401 (the chain's record, re-exported for the chain's code)
+    CHAIN_JSON,
+    CLEAN,
+    CRASH,
+    DISK_FULL,
+    ENDED,
+    FINISHED,
+    HANG,
+    LOST,
+    PREFLIGHT,
+    QUEUED,
+    RANKS_DIR,
+    RUNNING,
+    SUBMITIT_DIR,
+    ChainState,
+    SegmentRecord,
+    chain_path,
+    latest_step,
+    load_state,
+    save_state,
+)
 from kit.rundir import RunDir
 
-CHAIN_JSON = "chain.json"
-RANKS_DIR = "ranks"
-SUBMITIT_DIR = "submitit"
 MAX_BACKOFF_S = 3600.0
-
-# Chain states (ChainState.state)
-QUEUED, RUNNING, ENDED = "queued", "running", "ended"
-# Segment outcomes (SegmentRecord.outcome)
-CLEAN = "clean"  # saved at an allocation boundary (signal, deadline, segment_limit): continue
-FINISHED = "finished"  # done, stop or give_up: the trainer says the chain ends
-PREFLIGHT = "preflight"  # the node failed its preflight: exclude it, resubmit, not a training failure
-HANG = "hang"
-CRASH = "crash"  # a rank died, a non-zero exit, no segment_ended from the trainer
-DISK_FULL = "disk_full"  # a save found the checkpoint filesystem full: end (or exclude nodes whose own disk it was)
-LOST = "lost"  # the driver never recorded an end (node failure, job killed): found by the next segment
-
-
-@dataclass(slots=True)
-class SegmentRecord:
-    """One allocation of the chain, as its rank-0 driver saw it."""
-
-    seg: str
-    job_id: str
-    restarts: int = 0
-    nodes: list[str] = field(default_factory=list)
-    start: float = 0.0
-    end: float = 0.0
-    outcome: str = "running"
-    reason: str = ""  # the trainer's reason (done, stop, signal, deadline, segment_limit...) or crash detail
-    ckpt_before: int = 0
-    ckpt_after: int = 0
-    step: int = -1
-    exit_codes: dict[str, int] = field(default_factory=dict)
-    implicated: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class ChainState:
-    """Everything the chain remembers between allocations (``<run>/slurm/chain.json``)."""
-
-    job_id: str = ""
-    state: str = ""
-    end_reason: str = ""
-    executor: str = ""  # "slurm" or "local"
-    submitted: float = 0.0
-    segments: list[SegmentRecord] = field(default_factory=list)
-    excluded_nodes: list[str] = field(default_factory=list)
-    suspect_nodes: list[str] = field(default_factory=list)
-    consecutive_crashes: int = 0
-    no_progress: int = 0
-    job_ids: list[str] = field(default_factory=list)
-
-    @property
-    def active(self) -> bool:
-        return self.state in (QUEUED, RUNNING)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ChainState:
-        segs = [SegmentRecord(**{k: v for k, v in s.items() if k in SegmentRecord.__dataclass_fields__})
-                for s in d.get("segments", [])]
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "segments"}
-        return cls(segments=segs, **known)
-
-
-def chain_path(rd: RunDir) -> Path:
-    return rd.slurm / CHAIN_JSON
-
-
-def load_state(rd: RunDir) -> ChainState:
-    """The chain's state; an empty one for a run never submitted (or a file torn by a crash)."""
-    try:
-        return ChainState.from_dict(json.loads(chain_path(rd).read_text()))
-    except FileNotFoundError:
-        return ChainState()
-    except (ValueError, TypeError):
-        bad = chain_path(rd)
-        bad.replace(bad.with_suffix(f".json.bad-{int(time.time())}"))
-        return ChainState()
-
-
-def save_state(rd: RunDir, state: ChainState) -> None:
-    """Atomic replace: a reader on another node sees the old or the new file, never half of one."""
-    p = chain_path(rd)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(p, state.to_json())
-
-
-def latest_step(rd: RunDir) -> int:
-    """Step of the newest complete checkpoint (0 when there is none): the chain's measure of progress."""
-    from kit import checkpoint as ck
-
-    best = 0
-    if rd.checkpoints.is_dir():
-        for p in rd.checkpoints.iterdir():
-            s = ck.step_of(p.name)
-            if s is not None and s > best and (p / ck.MANIFEST).exists():
-                best = s
-    return best
-
 
 # ------------------------------------------------------------------------------------------ timing
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.errors import KitError, RunDirError
-from kit.monitor.status import DOWN, EXIT, dur, worst
+from kit.run.summary import EXIT, dur, worst
 from kit.rundir import RunDir, resolve_run
 
 
@@ -44,23 +44,25 @@ def run(args: argparse.Namespace, verb: str) -> int:
 
 
 def summary_of(run_dir: RunDir, use_slurm: bool = True) -> dict[str, Any]:
-    """Read a run's whole history (kit.ledger.scan, through the index) and summarize it."""
-    from kit.monitor.feed import Feed
+    """The run summary (kit.run.summary: the same one `kit status` and the TUI show), as JSON."""
+    from kit.run.summary import collect
 
-    feed = Feed(run_dir.path, use_slurm=use_slurm)
-    feed.open()
-    feed.work()  # what was appended meanwhile, and the Slurm query
-    return feed.snapshot().summary
+    summary, _ = collect(run_dir, use_slurm=use_slurm)
+    return summary.to_dict()
 
 
 def once(names: list[str], runs_dir: str, as_json: bool = False, use_slurm: bool = True) -> int:
+    """One summary per run; a run that cannot be found or read is "down" (never a traceback)."""
+    from kit.run.summary import unreadable
+
     out: list[dict[str, Any]] = []
     for name in names:
         try:
             out.append(summary_of(resolve_run(name, runs_dir), use_slurm))
         except RunDirError as e:
-            out.append({"run": name, "path": str(Path(name)), "status": DOWN, "exit": EXIT[DOWN],
-                        "phase": "unreadable", "reasons": [str(e)]})
+            out.append(unreadable(name, str(Path(name)), str(e)))
+        except OSError as e:  # a run directory we may not read (permissions, a dead mount)
+            out.append(unreadable(name, str(Path(name)), f"cannot read {name}: {e.strerror}"))
     if as_json:
         json.dump(out, sys.stdout, indent=1, default=str)
         print()

@@ -17,19 +17,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kit.errors import KitError
 from kit.ledger import Follower, ReadStats, event_time, merged
 from kit.ledger.scan import scan
-from kit.monitor import slurm
-from kit.monitor.health import GpuHealth, worst_first
-from kit.monitor.model import Alert, Ckpt, RunModel, Segment
-from kit.monitor.status import summarize
+from kit.run import queue as slurm
+from kit.run.chainstate import ChainState, load_state
+from kit.run.gpus import GpuHealth, worst_first
+from kit.run.model import Alert, Ckpt, RunModel, Segment
+from kit.run.summary import query_for, recipe_facts, summarize
 from kit.rundir import RunDir
 
 WINDOWS: dict[str, float] = {"hour": 3600.0, "day": 86400.0, "run": math.inf}
 CURVES = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu")
 MAX_POINTS = 600
 MAX_GAP_S = 1.0  # replay: idle gaps longer than this (after the speed-up) are cut to it
+QUEUE_PERIOD_S = 30.0  # ask Slurm (and re-read chain.json) at most this often
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,11 @@ class Feed:
         self.use_slurm = use_slurm and replay_speed is None
         self.replay_speed = replay_speed
         self.stats = ReadStats()
-        self.model = RunModel(self.name, str(self.rd.path))
+        self.model = RunModel(self.name, str(self.rd.path), reader=self.stats)
         self.live: Follower | None = None
         self.queue: slurm.QueueInfo | None = None
+        self.chain = ChainState()
+        self.time_limit_s: float | None = None
         self._queue_at = -math.inf
         self._replay: Iterator[dict[str, Any]] | None = None
         self._peek: dict[str, Any] | None = None
@@ -83,7 +86,7 @@ class Feed:
 
     # -------------------------------------------------------------------------------- driving
     def open(self) -> None:
-        self.model.max_steps = self._max_steps()
+        self.time_limit_s = recipe_facts(self.rd, self.model)
         if self.replay_speed is not None:
             self._replay = merged(self.rd.path, self.stats)
             self._peek = next(self._replay, None)
@@ -94,13 +97,6 @@ class Feed:
         self.model.load_scan(history)
         self.model.reader = self.stats
         self.live = Follower(self.rd.ledger, self.stats, history.cursors)
-
-    def _max_steps(self) -> int | None:
-        try:
-            return self.rd.load_config().trainer.max_steps
-        except (KitError, ValueError, TypeError, KeyError) as e:  # the ledger's max_steps is used instead
-            self.stats.last_error = f"run.toml: {e}"[:200]
-            return None
 
     def now(self) -> float:
         return self._vnow if self.replay_speed is not None else self.clock()
@@ -114,12 +110,15 @@ class Feed:
         events, self.live_more = self.live.poll()
         self.model.fold_all(events)
         changed = self.model.version != before
-        if self.use_slurm and self.clock() - self._queue_at >= slurm.QUEUE_PERIOD_S:
+        if self.clock() - self._queue_at >= QUEUE_PERIOD_S:
             self._queue_at = self.clock()
-            jobs = [*self.model.chain_jobs, *(s.job_id for s in list(self.model.segments.values())[-5:])]
-            q = slurm.query(jobs)
-            changed |= q != self.queue
-            self.queue = q
+            chain = load_state(self.rd)
+            changed |= chain != self.chain
+            self.chain = chain
+            if self.use_slurm:
+                q = query_for(self.model, chain)
+                changed |= q != self.queue
+                self.queue = q
         return changed
 
     @property
@@ -164,7 +163,7 @@ class Feed:
             replay = f"replay x{self.replay_speed:g}" + (" (end)" if self.replay_done else "")
         return Snapshot(
             name=self.name, path=str(self.rd.path), now=now, version=m.version,
-            summary=summarize(m, now, self.queue),
+            summary=summarize(m, now, self.queue, self.chain, self.time_limit_s).to_dict(),
             curves=curves, spikes=list(m.spikes)[-200:],
             ckpts=[replace(c) for c in reversed(m.ckpts.values())][:40],
             alerts=[replace(a) for a in m.alerts_newest()[:200]],

@@ -268,7 +268,7 @@ def test_tail_reads_only_the_end(tmp_path: Path) -> None:
 
 def test_step_metrics_are_one_table() -> None:
     from kit.metrics import TB_TAGS
-    from kit.monitor.model import PLOTTED
+    from kit.run.model import PLOTTED
 
     assert set(PLOTTED) <= {m.name for m in STEP_METRICS} and TB_TAGS["loss"] == "train/loss"
     assert set(ix.COLUMNS[3:]) <= {m.name for m in STEP_METRICS}

@@ -20,10 +20,10 @@ from test_monitor_support import append, event, wait_for
 from kit.ledger import Follower, LedgerWriter, ReadStats, merged, read_all
 from kit.monitor.app import loaded, make_app
 from kit.monitor.feed import Feed
-from kit.monitor.health import parse_health
-from kit.monitor.model import RunModel
-from kit.monitor.series import Curves
 from kit.monitor.widgets import HealthTable
+from kit.run.gpus import parse_health
+from kit.run.model import RunModel
+from kit.run.series import Curves
 
 fixed_run = support.fixed_run
 

@@ -124,6 +124,7 @@ def scan(run_dir: str | Path, stats: ReadStats | None = None, use_index: bool = 
                 parsed += whole.end
                 end = whole.end
             cursors[name] = Cursor(end, st.st_ino)
+            stats.torn_tail += end < st.st_size  # a last line still being written, or a dead writer's
         for s_arr, e_arr in parts:
             if len(s_arr):
                 steps.append(_with_file(s_arr, file_no, ix.STEP_DTYPE))

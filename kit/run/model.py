@@ -16,8 +16,8 @@ from typing import Any
 
 from kit.ledger import EVENTS, PLOTTED, ReadStats
 from kit.ledger.scan import Scan
-from kit.monitor.health import NodeHealth, parse_health
-from kit.monitor.series import Curves, clean
+from kit.run.gpus import NodeHealth, parse_health
+from kit.run.series import Curves, clean
 
 MAX_ALERTS = 500
 MAX_CKPTS = 200
@@ -47,6 +47,7 @@ class Segment:
     host: str = ""
     world_size: int | None = None
     restarts: int = 0
+    first_step_t: float | None = None  # its first completed step: start-up ends here
 
 
 @dataclass(slots=True)
@@ -92,6 +93,9 @@ class RunModel:
     chain_jobs: list[str] = field(default_factory=list)
     chain_ended: str = ""
     chain_ended_t: float | None = None
+    signal_lead_s: float | None = None  # from chain_submitted: how long before the limit Slurm signals
+    # seg -> (start, end) of its allocation (the chain's driver): queue waits and start-up are measured from it
+    allocations: OrderedDict[str, tuple[float, float | None]] = field(default_factory=OrderedDict)
     excluded: dict[str, str] = field(default_factory=dict)  # node -> why (kit.jobs excludes it from segments)
     ckpts: OrderedDict[str, Ckpt] = field(default_factory=OrderedDict)
     alerts: deque[Alert] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
@@ -149,6 +153,13 @@ class RunModel:
                     handler(self, e, float(e["t"]))
         for t, step, loss in sorted(spikes):
             self._add_spike(step, loss, t)
+        if len(cols):  # each segment's first completed step (start-up ends there)
+            ts = cols["t"]
+            for sg in self.segments.values():
+                if sg.started_t is not None and sg.first_step_t is None:
+                    i = int(np.searchsorted(ts, sg.started_t, "left"))
+                    if i < len(ts) and (sg.ended_t is None or ts[i] <= sg.ended_t):
+                        sg.first_step_t = float(ts[i])
         self.version += 1
 
     def _span(self, first: float, last: float) -> None:
@@ -189,6 +200,9 @@ class RunModel:
             raise TypeError("step")
         # a resume or rollback replays steps: Curves.add truncates, the latest event wins
         self.step, self.step_t, self.last = step, t, e
+        seg = self.current_segment()
+        if seg is not None and seg.first_step_t is None and seg.started_t is not None and t >= seg.started_t:
+            seg.first_step_t = t
         if e.get("spike") and num(e.get("loss")) is not None:  # the trainer's detector flags the step itself
             self._add_spike(step, float(e["loss"]), t)
         self.curves.add(step, t, [clean(e.get(k)) for k in PLOTTED])
@@ -219,10 +233,18 @@ class RunModel:
         job = text(e.get("job_id"))
         if job and job not in self.chain_jobs:
             self.chain_jobs = [*self.chain_jobs, job][-50:]
-        if e["kind"] == "chain_ended":
+        kind, seg = e["kind"], text(e.get("seg"))
+        if kind == "chain_ended":
             self.chain_ended, self.chain_ended_t = text(e.get("reason")) or "?", t
-        elif e["kind"] == "chain_submitted":
+        elif kind == "chain_submitted":
             self.chain_ended = ""
+            self.signal_lead_s = num(e.get("signal_lead_s")) or self.signal_lead_s
+        elif kind == "allocation_started" and seg:
+            self.allocations[seg] = (t, None)
+            while len(self.allocations) > MAX_SEGMENTS:
+                self.allocations.popitem(last=False)
+        elif kind == "allocation_ended" and seg in self.allocations:
+            self.allocations[seg] = (self.allocations[seg][0], t)
 
     def _node_excluded(self, e: dict[str, Any], t: float) -> None:
         node = text(e.get("node"))
