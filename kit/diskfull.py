@@ -32,6 +32,7 @@ from typing import Any
 
 from kit import exitcodes
 from kit.errors import CheckpointError
+from kit.faults import fault_point
 
 FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 MIN_FREE = 1 << 20  # a write error with less than this left is a full disk, whatever the object's size
@@ -99,9 +100,10 @@ def is_disk_full(exc: BaseException, path: str | Path, need: int = 0) -> bool:
 class WriteGuard:
     """Records this rank's first failed checkpoint write instead of raising it (see the module doc)."""
 
-    def __init__(self, rank: int, node: str) -> None:
+    def __init__(self, rank: int, node: str, step: int = -1) -> None:
         self.rank = rank
         self.node = node
+        self.step = step
         self.failure: WriteFailure | None = None
 
     def run(self, fn: Callable[..., Any], path: str | Path, *args: Any, **kwargs: Any) -> Any:
@@ -125,7 +127,12 @@ class WriteGuard:
         collectives then run on every rank, whichever rank's write failed."""
         ce = engine.checkpoint_engine
         save, copy = ce.save, engine._copy_recovery_script
-        ce.save = lambda state_dict, path: self.run(save, path, state_dict, path)
+
+        def write(state_dict: Any, path: str) -> None:
+            fault_point("ckpt.write", self.step, self.rank)  # tests: this rank's own disk is full
+            save(state_dict, path)
+
+        ce.save = lambda state_dict, path: self.run(write, path, state_dict, path)
         engine._copy_recovery_script = lambda save_path: self.run(copy, save_path, save_path)
         try:
             yield

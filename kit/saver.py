@@ -115,7 +115,7 @@ class Saver:
         if self.env.is_main:
             ck.prepare_tag_dir(root, tag)
         dist.barrier()
-        guard = diskfull.WriteGuard(self.env.rank, hostname())
+        guard = diskfull.WriteGuard(self.env.rank, hostname(), step)
         with guard.deepspeed(self.engine):
             self.engine.save_checkpoint(str(root), tag=tag, client_state={"kit_step": step}, save_latest=False)
         guard.run(ck.save_rank_state, root / tag, root / tag, self.env.rank)

@@ -105,3 +105,32 @@ def test_a_rank_stuck_after_the_segment_ended_is_stopped(no_leftovers: Path, dee
     assert proc.returncode == 0, err[-3000:]
     assert "segment ended: done at step 4" in out and "is still running after health.exit_grace_s = 5 s" in err
     assert not wait_no_processes(str(run_dir), 60), "the stuck rank outlived the segment"
+
+
+def test_a_full_disk_on_one_rank_ends_the_save_on_every_rank(no_leftovers: Path, deepspeed_ok: None) -> None:
+    """Rank 1's own disk is full when it writes its part of step 4's checkpoint (kit.faults raises ENOSPC
+    in its write: one machine cannot give one rank a full disk of its own); rank 0's writes succeed.
+    Rank 1 goes on through DeepSpeed's barriers and both agree on the failure: rank 0 is not left
+    waiting for the hang watchdog's ceiling (600 s here), the segment ends with disk_full, `kit train`
+    exits 79 and says so, and step 2 stays the newest checkpoint (step 4's partial folder removed)."""
+    from kit import checkpoint as ck
+
+    proc, run_dir = _kit_train(no_leftovers / "runs", "rank1full", "ckpt.write@4:rank1=enospc", **{
+        "trainer.max_steps": 8, "health.hang_ceiling_s": 600.0, "health.hang_floor_s": 300.0})
+    try:
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == exitcodes.DISK_FULL == 79, err[-3000:]
+    assert "segment ended: disk_full" in out and "exit 79" in out, out
+    [ended] = read_all(run_dir, {"segment_ended"})
+    assert (ended["reason"], ended["step"], ended["src"]) == ("disk_full", 4, "train-r0")
+    assert not read_all(run_dir, {"hang"})
+    [alert] = [a for a in read_all(run_dir, {"alert"}) if a["severity"] == "critical"]
+    assert "disk full: the checkpoint save of step 4 failed" in alert["message"] and "on 1 rank(s)" in alert["message"]
+    assert "rank 1 (" in alert["message"] and "rank 0 (" not in alert["message"]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_0000002" and not (ckpts / "step_0000004").exists()
+    assert [c.step for c in ck.scan(ckpts)[0]] == [2]
