@@ -212,7 +212,7 @@ class ParallelSection:
 
     tensor: int = 1
     """Tensor-parallel degree (DeepSpeed AutoTP): each block's matrices split over this many ranks.
-    Must divide model.n_head; keep it within a node (BLOOM-176B: 4)."""
+    Must divide model.n_head; needs ZeRO 1 or 2; keep it within a node (BLOOM-176B: 4). docs/parallel.md"""
     pipeline: int = 1
     """Pipeline stages (DeepSpeed PipelineModule): the blocks split into this many consecutive
     stages. At most model.n_layer; needs ZeRO 0 or 1 and batch.grad_accum >= pipeline (BLOOM-176B: 12)."""
@@ -345,8 +345,15 @@ class TrainerSection:
     """Accelerator's dense bf16 peak for MFU (A100: 312, H100 SXM: 989). 0 = from the GPU name."""
     threads: int = 1
     """OMP/MKL threads per rank (keep it fixed: a different count changes the arithmetic)."""
+    control_check_s: float = 10.0
+    """Seconds between two looks at the run's control/ folder for an operator's stop or save-now (rank 0,
+    at a step boundary; the first look is at the first step). A switch is honoured within this plus one
+    step. A look is a directory listing, milliseconds on a loaded parallel filesystem: looking every
+    step (0) costs percents of short steps there, and 0.5% of 2 s steps at 10 ms a look (bench/switches.py)."""
 
     def __post_init__(self) -> None:
+        if self.control_check_s < 0 or not math.isfinite(self.control_check_s):
+            raise ConfigError(f"trainer.control_check_s must be a number of seconds >= 0, got {self.control_check_s}")
         if self.max_steps <= 0:
             raise ConfigError(f"trainer.max_steps must be greater than 0, got {self.max_steps}")
         if self.log_interval <= 0:
@@ -601,6 +608,9 @@ class RunConfig:
             raise ConfigError(f"deepspeed.zero_stage = {self.deepspeed.zero_stage} cannot be used with "
                               f"parallel.pipeline = {p.pipeline}: DeepSpeed's pipeline engine takes ZeRO 0 or 1 "
                               "(BLOOM-176B used ZeRO-1)")
+        if p.tensor > 1 and self.deepspeed.zero_stage > 2:
+            raise ConfigError(f"deepspeed.zero_stage = 3 cannot be used with parallel.tensor = {p.tensor}: kit shards "
+                              "the blocks with AutoTP over ZeRO 1 or 2 (BLOOM-176B used ZeRO-1)")
         if p.pipeline > 1 and self.batch.grad_accum < p.pipeline:
             raise ConfigError(f"batch.grad_accum ({self.batch.grad_accum}) must be at least parallel.pipeline "
                               f"({p.pipeline}): each step's micro-batches fill the pipeline's stages")

@@ -62,6 +62,7 @@ def run_local_segment(rd: RunDir, cfg: RunConfig, stop_after_steps: int = 0, seg
     torchrun dies with this process (parent-death signal; its ranks arm their own, kit.procs), and
     once the ledger says the segment ended, a torchrun still running after health.exit_grace_s (a
     rank stuck in its teardown) is terminated, then killed: no rank outlives the segment."""
+    cfg.check_layout(cfg.trainer.nproc, "trainer.nproc (the local ranks)")
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(cfg.trainer.threads), envvars.SEGMENT: seg,
                 "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"})

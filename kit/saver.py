@@ -22,6 +22,7 @@ from kit.dist import DistEnv
 from kit.errors import CheckpointError
 from kit.faults import fault_point
 from kit.ledger import LedgerWriter, NullLedger, hostname
+from kit.parallel.layout import Layout
 from kit.rundir import RunDir
 
 
@@ -41,7 +42,7 @@ class Saver:
     env: DistEnv
     ledger: LedgerWriter | NullLedger
     seg: str
-    data_parallel: int
+    layout: Layout  # kit.parallel: tensor x pipeline x data; recorded in every manifest
     log: Callable[[str], None] = print
     engine: Any = None
     save_times: list[float] = field(default_factory=list)
@@ -77,7 +78,7 @@ class Saver:
             return Resumed()
         ckpt = ck.load(self.root, tag)
         m = self.cfg.model
-        ck.check_compatible(ckpt, self.data_parallel, {"hidden_size": m.hidden_size, "n_layer": m.n_layer,
+        ck.check_compatible(ckpt, self.layout, {"hidden_size": m.hidden_size, "n_layer": m.n_layer,
                                                        "n_head": m.n_head}, self.cfg.data.vocab_size)
         t0 = time.perf_counter()
         self.load(ckpt)
@@ -138,7 +139,7 @@ class Saver:
     def _commit(self, step: int, consumed: int, why: str, kit_state: dict[str, Any], t0: float) -> None:
         root, tag, m = self.root, ck.tag_for(step), self.cfg.model
         manifest = ck.write_manifest(root / tag, step, {
-            "step": step, "consumed": consumed, "world_size": self.data_parallel,
+            "step": step, "consumed": consumed, "world_size": self.layout.world, "layout": self.layout.to_dict(),
             "model": {"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
                       "seq_length": m.seq_length},
             "vocab_size": self.cfg.data.vocab_size, "zero_stage": self.cfg.deepspeed.zero_stage,

@@ -53,18 +53,36 @@ def session_processes() -> dict[int, str]:
     return out
 
 
+# Daemons a test may (re)start (the two-node Slurm test restarts Slurm): shared by everyone, never a leak.
+DAEMONS = ("slurmctld", "slurmd", "slurmdbd", "slurmstepd", "munged", "mariadbd")
+
+
 def leftovers(before: set[int], grace_s: float) -> dict[int, str]:
-    """Processes started since ``before`` still alive after ``grace_s``; they are killed, and returned."""
+    """Processes started since ``before`` still alive after ``grace_s``; they are killed (Slurm jobs among
+    them cancelled first), and returned."""
     deadline = time.monotonic() + grace_s
     while True:
-        left = {p: c for p, c in session_processes().items() if p not in before}
+        left = {p: c for p, c in session_processes().items()
+                if p not in before and c.split(" ", 1)[0].rsplit("/", 1)[-1] not in DAEMONS}
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    jobs = {j for j in map(_slurm_job, left) if j}
+    if jobs and shutil.which("scancel"):
+        subprocess.run(["scancel", *sorted(jobs)], capture_output=True, timeout=30, check=False)
     for pid in left:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return left
+
+
+def _slurm_job(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return ""
+    return env.get(b"SLURM_JOB_ID", b"").decode()
 
 
 @pytest.fixture(autouse=True)
@@ -80,10 +98,11 @@ def no_process_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def stale_build_locks() -> list[Path]:
-    """torch extension build locks older than a few minutes (a killed build: every later DeepSpeed
-    start would wait on it forever)."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    return [p for p in root.glob("*/*/lock") if time.time() - p.stat().st_mtime > 300] if root.is_dir() else []
+    """DeepSpeed/torch extension build locks no process holds, older than a few minutes (a killed build:
+    every later DeepSpeed start would wait on it forever), in this install's cache (kit.opcache)."""
+    from kit import opcache
+
+    return [lk.path for lk in opcache.stale_locks()]
 
 
 def mounts_under(basetemp: Path) -> list[str]:
@@ -227,39 +246,17 @@ def wait_no_processes(text: str, timeout: float) -> list[tuple[int, str]]:
     return left
 
 
-def _reap(tmp_path: Path) -> list[tuple[int, str]]:
-    """Processes of a test still there after a grace of 90 s (on their way out): killed, and returned."""
-    import signal
-
-    left = wait_no_processes(str(tmp_path), 90.0)
+@pytest.fixture
+def no_leftovers(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """tmp_path, and at teardown no process whose command line mentions it (found even without the
+    session mark, e.g. under another user's Slurm): any left are killed and the test fails naming them
+    (the autouse no_process_left_behind checks the session's processes as well)."""
+    yield tmp_path
+    left = wait_no_processes(str(tmp_path), LEFTOVER_GRACE_S)
     for pid, _ in left:
         for sig in (signal.SIGCONT, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-    return left
-
-
-@pytest.fixture
-def no_leftovers(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """At teardown, no process of the test (its command line mentions tmp_path) may be left: any found
-    are killed, and the test fails naming them."""
-    yield tmp_path
-    left = _reap(tmp_path)
-    assert not left, f"processes left behind: {left}"
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_ranks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    """Every test that starts ranks (marked deepspeed or slurm) and has a tmp_path leaves no process
-    behind: checked at teardown, like :func:`no_leftovers` (a frozen or orphaned rank fails it)."""
-    marked = any(request.node.get_closest_marker(m) for m in ("deepspeed", "slurm"))
-    uses_tmp = bool({"tmp_path", "tiny_cfg", "no_leftovers"} & set(request.fixturenames))
-    if not marked or not uses_tmp or "no_leftovers" in request.fixturenames:
-        yield
-        return
-    tmp = request.getfixturevalue("tmp_path")
-    yield
-    left = _reap(tmp)
     assert not left, f"processes left behind: {left}"
 
 

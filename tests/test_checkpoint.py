@@ -80,7 +80,8 @@ def test_compatibility_errors_say_what_to_do(tmp_path: Path) -> None:
     fake_ckpt(tmp_path, 2, world=4)
     c = ck.load(tmp_path, ck.tag_for(2))
     model = {"hidden_size": 64, "n_layer": 2, "n_head": 4}
-    with pytest.raises(CheckpointError, match=r"written by 4 data-parallel ranks, this segment has 2.*kit reshape"):
+    with pytest.raises(CheckpointError, match=r"written at layout DP4 \(4 ranks.*this segment runs DP2 \(2 ranks\)"
+                                              r".*kit reshape RUN --tensor 1 --pipeline 1 --world-size 2"):
         ck.check_compatible(c, 2, model, 512)
     with pytest.raises(CheckpointError, match=r"different model \(model.hidden_size 64 != 128"):
         ck.check_compatible(c, 4, {**model, "hidden_size": 128}, 512)
@@ -150,3 +151,20 @@ def test_a_live_hold_keeps_a_bounded_number_of_unshipped_checkpoints(tmp_path: P
     ck.release(tmp_path, "stream")
     assert ck.held(tmp_path, complete) == []
     ck.release(tmp_path, "stream")  # twice is fine
+
+
+def test_manifest_digests_are_sha256_and_crc32_of_the_bytes(tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import zlib
+
+    folder = tmp_path / "step_0000001"
+    folder.mkdir()
+    blobs = {"empty.bin": b"", "small.bin": b"kit", "big.bin": os.urandom(ck.HASH_CHUNK * 2 + 12345)}
+    for name, data in blobs.items():
+        (folder / name).write_bytes(data)
+    files = ck.write_manifest(folder, 1, {"consumed": 0})["files"]
+    for name, data in blobs.items():
+        assert files[name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                               "crc32": f"{zlib.crc32(data):08x}"}
+        assert ck.crc32(folder / name) == files[name]["crc32"]

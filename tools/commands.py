@@ -100,6 +100,7 @@ def train(args: argparse.Namespace) -> int:
     from kit.launch import create_run, run_local_segment
 
     cfg = load_recipe(args.recipe, args.overrides)
+    cfg.check_layout(cfg.trainer.nproc, "trainer.nproc (the local ranks of `kit train`)")
     rd = create_run(cfg)
     seg = f"local-{datetime.now():%Y%m%d-%H%M%S}"  # unique: the outcome is read back from the ledger by seg
     out = run_local_segment(rd, cfg, stop_after_steps=args.stop_after_steps, seg=seg)
