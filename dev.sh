@@ -46,7 +46,7 @@ system_packages() {
 
 case "${1:-}" in
   setup) setup ;;
-  demo) setup; shift; exec kit demo "$@" ;;
+  demo) system_packages; setup; shift; exec kit demo "$@" ;;
   test)
     shift
     system_packages
