@@ -1,15 +1,17 @@
 """Named fault points, for tests that must break a real run at an exact place.
 
 ``KIT_FAULTS="ckpt.before_manifest@40,step.after@25:rank1"`` makes :func:`fault_point` kill the
-process with SIGKILL (or sleep, with ``=hang``; or raise :class:`FaultInjected`, with ``=raise``:
-an unexpected error in the middle of an operation, to test what is undone) when the named point
-is reached at that step (on the given rank only, when ``:rankN`` is given). Production runs never
-set it; it costs one dict lookup. Value faults (``loss.nan@15:rank1``: that rank's loss becomes
-NaN) are asked with :func:`fault_active`.
+process with SIGKILL (or sleep, with ``=hang``) when the named point is reached at that step (on the
+given rank only, when ``:rankN`` is given). Production runs never set it; it costs one dict lookup.
+``=enospc`` raises OSError(ENOSPC) there instead (a write that finds this rank's own disk full);
+``=raise`` raises :class:`FaultInjected` (an unexpected error in the middle of an operation, to test
+what is undone). Value faults (``loss.nan@15:rank1``: that rank's loss becomes NaN) are asked with
+:func:`fault_active`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -49,6 +51,8 @@ def fault_point(name: str, step: int, rank: int) -> None:
                 time.sleep(float(action[5:] or 1))
             elif action == "exit":
                 os._exit(17)
+            elif action == "enospc":  # a full disk of this rank's own (one machine cannot have one per rank)
+                raise OSError(errno.ENOSPC, f"No space left on device (fault point {name})")
             elif action == "raise":
                 raise FaultInjected(f"fault point {name} at step {step}")
             else:

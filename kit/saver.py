@@ -8,6 +8,7 @@ the rollback policy use it.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from kit import checkpoint as ck
+from kit import diskfull
 from kit.config import RunConfig
 from kit.dist import DistEnv
 from kit.errors import CheckpointError
 from kit.faults import fault_point
-from kit.ledger import LedgerWriter, NullLedger
+from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.parallel.layout import Layout
 from kit.rundir import RunDir
 
@@ -103,7 +105,10 @@ class Saver:
     # -------------------------------------------------------------------------------------- save
     def save(self, step: int, consumed: int, why: str, kit_state: dict[str, Any]) -> None:
         """Collective save: every rank writes its part; rank 0 commits with the manifest, moves
-        ``latest`` and applies retention. ``kit_state`` joins the manifest (the spike policy's state)."""
+        ``latest`` and applies retention. ``kit_state`` joins the manifest (the spike policy's state).
+
+        A write that fails on any rank (a full disk) fails the save on every rank together
+        (kit.diskfull): raises DiskFullError or CheckpointError, the previous checkpoint stays latest."""
         import torch.distributed as dist
 
         root, tag = self.root, ck.tag_for(step)
@@ -111,14 +116,25 @@ class Saver:
         if self.env.is_main:
             ck.prepare_tag_dir(root, tag)
         dist.barrier()
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={"kit_step": step}, save_latest=False)
-        ck.save_rank_state(root / tag, self.env.rank)
+        guard = diskfull.WriteGuard(self.env.rank, hostname(), step)
+        with guard.deepspeed(self.engine):
+            self.engine.save_checkpoint(str(root), tag=tag, client_state={"kit_step": step}, save_latest=False)
+        guard.run(ck.save_rank_state, root / tag, root / tag, self.env.rank)
         fault_point("ckpt.before_manifest", step, self.env.rank)
-        dist.barrier()
+        self._agree(guard, step)  # instead of a barrier: every rank learns whether every write worked
         if self.env.is_main:
-            self._commit(step, consumed, why, kit_state, t0)
-        dist.barrier()
+            guard.run(self._commit, root / tag, step, consumed, why, kit_state, t0)
+        self._agree(guard, step)
         self.save_times = ([*self.save_times, time.perf_counter() - t0])[-5:]
+
+    def _agree(self, guard: diskfull.WriteGuard, step: int) -> None:
+        failures, nodes = guard.agree()
+        if not failures:
+            return
+        path = self.root / ck.tag_for(step)
+        if self.env.is_main and not (path / ck.MANIFEST).exists():
+            shutil.rmtree(path, ignore_errors=True)  # the failed save's files: give the room back
+        raise diskfull.error(step, failures, nodes)
 
     def _commit(self, step: int, consumed: int, why: str, kit_state: dict[str, Any], t0: float) -> None:
         root, tag, m = self.root, ck.tag_for(step), self.cfg.model
