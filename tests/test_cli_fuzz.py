@@ -92,7 +92,8 @@ def _value(action: argparse.Action, box: dict[str, str]) -> st.SearchStrategy[st
         return st.sampled_from([*RECIPES, *_paths(box)])
     if action.type is not None and action.type is not str:
         return st.sampled_from(NUMBERS + _paths(box)[:2])
-    return st.sampled_from(TEXT + _paths(box)) | st.text(max_size=8)
+    # any text but NUL, which no real command line can hold (argv entries are C strings)
+    return st.sampled_from(TEXT + _paths(box)) | st.text(st.characters(exclude_characters="\x00"), max_size=8)
 
 
 def _argv(parser: argparse.ArgumentParser, box: dict[str, str]) -> st.SearchStrategy[list[str]]:
