@@ -92,7 +92,7 @@ class Saver:
         # `kit reshape` (tools/reshape.py) writes DeepSpeed universal checkpoints for a new world size
         # (manifest kit.universal): load that one with DeepSpeed's load_universal switched on.
         universal = self.engine._config.load_universal_checkpoint
-        self.engine._config.load_universal_checkpoint = universal or bool(ckpt.manifest["kit"].get("universal"))
+        self.engine._config.load_universal_checkpoint = universal or ckpt.manifest.kit.universal
         try:
             load_path, _ = self.engine.load_checkpoint(str(self.root), tag=ckpt.tag)
         finally:
@@ -138,14 +138,14 @@ class Saver:
 
     def _commit(self, step: int, consumed: int, why: str, kit_state: dict[str, Any], t0: float) -> None:
         root, tag, m = self.root, ck.tag_for(step), self.cfg.model
-        manifest = ck.write_manifest(root / tag, step, {
-            "step": step, "consumed": consumed, "world_size": self.layout.world, "layout": self.layout.to_dict(),
-            "model": {"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
-                      "seq_length": m.seq_length},
-            "vocab_size": self.cfg.data.vocab_size, "zero_stage": self.cfg.deepspeed.zero_stage,
-            "precision": self.cfg.deepspeed.precision, "config_digest": self.cfg.digest(),
-            "seg": self.seg, "reason": why, **kit_state,
-        })
+        manifest = ck.write_manifest(root / tag, step, ck.KitState(
+            step=step, consumed=consumed, world_size=self.layout.world, layout=self.layout.to_dict(),
+            model={"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
+                   "seq_length": m.seq_length},
+            vocab_size=self.cfg.data.vocab_size, zero_stage=self.cfg.deepspeed.zero_stage,
+            precision=self.cfg.deepspeed.precision, config_digest=self.cfg.digest(),
+            seg=self.seg, reason=why, extra=kit_state,
+        ))
         if self.pin_next:
             ck.pin(root, tag, self.pin_next)
             self.pin_next = ""
@@ -153,7 +153,7 @@ class Saver:
         ck.set_latest(root, tag)
         seconds = time.perf_counter() - t0  # the stall: engine files, hashes, manifest, latest
         self.ledger.emit("ckpt_saved", step=step, tag=tag, seconds=round(seconds, 3), reason=why,
-                         bytes=sum(f["size"] for f in manifest["files"].values()), consumed=consumed)
+                         bytes=manifest.bytes, consumed=consumed)
         self.retain()
 
     def retain(self) -> None:
