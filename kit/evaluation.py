@@ -5,11 +5,15 @@ What makes the numbers trustworthy (docs/eval.md):
   over the held-out documents that data preparation set aside (kit.data), cut into batches of
   ``eval.micro_batch_size`` sequences that never mix sources. Every evaluation, live or offline,
   scores the same batches.
-- The numbers do not depend on the data-parallel size: batch b is scored by data-parallel rank
-  b % dp, and each sequence's summed loss lands in its own slot of one float64 vector that is
+- The numbers do not depend on the data-parallel size: batch b is scored by model replica b % dp
+  (every tensor rank of the replica runs it: their collectives need them all; the first one writes
+  the result), and each sequence's summed loss lands in its own slot of one float64 vector that is
   all-reduced (a sum of one value and zeros is exact). Per-source totals are then added in a fixed
   order on every rank. So DP 1, DP 2, ``kit eval`` of the checkpoint and of its Hugging Face export
-  compute the same forward passes on the same batches and agree exactly.
+  compute the same forward passes on the same batches and agree exactly. (Tensor parallelism splits
+  the matrix products, so its numbers agree with ``kit eval``'s to rounding, as its training does;
+  pipeline layouts are not evaluated live yet: ``kit eval`` and ``kit stream --eval`` score their
+  checkpoints.)
 - Training does not notice: the forward passes run under ``torch.no_grad()`` in eval mode on the
   engine's module (no engine call, no optimizer, no data sampler), the RNG state is saved and restored,
   and the train/eval flag is put back. Training with and without evaluation is bit-identical.
@@ -258,17 +262,37 @@ def needed_stretch(eval_s: float, step_s: float, interval: int, max_fraction: fl
 # ------------------------------------------------------------------------------------ the trainer
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where this rank scores: its model replica (data-parallel index) among ``replicas``; ``writes``:
+    it is the one rank of its replica whose results count (the tensor ranks of a replica compute the
+    same logits); ``rank`` and ``world`` place its timings in the all-reduce over every rank."""
+
+    replica: int = 0
+    replicas: int = 1
+    writes: bool = True
+    rank: int = 0
+    world: int = 1
+    pipelined: bool = False
+
+    @classmethod
+    def of(cls, mesh: Any, rank: int, world: int) -> Placement:
+        """From a kit.parallel.mesh.Mesh (its coordinates and layout)."""
+        c, layout = mesh.coords, mesh.layout
+        return cls(c.data, layout.data, c.tensor == 0, rank, world, layout.pipeline > 1)
+
+
 class Evaluator:
     """The trainer's live validation (one call per step: :meth:`after_step`). Collective: every rank
     calls it at every step and takes the same branches (the step, the stretch and ``hurry`` agree)."""
 
-    def __init__(self, cfg: RunConfig, es: EvalSet | None, engine: Any, dp: int, rank: int, ledger: Any,
-                 sink: Callable[[], Any], log: Callable[[str], None] = print, group: Any = None,
+    def __init__(self, cfg: RunConfig, es: EvalSet | None, engine: Any, where: Placement, ledger: Any,
+                 sink: Callable[[], Any], log: Callable[[str], None] = print,
                  phase: Callable[[str], None] = lambda what: None) -> None:
         self.cfg = cfg.eval
         self.es = es
         self.engine = engine
-        self.dp, self.rank, self.group = dp, rank, group
+        self.where = where
         self.ledger = ledger
         self.sink = sink
         self.log = log
@@ -277,17 +301,21 @@ class Evaluator:
         self.watch = LossWatch(cfg.eval.alert_margin, cfg.eval.alert_window)
         self._times: list[float] = []  # step seconds since the last evaluation (this rank)
         self._last_step = -1
-        self.active = bool(cfg.eval.enabled and es is not None and es.sources)
+        self.active = bool(cfg.eval.enabled and es is not None and es.sources and not where.pipelined)
 
     @classmethod
-    def build(cls, cfg: RunConfig, data_dir: Path, engine: Any, dp: int, rank: int, ledger: Any,
+    def build(cls, cfg: RunConfig, data_dir: Path, engine: Any, where: Placement, ledger: Any,
               sink: Callable[[], Any], log: Callable[[str], None], resumed: dict[str, Any] | None,
               phase: Callable[[str], None] = lambda what: None) -> Evaluator:
         """Load the set (every rank), restore the schedule and alert state of the resumed checkpoint."""
         es = load_eval_set(data_dir, cfg) if cfg.eval.enabled else None
-        ev = cls(cfg, es, engine, dp, rank, ledger, sink, log, phase=phase)
+        ev = cls(cfg, es, engine, where, ledger, sink, log, phase=phase)
+        dp = where.replicas
         if cfg.eval.enabled and es is None:
             log(f"eval: {data_dir} was prepared before held-out splits existed: no validation for this run")
+        elif es is not None and where.pipelined:
+            log("eval: no live validation with parallel.pipeline > 1 (not supported yet): score the checkpoints "
+                "with `kit eval RUN --step N` or `kit stream --eval`")
         elif es is not None:
             for note in es.notes:
                 log(f"eval: not evaluated: {note}")
@@ -325,17 +353,19 @@ class Evaluator:
         import torch.distributed as dist
 
         assert self.es is not None
-        es, eng = self.es, self.engine
+        es, eng, where = self.es, self.engine, self.where
         t0 = time.perf_counter()
         module = eng.module
         was_training = module.training
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        vec = torch.zeros(es.sequences + 2 * self.dp, dtype=torch.float64, device=eng.device)
+        vec = torch.zeros(es.sequences + 2 * where.world, dtype=torch.float64, device=eng.device)
         try:
             module.eval()
             with torch.no_grad():
-                score_into(module, es, vec, range(self.rank, len(es.batches), self.dp))
+                score_into(module, es, vec, range(where.replica, len(es.batches), where.replicas))
+            if not where.writes:  # another tensor rank of this replica writes the same numbers
+                vec.zero_()
         finally:
             module.train(was_training)
             torch.set_rng_state(cpu_rng)
@@ -345,10 +375,10 @@ class Evaluator:
             torch.cuda.synchronize()
         mine = time.perf_counter() - t0
         recent = self._times[-max(1, self.every):]
-        vec[es.sequences + 2 * self.rank] = mine
-        vec[es.sequences + 2 * self.rank + 1] = sum(recent) / len(recent) if recent else 0.0  # 0: unknown
-        if self.dp > 1:
-            dist.all_reduce(vec, group=self.group)
+        vec[es.sequences + 2 * where.rank] = mine
+        vec[es.sequences + 2 * where.rank + 1] = sum(recent) / len(recent) if recent else 0.0  # 0: unknown
+        if where.world > 1:
+            dist.all_reduce(vec)
         values = vec.tolist()
         sums, timing = values[:es.sequences], values[es.sequences:]
         eval_s, step_s = max(timing[0::2]), max(timing[1::2])  # the slowest rank decides, alike on all
@@ -370,7 +400,7 @@ class Evaluator:
         opened, closed = self.watch.observe(step, {k: v["loss"] for k, v in res["sources"].items()})
         event = {"step": step, "by": "live", **res, "seconds": round(wall, 4), "eval_s": round(eval_s, 4),
                  "step_s": step_s, "fraction": fraction, "interval_steps": self.every, "stretch": stretch,
-                 "dp": self.dp, "incidents": sorted(self.watch.open), "recovered": closed}
+                 "dp": self.where.replicas, "incidents": sorted(self.watch.open), "recovered": closed}
         if note:
             event["note"] = note
         self.ledger.emit(EVAL_KIND, **event)

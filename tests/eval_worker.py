@@ -25,7 +25,7 @@ import torch.distributed as dist
 from kit import dist as kdist
 from kit.data import MixtureDataset, rank_micro_indices
 from kit.engine import build_engine, seed_everything
-from kit.evaluation import Evaluator, load_eval_set, score_all, summarize
+from kit.evaluation import Evaluator, Placement, load_eval_set, score_all, summarize
 from kit.ledger import NullLedger
 from kit.model import build_model
 from kit.rundir import RunDir
@@ -62,7 +62,8 @@ def main() -> None:
         assert es is not None
         mb, ga = cfg.batch.micro_batch_size, cfg.batch.grad_accum
         a = build_engine(cfg, dp, rank).engine
-        ev = Evaluator(cfg, es, a, dp, rank, NullLedger(), lambda: None, log=lambda m: None)
+        where = Placement(replica=rank, replicas=dp, rank=rank, world=dp)
+        ev = Evaluator(cfg, es, a, where, NullLedger(), lambda: None, log=lambda m: None)
         first = ev.evaluate(0)
         a_losses, a_evals = [], [losses(first)]
         for step in range(3):
@@ -70,7 +71,7 @@ def main() -> None:
             a_evals.append(losses(ev.evaluate(step + 1)))
         b = build_engine(cfg, dp, rank).engine
         b_losses = [train_step(b, data, step, mb, ga, dp, rank) for step in range(3)]
-        b_last = Evaluator(cfg, es, b, dp, rank, NullLedger(), lambda: None, log=lambda m: None).evaluate(3)
+        b_last = Evaluator(cfg, es, b, where, NullLedger(), lambda: None, log=lambda m: None).evaluate(3)
         plain = None
         if rank == 0:  # a plain transformers model with the same initial weights: what `kit eval` does
             seed_everything(cfg.run.seed)

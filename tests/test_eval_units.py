@@ -22,6 +22,7 @@ from kit.evaluation import (
     EvalSource,
     Evaluator,
     LossWatch,
+    Placement,
     load_eval_set,
     needed_stretch,
     pick_windows,
@@ -112,7 +113,7 @@ def test_data_prepared_before_heldout_splits_trains_without_evaluation(tmp_path:
     assert prepare(cfg, tmp_path / "d", log=lambda m: None)["version"] == 1  # accepted as it is
     assert load_eval_set(tmp_path / "d", cfg) is None
     logs: list[str] = []
-    ev = Evaluator.build(cfg, tmp_path / "d", None, 1, 0, None, lambda: None, logs.append, None)
+    ev = Evaluator.build(cfg, tmp_path / "d", None, Placement(), None, lambda: None, logs.append, None)
     assert not ev.active and "prepared before held-out splits existed" in logs[0]
     assert ev.after_step(cfg.eval.interval_steps, 0.1) is None
 
@@ -223,7 +224,7 @@ def test_the_trainer_alerts_once_per_incident_in_the_ledger(tmp_path: Path) -> N
     es = EvalSet(4, 2, (EvalSource("fr", "fr", np.zeros((1, 4), dtype=np.int64)),
                         EvalSource("de", "de", np.zeros((1, 4), dtype=np.int64))))
     with LedgerWriter(tmp_path, "train-r0") as led:
-        ev = Evaluator(cfg, es, None, 1, 0, led, lambda: None, log=lambda m: None)
+        ev = Evaluator(cfg, es, None, Placement(), led, lambda: None, log=lambda m: None)
         for step, (fr, de) in enumerate([(2.0, 2.0), (1.9, 2.0), (2.5, 2.0), (2.6, 2.05), (1.95, 2.4), (2.3, 2.5)]):
             res = summarize(es, [fr * 3, de * 3])
             ev._report((step + 1) * 100, res, 0.01, 0.1, 0.01)
@@ -260,7 +261,6 @@ def test_the_heldout_split_is_part_of_the_config_digest(tmp_path: Path) -> None:
     ("nothing", "no run directory at"),
     ("no_checkpoint", "holds no complete checkpoint"),
     ("bad_export", "no readable MANIFEST.json from `kit convert`"),
-    ("negative_step", "--step must be >= 0"),
 ])
 def test_kit_eval_refuses_with_one_clear_line(tmp_path: Path, capsys: Any, setup: str, message: str) -> None:
     from kit.rundir import RunDir
@@ -273,8 +273,14 @@ def test_kit_eval_refuses_with_one_clear_line(tmp_path: Path, capsys: Any, setup
     elif setup == "bad_export":
         target.mkdir()
         (target / "config.json").write_text("{}")
-    elif setup == "negative_step":
-        args += ["--step", "-3"]
     assert kit_main(["eval", *args]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_kit_eval_options_are_checked_before_anything_runs(capsys: Any) -> None:
+    from kit.tools.cli import main as kit_main
+
+    for bad in (["--step", "-3"], ["--new-tokens", "0"], ["--samples", "x"]):
+        assert kit_main(["eval", "somewhere", *bad]) == 2
+        assert f"kit eval: argument {bad[0]}" in capsys.readouterr().err

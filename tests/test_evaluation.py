@@ -97,7 +97,7 @@ def test_schedule_survives_segment_boundaries(runs: dict[str, RunDir]) -> None:
     assert ev[0]["loss"] > ev[-1]["loss"]  # the model learns: the numbers mean something
     from kit import checkpoint as ck
 
-    kept = ck.load(rd.checkpoints, "step_0000006").manifest["kit"]["eval"]
+    kept = ck.load(rd.checkpoints, "step_0000006").manifest.kit.extra["eval"]
     assert kept["stretch"] == 1 and [s for s, _ in kept["history"]["fr"]] == [2, 4, 6]
 
 
@@ -196,7 +196,7 @@ def test_a_stretched_interval_is_kept_across_a_resume(tmp_path: Path) -> None:
     assert ev[0]["fraction"] > 1e-9
     from kit import checkpoint as ck
 
-    assert ck.load(rd.checkpoints, "step_0000002").manifest["kit"]["eval"]["stretch"] == 1024
+    assert ck.load(rd.checkpoints, "step_0000002").manifest.kit.extra["eval"]["stretch"] == 1024
     assert [e["step"] for e in read_all(rd.path, {"segment_ended"})] == [2, 4]
 
 

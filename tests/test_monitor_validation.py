@@ -52,7 +52,7 @@ async def test_panel_shows_every_source_worst_first(fixed_run: Path) -> None:
     app = make_app([fixed_run], use_slurm=False, clock=lambda: now)
     async with app.run_test(size=(130, 40)) as pilot:
         await wait_for(pilot, lambda: loaded(app), what="first frame")
-        await pilot.press("6")
+        await pilot.press("7")
         panel = app.query_one(ValidationPanel)
         table = panel.query_one("#valtable")
         await wait_for(pilot, lambda: table.row_count == len(SOURCES), what="validation rows")
@@ -70,7 +70,7 @@ async def test_panel_follows_new_evaluations(fixed_run: Path) -> None:
     app = make_app([fixed_run], use_slurm=False)
     async with app.run_test(size=(130, 40)) as pilot:
         await wait_for(pilot, lambda: loaded(app), what="first frame")
-        await pilot.press("6")
+        await pilot.press("7")
         head = app.query_one(ValidationPanel).query_one("#valhead")
         assert "no evaluations in the ledger yet" in str(head.render())
         append(fixed_run, "train-r0", eval_event(700, time.time(), {"fr": 3.0}))

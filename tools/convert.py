@@ -15,9 +15,16 @@ kernel, bf16 cast 16 MB at a time. Peak memory is the Python process plus a few 
 shard, and not 2.3x the model like DeepSpeed's zero_to_fp32. The time is mostly sha256 (of the source
 checkpoint, then of the shards for the manifest, as they are written), on several threads.
 
-Verification loads the result with ``from_pretrained`` and compares its logits on a fixed batch with
-a model holding the checkpoint's own weights: the engine's module weights (ZeRO-1/2, same dtype) or
-DeepSpeed's own zero_to_fp32 reconstruction (ZeRO-3, or another dtype). Expected: bit-identical.
+Before converting, every byte of the source checkpoint is checked against its manifest (CRC-32:
+:func:`verify_source`). After, the result is verified against the checkpoint's own weights (the
+engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's own zero_to_fp32 reconstruction):
+every tensor bit for bit, one at a time, and the logits of the model's first blocks loaded with
+``from_pretrained`` (tools/verify_export.py). Memory stays near the largest tensor either way.
+
+Checkpoints written at a tensor x pipeline layout (kit.parallel) are read through
+tools.layout_reader: the same byte ranges, gathered from every model-parallel rank's partitions, with
+pipeline names mapped and tensor shards merged; their reference is the engine's module weights of
+every shard, joined with torch.cat (tools.verify_export.layout_module_state), held whole in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from kit import checkpoint as ck
 from kit.config import RunConfig
@@ -42,7 +49,10 @@ from kit.errors import CheckpointError, KitError
 from kit.fsio import atomic_write_json, fsync_path
 from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.rundir import RunDir, resolve_run
+from kit.tools.layout_reader import LayoutCheckpoint, open_checkpoint
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
+
+Reader: TypeAlias = ZeroCheckpoint | LayoutCheckpoint  # a data-parallel checkpoint, or one of any layout
 
 DTYPES = ("bf16", "fp32")
 EXPORT_VERSION = 1
@@ -55,7 +65,7 @@ def parse_size(text: str) -> int:
     num = t.rstrip("KMGIB")
     try:
         value = int(float(num) * units[t[len(num):]])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):
         raise KitError(f"--shard-size {text!r} is not a size; write e.g. 2GB, 500MB or 1048576") from None
     if value <= 0:
         raise KitError("--shard-size must be positive")
@@ -83,8 +93,10 @@ class Export:
 # ------------------------------------------------------------------------------------------ checks
 
 
-def pick_checkpoint(rd: RunDir, step: int | None) -> ck.Checkpoint:
-    """The requested step (or the newest complete one) as a complete, intact checkpoint."""
+def pick_checkpoint(rd: RunDir, step: int | None, check: bool = True) -> ck.Checkpoint:
+    """The requested step (or the newest complete one) as a complete, intact checkpoint (``check``:
+    every byte against the manifest first; ``kit convert`` passes False and has :func:`convert` check
+    while it converts)."""
     root = rd.checkpoints
     if step is not None:
         tag = ck.tag_for(step)
@@ -97,24 +109,34 @@ def pick_checkpoint(rd: RunDir, step: int | None) -> ck.Checkpoint:
         if not complete:
             raise CheckpointError(f"{root} holds no complete checkpoint (none with {ck.MANIFEST}); train first")
         ckpt = complete[-1]
-    problems = verify_source(ckpt)
-    if problems:
-        raise CheckpointError(f"checkpoint {ckpt.tag} is corrupt ({'; '.join(problems[:3])}); "
-                              "choose another step with --step")
+    if check:
+        _refuse_corrupt(ckpt, verify_source(ckpt))
     return ckpt
 
 
+def _refuse_corrupt(ckpt: ck.Checkpoint, problems: list[str]) -> None:
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt.tag} is corrupt ({'; '.join(problems[:3])}); "
+                              "choose another step with --step")
+
+
 def verify_source(ckpt: ck.Checkpoint, threads: int = 0) -> list[str]:
-    """kit.checkpoint.verify (sizes, then every file's sha256 against the manifest), the files hashed on
-    several threads: hashing the source (several times the export's bytes, with the Adam moments) is the
-    largest part of ``kit convert``'s time, and hashlib releases the GIL."""
+    """Every byte of the checkpoint against its manifest: sizes, then each file's CRC-32 (sha256 for a
+    checkpoint saved before manifests had one), on several threads (zlib and hashlib release the GIL).
+
+    Why CRC-32 here: the source is several times the export's size (the Adam moments), and its sha256
+    was most of ``kit convert``'s time (bench/convert.py). A CRC-32 still catches any changed byte;
+    ``kit verify`` and resume keep checking sha256."""
     problems = ck.verify(ckpt, hashes=False)
     if problems:
         return problems
-    files = list(ckpt.manifest["files"].items())
+    files = sorted(ckpt.manifest.files.items(), key=lambda item: -item[1].size)  # big ones first
+    crc = all(info.crc32 for _, info in files)
+    key, digest = ("crc32", ck.crc32) if crc else ("sha256", ck.sha256)
     with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: ck.sha256(ckpt.path / item[0]), files))
-    return [f"{rel}: sha256 mismatch" for (rel, info), d in zip(files, digests, strict=True) if d != info["sha256"]]
+        digests = list(pool.map(lambda item: digest(ckpt.path / item[0]), files))
+    return [f"{rel}: {key} mismatch" for (rel, info), d in zip(files, digests, strict=True)
+            if d != (info.crc32 if crc else info.sha256)]
 
 
 def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -129,7 +151,7 @@ def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_model(reader: ZeroCheckpoint, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
+def check_model(reader: Reader, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
     """Refuse a checkpoint of another model; returns the parameter names to write, in order."""
     expected = expected_shapes(cfg)
     got = {p.name: p.shape for p in reader.params}
@@ -144,7 +166,7 @@ def check_model(reader: ZeroCheckpoint, cfg: RunConfig, ckpt: ck.Checkpoint) -> 
 # ------------------------------------------------------------------------------------------ writing
 
 
-def plan_shards(reader: ZeroCheckpoint, dtype: str, shard_bytes: int) -> list[list[int]]:
+def plan_shards(reader: Reader, dtype: str, shard_bytes: int) -> list[list[int]]:
     """Parameter indices per output shard, known before reading a single weight."""
     item = 2 if dtype == "bf16" else 4
     shards: list[list[int]] = [[]]
@@ -261,7 +283,7 @@ class _ShardFile:
                     pos += got
 
 
-def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
+def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
                   then: Any = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
@@ -403,7 +425,7 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
         "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "sha256": known.get(p.name) or ck.sha256(p)}
                   for p in files},
         "export": {"tag": ckpt.tag, "step": ckpt.step, "run": cfg.run.name, "dtype": dtype,
-                   "zero_stage": ckpt.manifest["kit"].get("zero_stage"), "config_digest": cfg.digest(),
+                   "zero_stage": ckpt.manifest.kit.zero_stage, "config_digest": cfg.digest(),
                    "source_manifest_sha256": hashlib.sha256((ckpt.path / ck.MANIFEST).read_bytes()).hexdigest(),
                    "verify": verify},
     }
@@ -413,28 +435,36 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
 
 def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_bytes: int = 2 * 10**9,
             verify: bool = True, atol: float = 0.0, force: bool = False,
-            ledger: LedgerWriter | NullLedger | None = None, progress: Any = None) -> Export:
-    """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem."""
+            ledger: LedgerWriter | NullLedger | None = None, progress: Any = None,
+            check_source: bool = False) -> Export:
+    """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem.
+
+    ``check_source``: check every byte of the checkpoint against its manifest (:func:`verify_source`)
+    on other threads while converting, and refuse it before anything appears at ``out``: the reads of
+    the check overlap the conversion's work (on a parallel filesystem, most of the check is waiting)."""
     from kit.tools.verify_export import verify_export
 
     led = ledger or NullLedger()
+    out = Path(out)
+    check_destination(out, force)
     cfg = rd.load_config()
     dtype = dtype or cfg.deepspeed.precision
     if dtype not in DTYPES:
         raise KitError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    out = Path(out)
-    if out.exists() and not force:
-        raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
     t0 = time.perf_counter()
-    reader = ZeroCheckpoint(ckpt.path)
+    reader = open_checkpoint(ckpt.path, ck.layout_of(ckpt), expected_shapes(cfg), cfg.model.n_layer)
     check_model(reader, cfg, ckpt)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
+    checking = ThreadPoolExecutor(max_workers=1)
+    source = checking.submit(verify_source, ckpt) if check_source else None
     try:
         stage.mkdir(parents=True)
         shards, nbytes, digests = write_weights(  # the small files while the last shards are hashed
             reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype))
         seconds = time.perf_counter() - t0
+        if source is not None:  # a corrupt source must not be verified against, nor exported
+            _refuse_corrupt(ckpt, source.result())
         result: dict[str, Any] = {"skipped": True}
         if verify:
             result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
@@ -454,11 +484,43 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     except OSError as e:
         raise _write_error(e, out) from None
     finally:
+        checking.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(stage, ignore_errors=True)
     export = Export(out, ckpt.tag, ckpt.step, dtype, shards, nbytes, round(seconds, 3), result)
     led.emit("ckpt_converted", tag=ckpt.tag, out=str(out), step=ckpt.step, dtype=dtype, shards=shards,
              bytes=nbytes, seconds=export.seconds, verified=result.get("ok"))
     return export
+
+
+def check_destination(out: Path, force: bool) -> None:
+    """Before any work: ``out`` can be written (nothing on its way is a file, its folder is writable:
+    a write probe) and, if it exists, may be replaced: only with ``force``, and only an earlier
+    export. --force never deletes a checkpoint, a run directory or any other folder."""
+    from kit.tools.remote import UploadError, local_folder, probe
+
+    if out.exists():
+        if not force:
+            raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
+        if not out.is_dir():
+            raise KitError(f"{out} is a file; --force replaces only an earlier export folder; choose another --out")
+        if any(out.iterdir()) and not _is_export(out):
+            kind = "a checkpoint" if (out / ck.MANIFEST).exists() else "not an earlier kit export"
+            raise KitError(f"{out} is {kind}: --force replaces only an earlier export (a folder whose "
+                           f"{ck.MANIFEST} says hf-export) or an empty folder; choose another --out; nothing "
+                           "was changed")
+    try:
+        local_folder(out, "cannot write the export")
+        probe(str(out.parent))
+    except UploadError as e:
+        raise KitError(f"--out {out}: {e}") from None
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        raw = json.loads((path / ck.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("kind") == "hf-export"
 
 
 def _write_error(e: OSError, out: Path) -> KitError | OSError:
@@ -477,36 +539,51 @@ def _write_error(e: OSError, out: Path) -> KitError | OSError:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except KitError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--shard-size ")) from None
+
+
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, seconds
+
     p.add_argument("run", help="run directory (or run name under --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, default=None, help="the checkpoint's step")
+    which.add_argument("--step", type=NONNEGATIVE, default=None, help="the checkpoint's step")
     which.add_argument("--latest", action="store_true", help="the newest complete checkpoint (the default)")
     p.add_argument("--out", default="", help="output folder or fsspec URL (default: <run>/exports/<tag>-<dtype>)")
     p.add_argument("--dtype", default="", choices=("", *DTYPES), help="weights dtype (default: the run's precision)")
-    p.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
-    p.add_argument("--no-verify", action="store_true", help="skip the logits check (it needs 2x the model in RAM)")
-    p.add_argument("--atol", type=float, default=0.0, help="largest accepted |logit difference| (default 0: exact)")
+    p.add_argument("--shard-size", type=_size_arg, default=2 * 10**9, help="largest safetensors shard (default 2GB)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check of the export against the checkpoint (weights and first blocks' logits)")
+    p.add_argument("--atol", type=seconds(0.0), default=0.0,
+                   help="largest accepted |logit difference| (default 0: exact)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace, verb: str) -> int:
-    from kit.tools.upload import is_url, redact, upload_folder
+    from kit.tools.upload import is_url, probe, redact, upload_folder
 
     rd = resolve_run(args.run, args.runs_dir)
-    ckpt = pick_checkpoint(rd, args.step)
-    dtype = args.dtype or rd.load_config().deepspeed.precision
     url = args.out if is_url(args.out) else ""
+    if url:
+        probe(url)  # before hours of conversion: a destination that cannot work fails now
+    elif args.out:
+        check_destination(Path(args.out), args.force)
+    ckpt = pick_checkpoint(rd, args.step, check=False)  # convert() checks every byte while it converts
+    dtype = args.dtype or rd.load_config().deepspeed.precision
     out = Path(args.out) if args.out and not url else rd.exports / f"{ckpt.tag}-{dtype}"
     with LedgerWriter(rd.path, f"convert-{hostname()}-{os.getpid()}") as led:
         def say(fname: str) -> None:
             if not args.json:
                 print(f"  wrote {fname}", flush=True)
 
-        exp = convert(rd, ckpt, out, dtype, parse_size(args.shard_size), verify=not args.no_verify,
-                      atol=args.atol, force=args.force or bool(url), ledger=led, progress=say)
+        exp = convert(rd, ckpt, out, dtype, args.shard_size, verify=not args.no_verify,
+                      atol=args.atol, force=args.force or bool(url), ledger=led, progress=say, check_source=True)
         result: dict[str, Any] = {"tag": exp.tag, "step": exp.step, "out": str(exp.out), "dtype": exp.dtype,
                                   "shards": exp.shards, "bytes": exp.bytes, "seconds": exp.seconds,
                                   "verify": exp.verify}

@@ -93,7 +93,7 @@ def load_model(t: Target) -> Any:
 
     from kit.model import bloom_config
     from kit.tools.convert import torch_dtype
-    from kit.tools.verify_export import _own_memory, reference_state
+    from kit.tools.verify_export import Reference, _own_memory
 
     hf_logging.disable_progress_bar()
     dtype = torch_dtype(t.dtype)
@@ -102,9 +102,11 @@ def load_model(t: Target) -> Any:
     if t.kind == "export":
         model = AutoModelForCausalLM.from_pretrained(str(t.path), dtype=dtype, attn_implementation=attn,
                                                      local_files_only=True)
-    else:
+    else:  # the checkpoint's own weights at any layout, as kit convert's verification reads them
         assert t.cfg is not None and t.ckpt is not None
-        state, _ = reference_state(t.ckpt, dtype)
+        ref = Reference(t.ckpt, dtype, t.cfg)
+        state = {name: ref.get(name) for name in ref.names()}
+        state.setdefault("lm_head.weight", state["transformer.word_embeddings.weight"])  # tied
         config = bloom_config(t.cfg.model, t.cfg.data.vocab_size)
         config._attn_implementation = attn
         with torch.device("meta"):
@@ -232,16 +234,21 @@ def record(rd: RunDir, res: dict[str, Any], led: LedgerWriter | None = None) -> 
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, POSITIVE
+
     p.add_argument("target", help="run directory (or run name under --runs-dir), or an export folder of `kit convert`")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
-    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest complete one)")
+    p.add_argument("--step", type=NONNEGATIVE, default=None,
+                   help="the checkpoint's step (default: the newest complete one)")
     p.add_argument("--run", default="", help="for an export outside its run directory: the run whose held-out data "
                                              "to score on")
     p.add_argument("--data", default="", metavar="FILE",
                    help="score on this file instead (.txt: documents separated by blank lines; .jsonl; .parquet)")
-    p.add_argument("--sequences", type=int, default=0, help="with --data: sequences to score (default: eval.sequences)")
-    p.add_argument("--samples", type=int, default=1, help="greedy samples per source to print (default 1; 0: none)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sample (default 32)")
+    p.add_argument("--sequences", type=NONNEGATIVE, default=0,
+                   help="with --data: sequences to score (default: eval.sequences)")
+    p.add_argument("--samples", type=NONNEGATIVE, default=1,
+                   help="greedy samples per source to print (default 1; 0: none)")
+    p.add_argument("--new-tokens", type=POSITIVE, default=32, help="tokens generated per sample (default 32)")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG",
                    help="write the per-source validation loss over the run's steps (ledger eval events) to PNG")
     p.add_argument("--record", action="store_true", help="write the result to the run's ledger as an eval event")
@@ -251,10 +258,6 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace, verb: str) -> int:
     from kit.tools.eval_report import plot_history, print_result
 
-    if args.step is not None and args.step < 0:
-        raise KitError(f"--step must be >= 0, not {args.step}")
-    if args.samples < 0 or args.new_tokens < 1 or args.sequences < 0:
-        raise KitError("--samples and --sequences must be >= 0 and --new-tokens >= 1")
     if args.plot is not None and args.plot.parent.is_dir() and not os.access(args.plot.parent, os.W_OK):
         raise KitError(f"cannot write --plot {args.plot}: {args.plot.parent} is not writable; choose another file")
     t = find_target(args.target, args.runs_dir, args.step, args.run)

@@ -60,10 +60,14 @@ def test_help(app: MonitorApp, snap_compare: Any) -> None:
     assert snap_compare(app, press=["question_mark"], terminal_size=SIZE, run_before=_loaded)
 
 
+def test_goodput(app: MonitorApp, snap_compare: Any) -> None:
+    assert snap_compare(app, press=["6"], terminal_size=SIZE, run_before=_loaded)
+
+
 def test_validation(tmp_path: Path, snap_compare: Any) -> None:
     """Six evaluations appended (tests/test_monitor_validation.py's history: ru rises, an alert open)."""
     run = tmp_path / "tiny"
     shutil.copytree(FIXED_RUN, run)
     append(run, "train-r0", history(fixed_now() - 600))
     app = make_app([run], use_slurm=False, clock=fixed_now)
-    assert snap_compare(app, press=["6"], terminal_size=SIZE, run_before=_loaded)
+    assert snap_compare(app, press=["7"], terminal_size=SIZE, run_before=_loaded)
