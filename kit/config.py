@@ -650,7 +650,7 @@ class EvalSection:
     survives segment boundaries and resumes)."""
     heldout_fraction: float = 0.02
     """Share of each source's documents set aside at data preparation and never trained on (at least
-    one document when the source has two or more). Chosen from run.seed and each document's origin, so
+    one document when the source has two or more). Chosen from run.seed and each document's text, so
     a re-prepare picks the same ones; recorded in the data's meta.json. Changes the training data."""
     heldout_docs: int = 0
     """A fixed number of held-out documents per source instead of ``heldout_fraction`` (0 = use the
