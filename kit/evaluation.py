@@ -247,6 +247,12 @@ class LossWatch:
         self.open = {k: int(s) for k, s in state.get("open", {}).items()}
 
 
+def incident_id(source: str, opened: int) -> str:
+    """One id per incident (the ledger's rule: escalations of one incident share it, another incident
+    has its own): the source and the step its incident opened, so a resumed segment names it the same."""
+    return f"eval/{source}/{opened}"
+
+
 def needed_stretch(eval_s: float, step_s: float, interval: int, max_fraction: float) -> int:
     """The smallest power-of-two multiple of ``interval`` whose training time bounds ``eval_s`` to
     ``max_fraction`` of it (1 when it fits already, or when ``max_fraction`` is 0: no bound)."""
@@ -408,7 +414,8 @@ class Evaluator:
             self.ledger.alert("warning", f"validation loss of {inc['source']} is {inc['loss']:.4g} at step {step}, "
                               f"{inc['rise']:+.1%} over its best of the last {self.cfg.alert_window} evaluations "
                               f"({inc['best']:.4g} at step {inc['best_step']}): lasting damage? see "
-                              "`kit spikes` and `kit eval`", step=step, source=inc["source"], incident="eval_loss")
+                              "`kit spikes` and `kit eval`", step=step, source=inc["source"], condition="eval_loss",
+                              incident=incident_id(inc["source"], step))
         sink = self.sink()
         if sink is not None:
             scalars: dict[str, float | None] = {"eval/all/loss": res["loss"], "perf/eval_seconds": wall,

@@ -230,6 +230,8 @@ def test_the_trainer_alerts_once_per_incident_in_the_ledger(tmp_path: Path) -> N
             ev._report((step + 1) * 100, res, 0.01, 0.1, 0.01)
     alerts = read_all(tmp_path, {"alert"})
     assert [(a["source"], a["step"]) for a in alerts] == [("fr", 300), ("de", 500), ("fr", 600)]
+    assert [a["incident"] for a in alerts] == ["eval/fr/300", "eval/de/500", "eval/fr/600"]  # one id each
+    assert {a["condition"] for a in alerts} == {"eval_loss"}
     assert "validation loss of fr is 2.5 at step 300, +31.6% over its best" in alerts[0]["message"]
     events = read_all(tmp_path, {"eval"})
     assert [e["incidents"] for e in events] == [[], [], ["fr"], ["fr"], ["de"], ["de", "fr"]]
