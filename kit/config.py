@@ -233,6 +233,13 @@ class CheckpointSection:
     """...and every checkpoint whose step is a multiple of N (0 = none), as BigScience kept every 1k."""
     verify_on_resume: bool = False
     """Hash every file against the manifest before resuming (sizes are always checked)."""
+    async_save: bool = True
+    """Save without stopping training for the write: the loop pauses only to copy the state to host
+    memory (pinned memory on GPUs), then a background thread writes DeepSpeed's files, fsyncs and hashes
+    them, and rank 0 writes the manifest last. A save still in flight when the next is due, at a
+    rollback or at the segment's end is waited for. Needs host memory for one copy of each rank's
+    state (it uses at most half of what is free; beyond that a save is written synchronously, with a
+    warning). false = DeepSpeed writes in the loop (the stall is the whole save)."""
     stream_hold_max: int = 2
     """While a live `kit stream` has not shipped them yet, keep up to this many more checkpoints than
     keep_last (its remote keep-every ones first; 0 = retention ignores the stream). Bounded, so a

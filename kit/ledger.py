@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class LedgerWriter:
         self.src = name
         self.seg = seg
         self.fsync = fsync
+        self._lock = threading.Lock()  # a background checkpoint writer emits too (kit.asyncsave)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh: IO[bytes] = open(self.path, "ab")  # noqa: SIM115 (owned for the writer's life)
@@ -123,10 +125,11 @@ class LedgerWriter:
             event["seg"] = self.seg
         event.update(fields)
         line = json.dumps(event, separators=(",", ":"), allow_nan=True, default=_json_default) + "\n"
-        self._fh.write(line.encode())
-        self._fh.flush()
-        if self.fsync:
-            os.fsync(self._fh.fileno())
+        with self._lock:
+            self._fh.write(line.encode())
+            self._fh.flush()
+            if self.fsync:
+                os.fsync(self._fh.fileno())
         return event
 
     def alert(self, severity: str, message: str, **fields: Any) -> dict[str, Any]:
@@ -135,8 +138,9 @@ class LedgerWriter:
         return self.emit("alert", severity=severity, message=message, **fields)
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.close()
 
     def __enter__(self) -> LedgerWriter:
         return self

@@ -151,6 +151,7 @@ class Trainer:
         reason = reason or "done"
         if reason != "give_up" and not self.saver.saved_at(st.step):  # never checkpoint a state given up on
             self.save(reason)
+        self.wait_for_saves()  # a save still being written completes before the segment ends
         if reason == "stop":
             self._ack(STOP)
         self._finish(reason)
@@ -321,10 +322,8 @@ class Trainer:
     def _near_deadline(self) -> bool:
         if self.deadline is None:
             return False
-        st = self.state
-        step_t = max(st.step_times[-10:], default=0.0)
-        save_t = max(self.saver.save_times, default=step_t * 5)
-        margin = self.cfg.trainer.stop_margin_s + 2 * step_t + 1.5 * save_t
+        step_t = max(self.state.step_times[-10:], default=0.0)
+        margin = self.cfg.trainer.stop_margin_s + 2 * step_t + self.saver.deadline_reserve_s(step_t)
         return time.time() + margin >= self.deadline
 
     def _emit_step(self, loss: float, lr: float, nonfinite: bool, dt: float, flops: float, model_flops: float,
@@ -357,6 +356,12 @@ class Trainer:
             self.health.long_phase("save")
         self.saver.save(self.state.step, self.state.consumed, why, self.guard.manifest_state())
 
+    def wait_for_saves(self) -> None:
+        """Collective: the asynchronous save in flight, if any, is complete (rank 0: committed)."""
+        if self.saver.pending is not None and self.health:
+            self.health.long_phase("save")
+        self.saver.wait()
+
     # ------------------------------------------------------------------------------------- end
     def _ack(self, switch: str) -> None:
         if self.env.is_main:
@@ -379,6 +384,7 @@ class Trainer:
         if self.health:
             self.health.stop()
             self.health = None
+        self.saver.close()  # a save in flight (ending on an error): bounded wait, said in the ledger if lost
         if self.sink:
             self.sink.close()
             self.sink = None
