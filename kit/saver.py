@@ -262,7 +262,7 @@ class Saver:
         seconds = time.perf_counter() - t0  # the stall: engine files, hashes, manifest, latest
         self.ledger.emit("ckpt_saved", step=step, tag=tag, seconds=round(seconds, 3), reason=why,
                          bytes=sum(f["size"] for f in manifest["files"].values()), consumed=consumed,
-                         stall_s=round(seconds, 4), wait_s=0.0, **{"async": False})
+                         stall_s=round(seconds, 3), wait_s=0.0, **{"async": False})
         self.retain()
 
     def retain(self) -> None:
