@@ -8,7 +8,8 @@ rank 0, every figure from the loop's point of view:
 - stall: wall time of ``Trainer.save`` (what the step loop waits for);
 - total: from the save's start to its ``ckpt_saved`` (async: the commit on the writer thread);
 - step times: steps with no save in flight ("idle") and steps taken while an asynchronous write was
-  in flight ("writing").
+  in flight ("writing");
+- CPU: the process's CPU time during a synchronous save, and the writer thread's own CPU time.
 
 Prints one ``RESULT`` JSON line.
 """
@@ -38,7 +39,8 @@ def main() -> None:
     tr.setup()
     tr.begin_loop()
     out: dict[str, Any] = {"sync_stall": [], "async_stall": [], "idle_step": [], "writing_step": [],
-                           "writing_steps_per_save": [], "async_snapshot_bytes": []}
+                           "writing_steps_per_save": [], "async_snapshot_bytes": [], "sync_cpu": [],
+                           "async_writer_cpu": []}
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -55,9 +57,11 @@ def main() -> None:
             out["idle_step"] += [step() for _ in range(idle_steps)]
             dist.barrier()
             tr.saver.cfg.checkpoint.async_save = mode == "async"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tr.save(f"bench-{mode}")
             out[f"{mode}_stall"].append(time.perf_counter() - t0)
+            if mode == "sync":
+                out["sync_cpu"].append(time.process_time() - c0)
             if mode == "async":
                 job = tr.saver.pending
                 assert job is not None
@@ -67,6 +71,7 @@ def main() -> None:
                     out["writing_step"].append(step())
                     n += 1
                 out["writing_steps_per_save"].append(n)
+                out["async_writer_cpu"].append(job.cpu_s)
                 tr.wait_for_saves()
     tr.wait_for_saves()
     if env.rank == 0:

@@ -61,6 +61,7 @@ def run(hidden: int, layers: int, ranks: int, rounds: int, idle_steps: int) -> d
         "idle_step_s": round(idle, 4), "writing_step_s": None if writing is None else round(writing, 4),
         "writing_slowdown_pct": None if writing is None else round((writing / idle - 1) * 100, 2),
         "steps_per_async_save": r["writing_steps_per_save"],
+        "sync_save_cpu_s": round(med(r["sync_cpu"]), 3), "async_writer_cpu_s": round(med(r["async_writer_cpu"]), 3),
         "raw": {k: [round(x, 4) for x in r[k]] for k in ("sync_stall", "async_stall", "idle_step", "writing_step")},
         "ledger_stall_s": r["ledger_stall"], "load_avg_1m_before": round(load0, 2),
         "load_avg_1m_after": round(os.getloadavg()[0], 2),

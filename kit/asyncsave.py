@@ -28,6 +28,7 @@ every rank's files. The cost: while a save is in flight, rank 0 lists one folder
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -62,6 +63,7 @@ class RankWrite:
     started: float = field(default_factory=time.perf_counter)
     error: str = ""
     write_s: float = 0.0
+    cpu_s: float = 0.0  # this thread's CPU time (serializing, copying into the page cache, hashing)
     record: dict[str, Any] = field(default_factory=dict)
     _abort: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -84,6 +86,8 @@ class RankWrite:
 
     # ---------------------------------------------------------------------------------- the thread
     def _run(self) -> None:
+        background_priority()
+        cpu0 = time.thread_time()
         try:
             self._write()
         except Exception as e:  # reported to every rank at the next wait (kit.saver), never lost
@@ -91,6 +95,7 @@ class RankWrite:
             self._record({}, self.error)
         finally:
             self.write_s = time.perf_counter() - self.started
+            self.cpu_s = time.thread_time() - cpu0
             with self.buffers_lock:
                 self.buffers.give_back(self.snap.storages)
             self.snap.storages, self.snap.files = [], []
@@ -150,6 +155,17 @@ class RankWrite:
                 missing = sorted(int(n[len(ck.WRITTEN_PREFIX):-5]) for n in want - have)
                 raise TimeoutError(f"ranks {missing[:8]} never reported their files written")
             delay = min(0.5, delay * 2)
+
+
+WRITER_NICE = 19
+
+
+def background_priority() -> None:
+    """Lower this thread's CPU priority (Linux: nice is per thread): where training is CPU-bound and
+    the cores are busy, the writer then takes what training leaves instead of half of it; on a GPU
+    node, whose cores are idle during the step, it changes nothing. Best effort: elsewhere a no-op."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: keep the default
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
 
 
 def known_files(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

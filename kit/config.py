@@ -276,6 +276,9 @@ class TrainerSection:
     """Accelerator's dense bf16 peak for MFU (A100: 312, H100 SXM: 989). 0 = from the GPU name."""
     threads: int = 1
     """OMP/MKL threads per rank (keep it fixed: a different count changes the arithmetic)."""
+    progress_s: float = 10.0
+    """Rank 0 prints a live step line (step, loss, tokens/s, s/step, ETA) at a segment's first step,
+    then every this many seconds, and at the last step; 0 = off. In the job's log under Slurm."""
 
     def __post_init__(self) -> None:
         if self.max_steps <= 0:
@@ -284,6 +287,8 @@ class TrainerSection:
             raise ConfigError(f"trainer.log_interval must be greater than 0, got {self.log_interval}")
         if self.nproc <= 0:
             raise ConfigError(f"trainer.nproc must be greater than 0, got {self.nproc}")
+        if self.progress_s < 0:
+            raise ConfigError(f"trainer.progress_s must be >= 0 (0 = no step lines), got {self.progress_s}")
         if self.deadline:
             from datetime import datetime
 
@@ -386,7 +391,18 @@ class HealthSection:
     straggler_interval: int = 50
     """Gather per-rank timings every N steps (0 = off)."""
     straggler_threshold: float = 0.05
-    """Report ranks slower than the median by this fraction (BLOOM found a GPU 5% slow)."""
+    """The smallest slowdown reported: a rank's forward time over the other ranks' median, minus one
+    (BLOOM found a GPU 5% slow). A rank is a straggler when, over the last straggler_windows gathers,
+    it is slower than this in straggler_persist of them and its mean slowdown is also more than
+    straggler_noise_k standard errors of the run's own timing noise (kit.stragglers)."""
+    straggler_noise_k: float = 5.0
+    """How many standard errors of the run's measured window-to-window noise the mean slowdown over
+    straggler_windows must exceed (5: noise alone practically never does)."""
+    straggler_windows: int = 5
+    """Gathers a straggler call looks back over (and the earliest gather it can be made at); an
+    alert escalates to an error when its rank stays flagged for this many more."""
+    straggler_persist: int = 3
+    """Of straggler_windows gathers, how many must each show the slowdown (1: one slow gather is enough)."""
     watchdog: bool = True
     """Run the hang watchdog (one thread per rank); independent of ``enabled`` (the sampler)."""
     hang_grace_s: float = 30.0
@@ -412,6 +428,11 @@ class HealthSection:
             raise ConfigError(f"health.straggler_interval must be >= 0, got {self.straggler_interval}")
         if self.straggler_threshold <= 0:
             raise ConfigError(f"health.straggler_threshold must be greater than 0, got {self.straggler_threshold}")
+        if self.straggler_noise_k < 0:
+            raise ConfigError(f"health.straggler_noise_k must be >= 0, got {self.straggler_noise_k}")
+        if not 1 <= self.straggler_persist <= self.straggler_windows:
+            raise ConfigError(f"health.straggler_persist must be between 1 and health.straggler_windows "
+                              f"({self.straggler_windows}), got {self.straggler_persist}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -37,7 +37,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
     # the run and its chain
     "run_created": ("name", "config_digest"),
     "chain_submitted": ("job_id",),
-    "segment_started": ("world_size", "step"),
+    "segment_started": ("world_size", "step"),  # + startup: {process, trainer, data, engine, resumed} Unix times
+    "segment_first_step": ("step",),  # the segment's first completed step (startup_s since the process began)
     "segment_signalled": ("signal",),
     "segment_ended": ("reason", "step"),
     "chain_requeued": ("job_id", "reason"),
@@ -65,8 +66,9 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "spike": ("step", "loss"),
     "rollback": ("from_step", "to_step"),
     "data_skipped": ("step", "start", "end"),  # kit.spikes: the trainer jumped over a skip range
-    "alert": ("severity", "message"),
-    "alert_ack": ("alert_t",),
+    "alert": ("severity", "message"),  # + incident (kit.alerts): one incident, one row; escalations repeat its id
+    "alert_cleared": ("incident",),  # kit.alerts: the condition behind an incident is over
+    "alert_ack": ("alert_t",),  # + incident, severity: an ack covers the incident up to that severity
     "control_ack": ("switch", "step"),
     "doctor": ("ok", "checks"),
 }
@@ -133,8 +135,10 @@ class LedgerWriter:
         return event
 
     def alert(self, severity: str, message: str, **fields: Any) -> dict[str, Any]:
+        """An alert; without an ``incident`` id (kit.alerts) it is an incident of its own."""
         if severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}")
+        fields.setdefault("incident", f"{self.src}/{self.seg or '-'}/{time.time_ns():x}")
         return self.emit("alert", severity=severity, message=message, **fields)
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ from kit.health import JobHealth
 from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
 from kit.metrics import MetricSink
 from kit.model import peak_tflops, step_flops
+from kit.progress import StepLines
 from kit.rollback import RollbackPolicy
 from kit.rundir import SAVE_NOW, STOP, RunDir
 from kit.saver import Saver
@@ -90,6 +91,10 @@ class Trainer:
         self._consumed_at: dict[int, int] = {}  # step -> samples consumed before it (last few steps)
         self.health: JobHealth | None = None  # kit.health: node sampler, hang watchdog, straggler timings
         self._setup_watchdog = setup_watchdog  # kit.watchdog.for_setup: watching since before the rendezvous
+        # Start-up phases (Unix times at the end of each), for the goodput account: segment_started carries
+        # them, segment_first_step closes the start-up (restart cost = failure -> first completed step).
+        self.startup: dict[str, float] = {"process": _process_start(), "trainer": time.time()}
+        self.lines: StepLines | None = None  # rank 0's live step lines (trainer.progress_s)
 
     # ------------------------------------------------------------------------------------ setup
     def _deadline(self) -> float | None:
@@ -112,12 +117,15 @@ class Trainer:
             with wait_for_meta(data_dir):
                 pass
         self.data = MixtureDataset(data_dir, cfg.run.seed, cfg.model.seq_length)
+        self.startup["data"] = time.time()
         built = build_engine(cfg, self.dp, env.rank)
         self.engine, self._optim, self._sched = built.engine, built.optimizer, built.scheduler
         self.saver.engine = self.engine
+        self.startup["engine"] = time.time()
         resumed = self.saver.resume()
         self.state.step, self.state.consumed, self.state.resumed_from = resumed.step, resumed.consumed, resumed.tag
         self._setup_spikes()
+        self.startup["resumed"] = time.time()
         if env.is_main:
             self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=self.state.step + 1)
             self.ledger.emit("segment_started", world_size=self.dp, step=self.state.step,
@@ -125,7 +133,10 @@ class Trainer:
                              max_steps=cfg.trainer.max_steps, global_batch=self.global_batch,
                              job_id=os.environ.get("SLURM_JOB_ID", ""),
                              restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-                             versions=_versions())
+                             versions=_versions(), startup={k: round(v, 3) for k, v in self.startup.items()})
+            tokens = self.global_batch * cfg.model.seq_length
+            self.lines = StepLines(cfg.trainer.progress_s, cfg.trainer.max_steps, tokens,
+                                   out=lambda line: print(line, flush=True))
         self._install_signals()
         # Health (kit.health, docs/health.md): sampler on local rank 0, watchdog per rank, straggler timer.
         self.health = JobHealth.start(cfg, self.rd, env, self.seg, self.engine, self.ledger, self._setup_watchdog)
@@ -182,6 +193,8 @@ class Trainer:
         fault_point("step.after", st.step, self.env.rank)
         if self.env.is_main and (st.step % cfg.trainer.log_interval == 0 or self.guard.note):
             self._emit_step(loss, lr, vec[NONFINITE] > 0, dt, self._flops, self._model_flops, self._peak)
+        if self.env.is_main:
+            self._progress(loss)
         if self.spike_check.give_up is not None:
             return self._give_up(self.spike_check.give_up.why)
         if self.spike_check.decisions and self.env.is_main:
@@ -205,6 +218,16 @@ class Trainer:
             if vec[F_SAVE] > 0:
                 self._ack(SAVE_NOW)
         return ""
+
+    def _progress(self, loss: float) -> None:
+        """Rank 0: the segment's first completed step (ledger), and the live step line when one is due."""
+        st = self.state
+        if "first_step" not in self.startup:
+            now = self.startup["first_step"] = time.time()
+            self.ledger.emit("segment_first_step", step=st.step, startup_s=round(now - self.startup["process"], 3),
+                             setup_s=round(now - self.startup["trainer"], 3))
+        if self.lines is not None:
+            self.lines.step(st.step, loss, last=st.step >= self.cfg.trainer.max_steps)
 
     def _train_step(self) -> list[float]:
         """Forward/backward/step over the micro-batches, then the one all-reduce of the step."""
@@ -393,6 +416,13 @@ class Trainer:
     def _log(self, msg: str) -> None:
         if self.env.is_main:
             print(f"[kit r{self.env.rank}] {msg}", flush=True)
+
+
+def _process_start() -> float:
+    """When this rank's process started (the launcher's start-up: interpreter, imports, rendezvous)."""
+    import psutil
+
+    return float(psutil.Process().create_time())
 
 
 def _versions() -> dict[str, str]:

@@ -21,8 +21,9 @@ EXIT = {HEALTHY: 0, DEGRADED: 1, DOWN: 2}
 STALL_FLOOR_S = 600.0  # no step for this long (or 20 step times, whichever is longer) = stalled
 STARTUP_S = 1800.0  # from segment start to the first step: data, model build, checkpoint load
 IDLE_CHAIN_S = 86400.0  # a requeued run with no new segment for a day is degraded
-RECENT_S = 3600.0  # spikes and stragglers within the last hour degrade the run
+RECENT_S = 3600.0  # spikes within the last hour degrade the run (stragglers: while their incident is open)
 DROP = 0.8  # recent throughput under 80% of the run's median is a drop
+HOST_KEYS = ("mem_pct", "mem_avail_gib", "cpu_pct", "load1", "fs_free_gib", "net_rx_mbps", "net_tx_mbps")
 
 
 def worst(levels: list[str]) -> str:
@@ -84,9 +85,9 @@ def _degradations(m: RunModel, now: float, phase: str) -> list[str]:
     spikes = [s for s in m.spikes if now - s[2] <= RECENT_S]
     if spikes:
         out.append(f"{len(spikes)} loss spike(s) in the last hour (step {spikes[-1][0]})")
-    slow = [s for s in m.stragglers if isinstance(s.get("t"), int | float) and now - s["t"] <= RECENT_S]
+    slow = [a for a in m.open_incidents("straggler") if not a.acked]  # kit.stragglers clears them on recovery
     if slow:
-        out.append(f"straggler: rank {slow[-1].get('rank')} x{slow[-1].get('slowdown')}")
+        out.append(f"{len(slow)} straggler incident(s) open: {slow[-1].message[:100]}")
     if phase == "running":
         drop = throughput_drop(m)
         if drop is not None and drop < DROP:
@@ -179,7 +180,10 @@ def summarize(m: RunModel, now: float, q: QueueInfo | None = None) -> dict[str, 
         "doctor": None if not m.doctor else {"ok": m.doctor["ok"], "t": m.doctor["t"]},
         "excluded_nodes": sorted(m.excluded),
         "health": {"nodes": len(m.health), "gpus": len(gpus), "problems": sum(bool(g.problems()) for g in gpus),
-                   "nvml_absent": sorted(m.nvml_absent)},
+                   "nvml_absent": sorted(m.nvml_absent),
+                   # host readings of each node's latest sample (kit.health): memory, load, disk, network
+                   "hosts": {n.node: {"t": n.t, **{k: n.host.get(k) for k in HOST_KEYS}}
+                             for n in sorted(m.health.values(), key=lambda n: n.node)[:64]}},
         "reader": {"events": m.reader.events, "bad_lines": m.reader.bad_lines,
                    "unknown_kinds": m.reader.unknown_kinds, "future_version": m.reader.future_version,
                    "vanished_files": m.reader.vanished_files, "truncated_files": m.reader.truncated_files,

@@ -31,6 +31,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from kit.config import RunConfig
 from kit.errors import CheckpointError, KitError
 from kit.fsio import atomic_write_json, fsync_path
 from kit.ledger import LedgerWriter, NullLedger, hostname
+from kit.progress import NO_BARS, Bars
 from kit.rundir import RunDir, resolve_run
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
 
@@ -83,8 +85,9 @@ class Export:
 # ------------------------------------------------------------------------------------------ checks
 
 
-def pick_checkpoint(rd: RunDir, step: int | None) -> ck.Checkpoint:
-    """The requested step (or the newest complete one) as a complete, intact checkpoint."""
+def pick_checkpoint(rd: RunDir, step: int | None, bars: Bars = NO_BARS) -> ck.Checkpoint:
+    """The requested step (or the newest complete one) as a complete, intact checkpoint (``bars``: a
+    progress bar of the bytes hashed)."""
     root = rd.checkpoints
     if step is not None:
         tag = ck.tag_for(step)
@@ -97,14 +100,15 @@ def pick_checkpoint(rd: RunDir, step: int | None) -> ck.Checkpoint:
         if not complete:
             raise CheckpointError(f"{root} holds no complete checkpoint (none with {ck.MANIFEST}); train first")
         ckpt = complete[-1]
-    problems = verify_source(ckpt)
+    task = bars.task(f"checking {ckpt.tag}", ckpt.bytes, unit="bytes")
+    problems = verify_source(ckpt, advance=task.advance)
     if problems:
         raise CheckpointError(f"checkpoint {ckpt.tag} is corrupt ({'; '.join(problems[:3])}); "
                               "choose another step with --step")
     return ckpt
 
 
-def verify_source(ckpt: ck.Checkpoint, threads: int = 0) -> list[str]:
+def verify_source(ckpt: ck.Checkpoint, threads: int = 0, advance: Callable[[int], None] | None = None) -> list[str]:
     """kit.checkpoint.verify (sizes, then every file's sha256 against the manifest), the files hashed on
     several threads: hashing the source (several times the export's bytes, with the Adam moments) is the
     largest part of ``kit convert``'s time, and hashlib releases the GIL."""
@@ -112,8 +116,15 @@ def verify_source(ckpt: ck.Checkpoint, threads: int = 0) -> list[str]:
     if problems:
         return problems
     files = list(ckpt.manifest["files"].items())
+
+    def one(item: tuple[str, dict[str, Any]]) -> str:
+        d = ck.sha256(ckpt.path / item[0])
+        if advance:
+            advance(item[1]["size"])
+        return d
+
     with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: ck.sha256(ckpt.path / item[0]), files))
+        digests = list(pool.map(one, files))
     return [f"{rel}: sha256 mismatch" for (rel, info), d in zip(files, digests, strict=True) if d != info["sha256"]]
 
 
@@ -262,7 +273,7 @@ class _ShardFile:
 
 
 def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
-                  then: Any = None) -> tuple[int, int, dict[str, str]]:
+                  then: Any = None, advance: Callable[[int], None] | None = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
     Each shard is its safetensors header (built here, from the layout alone) followed by each tensor's
@@ -274,7 +285,8 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
     - otherwise, through the mmapped partitions in CHUNK windows (madvise POPULATE_READ, cast or
       written as is, DONTNEED).
 
-    Either way resident memory stays at a few CHUNKs whatever the model size.
+    Either way resident memory stays at a few CHUNKs whatever the model size. ``progress(fname)`` is
+    called after each shard, ``advance(nbytes)`` after each tensor (a progress bar's bytes written).
 
     Two threads hash the shards (for the export's manifest) as they grow (:class:`_ShardFile`) and one
     fsyncs each finished shard, while the next is written; ``then()`` (the small files) runs once the last
@@ -355,6 +367,8 @@ def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: 
                                 assert parts is not None
                                 write_mapped(out, parts[r][g].detach()[a:a + count])
                         total += spec.numel * item
+                        if advance:
+                            advance(spec.numel * item)
             finally:
                 out.close()  # also on an error: the hashing thread must not wait for bytes that never come
             syncs.append(syncing.submit(fsync_path, out.path))
@@ -413,8 +427,9 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
 
 def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_bytes: int = 2 * 10**9,
             verify: bool = True, atol: float = 0.0, force: bool = False,
-            ledger: LedgerWriter | NullLedger | None = None, progress: Any = None) -> Export:
-    """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem."""
+            ledger: LedgerWriter | NullLedger | None = None, progress: Any = None, bars: Bars = NO_BARS) -> Export:
+    """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem. ``bars``:
+    progress bars (bytes written; the logits check)."""
     from kit.tools.verify_export import verify_export
 
     led = ledger or NullLedger()
@@ -432,12 +447,16 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     shutil.rmtree(stage, ignore_errors=True)
     try:
         stage.mkdir(parents=True)
+        item = 2 if dtype == "bf16" else 4
+        task = bars.task(f"writing {dtype}", sum(p.numel for p in reader.params) * item, unit="bytes")
         shards, nbytes, digests = write_weights(  # the small files while the last shards are hashed
-            reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype))
+            reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype),
+            advance=task.advance)
         seconds = time.perf_counter() - t0
         result: dict[str, Any] = {"skipped": True}
         if verify:
-            result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
+            with bars.phase("logits check"):
+                result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
             led.emit("ckpt_verified", tag=ckpt.tag, where="export", **result)
             if not result["ok"]:
                 weights = ("its weights are bit-identical to the checkpoint's, so the arithmetic differs: "
@@ -496,17 +515,15 @@ def run(args: argparse.Namespace, verb: str) -> int:
     from kit.tools.upload import is_url, redact, upload_folder
 
     rd = resolve_run(args.run, args.runs_dir)
-    ckpt = pick_checkpoint(rd, args.step)
+    with Bars(enabled=not args.json) as bars:
+        ckpt = pick_checkpoint(rd, args.step, bars)
     dtype = args.dtype or rd.load_config().deepspeed.precision
     url = args.out if is_url(args.out) else ""
     out = Path(args.out) if args.out and not url else rd.exports / f"{ckpt.tag}-{dtype}"
     with LedgerWriter(rd.path, f"convert-{hostname()}-{os.getpid()}") as led:
-        def say(fname: str) -> None:
-            if not args.json:
-                print(f"  wrote {fname}", flush=True)
-
-        exp = convert(rd, ckpt, out, dtype, parse_size(args.shard_size), verify=not args.no_verify,
-                      atol=args.atol, force=args.force or bool(url), ledger=led, progress=say)
+        with Bars(enabled=not args.json) as bars:
+            exp = convert(rd, ckpt, out, dtype, parse_size(args.shard_size), verify=not args.no_verify,
+                          atol=args.atol, force=args.force or bool(url), ledger=led, bars=bars)
         result: dict[str, Any] = {"tag": exp.tag, "step": exp.step, "out": str(exp.out), "dtype": exp.dtype,
                                   "shards": exp.shards, "bytes": exp.bytes, "seconds": exp.seconds,
                                   "verify": exp.verify}
