@@ -3,6 +3,7 @@
 #
 #   bash dev.sh demo     set up .venv if needed, then run the embedded default (kit demo)
 #   bash dev.sh test     set up .venv, start the local Slurm cluster (root), lint, type-check, pytest
+#   bash dev.sh test --stress [RUNS]   the concurrency-sensitive tests RUNS times on saturated CPUs
 #   bash dev.sh setup    only the .venv (pinned requirements/lock.txt + kit in editable mode)
 #
 # Why pinned: torch must be the CPU wheel (an unpinned torch pulls a multi-GB CUDA build) and the
@@ -45,6 +46,12 @@ case "${1:-}" in
       bash .ci/slurm/start.sh
     else
       echo "[dev] not root: the local Slurm cluster is not started (Slurm tests will skip, or fail under CI=true)"
+    fi
+    if [ "${1:-}" = "--stress" ]; then
+      shift
+      runs=3
+      if [[ "${1:-}" =~ ^[0-9]+$ ]]; then runs=$1; shift; fi
+      echo "[dev] stress: the concurrency tests $runs times under load"; exec python tests/stress.py --runs "$runs" "$@"
     fi
     echo "[dev] ruff"; ruff check .
     echo "[dev] mypy"; mypy kit jobs monitor tools

@@ -13,122 +13,40 @@ crash loop, max segments or the chain's deadline — is tested without a cluster
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from kit import exitcodes
 from kit.config import RunConfig
-from kit.fsio import atomic_write
+from kit.ledger import tail
+from kit.ledger.schema import end_outcome
+from kit.run.chainstate import (  # noqa: F401 (the chain's record, re-exported for the chain's code)
+    CHAIN_JSON,
+    CLEAN,
+    CRASH,
+    ENDED,
+    FINISHED,
+    HANG,
+    LOST,
+    PREFLIGHT,
+    QUEUED,
+    RANKS_DIR,
+    RUNNING,
+    SUBMITIT_DIR,
+    ChainState,
+    SegmentRecord,
+    chain_path,
+    latest_step,
+    load_state,
+    save_state,
+)
 from kit.rundir import RunDir
 
-CHAIN_JSON = "chain.json"
-RANKS_DIR = "ranks"
-SUBMITIT_DIR = "submitit"
 MAX_BACKOFF_S = 3600.0
-
-# Chain states (ChainState.state)
-QUEUED, RUNNING, ENDED = "queued", "running", "ended"
-# Segment outcomes (SegmentRecord.outcome)
-CLEAN = "clean"  # saved at an allocation boundary (signal, deadline, segment_limit): continue
-FINISHED = "finished"  # done, stop or give_up: the trainer says the chain ends
-PREFLIGHT = "preflight"  # the node failed its preflight: exclude it, resubmit, not a training failure
-HANG = "hang"
-CRASH = "crash"  # a rank died, a non-zero exit, no segment_ended from the trainer
-LOST = "lost"  # the driver never recorded an end (node failure, job killed): found by the next segment
-
-
-@dataclass(slots=True)
-class SegmentRecord:
-    """One allocation of the chain, as its rank-0 driver saw it."""
-
-    seg: str
-    job_id: str
-    restarts: int = 0
-    nodes: list[str] = field(default_factory=list)
-    start: float = 0.0
-    end: float = 0.0
-    outcome: str = "running"
-    reason: str = ""  # the trainer's reason (done, stop, signal, deadline, segment_limit...) or crash detail
-    ckpt_before: int = 0
-    ckpt_after: int = 0
-    step: int = -1
-    exit_codes: dict[str, int] = field(default_factory=dict)
-    implicated: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class ChainState:
-    """Everything the chain remembers between allocations (``<run>/slurm/chain.json``)."""
-
-    job_id: str = ""
-    state: str = ""
-    end_reason: str = ""
-    executor: str = ""  # "slurm" or "local"
-    submitted: float = 0.0
-    segments: list[SegmentRecord] = field(default_factory=list)
-    excluded_nodes: list[str] = field(default_factory=list)
-    suspect_nodes: list[str] = field(default_factory=list)
-    consecutive_crashes: int = 0
-    no_progress: int = 0
-    job_ids: list[str] = field(default_factory=list)
-
-    @property
-    def active(self) -> bool:
-        return self.state in (QUEUED, RUNNING)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ChainState:
-        segs = [SegmentRecord(**{k: v for k, v in s.items() if k in SegmentRecord.__dataclass_fields__})
-                for s in d.get("segments", [])]
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "segments"}
-        return cls(segments=segs, **known)
-
-
-def chain_path(rd: RunDir) -> Path:
-    return rd.slurm / CHAIN_JSON
-
-
-def load_state(rd: RunDir) -> ChainState:
-    """The chain's state; an empty one for a run never submitted (or a file torn by a crash)."""
-    try:
-        return ChainState.from_dict(json.loads(chain_path(rd).read_text()))
-    except FileNotFoundError:
-        return ChainState()
-    except (ValueError, TypeError):
-        bad = chain_path(rd)
-        bad.replace(bad.with_suffix(f".json.bad-{int(time.time())}"))
-        return ChainState()
-
-
-def save_state(rd: RunDir, state: ChainState) -> None:
-    """Atomic replace: a reader on another node sees the old or the new file, never half of one."""
-    p = chain_path(rd)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(p, state.to_json())
-
-
-def latest_step(rd: RunDir) -> int:
-    """Step of the newest complete checkpoint (0 when there is none): the chain's measure of progress."""
-    from kit import checkpoint as ck
-
-    best = 0
-    if rd.checkpoints.is_dir():
-        for p in rd.checkpoints.iterdir():
-            s = ck.step_of(p.name)
-            if s is not None and s > best and (p / ck.MANIFEST).exists():
-                best = s
-    return best
-
 
 # ------------------------------------------------------------------------------------------ timing
 
@@ -146,35 +64,9 @@ def limit_seconds(time_limit: str) -> float:
 
 
 def tail_events(rd: RunDir, kinds: set[str], max_bytes: int = 1 << 20) -> list[dict[str, Any]]:
-    """Events of the given kinds from the last ``max_bytes`` of every ledger file, by time.
-
-    A months-long run's ledger holds millions of step events; the chain and ``kit status`` only need
-    the recent ones, so they never read whole files (a torn or cut first line is skipped)."""
-    out: list[dict[str, Any]] = []
-    if not rd.ledger.is_dir():
-        return out
-    for f in rd.ledger.glob("*.jsonl"):
-        try:
-            with open(f, "rb") as fh:
-                size = fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, size - max_bytes))
-                data = fh.read()
-        except OSError:
-            continue
-        lines = data.split(b"\n")
-        if size > max_bytes:
-            lines = lines[1:]
-        for raw in lines:
-            if not raw.strip():
-                continue
-            try:
-                e = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(e, dict) and e.get("kind") in kinds:
-                out.append(e)
-    out.sort(key=lambda e: e.get("t", 0.0))
-    return out
+    """Events of the given kinds from the last ``max_bytes`` of every ledger file, by time (the one
+    reader's tail: a months-long ledger holds millions of step events, the chain needs recent ones)."""
+    return tail(rd.path, kinds, max_bytes)
 
 
 def measured_times(rd: RunDir | None) -> tuple[float, float]:
@@ -183,10 +75,10 @@ def measured_times(rd: RunDir | None) -> tuple[float, float]:
         return 0.0, 0.0
     step_t = save_t = 0.0
     for e in tail_events(rd, {"step", "ckpt_saved"}):
-        if e["kind"] == "step" and isinstance(e.get("step_time"), (int, float)):
-            step_t = max(step_t, float(e["step_time"]))
-        elif e["kind"] == "ckpt_saved" and isinstance(e.get("seconds"), (int, float)):
-            save_t = max(save_t, float(e["seconds"]))
+        if e["kind"] == "step" and "step_time" in e:  # the reader hands out finite floats only
+            step_t = max(step_t, e["step_time"])
+        elif e["kind"] == "ckpt_saved":
+            save_t = max(save_t, e["seconds"])  # whole save (an async one is waited for at the end)
     return step_t, save_t
 
 
@@ -251,9 +143,10 @@ class Decision:
 
 def classify(reason: str, rc0: int) -> str:
     """Segment outcome from the trainer's segment_ended reason and rank 0's exit status."""
-    if reason in ("done", "stop", "give_up"):
+    outcome = end_outcome(reason)  # the one vocabulary: kit.ledger.schema.END_REASONS
+    if outcome == FINISHED:
         return FINISHED
-    if reason in ("signal", "deadline", "segment_limit"):
+    if outcome == CLEAN:
         return CLEAN
     if rc0 == exitcodes.PREFLIGHT or reason == "preflight":
         return PREFLIGHT

@@ -11,6 +11,7 @@ import json
 import time
 
 from kit.config import load_recipe
+from kit.errors import RunDirError
 from kit.jobs import chain as ch
 from kit.jobs import slurmctl
 from kit.ledger import LedgerWriter
@@ -25,7 +26,10 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("run", help="run directory, or run name under --runs-dir")
     p.add_argument("--runs-dir", default="runs", help="where to look up a run given by name (default: ./runs)")
     if verb == "status":
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--json", action="store_true", help="machine-readable output (the same summary as "
+                       "`kit monitor --once --json`)")
+        p.add_argument("--exit-status", action="store_true",
+                       help="exit 0 healthy, 1 degraded, 2 down (as `kit monitor --once`), for scripts")
     if verb in ("stop", "cancel"):
         p.add_argument("--reason", default="", help="why (recorded in the ledger)")
 
@@ -36,13 +40,17 @@ def run(args: argparse.Namespace, verb: str) -> int:
 
         submit(load_recipe(args.recipe, args.overrides))
         return 0
-    rd = resolve_run(args.run, args.runs_dir)
     if verb == "status":
         from kit.jobs.status import gather, render
+        from kit.run.summary import EXIT, unreadable
 
-        st = gather(rd)
-        print(json.dumps(st, indent=1) if args.json else render(st))
-        return 0
+        try:
+            st = gather(resolve_run(args.run, args.runs_dir))
+        except (RunDirError, OSError) as e:  # no run there, or one we may not read: "down", said plainly
+            st = unreadable(args.run, args.run, str(e) if isinstance(e, RunDirError) else f"cannot read: {e}")
+        print(json.dumps(st, indent=1, default=str) if args.json else render(st))
+        return int(st.get("exit", EXIT["down"])) if args.exit_status else 0
+    rd = resolve_run(args.run, args.runs_dir)
     if verb == "stop":
         return stop(rd, args.reason)
     return cancel(rd, args.reason)
@@ -50,7 +58,7 @@ def run(args: argparse.Namespace, verb: str) -> int:
 
 def stop(rd: ch.RunDir, reason: str = "") -> int:
     """Graceful: the trainer saves at its next step and the chain ends; a queued job is withdrawn."""
-    state = ch.load_state(rd)
+    state = ch.load_state(rd, repair=True)
     rd.request(STOP, reason or "kit stop")
     live = state.job_id if state.executor == "slurm" and slurmctl.is_active(state.job_id) else ""
     if live and slurmctl.job_state(live) == "PENDING":
@@ -66,7 +74,7 @@ def stop(rd: ch.RunDir, reason: str = "") -> int:
 
 def cancel(rd: ch.RunDir, reason: str = "") -> int:
     """Now: the chain is marked ended first (so the driver does not requeue), then scancel."""
-    state = ch.load_state(rd)
+    state = ch.load_state(rd, repair=True)
     if not state.job_id:
         print(f"run {rd.path.name} has no chain to cancel")
         return 0

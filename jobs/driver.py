@@ -198,11 +198,11 @@ class Driver:
 
     def _begin(self, seg: str) -> dict[str, Any]:
         """Rank 0, before training: is this job the chain's, may a segment start, record it."""
-        state = ch.load_state(self.rd)
+        state = ch.load_state(self.rd, repair=True)
         deadline = time.time() + 60
         while state.job_ids and self.job_id not in state.job_ids and time.time() < deadline:
             time.sleep(1)  # `kit submit` records the job id right after sbatch returns: give it time
-            state = ch.load_state(self.rd)
+            state = ch.load_state(self.rd, repair=True)
         with self._ledger(seg) as led:
             if state.job_ids and self.job_id not in state.job_ids:
                 led.alert("error", f"job {self.job_id} is not part of this run's chain (its job is "

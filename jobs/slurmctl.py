@@ -1,4 +1,5 @@
-"""Thin, typed wrappers around Slurm's own commands (squeue, scontrol, sacct, sinfo, sbatch --test-only).
+"""The chain's Slurm actions (scontrol requeue, scancel, sbatch --test-only, sinfo); the queries
+(squeue, sacct) are kit.run.queue's, the one Slurm query module every tool reads through.
 
 Why shell out instead of an API: these commands are the stable interface of every Slurm site, they
 work from login and compute nodes alike, and submitit uses them too. Each wrapper returns plain data
@@ -11,10 +12,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
-from datetime import datetime
 
 from kit.errors import KitError
+from kit.run.queue import (  # noqa: F401 (the one Slurm query module; re-exported for the chain's code)
+    AcctRecord,
+    JobInfo,
+    parse_duration,
+    parse_time,
+    sacct,
+    squeue,
+)
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
@@ -47,74 +54,6 @@ def _run(cmd: list[str], timeout: float = 30, check: bool = False) -> subprocess
     return out
 
 
-def parse_time(text: str) -> float | None:
-    """Slurm's local ISO time (``2026-11-28T05:01:02``) as Unix seconds; None for N/A/Unknown/None."""
-    text = text.strip()
-    if not text or text in ("N/A", "Unknown", "None", "(null)"):
-        return None
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
-
-
-def parse_duration(text: str) -> float | None:
-    """``[D-]HH:MM:SS``, ``MM:SS`` or minutes as seconds (squeue %L, sacct Elapsed, time limits)."""
-    text = text.strip()
-    if not text or text in ("UNLIMITED", "INVALID", "NOT_SET", "N/A"):
-        return None
-    try:
-        days = 0
-        if "-" in text:
-            d, text = text.split("-", 1)
-            days = int(d)
-        parts = [int(p) for p in text.split(":")]
-    except ValueError:
-        return None
-    if len(parts) > 3:
-        return None
-    if len(parts) == 1:  # plain minutes (sbatch --time=90)
-        return days * 86400 + parts[0] * 60.0
-    if len(parts) == 2:
-        parts = [0, *parts]
-    h, m, s = parts
-    return days * 86400 + h * 3600 + m * 60 + s
-
-
-@dataclass(frozen=True, slots=True)
-class QueueEntry:
-    """One job as squeue sees it."""
-
-    job_id: str
-    state: str
-    reason: str
-    start: float | None  # actual start (running) or Slurm's expected start (pending)
-    end: float | None  # expected end (running: start + time limit)
-    time_left_s: float | None
-    nodes: str
-    name: str
-
-
-def squeue(job_id: str = "", name: str = "") -> list[QueueEntry]:
-    """Jobs in the queue (pending or running), by id or by job name."""
-    cmd = ["squeue", "-h", "-o", "%i|%T|%r|%S|%e|%L|%N|%j"]
-    if job_id:
-        cmd += ["-j", job_id]
-    if name:
-        cmd += ["-n", name]
-    out = _run(cmd)
-    if out.returncode != 0:  # "Invalid job id specified" once the job has left the queue
-        return []
-    rows = []
-    for line in out.stdout.splitlines():
-        f = line.split("|")
-        if len(f) != 8:
-            continue
-        rows.append(QueueEntry(f[0], f[1], f[2], parse_time(f[3]), parse_time(f[4]), parse_duration(f[5]), f[6],
-                               f[7]))
-    return rows
-
-
 def job_state(job_id: str) -> str:
     """Queue state of a job ("PENDING", "RUNNING"...) or "" once it has left the queue."""
     rows = squeue(job_id)
@@ -133,40 +72,6 @@ def job_end_time(job_id: str, retries: int = 3) -> float | None:
             return rows[0].end
         time.sleep(1)
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class AcctRecord:
-    """One run of a job as sacct recorded it (requeued runs appear once each with ``sacct -D``)."""
-
-    job_id: str
-    state: str
-    submit: float | None
-    eligible: float | None
-    start: float | None
-    end: float | None
-    elapsed_s: float | None
-    nodes: str
-    exit_code: str
-
-
-def sacct(job_ids: list[str]) -> list[AcctRecord]:
-    """History of the given jobs, every requeued run included, oldest first; [] if sacct fails."""
-    if not job_ids:
-        return []
-    out = _run(["sacct", "-n", "-X", "-D", "-P", "-j", ",".join(job_ids),
-                "-o", "JobID,State,Submit,Eligible,Start,End,Elapsed,NodeList,ExitCode"])
-    if out.returncode != 0:
-        return []
-    rows = []
-    for line in out.stdout.splitlines():
-        f = line.split("|")
-        if len(f) != 9:
-            continue
-        rows.append(AcctRecord(f[0], f[1].split()[0] if f[1] else "", parse_time(f[2]), parse_time(f[3]),
-                               parse_time(f[4]), parse_time(f[5]), parse_duration(f[6]), f[7], f[8]))
-    rows.sort(key=lambda r: r.submit or 0)
-    return rows
 
 
 def expand_nodes(nodelist: str) -> list[str]:

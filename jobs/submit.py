@@ -159,9 +159,9 @@ def resubmit(rd: RunDir, cfg: RunConfig, delay_s: float = 0.0, after: str = "") 
     """From inside a job: submit the chain's next job (new id, backoff, current exclusions)."""
     from kit.jobs.driver import SegmentJob
 
-    state = ch.load_state(rd)
+    state = ch.load_state(rd, repair=True)
     job = make_executor(cfg, rd, state, delay_s, after).submit(SegmentJob(str(rd.path)))
-    state = ch.load_state(rd)
+    state = ch.load_state(rd, repair=True)
     state.job_id = str(job.job_id)
     state.job_ids.append(state.job_id)
     state.state = ch.QUEUED
@@ -225,7 +225,7 @@ def submit(cfg: RunConfig, log: Any = print) -> Submitted:
         rd = create_run(cfg, log=log)
         rd.update_frozen(cfg)  # same arithmetic (create_run checked); Slurm resources may differ
         leftover = rd.consume("stop")
-        state = ch.load_state(rd)
+        state = ch.load_state(rd, repair=True)
         state.state, state.end_reason = ch.QUEUED, ""
         state.consecutive_crashes = state.no_progress = 0
         state.executor = "slurm" if slurm else "local"

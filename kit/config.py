@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -64,7 +65,8 @@ class ModelSection:
     activation_checkpointing: bool = False
     """Recompute activations in backward (BLOOM did; costs ~33% more compute, counted in TFLOP/s)."""
     attn_implementation: str = "eager"
-    """transformers attention kernel: "eager" or "sdpa" (sdpa for GPUs)."""
+    """transformers attention kernel. Only "eager" exists for BLOOM in transformers 5 (its attention
+    adds the alibi bias to materialised scores); "sdpa" is refused here rather than at model build."""
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "n_layer", "n_head", "seq_length"):
@@ -77,8 +79,11 @@ class ModelSection:
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
-        if self.attn_implementation not in ("eager", "sdpa"):
-            raise ConfigError(f'model.attn_implementation must be "eager" or "sdpa", got {self.attn_implementation!r}')
+        if self.attn_implementation == "sdpa":
+            raise ConfigError('model.attn_implementation = "sdpa" is not available: transformers has no SDPA '
+                              'kernel for BLOOM (it refuses it when the model is built); use "eager"')
+        if self.attn_implementation != "eager":
+            raise ConfigError(f'model.attn_implementation must be "eager", got {self.attn_implementation!r}')
 
 
 SOURCE_FORMATS = ("text", "jsonl", "parquet", "gettext")
@@ -221,6 +226,77 @@ class ParallelSection:
     def model_parallel(self) -> int:
         """Ranks that hold one copy of the model between them (tensor x pipeline)."""
         return self.tensor * self.pipeline
+
+
+# Named clusters for `kit plan` ([cluster] preset). Per GPU: dense bf16 peak (TFLOP/s), HBM size (GiB)
+# and bandwidth (GB/s), NVLink bandwidth per direction (GB/s), the node's inter-node bandwidth divided
+# by its GPUs (GB/s), GPUs per node, and the fraction of peak the training's matmuls reach.
+# jean-zay-a100: A100-SXM4-80GB, 4 x 100 Gb/s Omni-Path per node (BLOOM paper, section 3.4).
+# h100: H100-SXM5-80GB, NVLink4, 8 x 400 Gb/s InfiniBand per node (DGX H100 class).
+# matmul_efficiency: docs/plan.md says where these come from (calibrated on a single-node
+# Megatron-DeepSpeed measurement on Jean Zay, carried to H100 by the ratio of measured best matmuls).
+CLUSTER_PRESETS: dict[str, dict[str, float]] = {
+    "jean-zay-a100": {"peak_tflops": 312.0, "hbm_gib": 80.0, "hbm_gbps": 2039.0, "nvlink_gbps": 300.0,
+                      "internode_gbps": 6.25, "gpus_per_node": 8, "matmul_efficiency": 0.57},
+    "h100": {"peak_tflops": 989.0, "hbm_gib": 80.0, "hbm_gbps": 3350.0, "nvlink_gbps": 450.0,
+             "internode_gbps": 50.0, "gpus_per_node": 8, "matmul_efficiency": 0.53},
+}
+CLUSTER_KEYS = ("peak_tflops", "hbm_gib", "hbm_gbps", "nvlink_gbps", "internode_gbps", "gpus_per_node",
+                "matmul_efficiency")
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterSection:
+    """The hardware `kit plan` models the run on: a named preset (jean-zay-a100, h100), with any key
+    below set to override the preset's value (0 = the preset's). Training itself never reads it."""
+
+    preset: str = "jean-zay-a100"
+    """Named cluster: "jean-zay-a100" (A100-80GB, 8 a node, Omni-Path 6.25 GB/s per GPU), "h100" (H100-80GB,
+    8 a node, InfiniBand 50 GB/s per GPU), or "" to describe the cluster entirely with the keys below."""
+    peak_tflops: float = 0.0
+    """Dense bf16 peak per GPU, TFLOP/s (A100: 312, H100 SXM: 989)."""
+    hbm_gib: float = 0.0
+    """GPU memory per GPU, GiB (what a layout must fit in)."""
+    hbm_gbps: float = 0.0
+    """GPU memory bandwidth, GB/s (A100-80GB: 2039, H100 SXM: 3350): the speed of the memory-bound ops."""
+    nvlink_gbps: float = 0.0
+    """Intra-node GPU-to-GPU bandwidth per GPU and direction, GB/s (A100 NVLink3: 300, H100 NVLink4: 450)."""
+    internode_gbps: float = 0.0
+    """Inter-node bandwidth per GPU, GB/s: the node's network bandwidth divided by its GPUs
+    (Jean Zay: 4 x 100 Gb/s / 8 = 6.25; 8 x 400 Gb/s InfiniBand / 8 = 50)."""
+    gpus_per_node: int = 0
+    """GPUs per node (tensor groups stay inside a node)."""
+    matmul_efficiency: float = 0.0
+    """Fraction of peak the training's matmuls reach, kernel gaps included (docs/plan.md: 0.57 on A100,
+    0.53 on H100)."""
+
+    def __post_init__(self) -> None:
+        if self.preset and self.preset not in CLUSTER_PRESETS:
+            near = difflib.get_close_matches(self.preset, CLUSTER_PRESETS, n=1, cutoff=0.4)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"cluster.preset {self.preset!r} is not a known cluster{hint} "
+                              f"(known: {', '.join(CLUSTER_PRESETS)}; or \"\" and every cluster key set)")
+        for key in CLUSTER_KEYS:
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"cluster.{key} must be a finite number >= 0 (0 = the preset's), got {value}")
+            if not self.preset and value == 0:
+                raise ConfigError(f'cluster.{key} must be set (> 0) when cluster.preset is "" (no preset to take '
+                                  "it from)")
+        if self.matmul_efficiency > 1:
+            raise ConfigError(f"cluster.matmul_efficiency is a fraction of peak, at most 1, "
+                              f"got {self.matmul_efficiency}")
+
+    def resolved(self) -> ClusterSection:
+        """Every key set: the preset's values, then the keys given here (0 = not given)."""
+        base = CLUSTER_PRESETS.get(self.preset, {})
+        def pick(key: str) -> float:
+            return float(getattr(self, key) or base[key])
+
+        return ClusterSection(preset=self.preset, peak_tflops=pick("peak_tflops"), hbm_gib=pick("hbm_gib"),
+                              hbm_gbps=pick("hbm_gbps"), nvlink_gbps=pick("nvlink_gbps"),
+                              internode_gbps=pick("internode_gbps"), gpus_per_node=int(pick("gpus_per_node")),
+                              matmul_efficiency=pick("matmul_efficiency"))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -512,6 +588,7 @@ class RunConfig:
     batch: BatchSection = field(default_factory=BatchSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)

@@ -1,7 +1,12 @@
-"""Generate docs/recipes.md from the config dataclasses: every dotted key, type, default and docstring.
+"""Generate the reference parts of the operator guide from the code that defines them.
 
-Field docstrings are not kept at run time, so they are read from kit/config.py's source with ast.
-Regenerate with: ``python -m kit.docgen > docs/recipes.md`` (a test checks every key is documented).
+- docs/recipes.md from the config dataclasses: every dotted key, type, default and docstring. Field
+  docstrings are not kept at run time, so they are read from kit/config.py's source with ast.
+  Regenerate with ``python -m kit.docgen > docs/recipes.md`` (a test checks every key is documented).
+- docs/run-directory.md's ledger tables from kit/ledger/schema.py (event kinds and their fields, the
+  step metrics, the segment-end reasons), between its ``<!-- ledger:begin -->`` and
+  ``<!-- ledger:end -->`` markers: ``python -m kit.docgen --ledger`` rewrites them in place (a test
+  checks they are current).
 """
 
 from __future__ import annotations
@@ -78,5 +83,59 @@ def render() -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- ledger:begin -->", "<!-- ledger:end -->"
+
+
+def render_ledger() -> str:
+    """The ledger's tables (generated from kit.ledger.schema)."""
+    from kit.ledger import schema as sc
+
+    def fields(spec: sc.EventSpec) -> str:
+        def one(f: sc.Field) -> str:
+            extra = ", NaN allowed" if f.nonfinite else ""
+            return f"{'**' if f.required else ''}{f.name}{'**' if f.required else ''} ({f.type}{extra}): {f.doc}"
+
+        return "<br>".join(one(f) for f in spec.fields) if spec.kind != "step" else (
+            "**step** (int), **loss** (float): and the step metrics below")
+
+    out = [BEGIN, "",
+           "Generated from kit/ledger/schema.py by `python -m kit.docgen --ledger`. Every line carries the "
+           "envelope " + ", ".join(f"`{f.name}`" for f in sc.ENVELOPE) + f" (schema version {sc.SCHEMA_VERSION}); "
+           "**bold** fields are required (an event without one is dropped by readers and counted), the others "
+           "optional (absent, or of their type). Bulk kinds are written at a high rate and indexed by columns.",
+           "", "| kind | written by | what | fields |", "|---|---|---|---|"]
+    for spec in sc.SPECS:
+        bulk = " (bulk)" if spec.bulk else ""
+        out.append(f"| `{spec.kind}`{bulk} | {spec.writer} | {spec.doc} | {fields(spec)} |")
+    out += ["", "**Step metrics** (fields of `step`; the monitor's curves, TensorBoard's tags and the index's "
+            "columns come from this table):", "", "| metric | unit | type | TensorBoard | over a bucket | meaning |",
+            "|---|---|---|---|---|---|"]
+    for m in sc.STEP_METRICS:
+        kind = m.type + (f" ({', '.join(m.choices)})" if m.choices else "") + (", NaN allowed" if m.nonfinite else "")
+        out.append(f"| `{m.name}` | {m.unit or '-'} | {kind} | {m.tb_tag or '-'} | {m.agg} | {m.doc} |")
+    out += ["", "**Segment-end reasons** (`segment_ended.reason`, the segment's exit status, and what the chain "
+            "does):", "", "| reason | exit | outcome | meaning |", "|---|---|---|---|"]
+    for r in sc.END_REASONS:
+        out.append(f"| `{r.name}` | {r.exit_code} | {r.outcome} | {r.doc} |")
+    out += ["", END]
+    return "\n".join(out)
+
+
+def update_ledger_doc(path: Path) -> bool:
+    """Rewrite the generated part of ``path``; True when it changed."""
+    text = path.read_text()
+    a, b = text.index(BEGIN), text.index(END) + len(END)
+    new = text[:a] + render_ledger() + text[b:]
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
 if __name__ == "__main__":
-    print(render())
+    import sys
+
+    if sys.argv[1:] == ["--ledger"]:
+        doc = Path(__file__).resolve().parent.parent / "docs" / "run-directory.md"
+        print(f"{doc}: {'updated' if update_ledger_doc(doc) else 'already current'}")
+    else:
+        print(render())

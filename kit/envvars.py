@@ -26,6 +26,8 @@ FAULTS_SEGMENTS = "KIT_FAULTS_SEGMENTS"
 """Test-only: inject KIT_FAULTS only into these chain segments (comma-separated indices)."""
 REQUIRE_REAL = "KIT_REQUIRE_REAL"
 """CI: a test needing Slurm or DeepSpeed that cannot find them fails instead of skipping."""
+LEDGER_STRICT = "KIT_LEDGER_STRICT"
+"""Tests: a ledger writer raises on a field that does not conform to the schema (production writes null)."""
 
 # Set inside the Apptainer images (containers/*.def) and by their build.
 IMAGE_TARGET = "KIT_IMAGE_TARGET"

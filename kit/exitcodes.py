@@ -6,6 +6,8 @@ backoff and count a failure. Anything not listed (a crash, a signal) counts as a
 
 from __future__ import annotations
 
+from kit.ledger.schema import END_REASONS
+
 DONE = 0  # trainer.max_steps reached: the chain ends
 STOPPED = 0  # the operator's `stop` switch: the chain ends (the ledger says which)
 REQUEUE = 75  # saved at an allocation boundary (signal, deadline, stop_after_steps): continue the chain
@@ -14,12 +16,5 @@ HANG = 77  # the hang watchdog ended the segment: exclude the suspect node, resu
 GIVE_UP = 78  # the trainer asks the chain to stop (rollback cap, unrecoverable state): alert, end
 USAGE = 2  # a bad command line or recipe (nothing ran)
 
-REASONS = {
-    "done": DONE,
-    "stop": STOPPED,
-    "signal": REQUEUE,
-    "deadline": REQUEUE,
-    "segment_limit": REQUEUE,
-    "give_up": GIVE_UP,
-    "hang": HANG,
-}
+# reason -> exit status, from the one vocabulary of segment-end reasons (kit.ledger.schema.END_REASONS)
+REASONS = {r.name: r.exit_code for r in END_REASONS}

@@ -16,6 +16,7 @@ from kit import envvars, exitcodes
 from kit.config import RunConfig
 from kit.data import prepare
 from kit.ledger import LedgerWriter, read_all
+from kit.ledger.schema import end_outcome
 from kit.progress import NO_BARS, PREFIX, Bars
 from kit.rundir import RunDir
 
@@ -81,6 +82,6 @@ def run_local_segment(rd: RunDir, cfg: RunConfig, stop_after_steps: int = 0, seg
     # The ledger is authoritative: torchrun turns any rank's non-zero status (a hang the watchdog
     # ended, a give-up) into 1, but the trainer or the watchdog wrote why before it exited.
     last = ended[-1]
-    if returncode != 0 and last["reason"] in ("done", "stop", "signal", "deadline", "segment_limit"):
+    if returncode != 0 and end_outcome(last["reason"]) in ("finished", "clean") and last["reason"] != "give_up":
         return SegmentOutcome(returncode, "crashed", last["step"])  # died after ending cleanly?
     return SegmentOutcome(returncode, last["reason"], last["step"])

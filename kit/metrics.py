@@ -15,18 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kit.ledger import LedgerWriter, NullLedger
-
-TB_TAGS = {
-    "loss": "train/loss",
-    "grad_norm": "train/grad_norm",
-    "lr": "train/lr",
-    "tokens_per_s": "perf/tokens_per_s",
-    "samples_per_s": "perf/samples_per_s",
-    "step_time": "perf/step_time_s",
-    "tflops": "perf/tflops_per_device",
-    "mfu": "perf/mfu",
-}
+from kit.ledger import TB_TAGS, LedgerWriter, NullLedger
 
 
 class MetricSink:

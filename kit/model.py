@@ -82,18 +82,21 @@ def peak_tflops(configured: float) -> float:
 
 
 def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float]:
-    """What a recipe costs: parameters, batch, FLOPs, and bytes per GPU for its ZeRO stage."""
+    """What a recipe costs whatever the cluster: parameters, batch, FLOPs, checkpoint bytes, and the
+    model state per GPU under its ZeRO stage and layout (the chain, the preflight and `kit plan`).
+    The global batch counts data-parallel ranks only: tensor and pipeline ranks share a sample."""
     n = param_count(cfg.model, cfg.data.vocab_size)
     world = cfg.world_size(local=local)
-    gb = cfg.batch.micro_batch_size * cfg.batch.grad_accum * world
+    mp = cfg.parallel.model_parallel
+    dp = max(1, world // mp)
+    gb = cfg.batch.micro_batch_size * cfg.batch.grad_accum * dp
     tokens = gb * cfg.model.seq_length
-    flops = step_flops(cfg.model, cfg.data.vocab_size, gb)
     half = cfg.deepspeed.precision == "bf16"
-    w, g, o = (2 if half else 4) * n, (2 if half else 4) * n, (12 if half else 8) * n
+    w, g, o = (2 if half else 4) * n / mp, (2 if half else 4) * n / mp, (12 if half else 8) * n / mp
     z = cfg.deepspeed.zero_stage
-    per_gpu = w / (world if z >= 3 else 1) + g / (world if z >= 2 else 1) + o / (world if z >= 1 else 1)
-    ckpt_bytes = w + o  # weights + optimizer state (fp32 master copy with bf16, and the two moments)
+    per_gpu = w / (dp if z >= 3 else 1) + g / (dp if z >= 2 else 1) + o / (dp if z >= 1 else 1)
+    ckpt_bytes = (w + o) * mp  # weights + optimizer state (fp32 master copy with bf16, and the two moments)
     return {"parameters": n, "world_size": world, "global_batch": gb, "tokens_per_step": tokens,
-            "total_tokens": tokens * cfg.trainer.max_steps, "flops_per_step": flops,
-            "state_bytes_per_gpu": per_gpu, "checkpoint_bytes": ckpt_bytes,
-            "steps": cfg.trainer.max_steps}
+            "total_tokens": tokens * cfg.trainer.max_steps,
+            "flops_per_step": step_flops(cfg.model, cfg.data.vocab_size, gb),
+            "state_bytes_per_gpu": per_gpu, "checkpoint_bytes": ckpt_bytes, "steps": cfg.trainer.max_steps}

@@ -1,7 +1,7 @@
 """kit.monitor: the operator's terminal UI (``kit monitor``), reading a run directory only.
 
-Layers, bottom up (no Textual below ``widgets``): ``follow`` (tolerant, chunked ledger reading),
-``series`` and ``health`` (bounded curves, GPU readings), ``model`` (events folded into one run's
-picture), ``status`` (healthy / degraded / down), ``slurm`` (squeue/sacct), ``feed`` (drives the
-readers, makes snapshots), then ``widgets``, ``app`` and ``cli``. docs/monitor.md is the guide.
+What it shows comes from kit.run (no UI there): kit.ledger's reader and index, the run's folded model,
+the chain's record, the one Slurm query module and the one run summary that ``kit status`` prints too.
+Here, bottom up: ``feed`` (drives those off the UI thread, makes immutable snapshots), then
+``widgets``, ``app`` and ``cli``. docs/monitor.md is the guide.
 """

@@ -175,7 +175,8 @@ class MonitorApp(App[int]):
             self.query_one(SegmentTable).show(snap)
         r = snap.summary["reader"]
         skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in r.items()
-                            if k in ("bad_lines", "unknown_kinds", "future_version", "vanished_files",
+                            if k in ("bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",
+                                     "vanished_files", "torn_tail",
                                      "truncated_files", "junk_events") and v)
         parts = [f"{r['events']:,} events", f"window {self.window}", snap.loading, snap.replay,
                  f"skipped: {skipped}" if skipped else "", r["last_error"], "READ-ONLY" if self.read_only else ""]
@@ -319,7 +320,7 @@ def make_app(runs: list[RunDir] | list[Path] | list[str], read_only: bool = Fals
 
 def loaded(app: MonitorApp) -> bool:
     """Every run shown once, its history read (tests wait for this before they look)."""
-    done = all(not f.backfilling for f in app.feeds) and all(not s.loading for s in app.snaps.values())
+    done = all(not s.loading for s in app.snaps.values())
     return len(app.snaps) == len(app.feeds) and done and app.first_frame is not None
 
 

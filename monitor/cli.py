@@ -10,15 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from kit.errors import KitError, RunDirError
-from kit.monitor.status import DOWN, EXIT, dur, worst
+from kit.run.summary import EXIT, dur, worst
 from kit.rundir import RunDir, resolve_run
-
-ONCE_TIMEOUT_S = 120.0
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
@@ -46,27 +43,26 @@ def run(args: argparse.Namespace, verb: str) -> int:
     return app.return_code or 0
 
 
-def summary_of(run_dir: RunDir, use_slurm: bool = True, timeout_s: float = ONCE_TIMEOUT_S) -> dict[str, Any]:
-    """Read a run to the end (cold start, then the whole history) and summarize it."""
-    from kit.monitor.feed import Feed
+def summary_of(run_dir: RunDir, use_slurm: bool = True) -> dict[str, Any]:
+    """The run summary (kit.run.summary: the same one `kit status` and the TUI show), as JSON."""
+    from kit.run.summary import collect
 
-    feed = Feed(run_dir.path, use_slurm=use_slurm)
-    feed.open()
-    deadline = time.monotonic() + timeout_s
-    feed.work()
-    while feed.busy and time.monotonic() < deadline:
-        feed.work()
-    return feed.snapshot().summary
+    summary, _ = collect(run_dir, use_slurm=use_slurm)
+    return summary.to_dict()
 
 
 def once(names: list[str], runs_dir: str, as_json: bool = False, use_slurm: bool = True) -> int:
+    """One summary per run; a run that cannot be found or read is "down" (never a traceback)."""
+    from kit.run.summary import unreadable
+
     out: list[dict[str, Any]] = []
     for name in names:
         try:
             out.append(summary_of(resolve_run(name, runs_dir), use_slurm))
         except RunDirError as e:
-            out.append({"run": name, "path": str(Path(name)), "status": DOWN, "exit": EXIT[DOWN],
-                        "phase": "unreadable", "reasons": [str(e)]})
+            out.append(unreadable(name, str(Path(name)), str(e)))
+        except OSError as e:  # a run directory we may not read (permissions, a dead mount)
+            out.append(unreadable(name, str(Path(name)), f"cannot read {name}: {e.strerror}"))
     if as_json:
         json.dump(out, sys.stdout, indent=1, default=str)
         print()
@@ -96,7 +92,8 @@ def render_text(s: dict[str, Any]) -> str:
     if ck:
         lines.append(f"  last checkpoint {ck['tag']} {dur(ck['age_s'])} ago")
     r = s["reader"]
-    skipped = {k: r[k] for k in ("bad_lines", "unknown_kinds", "future_version", "vanished_files", "junk_events")
+    skipped = {k: r[k] for k in ("bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",
+                                 "vanished_files", "torn_tail", "junk_events")
                if r[k]}
     if skipped:
         lines.append("  skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()))

@@ -1,8 +1,9 @@
 """One run's feed: the model, the readers that fill it, and the immutable snapshots the UI renders.
 
 A feed is driven by one background thread (the app's ``@work(thread=True)`` worker, or ``--once``
-directly): ``open()`` does the cold start, then each ``work()`` call does one bounded unit (a live
-poll, a backfill chunk, a replay slice, a Slurm query every 30 s) and says whether anything changed.
+directly): ``open()`` reads the whole history at once through the ledger's index (kit.ledger.scan:
+well under a second for a million steps), then each ``work()`` call does one bounded unit (a live
+poll, a replay slice, a Slurm query every 30 s) and says whether anything changed.
 ``snapshot()`` copies out what the screen needs, downsampled to ``MAX_POINTS`` per curve, so the UI
 thread never touches the model.
 """
@@ -16,19 +17,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kit.errors import KitError
-from kit.ledger import ReadStats
-from kit.monitor import slurm
-from kit.monitor.follow import Follower, _t, cold_start, merged_events
-from kit.monitor.health import GpuHealth, worst_first
-from kit.monitor.model import Alert, Ckpt, RunModel, Segment
-from kit.monitor.status import summarize
+from kit.ledger import Follower, ReadStats, event_time, merged
+from kit.ledger.scan import scan
+from kit.run import queue as slurm
+from kit.run.chainstate import ChainState, load_state
+from kit.run.gpus import GpuHealth, worst_first
+from kit.run.model import Alert, Ckpt, RunModel, Segment
+from kit.run.summary import query_for, recipe_facts, summarize
 from kit.rundir import RunDir
 
 WINDOWS: dict[str, float] = {"hour": 3600.0, "day": 86400.0, "run": math.inf}
 CURVES = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu")
 MAX_POINTS = 600
 MAX_GAP_S = 1.0  # replay: idle gaps longer than this (after the speed-up) are cut to it
+QUEUE_PERIOD_S = 30.0  # ask Slurm (and re-read chain.json) at most this often
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,11 @@ class Feed:
         self.use_slurm = use_slurm and replay_speed is None
         self.replay_speed = replay_speed
         self.stats = ReadStats()
-        self.model = RunModel(self.name, str(self.rd.path))
+        self.model = RunModel(self.name, str(self.rd.path), reader=self.stats)
         self.live: Follower | None = None
-        self._backfill: tuple[RunModel, Follower] | None = None
-        self._backfill_total = 0
         self.queue: slurm.QueueInfo | None = None
+        self.chain = ChainState()
+        self.time_limit_s: float | None = None
         self._queue_at = -math.inf
         self._replay: Iterator[dict[str, Any]] | None = None
         self._peek: dict[str, Any] | None = None
@@ -84,28 +86,17 @@ class Feed:
 
     # -------------------------------------------------------------------------------- driving
     def open(self) -> None:
-        self.model.max_steps = self._max_steps()
+        self.time_limit_s = recipe_facts(self.rd, self.model)
         if self.replay_speed is not None:
-            self._replay = merged_events(self.rd.ledger, self.stats)
+            self._replay = merged(self.rd.path, self.stats)
             self._peek = next(self._replay, None)
-            self._vnow = _t(self._peek) if self._peek else 0.0
+            self._vnow = event_time(self._peek) if self._peek else 0.0
             self._real = time.monotonic()
             return
-        cs = cold_start(self.rd.ledger, self.stats)
-        self.model.fold_all(cs.events)
+        history = scan(self.rd.path, self.stats)
+        self.model.load_scan(history)
         self.model.reader = self.stats
-        self.live = Follower(self.rd.ledger, self.stats, cs.cursors)
-        if cs.partial:
-            full = RunModel(self.name, str(self.rd.path), max_steps=self.model.max_steps, reader=ReadStats())
-            self._backfill = (full, Follower(self.rd.ledger, full.reader))
-            self._backfill_total = sum(_size(self.rd.ledger / n) for n in self._backfill[1].files())
-
-    def _max_steps(self) -> int | None:
-        try:
-            return self.rd.load_config().trainer.max_steps
-        except (KitError, ValueError, TypeError, KeyError) as e:  # the ledger's max_steps is used instead
-            self.stats.last_error = f"run.toml: {e}"[:200]
-            return None
+        self.live = Follower(self.rd.ledger, self.stats, history.cursors)
 
     def now(self) -> float:
         return self._vnow if self.replay_speed is not None else self.clock()
@@ -119,31 +110,21 @@ class Feed:
         events, self.live_more = self.live.poll()
         self.model.fold_all(events)
         changed = self.model.version != before
-        if self._backfill is not None:
-            full, follower = self._backfill
-            events, more = follower.poll()
-            full.fold_all(events)
-            if not more:  # caught up: the full history replaces the cold-start picture
-                self.model, self.live, self._backfill = full, follower, None
-                self.stats = follower.stats
-                self.model.version += 1
-            changed = True
-        if self.use_slurm and self.clock() - self._queue_at >= slurm.QUEUE_PERIOD_S:
+        if self.clock() - self._queue_at >= QUEUE_PERIOD_S:
             self._queue_at = self.clock()
-            jobs = [*self.model.chain_jobs, *(s.job_id for s in list(self.model.segments.values())[-5:])]
-            q = slurm.query(jobs)
-            changed |= q != self.queue
-            self.queue = q
+            chain = load_state(self.rd)
+            changed |= chain != self.chain
+            self.chain = chain
+            if self.use_slurm:
+                q = query_for(self.model, chain)
+                changed |= q != self.queue
+                self.queue = q
         return changed
-
-    @property
-    def backfilling(self) -> bool:
-        return self._backfill is not None
 
     @property
     def busy(self) -> bool:
         """More to read right now: the follower thread should not sleep."""
-        return self._backfill is not None or self.live_more
+        return self.live_more
 
     def _replay_slice(self) -> bool:
         assert self._replay is not None and self.replay_speed is not None
@@ -153,10 +134,10 @@ class Feed:
         if self._peek is None:
             self.replay_done = True
             return False
-        if _t(self._peek) - self._vnow > MAX_GAP_S * self.replay_speed:
-            self._vnow = _t(self._peek)
+        if event_time(self._peek) - self._vnow > MAX_GAP_S * self.replay_speed:
+            self._vnow = event_time(self._peek)
         n = 0
-        while self._peek is not None and _t(self._peek) <= self._vnow and n < 50_000:
+        while self._peek is not None and event_time(self._peek) <= self._vnow and n < 50_000:
             self.model.fold(self._peek)
             self._peek = next(self._replay, None)
             n += 1
@@ -177,15 +158,12 @@ class Feed:
             if isinstance(nodes, list):
                 flagged.update(n for n in nodes if isinstance(n, str))
         loading = ""
-        if self._backfill is not None:
-            done = sum(c.offset for c in self._backfill[1].cursors.values())
-            loading = f"reading history {100 * done / max(1, self._backfill_total):.0f}%"
         replay = ""
         if self.replay_speed is not None:
             replay = f"replay x{self.replay_speed:g}" + (" (end)" if self.replay_done else "")
         return Snapshot(
             name=self.name, path=str(self.rd.path), now=now, version=m.version,
-            summary=summarize(m, now, self.queue),
+            summary=summarize(m, now, self.queue, self.chain, self.time_limit_s).to_dict(),
             curves=curves, spikes=list(m.spikes)[-200:],
             ckpts=[replace(c) for c in reversed(m.ckpts.values())][:40],
             alerts=[replace(a) for a in m.alerts_newest()[:200]],
@@ -194,9 +172,3 @@ class Feed:
             control_acks=list(m.control_acks), loading=loading, replay=replay,
         )
 
-
-def _size(p: Path) -> int:
-    try:
-        return p.stat().st_size
-    except OSError:
-        return 0

@@ -19,8 +19,8 @@ from textual.widgets import Button, DataTable, Label, Markdown, Static
 from textual_plotext import PlotextPlot
 
 from kit.monitor.feed import Snapshot
-from kit.monitor.health import NA, fmt, mem_text
-from kit.monitor.status import dur
+from kit.run.gpus import NA, fmt, mem_text
+from kit.run.summary import dur
 
 LABELS = {"loss": "loss", "grad_norm": "grad norm", "lr": "learning rate", "tokens_per_s": "tokens/s",
           "samples_per_s": "samples/s", "tflops": "TFLOP/s per GPU", "mfu": "MFU"}

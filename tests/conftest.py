@@ -6,15 +6,104 @@ FAILS instead of skipping: a green CI must mean those parts ran.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_REAL = os.environ.get("KIT_REQUIRE_REAL") == "1"
+# Every ledger writer of the tests (ranks included: they inherit it) raises on a field that does not
+# conform to kit/ledger/schema.py, instead of writing it as null as production does.
+os.environ.setdefault("KIT_LEDGER_STRICT", "1")
+
+# --------------------------------------------------------------------------------- nothing left behind
+# Every process a test starts inherits this mark (Slurm jobs too: sbatch exports the environment), so
+# one left running after its test — an orphaned rank whose launcher was killed, a stream, a monitor, a
+# Slurm job — is found even when it was re-parented away from pytest.
+SESSION_MARK = "KIT_TEST_SESSION"
+os.environ[SESSION_MARK] = f"{os.getpid()}-{time.time_ns()}"
+LEFTOVER_GRACE_S = float(os.environ.get("KIT_TEST_LEFTOVER_GRACE_S", "30"))
+
+
+def session_processes() -> dict[int, str]:
+    """Live processes of this test session other than pytest itself: pid -> command line."""
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    out: dict[int, str] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                    continue  # a zombie: already dead, its parent has not reaped it yet
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                out[int(d)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:300]
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def leftovers(before: set[int], grace_s: float) -> dict[int, str]:
+    """Processes started since ``before`` still alive after ``grace_s``; they are killed, and returned."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = {p: c for p, c in session_processes().items() if p not in before}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails a test that leaves a process of its own running (after a grace period for processes that are
+    on their way out); the processes are killed so the next test starts clean."""
+    before = set(session_processes())
+    yield
+    left = leftovers(before, LEFTOVER_GRACE_S)
+    if left:
+        pytest.fail(f"{request.node.nodeid} left {len(left)} process(es) running (killed now):\n"
+                    + "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(left.items())), pytrace=False)
+
+
+def stale_build_locks() -> list[Path]:
+    """torch extension build locks older than a few minutes (a killed build: every later DeepSpeed
+    start would wait on it forever)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return [p for p in root.glob("*/*/lock") if time.time() - p.stat().st_mtime > 300] if root.is_dir() else []
+
+
+def mounts_under(basetemp: Path) -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(str(basetemp))]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Teardown checks of the whole session: no process, no build lock, no mount left behind."""
+    problems = []
+    left = leftovers(set(), 10.0)
+    if left:
+        problems.append("processes left running: " + "; ".join(f"{p}: {c}" for p, c in sorted(left.items())))
+    problems += [f"stale torch extension build lock: {p}" for p in stale_build_locks()]
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        problems += [f"mount left: {m}" for m in mounts_under(factory.getbasetemp())]
+    if problems:
+        print("\n\nTEARDOWN CHECKS FAILED:\n  " + "\n  ".join(problems))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def require(condition: bool, what: str) -> None:
@@ -98,3 +187,16 @@ def full_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# The tests whose outcome depends on several processes or threads meeting (stream vs trainer, monitor vs
+# writer, chain vs Slurm, the watchdog, signals): marked `concurrency`, run under load by tests/stress.py.
+CONCURRENCY = ("test_stream", "test_monitor", "test_monitor_tmux", "test_monitor_slurm", "test_chain_local",
+               "test_chain_slurm", "test_chain_twonode", "test_watchdog", "test_stragglers", "test_trainer",
+               "test_spikes_run", "test_summary")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in CONCURRENCY:
+            item.add_marker(pytest.mark.concurrency)

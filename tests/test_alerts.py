@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from kit.alerts import Incidents
 from kit.ledger import LedgerWriter, read_all
-from kit.monitor.model import RunModel
-from kit.monitor.status import DEGRADED, HEALTHY, summarize
+from kit.run.model import RunModel
+from kit.run.summary import DEGRADED, HEALTHY, summarize
 from kit.stragglers import StragglerDetector
 
 
@@ -187,14 +187,14 @@ def test_monitor_folds_an_incident_into_one_row_that_escalation_reopens_to_acks(
     assert len(m.alerts) == 1 and m.alerts[0].severity == "error" and m.alerts[0].count == 2
     assert m.unacked() == [m.alerts[0]]  # acked as a warning; the escalation asks again
     led.emit("segment_ended", reason="done", step=4)
-    assert summarize(m, m.last_t or 0)["status"] == DEGRADED
+    assert summarize(m, m.last_t or 0).status == DEGRADED
     inc.observe("r1", False, "warning", "back", condition="straggler")
     inc.observe("r1", False, "warning", "back", condition="straggler")
     led.close()
     m = fold(tmp_path)
     assert not m.alerts[0].open and not m.unacked() and not m.open_incidents("straggler")
     verdict = summarize(m, (m.last_t or 0) + 1)
-    assert verdict["status"] == HEALTHY and verdict["phase"] == "finished", verdict["reasons"]
+    assert verdict.status == HEALTHY and verdict.phase == "finished", verdict.reasons
 
 
 def test_old_ledgers_without_incidents_still_fold_one_row_per_alert(tmp_path: Path) -> None:

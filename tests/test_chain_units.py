@@ -7,6 +7,7 @@ so its command line is checked as text against a golden file (regenerate it with
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from pathlib import Path
@@ -128,8 +129,17 @@ def test_state_roundtrip_and_torn_file(tmp_path: Path) -> None:
     ch.save_state(rd, st)
     assert ch.load_state(rd) == st
     ch.chain_path(rd).write_text('{"job_id": "7", "segm')
-    assert ch.load_state(rd) == ch.ChainState(), "a torn file reads as no chain, and is kept aside"
-    assert list(rd.slurm.glob("chain.json.bad-*"))
+    assert ch.load_state(rd) == ch.ChainState(), "a torn file reads as no chain"
+    assert not list(rd.slurm.glob("chain.json.bad-*")), "readers (kit status, the monitor) never change it"
+    assert ch.load_state(rd, repair=True) == ch.ChainState()
+    assert list(rd.slurm.glob("chain.json.bad-*")), "the chain's writers keep the torn one aside"
+    # a record edited by hand: what has the right type is kept, the rest takes its default
+    ch.chain_path(rd).write_text(json.dumps({"job_id": 7, "state": "running", "segments": [
+        {"seg": "7_0", "job_id": "7", "start": "yesterday", "nodes": ["n1", 3]}, "junk", {"job_id": "x"}],
+        "excluded_nodes": ["n9"], "consecutive_crashes": True}))
+    got = ch.load_state(rd)
+    assert (got.job_id, got.state, got.excluded_nodes, got.consecutive_crashes) == ("", "running", ["n9"], 0)
+    assert [(r.seg, r.start, r.nodes) for r in got.segments] == [("7_0", 0.0, [])]
 
 
 def test_signal_lead_and_time_limit_checks(tmp_path: Path) -> None:
@@ -218,13 +228,13 @@ def test_status_and_finish_estimate(tmp_path: Path) -> None:
     st0 = ch.ChainState(job_id="5", state=ch.ENDED, end_reason="stop", executor="local",
                         segments=[_rec(ch.CLEAN, 0, 100, "signal")])
     ch.save_state(rd, st0)
-    st = gather(rd, now=1_800_000_000.0)
-    assert (st["step"], st["steps_to_go"], st["chain"]) == (100, 900, "ended")
-    assert st["finish_estimate"]["finish"] is None
-    st0.state = ch.QUEUED
+    st = gather(rd, now=1_800_000_000.0, use_slurm=False)
+    assert (st["step"], st["to_go"], st["chain"]["state"], st["phase"]) == (100, 900, "ended", "stopped")
+    assert st["finish"]["eta_s"] == 0.0 and st["finish"]["note"] == "done"
+    st0.state, st0.end_reason = ch.QUEUED, ""
     ch.save_state(rd, st0)
-    st = gather(rd, now=1_800_000_000.0)
-    fe = st["finish_estimate"]
+    st = gather(rd, now=1_800_000_000.0, use_slurm=False)
+    fe = st["finish"]
     # 900 steps x 9 s = 8100 s of compute; useful per allocation 3600 - 60 start-up - 120 lead = 3420 s
     assert fe["compute_s"] == 8100 and fe["allocations_to_go"] == 3
     text = render(st)

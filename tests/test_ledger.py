@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -96,7 +95,7 @@ def test_events_are_merged_across_writers_by_time(tmp_path: Path) -> None:
     a.close()
     b.close()
     assert [e["kind"] for e in read_all(tmp_path)] == ["step", "health", "step"]
-    assert os.listdir(tmp_path / "ledger") and len(os.listdir(tmp_path / "ledger")) == 2
+    assert sorted(p.name for p in (tmp_path / "ledger").glob("*.jsonl")) == ["health-node1.jsonl", "train-r0.jsonl"]
 
 
 def test_schema_has_required_fields_for_every_kind() -> None:

@@ -17,15 +17,13 @@ import pytest
 import test_monitor_support as support
 from test_monitor_support import append, event, wait_for
 
-from kit.ledger import LedgerWriter, read_all
-from kit.monitor import follow
+from kit.ledger import Follower, LedgerWriter, ReadStats, merged, read_all
 from kit.monitor.app import loaded, make_app
 from kit.monitor.feed import Feed
-from kit.monitor.follow import Follower, merged_events
-from kit.monitor.health import parse_health
-from kit.monitor.model import RunModel
-from kit.monitor.series import Curves
 from kit.monitor.widgets import HealthTable
+from kit.run.gpus import parse_health
+from kit.run.model import RunModel
+from kit.run.series import Curves
 
 fixed_run = support.fixed_run
 
@@ -55,9 +53,10 @@ def test_follower_counts_and_skips_junk_and_completes_torn_lines(tmp_path: Path)
     f = Follower(run / "ledger")
     events, more = f.poll()
     kinds = [e["kind"] for e in events]
-    assert not more and kinds.count("step") == 3 and "quantum_flux" in kinds
+    assert not more and kinds.count("step") == 2 and "quantum_flux" in kinds  # step "three" is dropped
     st = f.stats
-    assert st.bad_lines >= 5 and st.unknown_kinds == 1 and st.future_version == 1
+    assert st.bad_lines >= 5 and st.unknown_kinds == 1 and st.future_version == 1 and st.invalid_events == 3
+    assert st.torn_tail == 1  # the writer is mid-line
     append(run, "train-r0", '1.0,"kind":"step","src":"x","step":4,"loss":1.0}\n')  # the torn line completes
     events, _ = f.poll()
     assert [(e["kind"], e["step"]) for e in events] == [("step", 4)]
@@ -70,16 +69,19 @@ def test_follower_counts_and_skips_junk_and_completes_torn_lines(tmp_path: Path)
 
 
 def test_model_turns_wrong_fields_into_na(tmp_path: Path) -> None:
+    """The reader drops events whose required fields are junk (step "three", an alert with severity
+    5, a checkpoint with no tag) and makes optional junk fields missing (gpus "zzz"): counted, shown."""
     run = junk_run(tmp_path)
     feed = Feed(run, use_slurm=False)
     feed.open()
     feed.work()
     snap = feed.snapshot()
     m = feed.model
-    assert m.step == 2 and m.junk_events >= 2  # "three" is no step; the future-version step 2 is shown
+    assert m.step == 2  # "three" is no step; the future-version step 2 is shown
     assert snap.summary["loss"] == 2.5 and snap.summary["reader"]["unknown"] == {"quantum_flux": 1}
+    assert snap.summary["reader"]["invalid_events"] == 3 and snap.summary["reader"]["coerced"] >= 3
     assert [g.temp for _, g, _ in snap.health] == [None] and snap.health[0][1].util == 50.0
-    assert snap.alerts[0].message == "" and snap.alerts[0].severity == "5"
+    assert snap.alerts == [] and not m.ckpts
     assert parse_health("n", 1.0, {"gpus": [{"xid": [79], "lost": True}]}).gpus[0].problems() == ["lost", "xid"]
 
 
@@ -151,35 +153,31 @@ def synthetic(run: Path, steps: int) -> None:
                 w.emit("health", node=f"n{n}", gpus=[{"index": 0, "temp_c": 40 + i % 30, "util_pct": 99}])
 
 
-def test_cold_start_shows_the_latest_at_once_and_backfill_matches_a_full_read(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(follow, "SMALL", 64 << 10)
-    monkeypatch.setattr(follow, "STEP_TAIL", 128 << 10)
-    monkeypatch.setattr(follow, "CHUNK", 256 << 10)
+def test_cold_start_through_the_index_is_the_whole_history(tmp_path: Path) -> None:
+    """The feed's first frame is the complete history (kit.ledger.scan through the writer's index):
+    the same curves, checkpoints, alerts and counts as folding every event one by one."""
     run = tmp_path / "syn"
     synthetic(run, 6000)
     feed = Feed(run, use_slurm=False)
     feed.open()
-    cold = feed.snapshot()
-    assert feed.backfilling and cold.summary["step"] == 6000 and len(cold.health) == 3
-    assert len(cold.curves["run"]["loss"][0]) > 500  # probes + tail: a whole-run curve before the history
-    polls = 0
-    while feed.backfilling:
-        feed.work()
-        polls += 1
-    assert polls > 3
     snap = feed.snapshot()
     events = read_all(run)
-    latest: dict[int, float] = {}
-    for e in events:
-        if e["kind"] == "step":
-            latest[e["step"]] = e["loss"]
-    xs, ys = feed.model.curves.raw("loss")
-    assert dict(zip(xs, ys, strict=True)) == {k: latest[k] for k in xs} and xs[-1] == 6000
-    assert len(snap.ckpts) == len({e["tag"] for e in events if e["kind"] == "ckpt_saved"})
-    assert len(snap.alerts) == sum(e["kind"] == "alert" for e in events)
+    assert snap.summary["step"] == 6000 and len(snap.health) == 3
+    slow = RunModel("slow")
+    slow.fold_all(events)
+    for name in ("loss", "tokens_per_s"):  # bucket means: the same up to the order of the additions
+        fast_x, fast_mean, fast_low = feed.model.curves.whole(name)
+        slow_x, slow_mean, slow_low = slow.curves.whole(name)
+        assert fast_x == slow_x and fast_low == slow_low and fast_mean == pytest.approx(slow_mean, rel=1e-12)
+        assert feed.model.curves.raw(name) == slow.curves.raw(name)
+    assert len(snap.ckpts) == len({e["tag"] for e in events if e["kind"] == "ckpt_saved"}) > 0
+    assert len(snap.alerts) == sum(e["kind"] == "alert" for e in events) > 0
     assert snap.summary["reader"]["events"] == len(events) and snap.summary["reader"]["bad_lines"] == 0
-    assert sum(c[0] for c in feed.model.curves.counts) <= len(latest) + 64
+    assert feed.model.kinds == slow.kinds
+    with LedgerWriter(run, "train-r0", seg="b") as w:  # and it follows live from where the scan ended
+        w.emit("step", step=6001, loss=0.1)
+    feed.work()
+    assert feed.snapshot().summary["step"] == 6001
 
 
 def test_replay_merges_files_in_time_order(tmp_path: Path) -> None:
@@ -188,7 +186,7 @@ def test_replay_merges_files_in_time_order(tmp_path: Path) -> None:
     for name, ts in (("a", [1.0, 4.0, 6.0]), ("b", [2.0, 3.0, 5.0])):
         append(run, name, "".join(event("step", t=t, step=int(t), loss=1.0) for t in ts))
     append(run, "b", b"junk\n")
-    assert [e["t"] for e in merged_events(run / "ledger", follow.ReadStats())] == [1, 2, 3, 4, 5, 6]
+    assert [e["t"] for e in merged(run, ReadStats())] == [1, 2, 3, 4, 5, 6]
     assert json.loads(event("x", t=1.0))["t"] == 1.0
 
 
@@ -237,7 +235,7 @@ def test_a_spike_reported_twice_is_one_spike(tmp_path: Path) -> None:
     with LedgerWriter(tmp_path, "train-r0") as w:
         w.emit("step", step=1, loss=2.0)
         w.emit("spike", step=2, loss=9.0, score=12.0)
-        w.emit("step", step=2, loss=9.0, spike=True)
+        w.emit("step", step=2, loss=9.0, spike="loss")
         w.emit("spike", step=5, loss=8.0, score=10.0)
     feed = Feed(tmp_path, use_slurm=False)
     feed.open()

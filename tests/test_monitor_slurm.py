@@ -11,8 +11,8 @@ import pytest
 import test_monitor_support as support
 
 from kit.ledger import LedgerWriter
-from kit.monitor import slurm as queue
 from kit.monitor.feed import Feed
+from kit.run import queue
 
 fixed_run = support.fixed_run
 
@@ -25,7 +25,7 @@ def test_without_slurm_the_chain_comes_from_the_ledger(fixed_run: Path, monkeypa
     feed.open()
     feed.work()
     s = feed.snapshot().summary
-    assert s["slurm"] == {"available": False, "error": q.error} and s["segment"]["seg"] == "seg2"
+    assert s["slurm"] == {"available": False, "error": q.error, "history": []} and s["segment"]["seg"] == "seg2"
     assert s["next"] is None and s["phase"] == "finished"
 
 

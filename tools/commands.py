@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,18 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     add_recipe_args(p)
     if verb in ("validate", "plan"):
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    if verb == "plan":
+        from kit.config import CLUSTER_PRESETS
+        from kit.perfmodel import STACKS
+
+        p.add_argument("--cluster", default="", metavar="NAME",
+                       help="plan on this named cluster instead of the recipe's [cluster] "
+                       f"({', '.join(CLUSTER_PRESETS)})")
+        p.add_argument("--compare", action="store_true",
+                       help="compare every tensor x pipeline x data x ZeRO layout of the recipe's world side by side")
+        p.add_argument("--top", type=int, default=12, help="with --compare: show the N fastest that fit (0 = all)")
+        p.add_argument("--stack", default="kit", choices=sorted(STACKS),
+                       help="software modelled: kit (default), or megatron-deepspeed as BLOOM-176B ran (docs/plan.md)")
     if verb == "train":
         p.add_argument("--stop-after-steps", type=int, default=0,
                        help="end the segment after N steps, saving first (a simulated allocation boundary)")
@@ -48,48 +61,35 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def plan(args: argparse.Namespace) -> int:
+    """The performance model (kit/perfmodel.py) on the recipe's layout, or every layout (--compare)."""
+    from kit import perfmodel
+    from kit.tools import planreport
+
     cfg = load_recipe(args.recipe, args.overrides)
-    s = sizing(cfg)
-    peak = cfg.trainer.peak_tflops or 312.0
-    step_s = float(s["flops_per_step"]) / (int(s["world_size"]) * peak * 0.45 * 1e12)
-    s["assumed_tflops_per_gpu"] = round(peak * 0.45, 1)
-    s["step_time_s_at_45pct_mfu"] = step_s
-    s["days_at_45pct_mfu"] = step_s * cfg.trainer.max_steps / 86400
-    limit_h = _hours(cfg.slurm.time_limit)
-    s["segments_needed"] = int(step_s * cfg.trainer.max_steps / 3600 / max(limit_h, 1e-9)) + 1
-    if args.json:
-        print(json.dumps(s, indent=1))
+    cluster = perfmodel.resolve_cluster(cfg, args.cluster)
+    if args.compare:
+        plans, skipped = perfmodel.compare(cfg, cluster, args.stack)
+        if args.json:
+            print(json.dumps(planreport.compare_json(cfg, plans, skipped), indent=1))
+        else:
+            print(planreport.render_compare(cfg, plans, skipped, args.recipe, args.top))
         return 0
-    gib = 2**30
-    print(f"recipe {args.recipe}: run {cfg.run.name}")
-    print(f"  parameters           {s['parameters'] / 1e9:.3f} B")
-    print(f"  ranks                {s['world_size']} ({cfg.slurm.nodes} nodes x {cfg.slurm.gpus_per_node} GPUs)")
-    print(f"  global batch         {s['global_batch']} samples = {s['tokens_per_step']:,} tokens")
-    print(f"  training             {cfg.trainer.max_steps:,} steps = {float(s['total_tokens']) / 1e9:.1f} B tokens")
-    print(f"  FLOPs per step       {float(s['flops_per_step']):.3e}")
-    print(f"  model state per GPU  {float(s['state_bytes_per_gpu']) / gib:.1f} GiB (ZeRO-{cfg.deepspeed.zero_stage}, "
-          "before activations)")
-    print(f"  checkpoint size      {float(s['checkpoint_bytes']) / gib:.1f} GiB")
-    print(f"  at {s['assumed_tflops_per_gpu']} TFLOP/s per GPU: {step_s:.2f} s/step, "
-          f"{s['days_at_45pct_mfu']:.1f} days, ~{s['segments_needed']} allocations of {cfg.slurm.time_limit}")
-    if float(s["state_bytes_per_gpu"]) > 80 * gib:
-        print("  WARNING: model state alone exceeds an 80 GB GPU: use ZeRO-3, more GPUs, or tensor/pipeline "
-              "parallelism (BLOOM-176B used TP=4, PP=12 with Megatron-DeepSpeed)")
+    pl = perfmodel.plan(cfg, cluster, stack=args.stack)
+    s = sizing(cfg)
+    days = pl.timing.step * cfg.trainer.max_steps / 86400
+    training = {"total_tokens": s["total_tokens"], "checkpoint_bytes": s["checkpoint_bytes"], "days": days,
+                "segments": math.ceil(days * 86400 / _limit_seconds(cfg.slurm.time_limit))}
+    if args.json:
+        print(json.dumps({**s, **training, "plan": pl.to_dict()}, indent=1))
+    else:
+        print(planreport.render_plan(cfg, pl, args.recipe, training))
     return 0
 
 
-def _hours(limit: str) -> float:
-    days = 0
-    if "-" in limit:
-        d, limit = limit.split("-", 1)
-        days = int(d)
-    parts = [int(x) for x in limit.split(":")]
-    if len(parts) == 1:
-        return days * 24 + parts[0] / 60
-    while len(parts) < 3:
-        parts.append(0)
-    h, m, sec = parts[:3]
-    return days * 24 + h + m / 60 + sec / 3600
+def _limit_seconds(limit: str) -> float:
+    from kit.jobs.chain import limit_seconds
+
+    return limit_seconds(limit)
 
 
 # --------------------------------------------------------------------------------------- train, demo

@@ -252,14 +252,17 @@ def context(led: Ledger, ep: Episode, span: int) -> dict[str, Any]:
         r["abandoned"] = any(o["step"] == r["step"] and o["timeline"] > r["timeline"] for o in rows)
     times = [r["t"] for r in rows if r["t"]]
     t0, t1 = (min(times) - 60, max(times) + 60) if times else (0.0, 0.0)
-    health = [e for e in led.kind("health") if t0 <= float(e.get("t", 0)) <= t1]
+    health = led.health(t0, t1)  # fetched by time from the index: the rest of the health history stays on disk
     alerts = [{k: e.get(k) for k in ("t", "severity", "message", "step")} for e in led.kind("alert")
-              if t0 <= float(e.get("t", 0)) <= t1]
-    return {"steps": rows, "health": summarise_health(health, led.kind("health")), "alerts": alerts}
+              if t0 <= e["t"] <= t1]
+    baseline = led.health_sample() if health else []
+    return {"steps": rows, "health": summarise_health(health, baseline, led.has_health), "alerts": alerts}
 
 
-def summarise_health(window: list[dict[str, Any]], everything: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per GPU metric: max in the window vs the run's median; throttle reasons seen; host memory/CPU."""
+def summarise_health(window: list[dict[str, Any]], everything: list[dict[str, Any]],
+                     any_in_run: bool = True) -> dict[str, Any]:
+    """Per GPU metric: max in the window vs the run's median (over ``everything``: an evenly spaced
+    sample of the run's health events); throttle reasons seen; host memory/CPU."""
     def values(events: list[dict[str, Any]], key: str) -> list[float]:
         out = []
         for e in events:
@@ -271,7 +274,7 @@ def summarise_health(window: list[dict[str, Any]], everything: list[dict[str, An
 
     if not window:
         return {"samples": 0, "note": "no health samples in this time span" + (
-            "" if everything else " (none in the whole run: NVML absent or health.enabled = false)")}
+            "" if any_in_run else " (none in the whole run: NVML absent or health.enabled = false)")}
     gpu = {}
     for key in ("temp_c", "power_w", "sm_clock_mhz", "util_pct", "mem_used_gib"):
         w, a = values(window, key), values(everything, key)

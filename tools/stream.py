@@ -34,7 +34,8 @@ from kit import checkpoint as ck
 from kit.errors import KitError
 from kit.faults import fault_point
 from kit.fsio import atomic_write_json
-from kit.ledger import LedgerWriter, read_all
+from kit.ledger import Follower, LedgerWriter
+from kit.ledger.schema import FINISHED_REASONS
 from kit.rundir import RunDir, resolve_run
 from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, redact, retrying, verify_url
 from kit.tools.upload import upload_folder
@@ -123,6 +124,8 @@ class Streamer:
         self.hold = hold
         rd.exports.mkdir(parents=True, exist_ok=True)
         self.state = StreamState(rd.exports / STATE, opts.url)
+        self._ends: Follower | None = None
+        self._last_end: dict[str, Any] | None = None
         self.clear_stale_busy()
 
     def clear_stale_busy(self) -> None:
@@ -244,12 +247,17 @@ class Streamer:
 
     # ------------------------------------------------------------------------------------ follow
     def run_ended(self) -> bool:
-        ends = read_all(self.rd.path, {"segment_ended", "chain_ended", "segment_started"})
-        if not ends:
+        """Has the run ended for good? Followed incrementally (the one reader, only these kinds):
+        a poll reads what was appended since the last one, not the whole ledger."""
+        if self._ends is None:
+            self._ends = Follower(self.rd.ledger, kinds=frozenset({"segment_ended", "chain_ended", "segment_started"}))
+        for e in self._ends.poll_all():
+            self._last_end = e
+        last = self._last_end
+        if last is None:
             return False
-        last = ends[-1]
         return last["kind"] == "chain_ended" or (
-            last["kind"] == "segment_ended" and last.get("reason") in ("done", "stop"))
+            last["kind"] == "segment_ended" and last["reason"] in FINISHED_REASONS)
 
     def follow(self, poll_s: float, exit_when_done: bool, log: Any = print) -> int:
         total = 0

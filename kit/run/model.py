@@ -14,12 +14,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kit.ledger import EVENTS, ReadStats
-from kit.monitor.health import NodeHealth, parse_health
-from kit.monitor.series import Curves, clean
+from kit.ledger import EVENTS, PLOTTED, ReadStats
+from kit.ledger.scan import Scan
+from kit.run.gpus import NodeHealth, parse_health
+from kit.run.series import Curves, clean
 
-PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu", "step_time")
-REQUEUE_REASONS = ("signal", "deadline", "segment_limit")
 MAX_ALERTS = 500
 MAX_CKPTS = 200
 MAX_SEGMENTS = 400
@@ -48,6 +47,7 @@ class Segment:
     host: str = ""
     world_size: int | None = None
     restarts: int = 0
+    first_step_t: float | None = None  # its first completed step: start-up ends here
 
 
 @dataclass(slots=True)
@@ -106,6 +106,9 @@ class RunModel:
     chain_jobs: list[str] = field(default_factory=list)
     chain_ended: str = ""
     chain_ended_t: float | None = None
+    signal_lead_s: float | None = None  # from chain_submitted: how long before the limit Slurm signals
+    # seg -> (start, end) of its allocation (the chain's driver): queue waits and start-up are measured from it
+    allocations: OrderedDict[str, tuple[float, float | None]] = field(default_factory=OrderedDict)
     excluded: dict[str, str] = field(default_factory=dict)  # node -> why (kit.jobs excludes it from segments)
     ckpts: OrderedDict[str, Ckpt] = field(default_factory=OrderedDict)
     alerts: deque[Alert] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
@@ -124,6 +127,62 @@ class RunModel:
     reader: ReadStats = field(default_factory=ReadStats)
 
     # ------------------------------------------------------------------------------------ folding
+    def load_scan(self, scan: Scan) -> None:
+        """Fold a whole history at once (kit.ledger.scan): the step columns straight into the curves,
+        the other events one by one, each node's latest health sample. The same picture as folding
+        every event in time order, without parsing a million step lines."""
+        import numpy as np
+
+        from kit.ledger.index import decode_enum
+        from kit.ledger.scan import surviving
+
+        cols = scan.steps
+        bulk_latest = sorted(scan.latest.items(), key=lambda kv: kv[1]["t"])
+        spikes: list[tuple[float, int, float]] = []
+        if len(cols):
+            keep = surviving(cols["step"])
+            kept = cols[keep]
+            values = np.stack([kept[k] for k in PLOTTED], axis=1) if len(kept) else np.zeros((0, len(PLOTTED)))
+            self.curves.load(kept["step"].astype(np.int64), kept["t"], values)
+            flagged = cols[(cols["spike"] > 0) & np.isfinite(cols["loss"])]
+            spikes = list(zip(flagged["t"].tolist(), flagged["step"].astype(np.int64).tolist(),
+                              flagged["loss"].tolist(), strict=True))
+            self.kinds["step"] = len(cols)
+            last = [e for (_, kind), e in bulk_latest if kind == "step"]
+            self.last = dict(last[-1]) if last else {}
+            self.step, self.step_t = int(cols["step"][-1]), float(cols["t"][-1])
+            if self.last.get("step") != self.step:  # the latest step line could not be read back
+                self.last = {"step": self.step, "t": self.step_t, "spike": decode_enum("spike", cols["spike"][-1])}
+            self._span(float(cols["t"][0]), self.step_t)
+        for code in np.unique(scan.bulk["kind"]).tolist() if len(scan.bulk) else []:
+            kind = scan.kinds[code] if code < len(scan.kinds) else "?"
+            self.kinds[kind] = int(np.count_nonzero(scan.bulk["kind"] == code))
+        if len(scan.bulk):
+            self._span(float(scan.bulk["t"][0]), float(scan.bulk["t"][-1]))
+        for e in scan.events:
+            self.fold(e)
+        for (_, kind), e in bulk_latest:
+            if kind != "step":
+                handler = _HANDLERS.get(kind)
+                if handler is not None:
+                    handler(self, e, float(e["t"]))
+        for t, step, loss in sorted(spikes):
+            self._add_spike(step, loss, t)
+        if len(cols):  # each segment's first completed step (start-up ends there)
+            ts = cols["t"]
+            for sg in self.segments.values():
+                if sg.started_t is not None and sg.first_step_t is None:
+                    i = int(np.searchsorted(ts, sg.started_t, "left"))
+                    if i < len(ts) and (sg.ended_t is None or ts[i] <= sg.ended_t):
+                        sg.first_step_t = float(ts[i])
+        self.version += 1
+
+    def _span(self, first: float, last: float) -> None:
+        if self.first_t is None or first < self.first_t:
+            self.first_t = first
+        if self.last_t is None or last > self.last_t:
+            self.last_t = last
+
     def fold_all(self, events: list[dict[str, Any]]) -> None:
         for e in events:
             self.fold(e)
@@ -156,6 +215,9 @@ class RunModel:
             raise TypeError("step")
         # a resume or rollback replays steps: Curves.add truncates, the latest event wins
         self.step, self.step_t, self.last = step, t, e
+        seg = self.current_segment()
+        if seg is not None and seg.first_step_t is None and seg.started_t is not None and t >= seg.started_t:
+            seg.first_step_t = t
         if e.get("spike") and num(e.get("loss")) is not None:  # the trainer's detector flags the step itself
             self._add_spike(step, float(e["loss"]), t)
         self.curves.add(step, t, [clean(e.get(k)) for k in PLOTTED])
@@ -186,10 +248,18 @@ class RunModel:
         job = text(e.get("job_id"))
         if job and job not in self.chain_jobs:
             self.chain_jobs = [*self.chain_jobs, job][-50:]
-        if e["kind"] == "chain_ended":
+        kind, seg = e["kind"], text(e.get("seg"))
+        if kind == "chain_ended":
             self.chain_ended, self.chain_ended_t = text(e.get("reason")) or "?", t
-        elif e["kind"] == "chain_submitted":
+        elif kind == "chain_submitted":
             self.chain_ended = ""
+            self.signal_lead_s = num(e.get("signal_lead_s")) or self.signal_lead_s
+        elif kind == "allocation_started" and seg:
+            self.allocations[seg] = (t, None)
+            while len(self.allocations) > MAX_SEGMENTS:
+                self.allocations.popitem(last=False)
+        elif kind == "allocation_ended" and seg in self.allocations:
+            self.allocations[seg] = (self.allocations[seg][0], t)
 
     def _node_excluded(self, e: dict[str, Any], t: float) -> None:
         node = text(e.get("node"))

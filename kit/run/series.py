@@ -21,6 +21,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 INF = math.inf
 Values = Sequence[float | None]
@@ -43,6 +44,40 @@ class Curves:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def load(self, steps: Any, t: Any, values: Any) -> None:
+        """Replace everything with a whole history at once (numpy: ``steps`` strictly increasing,
+        ``t`` their times, ``values`` a (n, len(names)) float array, non-finite = N/A). The result is
+        what :meth:`add` would build step by step, in a fraction of the time (the cold start of a
+        million-step run)."""
+        import numpy as np
+
+        steps = np.asarray(steps, dtype=np.int64)
+        n = len(steps)
+        self.__init__(self.names, self.capacity, self.recent.maxlen or 4096)  # type: ignore[misc]
+        if n == 0:
+            return
+        vals = np.asarray(values, dtype=np.float64).reshape(n, len(self.names))
+        ok = np.isfinite(vals)
+        stride = 1
+        while len(np.unique(steps // stride)) > self.capacity:
+            stride *= 2
+        self.stride = stride
+        keys = steps // stride
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        ends = np.r_[starts[1:], n] - 1
+        sums = np.add.reduceat(np.where(ok, vals, 0.0), starts, axis=0)
+        counts = np.add.reduceat(ok.astype(np.int64), starts, axis=0)
+        mins = np.minimum.reduceat(np.where(ok, vals, INF), starts, axis=0)
+        self.keys = keys[starts].tolist()
+        self.first = steps[starts].tolist()
+        self.last = steps[ends].tolist()
+        self.t = np.asarray(t, dtype=np.float64)[ends].tolist()
+        self.sums, self.counts, self.mins = sums.tolist(), counts.tolist(), mins.tolist()
+        k = self.recent.maxlen or 4096
+        tail_vals = np.where(ok[-k:], vals[-k:], np.nan).tolist()
+        for step, tt, row in zip(steps[-k:].tolist(), np.asarray(t)[-k:].tolist(), tail_vals, strict=True):
+            self.recent.append((step, tt, [None if v != v else v for v in row]))
 
     @property
     def last_step(self) -> int:

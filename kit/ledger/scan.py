@@ -1,0 +1,203 @@
+"""A whole run's ledger at once, fast: step columns, the few events that matter, where the rest are.
+
+:func:`scan` is the cold start of every tool that needs a run's history (the monitor's first frame and
+its complete curves, ``kit monitor --once``, the postmortem, the goodput account). Per file it takes
+the writer's index where it agrees with the file (kit.ledger.index) and parses lines where it does
+not (before an index starts, after it ends, or all of a file without one), so the answer is the same
+either way, only the time differs. What it returns:
+
+- ``steps``: one numpy record per step event, all files merged in time order (kit.ledger.index
+  COLUMNS: t, step, offset, the indexed metrics), with the file each came from;
+- ``events``: every event that is not bulk (chain, segments, checkpoints, alerts, spikes...), parsed
+  by the one reader, in time order;
+- ``bulk``: the positions (file, offset, length, kind, t, step) of every bulk event (health samples,
+  per-rank timings) so callers fetch the ones they need (:meth:`Scan.fetch`), and ``latest`` the last
+  one of each bulk kind in each file (a node's current health);
+- ``cursors``: where each file was read to, for a Follower to continue live from there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from kit.ledger import index as ix
+from kit.ledger.reader import Cursor, Event, ReadStats, event_time, ledger_dir, ledger_files, parse_line
+from kit.ledger.schema import BULK_KINDS
+
+BULK_DTYPE = np.dtype([("file", "<u4"), *ix.EVENT_DTYPE.descr])
+
+
+@dataclass
+class Scan:
+    run_dir: Path
+    files: list[str]
+    steps: np.ndarray  # ix.STEP_DTYPE records + "file", sorted by t (stable)
+    events: list[Event]
+    bulk: np.ndarray  # BULK_DTYPE, sorted by t
+    latest: dict[tuple[str, str], Event]  # (file, bulk kind) -> its last event
+    cursors: dict[str, Cursor]
+    stats: ReadStats
+    indexed_bytes: int = 0  # how much was taken from indexes...
+    parsed_bytes: int = 0  # ...and how much had to be parsed
+    kinds: list[str] = field(default_factory=lambda: list(ix.KIND_CODES))
+
+    def step_detail(self, rows: np.ndarray) -> list[Event]:
+        """The full step events of some ``steps`` rows (every field, parsed from their lines)."""
+        out: list[Event] = []
+        for file_no, off in zip(rows["file"].tolist(), rows["off"].tolist(), strict=True):
+            path = ledger_dir(self.run_dir) / self.files[int(file_no)]
+            try:
+                with open(path, "rb") as f:
+                    e = parse_line(ix.read_line(f, int(off)), self.stats)
+            except OSError:
+                e = None
+            out.append(e or {})
+        return out
+
+    def fetch(self, kinds: set[str], t0: float = -np.inf, t1: float = np.inf) -> list[Event]:
+        """Bulk events of ``kinds`` written between t0 and t1, parsed (in time order)."""
+        codes = [i for i, k in enumerate(self.kinds) if k in kinds]
+        b = self.bulk
+        lo, hi = np.searchsorted(b["t"], t0, "left"), np.searchsorted(b["t"], t1, "right")
+        sel = b[lo:hi]
+        sel = sel[np.isin(sel["kind"], codes)]
+        out: list[Event] = []
+        for file_no in np.unique(sel["file"]).tolist():
+            recs = sel[sel["file"] == file_no]
+            out += ix.pread_events(ledger_dir(self.run_dir) / self.files[file_no], recs, self.stats)
+        out.sort(key=event_time)
+        return out
+
+
+def scan(run_dir: str | Path, stats: ReadStats | None = None, use_index: bool = True) -> Scan:
+    """Read a run's ledger as described in the module docstring."""
+    run_dir = Path(run_dir)
+    stats = stats or ReadStats()
+    ldir = ledger_dir(run_dir)
+    names = ledger_files(ldir, stats)
+    stats.files = len(names)
+    steps: list[np.ndarray] = []
+    bulk: list[np.ndarray] = []
+    events: list[Event] = []
+    latest: dict[tuple[str, str], Event] = {}
+    cursors: dict[str, Cursor] = {}
+    indexed = parsed = 0
+    for file_no, name in enumerate(names):
+        path = ldir / name
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            stats.vanished_files += 1
+            continue
+        except OSError as err:
+            stats.last_error = f"{name}: {err.strerror}"
+            continue
+        with f:
+            st = os.fstat(f.fileno())
+            idx = ix.load(ldir, name, f, st.st_size, st.st_ino) if use_index else None
+            parts: list[tuple[np.ndarray, np.ndarray]] = []
+            if idx is not None:
+                head = ix.build(f, 0, idx.start, stats) if idx.start else None
+                tail = ix.build(f, idx.end, st.st_size, stats)
+                if head is not None:
+                    _take(head, parts, events, latest, name)
+                    parsed += idx.start
+                parts.append((idx.steps, idx.events))
+                junk = idx.events["kind"] == ix.JUNK
+                wanted = idx.events[~np.isin(idx.events["kind"], _bulk_codes(idx.kinds)) & ~junk]
+                events += ix.pread_events(path, wanted, stats)
+                stats.events += len(idx.steps) + len(idx.events) - len(wanted) - int(junk.sum())
+                stats.bad_lines += int(junk.sum())
+                indexed += idx.end - idx.start
+                _latest_from_index(f, idx, latest, name, ReadStats())  # counted above already
+                _take(tail, parts, events, latest, name)
+                parsed += tail.end - idx.end
+                end = tail.end
+            else:
+                whole = ix.build(f, 0, st.st_size, stats)
+                _take(whole, parts, events, latest, name)
+                parsed += whole.end
+                end = whole.end
+            cursors[name] = Cursor(end, st.st_ino)
+            stats.torn_tail += end < st.st_size  # a last line still being written, or a dead writer's
+        for s_arr, e_arr in parts:
+            if len(s_arr):
+                steps.append(_with_file(s_arr, file_no, ix.STEP_DTYPE))
+            if len(e_arr):
+                b = e_arr[np.isin(e_arr["kind"], _bulk_codes(list(ix.KIND_CODES)))]
+                if len(b):
+                    bulk.append(_with_file(b, file_no, ix.EVENT_DTYPE))
+    all_steps = np.concatenate(steps) if steps else np.zeros(0, dtype=_with_file_dtype(ix.STEP_DTYPE))
+    all_steps = all_steps[np.argsort(all_steps["t"], kind="stable")]
+    all_bulk = np.concatenate(bulk) if bulk else np.zeros(0, dtype=BULK_DTYPE)
+    all_bulk = all_bulk[np.argsort(all_bulk["t"], kind="stable")]
+    events.sort(key=event_time)
+    return Scan(run_dir, names, all_steps, events, all_bulk, latest, cursors, stats, indexed, parsed)
+
+
+def _bulk_codes(kinds: list[str]) -> list[int]:
+    return [i for i, k in enumerate(kinds) if k in BULK_KINDS and k != "step"]
+
+
+def _take(b: ix.Built, parts: list[tuple[np.ndarray, np.ndarray]], events: list[Event],
+          latest: dict[tuple[str, str], Event], name: str) -> None:
+    parts.append((ix.steps_array(b.steps), ix.events_array(b.events)))
+    events += b.parsed
+    for kind, e in b.last_bulk.items():
+        latest[(name, kind)] = e
+
+
+def _latest_from_index(f: IO[bytes], idx: ix.FileIndex, latest: dict[tuple[str, str], Event], name: str,
+                       stats: ReadStats) -> None:
+    """The last event of each bulk kind among the indexed records (a node's current health)."""
+    ev = idx.events
+    for code in _bulk_codes(idx.kinds):
+        where = np.flatnonzero(ev["kind"] == code)
+        if len(where):
+            r = ev[where[-1]]
+            e = parse_line(ix.read_line(f, int(r["off"]), int(r["len"])), stats)
+            if e is not None:
+                latest[(name, idx.kinds[code])] = e
+    if len(idx.steps):
+        e = parse_line(ix.read_line(f, int(idx.steps["off"][-1])), stats)
+        if e is not None:
+            latest[(name, "step")] = e
+
+
+def _with_file_dtype(dt: np.dtype) -> np.dtype:
+    return np.dtype([("file", "<u4"), *dt.descr])
+
+
+def _with_file(a: np.ndarray, file_no: int, dt: np.dtype) -> np.ndarray:
+    out = np.empty(len(a), dtype=_with_file_dtype(dt))
+    out["file"] = file_no
+    for name in dt.names or ():
+        out[name] = a[name]
+    return out
+
+
+def surviving(step: np.ndarray) -> np.ndarray:
+    """Row mask of a timeline (rows in time order) where a replayed step truncates what came after
+    it: row i survives iff every later row has a larger step. The monitor's curves follow this rule
+    (a resume or rollback replays steps; what was trained after the replay point is abandoned)."""
+    n = len(step)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    suffix_min = np.minimum.accumulate(step[::-1])[::-1]
+    keep = np.ones(n, dtype=bool)
+    keep[:-1] = step[:-1] < suffix_min[1:]
+    return keep
+
+
+def latest_wins(step: np.ndarray) -> np.ndarray:
+    """Row indices, one per distinct step, of its latest event (the ledger rule), sorted by step."""
+    if len(step) == 0:
+        return np.zeros(0, dtype=np.int64)
+    rev = step[::-1]
+    _, first_in_rev = np.unique(rev, return_index=True)
+    return len(step) - 1 - first_in_rev
