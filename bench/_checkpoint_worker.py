@@ -9,7 +9,8 @@ rank 0, every figure from the loop's point of view:
 - total: from the save's start to its ``ckpt_saved`` (async: the commit on the writer thread);
 - step times: steps with no save in flight ("idle") and steps taken while an asynchronous write was
   in flight ("writing");
-- CPU: the process's CPU time during a synchronous save, and the writer thread's own CPU time.
+- CPU: the process's CPU time during a synchronous save, the writer thread's own CPU time, and the
+  training thread's CPU time per step (the work a step needs, whatever else wants the cores).
 
 Prints one ``RESULT`` JSON line.
 """
@@ -39,12 +40,17 @@ def main() -> None:
     tr.setup()
     tr.begin_loop()
     out: dict[str, Any] = {"sync_stall": [], "async_stall": [], "idle_step": [], "writing_step": [],
+                           "idle_step_cpu": [], "writing_step_cpu": [],
                            "writing_steps_per_save": [], "async_snapshot_bytes": [], "sync_cpu": [],
                            "async_writer_cpu": []}
 
+    cpu: list[float] = []
+
     def step() -> float:
-        t0 = time.perf_counter()
+        """One step's wall time (its training thread's CPU time goes to ``cpu``)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
         assert tr.step_once() == "", "the benchmark must not end the segment"
+        cpu.append(time.thread_time() - c0)
         return time.perf_counter() - t0
 
     for _ in range(3):  # warm-up
@@ -55,6 +61,7 @@ def main() -> None:
     for r in range(rounds):
         for mode in (("sync", "async") if r % 2 == 0 else ("async", "sync")):
             out["idle_step"] += [step() for _ in range(idle_steps)]
+            out["idle_step_cpu"] += cpu[-idle_steps:]
             dist.barrier()
             tr.saver.cfg.checkpoint.async_save = mode == "async"
             t0, c0 = time.perf_counter(), time.process_time()
@@ -69,6 +76,7 @@ def main() -> None:
                 n = 0
                 while not job.join(0):  # steps while this rank's write (and rank 0's commit) is in flight
                     out["writing_step"].append(step())
+                    out["writing_step_cpu"].append(cpu[-1])
                     n += 1
                 out["writing_steps_per_save"].append(n)
                 out["async_writer_cpu"].append(job.cpu_s)

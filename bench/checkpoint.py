@@ -62,7 +62,12 @@ def run(hidden: int, layers: int, ranks: int, rounds: int, idle_steps: int) -> d
         "writing_slowdown_pct": None if writing is None else round((writing / idle - 1) * 100, 2),
         "steps_per_async_save": r["writing_steps_per_save"],
         "sync_save_cpu_s": round(med(r["sync_cpu"]), 3), "async_writer_cpu_s": round(med(r["async_writer_cpu"]), 3),
-        "raw": {k: [round(x, 4) for x in r[k]] for k in ("sync_stall", "async_stall", "idle_step", "writing_step")},
+        "idle_step_cpu_s": round(med(r["idle_step_cpu"]), 4),
+        "writing_step_cpu_s": round(med(r["writing_step_cpu"]), 4) if r["writing_step_cpu"] else None,
+        "writing_cpu_slowdown_pct": round((med(r["writing_step_cpu"]) / med(r["idle_step_cpu"]) - 1) * 100, 2)
+        if r["writing_step_cpu"] else None,
+        "raw": {k: [round(x, 4) for x in r[k]] for k in ("sync_stall", "async_stall", "idle_step", "writing_step",
+                                                          "idle_step_cpu", "writing_step_cpu")},
         "ledger_stall_s": r["ledger_stall"], "load_avg_1m_before": round(load0, 2),
         "load_avg_1m_after": round(os.getloadavg()[0], 2),
     }
@@ -74,9 +79,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--note", default="", help="a remark stored with the result")
     ap.add_argument("--idle-steps", type=int, default=3)
     a = ap.parse_args()
     res = run(a.hidden, a.layers, a.ranks, a.rounds, a.idle_steps)
+    res["note"] = a.note
     stall_ok = res["stall_ratio"] <= 0.10
     slow = res["writing_slowdown_pct"]
     print(f"{res['params_M']}M params, {res['checkpoint_bytes'] / 1e9:.2f} GB checkpoint, {a.ranks} rank(s): "
@@ -85,7 +92,9 @@ def main() -> int:
           f"(sync {res['sync_total_s']:.2f} s); steps {res['idle_step_s']:.3f} s idle / "
           f"{res['writing_step_s'] if res['writing_step_s'] is not None else 'n/a'} s while writing = "
           f"{slow if slow is not None else 'n/a'}% [goal <= 5%: "
-          f"{'MET' if slow is not None and slow <= 5 else 'NOT MET'}]", flush=True)
+          f"{'MET' if slow is not None and slow <= 5 else 'NOT MET'}]; training thread CPU per step "
+          f"{res['writing_cpu_slowdown_pct']}% more while writing; load {res['load_avg_1m_before']}-"
+          f"{res['load_avg_1m_after']}", flush=True)
     doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": f"{os.cpu_count()} CPUs, gloo, ext4",
            "goals": {"stall_ratio_max": 0.10, "writing_slowdown_pct_max": 5.0}, "results": [res]}
     path = ROOT / "bench" / "results" / "checkpoint.json"

@@ -178,7 +178,12 @@ class CaptureEngine:
             self.snap.files.append((str(path), None))
             return
         copier = _Copier(self.buffers, self.snap)
-        self.snap.files.append((str(path), copier.copy(state_dict)))
+        try:
+            self.snap.files.append((str(path), copier.copy(state_dict)))
+        except (RuntimeError, MemoryError):  # host (pinned) memory refused: this file is written now
+            write_file(str(path), state_dict, self.zipfile_serialization)
+            self.snap.sync_bytes += state_bytes(state_dict)
+            self.snap.files.append((str(path), None))
         self._cuda = self._cuda or copier.cuda
 
     def load(self, path: str, map_location: Any = None) -> Any:

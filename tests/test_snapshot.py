@@ -119,6 +119,20 @@ def test_over_the_memory_budget_a_file_is_written_at_once(tmp_path: Path) -> Non
     assert (tmp_path / "f.pt").read_bytes() == (tmp_path / "ref" / "f.pt").read_bytes()
 
 
+def test_host_memory_refused_writes_the_file_at_once(tmp_path: Path) -> None:
+    """Pinned memory can be refused (cudaHostAlloc fails): the file is written during the capture."""
+
+    class Refusing(HostBuffers):
+        def take(self, nbytes: int, pinned: bool) -> Any:
+            raise RuntimeError("CUDA error: out of memory (host allocation)")
+
+    state = zero_like_state()
+    snap = snap_of(state, buffers=Refusing(), path=str(tmp_path / "f.pt"))
+    assert snap.files == [(str(tmp_path / "f.pt"), None)] and snap.sync_bytes == state_bytes(state)
+    assert torch.equal(torch.load(tmp_path / "f.pt", weights_only=False)["optimizer"]["fp32"][0],
+                       state["optimizer"]["fp32"][0].detach())
+
+
 dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.int64, torch.float16])
 
 

@@ -136,7 +136,7 @@ def demo(args: argparse.Namespace) -> int:
     half = cfg.trainer.max_steps // 2
 
     def step_line(line: str) -> None:
-        console.print(f"    {line}", highlight=False)
+        console.print(f"    {line}", highlight=False, markup=False)
 
     console.print(f"2/4 segment 1: {cfg.trainer.nproc} ranks, ZeRO-{cfg.deepspeed.zero_stage}, "
                   f"{cfg.deepspeed.precision}; the allocation 'ends' after step {half}")
