@@ -69,8 +69,15 @@ class RankWrite:
     _thread: threading.Thread | None = None
 
     def start(self) -> RankWrite:
-        self._thread = threading.Thread(target=self._run, name=f"kit-ckpt-{self.path.name}", daemon=True)
+        """In the background, at low priority (:func:`background_priority`)."""
+        self._thread = threading.Thread(target=self._run, args=(True,), name=f"kit-ckpt-{self.path.name}",
+                                        daemon=True)
         self._thread.start()
+        return self
+
+    def run_here(self) -> RankWrite:
+        """In the calling thread, at its priority: a save the loop waits for anyway (the segment's last)."""
+        self._run(False)
         return self
 
     def join(self, timeout: float | None = None) -> bool:
@@ -85,8 +92,9 @@ class RankWrite:
         self._abort.set()
 
     # ---------------------------------------------------------------------------------- the thread
-    def _run(self) -> None:
-        background_priority()
+    def _run(self, background: bool) -> None:
+        if background:
+            background_priority()
         cpu0 = time.thread_time()
         try:
             self._write()

@@ -113,13 +113,15 @@ class Saver:
         ck.load_rank_state(ckpt.path, self.env.rank)
 
     # -------------------------------------------------------------------------------------- save
-    def save(self, step: int, consumed: int, why: str, kit_state: dict[str, Any]) -> None:
+    def save(self, step: int, consumed: int, why: str, kit_state: dict[str, Any], blocking: bool = False) -> None:
         """Collective save: every rank writes its part; rank 0 commits with the manifest, moves
         ``latest`` and applies retention. ``kit_state`` joins the manifest (the spike policy's state).
 
         With ``checkpoint.async_save`` the loop pauses only for a host copy of the state (kit.snapshot);
         the files are written in the background (kit.asyncsave) and the save before it, if still in
-        flight, is waited for first."""
+        flight, is waited for first. ``blocking``: the loop waits for this save anyway (the segment's
+        last): DeepSpeed's files are written during the capture, without a copy, and the rest of the
+        save runs in this thread at its priority, not in a low-priority writer."""
         if not self.cfg.checkpoint.async_save:
             self._save_sync(step, consumed, why, kit_state)
             return
@@ -131,23 +133,26 @@ class Saver:
         if self.env.is_main:
             ck.prepare_tag_dir(root, tag)
         dist.barrier()
-        snap = capture(self.engine, str(root), tag, {"kit_step": step}, self.buffers, self._budget())
+        snap = capture(self.engine, str(root), tag, {"kit_step": step}, self.buffers, 0 if blocking else self._budget())
         rng = ck.rng_state()
         stall = time.perf_counter() - t0
         commit = None
         if self.env.is_main:
             state = self._manifest_state(step, consumed, why, copy.deepcopy(kit_state))
             info = {"step": step, "consumed": consumed, "why": why, "pin": self.pin_next, "t0": t0,
-                    "stall_s": stall, "wait_s": wait_s, "sync_bytes": snap.sync_bytes}
+                    "stall_s": stall, "wait_s": wait_s, "sync_bytes": snap.sync_bytes, "blocking": blocking}
             self.pin_next = ""
             commit = functools.partial(self._commit_async, state, info)
-            if snap.sync_bytes and not self._warned_memory:
+            if snap.sync_bytes and not blocking and not self._warned_memory:
                 self._warned_memory = True
                 self.ledger.alert("warning", f"checkpoint.async_save: not enough free host memory for a copy of "
                                   f"this rank's state; {snap.sync_bytes / 2**30:.2f} GiB of {tag} was written "
                                   "synchronously (the loop waited for it)", condition="ckpt_memory", tag=tag)
-        self.pending = RankWrite(step, root / tag, self.env.rank, self.env.world_size, snap, rng,
-                                 snap_zipfile(self.engine), self.buffers, self._buffers_lock, commit).start()
+        job = RankWrite(step, root / tag, self.env.rank, self.env.world_size, snap, rng, snap_zipfile(self.engine),
+                        self.buffers, self._buffers_lock, commit)
+        self.pending = job.run_here() if blocking else job.start()
+        if blocking:
+            self.wait()
 
     def wait(self) -> float:
         """Collective: wait until the save in flight is complete on every rank (rank 0: committed), then
@@ -227,9 +232,10 @@ class Saver:
         remove_records(root / tag, self.env.world_size)
         seconds = time.perf_counter() - info["t0"]
         self.save_times = ([*self.save_times, seconds])[-5:]
+        stall = seconds if info["blocking"] else info["stall_s"]  # the loop waited for all of a blocking save
         self.ledger.emit("ckpt_saved", step=step, tag=tag, seconds=round(seconds, 3), reason=info["why"],
                          bytes=sum(f["size"] for f in manifest["files"].values()), consumed=info["consumed"],
-                         stall_s=round(info["stall_s"], 4), wait_s=round(info["wait_s"], 4),
+                         stall_s=round(stall, 4), wait_s=round(info["wait_s"], 4),
                          **{"async": not info["sync_bytes"]})
         self.retain()
 

@@ -161,7 +161,7 @@ class Trainer:
                 break
         reason = reason or "done"
         if reason != "give_up" and not self.saver.saved_at(st.step):  # never checkpoint a state given up on
-            self.save(reason)
+            self.save(reason, blocking=True)  # the segment ends: nothing to overlap the write with
         self.wait_for_saves()  # a save still being written completes before the segment ends
         if reason == "stop":
             self._ack(STOP)
@@ -373,11 +373,11 @@ class Trainer:
         })
 
     # ------------------------------------------------------------------------------ checkpoints
-    def save(self, why: str) -> None:
+    def save(self, why: str, blocking: bool = False) -> None:
         """Collective save (kit.saver): every rank writes its part; rank 0 commits with the manifest."""
         if self.health:  # a save is not a step: the hang watchdog's ceiling applies until the next step
             self.health.long_phase("save")
-        self.saver.save(self.state.step, self.state.consumed, why, self.guard.manifest_state())
+        self.saver.save(self.state.step, self.state.consumed, why, self.guard.manifest_state(), blocking)
 
     def wait_for_saves(self) -> None:
         """Collective: the asynchronous save in flight, if any, is complete (rank 0: committed)."""

@@ -55,9 +55,11 @@ def test_async_saves_match_sync_ones_and_resume_bit_exact(tiny_cfg: Any) -> None
     for step in (2, 4, 6, 8):
         assert ds_files(sync, ck.tag_for(step)) == ds_files(rd, ck.tag_for(step)), step
     assert_same_weights(final_weights(sync), final_weights(rd))
-    saved = read_all(rd.path, {"ckpt_saved"})
-    assert [e["step"] for e in saved] == [2, 3, 4, 6, 8]
-    assert all(e["async"] is True and 0 <= e["stall_s"] <= e["seconds"] for e in saved)
+    saved = {e["step"]: e for e in read_all(rd.path, {"ckpt_saved"})}
+    assert sorted(saved) == [2, 3, 4, 6, 8]
+    assert all(saved[s]["async"] is True and 0 <= saved[s]["stall_s"] <= saved[s]["seconds"] for s in (2, 4, 6))
+    # a segment's last save (3: the boundary, 8: the end) is written in the loop, which waits for it anyway
+    assert all(saved[s]["async"] is False and saved[s]["stall_s"] >= saved[s]["seconds"] - 0.01 for s in (3, 8))
     assert all(e["async"] is False and e["stall_s"] == e["seconds"] for e in read_all(sync.path, {"ckpt_saved"}))
     assert not list(rd.checkpoints.glob(f"*/{ck.WRITTEN_PREFIX}*"))  # the ranks' records are cleared
 
