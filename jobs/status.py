@@ -70,6 +70,10 @@ def render(s: dict[str, Any]) -> str:
                      + (f"; {f['note']}" if f["note"] else ""))
     else:
         lines.append(f"  finish     N/A ({f['note']})")
+    if "goodput" in s:
+        from kit.run.goodput import line
+
+        lines.append(f"  goodput    {line(s['goodput'])} (kit goodput {s['path']})")
     if s["excluded_nodes"] or ch["suspect_nodes"]:
         lines.append(f"  nodes      excluded: {', '.join(s['excluded_nodes']) or '-'}; "
                      f"suspect: {', '.join(ch['suspect_nodes']) or '-'}")

@@ -39,6 +39,7 @@ import numpy as np
 
 from kit.errors import CheckpointError
 from kit.fsio import atomic_write, atomic_write_json
+from kit.parallel.layout import Layout
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -245,13 +246,24 @@ def load(root: Path, tag: str) -> Checkpoint:
     return Checkpoint(step if step is not None else int(m["step"]), tag, path, m)
 
 
-def check_compatible(ckpt: Checkpoint, world_size: int, model: dict[str, Any], vocab_size: int) -> None:
+def layout_of(ckpt: Checkpoint) -> Layout:
+    """The layout a checkpoint was written at (``kit.layout``; before layouts: data parallel only)."""
     kit = ckpt.manifest["kit"]
-    if kit.get("world_size") != world_size:
+    return Layout.from_dict(kit.get("layout"), int(kit.get("world_size") or 1))
+
+
+def check_compatible(ckpt: Checkpoint, layout: Layout | int, model: dict[str, Any], vocab_size: int) -> None:
+    """Refuse to resume ``ckpt`` at another layout (an int: that many data-parallel ranks) or of
+    another model, saying what to do instead."""
+    kit = ckpt.manifest["kit"]
+    want = layout if isinstance(layout, Layout) else Layout(1, 1, layout)
+    have = layout_of(ckpt)
+    if have != want:
         raise CheckpointError(
-            f"checkpoint {ckpt.tag} was written by {kit.get('world_size')} data-parallel ranks, this segment "
-            f"has {world_size}; run with {kit.get('world_size')} ranks, or `kit reshape` the checkpoint"
-        )
+            f"checkpoint {ckpt.tag} was written at layout {have} ({have.world} ranks: parallel.tensor = "
+            f"{have.tensor}, parallel.pipeline = {have.pipeline}), this segment runs {want} ({want.world} ranks); "
+            f"resume at {have}, or move the checkpoint to the new layout with `kit reshape RUN --tensor "
+            f"{want.tensor} --pipeline {want.pipeline} --world-size {want.world}`")
     theirs = kit.get("model", {})
     keys = ("hidden_size", "n_layer", "n_head")
     diff = [f"model.{k} {theirs.get(k)} != {model[k]}" for k in keys if theirs.get(k) != model[k]]

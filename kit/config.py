@@ -212,7 +212,7 @@ class ParallelSection:
 
     tensor: int = 1
     """Tensor-parallel degree (DeepSpeed AutoTP): each block's matrices split over this many ranks.
-    Must divide model.n_head; keep it within a node (BLOOM-176B: 4)."""
+    Must divide model.n_head; needs ZeRO 1 or 2; keep it within a node (BLOOM-176B: 4). docs/parallel.md"""
     pipeline: int = 1
     """Pipeline stages (DeepSpeed PipelineModule): the blocks split into this many consecutive
     stages. At most model.n_layer; needs ZeRO 0 or 1 and batch.grad_accum >= pipeline (BLOOM-176B: 12)."""
@@ -625,6 +625,9 @@ class RunConfig:
             raise ConfigError(f"deepspeed.zero_stage = {self.deepspeed.zero_stage} cannot be used with "
                               f"parallel.pipeline = {p.pipeline}: DeepSpeed's pipeline engine takes ZeRO 0 or 1 "
                               "(BLOOM-176B used ZeRO-1)")
+        if p.tensor > 1 and self.deepspeed.zero_stage > 2:
+            raise ConfigError(f"deepspeed.zero_stage = 3 cannot be used with parallel.tensor = {p.tensor}: kit shards "
+                              "the blocks with AutoTP over ZeRO 1 or 2 (BLOOM-176B used ZeRO-1)")
         if p.pipeline > 1 and self.batch.grad_accum < p.pipeline:
             raise ConfigError(f"batch.grad_accum ({self.batch.grad_accum}) must be at least parallel.pipeline "
                               f"({p.pipeline}): each step's micro-batches fill the pipeline's stages")

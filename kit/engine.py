@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.config import RunConfig
-from kit.faults import fault_point
-from kit.model import build_model
+from kit.faults import fault_active, fault_point
+from kit.parallel.layout import layout_of
+
+if TYPE_CHECKING:
+    from kit.parallel.mesh import Mesh
+    from kit.parallel.stepper import Stepper
 
 
 def lr_lambda(cfg: RunConfig) -> Any:
@@ -33,7 +37,8 @@ def lr_lambda(cfg: RunConfig) -> Any:
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """DeepSpeed's config for ``world_size`` data-parallel ranks, with ``deepspeed.extra`` merged last."""
+    """DeepSpeed's config for ``world_size`` data-parallel ranks (the data dimension of the layout:
+    one micro-batch per replica, not per rank), with ``deepspeed.extra`` merged last."""
     zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage == 3:
         # DeepSpeed's memory-efficient linear patches torch.nn.functional.linear process-wide and
@@ -74,28 +79,37 @@ def seed_everything(seed: int) -> None:
 @dataclass(slots=True)
 class Engine:
     """What ``deepspeed.initialize`` returns that the trainer uses: the engine, and the optimizer and
-    schedule it wraps (the spike policy holds their update for one step, kit.spikes.hold_update)."""
+    schedule it wraps (the spike policy holds their update for one step, kit.spikes.hold_update);
+    where this rank sits in the layout (kit.parallel.mesh) and how a step runs there (kit.parallel.stepper)."""
 
     engine: Any
     optimizer: Any
     scheduler: Any
+    mesh: Mesh
+    stepper: Stepper
 
 
-def build_engine(cfg: RunConfig, data_parallel: int, rank: int = 0) -> Engine:
-    """Seed, build the BLOOM model, torch's AdamW (bit-exact resume needs it, not DeepSpeed's CPU Adam)
-    and the LR schedule, and hand them to DeepSpeed."""
+def build_engine(cfg: RunConfig, world: int, rank: int = 0) -> Engine:
+    """Seed, build this rank's part of the BLOOM model at the recipe's layout (kit.parallel.model),
+    torch's AdamW (bit-exact resume needs it, not DeepSpeed's CPU Adam) and the LR schedule, and hand
+    them to DeepSpeed. Collective (process groups) when the layout is not plain data parallel."""
     import deepspeed
     import torch
 
+    from kit.parallel.model import build
+    from kit.parallel.stepper import Stepper
+    from kit.parallel.tensor import ALIBI_FAULT
+
+    layout = layout_of(cfg, world)
     seed_everything(cfg.run.seed)
-    model = build_model(cfg.model, cfg.data.vocab_size)
-    if cfg.deepspeed.precision == "bf16":
-        model = model.to(torch.bfloat16)
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else None
+    built = build(cfg.model, cfg.data.vocab_size, layout, rank, dtype=dtype,
+                  alibi_wrong=fault_active(ALIBI_FAULT, 0, rank))
     o = cfg.optim
-    optim = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    optim = torch.optim.AdamW(built.module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                               weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
     fault_point("setup.before_engine", 0, rank)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, data_parallel))
-    return Engine(engine, optim, sched)
+    engine, _, _, _ = deepspeed.initialize(model=built.module, optimizer=optim, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, layout.data), mpu=built.mpu)
+    return Engine(engine, optim, sched, built.mesh, Stepper(engine, built.mesh, built.pipelined))

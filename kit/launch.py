@@ -60,6 +60,7 @@ def run_local_segment(rd: RunDir, cfg: RunConfig, stop_after_steps: int = 0, seg
 
     ``quiet``: the ranks' output is not shown, except their live step lines when ``lines`` takes them
     (kit.progress; ``kit demo`` shows those alone)."""
+    cfg.check_layout(cfg.trainer.nproc, "trainer.nproc (the local ranks)")
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(cfg.trainer.threads), envvars.SEGMENT: seg,
                 "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"})

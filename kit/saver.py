@@ -24,6 +24,7 @@ from kit.dist import DistEnv
 from kit.errors import CheckpointError
 from kit.faults import fault_point
 from kit.ledger import LedgerWriter, NullLedger
+from kit.parallel.layout import Layout
 from kit.rundir import RunDir
 from kit.snapshot import HostBuffers, capture, snap_zipfile
 
@@ -46,7 +47,7 @@ class Saver:
     env: DistEnv
     ledger: LedgerWriter | NullLedger
     seg: str
-    data_parallel: int
+    layout: Layout  # kit.parallel: tensor x pipeline x data; recorded in every manifest
     log: Callable[[str], None] = print
     engine: Any = None
     save_times: list[float] = field(default_factory=list)
@@ -88,7 +89,7 @@ class Saver:
             return Resumed()
         ckpt = ck.load(self.root, tag)
         m = self.cfg.model
-        ck.check_compatible(ckpt, self.data_parallel, {"hidden_size": m.hidden_size, "n_layer": m.n_layer,
+        ck.check_compatible(ckpt, self.layout, {"hidden_size": m.hidden_size, "n_layer": m.n_layer,
                                                        "n_head": m.n_head}, self.cfg.data.vocab_size)
         t0 = time.perf_counter()
         self.load(ckpt)
@@ -211,7 +212,7 @@ class Saver:
     def _manifest_state(self, step: int, consumed: int, why: str, kit_state: dict[str, Any]) -> dict[str, Any]:
         m = self.cfg.model
         return {
-            "step": step, "consumed": consumed, "world_size": self.data_parallel,
+            "step": step, "consumed": consumed, "world_size": self.layout.world, "layout": self.layout.to_dict(),
             "model": {"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
                       "seq_length": m.seq_length},
             "vocab_size": self.cfg.data.vocab_size, "zero_stage": self.cfg.deepspeed.zero_stage,

@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit import checkpoint as ck
 from kit import envvars, exitcodes
@@ -32,10 +33,17 @@ from kit.health import JobHealth
 from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
 from kit.metrics import MetricSink
 from kit.model import peak_tflops, step_flops
+from kit.parallel.layout import layout_of
 from kit.progress import StepLines
 from kit.rollback import RollbackPolicy
 from kit.rundir import SAVE_NOW, STOP, RunDir
 from kit.saver import Saver
+
+if TYPE_CHECKING:
+    import torch
+
+    from kit.parallel.mesh import Mesh
+    from kit.parallel.stepper import Stepper
 
 # Positions in the per-step all-reduce vector. GNORM/G_UNAPPLIED: rank 0's grad norm of the previous
 # step and whether DeepSpeed skipped its update (kit.spikes judges them one step late, on every rank).
@@ -74,16 +82,22 @@ class Trainer:
         self.ledger: LedgerWriter | NullLedger = (
             LedgerWriter(run_dir.path, writer_name("train", env.rank), seg=self.seg) if env.is_main else NullLedger()
         )
-        self.dp = env.world_size
+        # The layout (kit.parallel): tensor x pipeline x data; a replica's ranks share its micro-batches.
+        cfg.check_layout(env.world_size, f"this segment ({env.world_size} ranks)")
+        self.world = env.world_size
+        self.layout = layout_of(cfg, self.world)
+        self.dp = self.layout.data
         self.global_batch = cfg.batch.micro_batch_size * cfg.batch.grad_accum * self.dp
         self.deadline = self._deadline()
         self.engine: Any = None
+        self.mesh: Mesh | None = None
+        self.stepper: Stepper | None = None
         self.data: MixtureDataset | None = None
         self.sink: MetricSink | None = None
         # Loss spikes (kit.spikes): same detector state on every rank, fed all-reduced values only.
         self.guard = sp.SpikeGuard(cfg.spikes, self.ledger)
         self.spike_check = sp.StepCheck()
-        self.saver = Saver(cfg, run_dir, env, self.ledger, self.seg, self.dp, log=self._log)
+        self.saver = Saver(cfg, run_dir, env, self.ledger, self.seg, self.layout, log=self._log)
         self.rollback = RollbackPolicy(cfg, run_dir, env, self.ledger, self.guard, self.saver, log=self._log)
         self._optim: Any = None
         self._sched: Any = None
@@ -118,8 +132,9 @@ class Trainer:
                 pass
         self.data = MixtureDataset(data_dir, cfg.run.seed, cfg.model.seq_length)
         self.startup["data"] = time.time()
-        built = build_engine(cfg, self.dp, env.rank)
+        built = build_engine(cfg, self.world, env.rank)
         self.engine, self._optim, self._sched = built.engine, built.optimizer, built.scheduler
+        self.mesh, self.stepper = built.mesh, built.stepper
         self.saver.engine = self.engine
         self.startup["engine"] = time.time()
         resumed = self.saver.resume()
@@ -128,8 +143,9 @@ class Trainer:
         self.startup["resumed"] = time.time()
         if env.is_main:
             self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=self.state.step + 1)
-            self.ledger.emit("segment_started", world_size=self.dp, step=self.state.step,
-                             resumed_from=self.state.resumed_from, host=hostname(), pid=os.getpid(),
+            self.ledger.emit("segment_started", world_size=self.world, layout=self.layout.to_dict(),
+                             step=self.state.step, resumed_from=self.state.resumed_from, host=hostname(),
+                             pid=os.getpid(),
                              max_steps=cfg.trainer.max_steps, global_batch=self.global_batch,
                              job_id=os.environ.get("SLURM_JOB_ID", ""),
                              restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
@@ -230,29 +246,37 @@ class Trainer:
             self.lines.step(st.step, loss, last=st.step >= self.cfg.trainer.max_steps)
 
     def _train_step(self) -> list[float]:
-        """Forward/backward/step over the micro-batches, then the one all-reduce of the step."""
+        """Forward/backward over the micro-batches (kit.parallel.stepper, at any layout), then the one
+        all-reduce of the step and the update, which the spike policy may refuse on every rank."""
+        import torch
+
+        cfg, st, eng, rank = self.cfg, self.state, self.engine, self.env.rank
+        assert self.data is not None and self.mesh is not None and self.stepper is not None
+        data, micro, ga, replica = self.data, cfg.batch.micro_batch_size, cfg.batch.grad_accum, self.mesh.coords.data
+
+        def batches() -> Iterator[torch.Tensor]:  # this replica's micro-batches, read only where used
+            for m in range(ga):
+                idx = rank_micro_indices(st.consumed, micro, self.dp, replica, m)
+                yield torch.from_numpy(data.batch(idx)).to(eng.device)
+
+        out: list[list[float]] = []
+
+        def before_update(loss_sum: torch.Tensor | None, update: Callable[[], None]) -> None:
+            out.append(self._all_reduce(loss_sum))
+            self.spike_check = self._check_spikes(out[0])
+            self._update(update)
+
+        self.stepper.step(batches(), ga, before_update, poison=fault_active("loss.nan", st.step + 1, rank))
+        return out[0]
+
+    def _all_reduce(self, loss_sum: torch.Tensor | None) -> list[float]:
+        """The step's one all-reduce: the loss (one rank per replica adds its micro-batch losses: the
+        last pipeline stage's first tensor rank), non-finite losses, and the control flags."""
         import torch
         import torch.distributed as dist
 
-        cfg, st, eng = self.cfg, self.state, self.engine
-        assert self.data is not None
-        # Summed on the device: a .cpu() per micro-step would make the host wait for each one on a
-        # GPU. The step's one host sync is the flags vector's .tolist() below.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=eng.device)
-        ga = cfg.batch.grad_accum
-        for m in range(ga):
-            idx = rank_micro_indices(st.consumed, cfg.batch.micro_batch_size, self.dp, self.env.rank, m)
-            x = torch.from_numpy(self.data.batch(idx)).to(eng.device)
-            out = eng(input_ids=x, labels=x)
-            loss = out.loss
-            if m == 0 and fault_active("loss.nan", st.step + 1, self.env.rank):  # tests: NaN on one rank only
-                loss = loss * float("nan")
-            eng.backward(loss)
-            loss_sum += loss.detach().double()
-            if m < ga - 1:
-                eng.step()  # not a boundary: DeepSpeed only counts the micro step
-        # The step's one all-reduce happens before the boundary engine.step(), so that the spike
-        # policy can refuse this update on every rank alike (kit.spikes.hold_update).
+        assert self.mesh is not None
+        st, eng = self.state, self.engine
         flags = [0.0] * NFLAGS  # host-side flags; loss and non-finite are filled in on the device
         flags[F_SIGNAL] = 1.0 if st.signalled else 0.0
         if self.env.is_main:
@@ -262,24 +286,30 @@ class Trainer:
             flags[F_DEADLINE] = 1.0 if self._near_deadline() else 0.0
             flags[GNORM], flags[G_UNAPPLIED] = self._last_gn[0], 0.0 if self._last_gn[1] else 1.0
         vec = torch.tensor(flags, dtype=torch.float64, device=eng.device)
-        vec[LOSS] = loss_sum
-        vec[NONFINITE] = (~torch.isfinite(loss_sum)).double()
-        if self.dp > 1:
+        if loss_sum is not None:  # summed on the device: this .tolist() is the step's one host sync
+            if self.mesh.reports_loss:
+                vec[LOSS] = loss_sum
+            vec[NONFINITE] = (~torch.isfinite(loss_sum)).double()
+        if self.world > 1:
             dist.all_reduce(vec)
-        out_vec: list[float] = vec.tolist()
-        self.spike_check = self._check_spikes(out_vec)
+        out: list[float] = vec.tolist()
+        return out
+
+    def _update(self, update: Callable[[], None]) -> None:
+        """The boundary optimizer step, or (spike policy ``skip``) the same step with the optimizer's
+        and the schedule's ``step`` held, on every rank alike (kit.spikes.hold_update)."""
+        eng = self.engine
         if self.spike_check.skip_update:
             with sp.hold_update(self._optim, self._sched):
-                eng.step()
+                update()
             if getattr(eng, "_step_applied", True):  # DeepSpeed counts the updates it skips itself
                 eng.skipped_steps += 1
         else:
-            eng.step()
+            update()
         if self.env.is_main:
             gn = eng.get_global_grad_norm()
             self._last_gn = (float(gn) if gn is not None else -1.0,
                              bool(getattr(eng, "_step_applied", True)) and not self.spike_check.skip_update)
-        return out_vec
 
     # ------------------------------------------------------------------------------------ spikes
     def _setup_spikes(self) -> None:
@@ -355,7 +385,7 @@ class Trainer:
         eng, st, seq = self.engine, self.state, self.cfg.model.seq_length
         gn = eng.get_global_grad_norm()
         gn = float(gn) if gn is not None else None
-        tflops = flops / (dt * self.dp * 1e12)
+        tflops = flops / (dt * self.world * 1e12)  # per GPU: every rank of every dimension
         self.sink.step(st.step, {
             "loss": loss,
             "grad_norm": gn,
@@ -367,7 +397,7 @@ class Trainer:
             "tokens_per_s": self.global_batch * seq / dt,
             "samples_per_s": self.global_batch / dt,
             "tflops": tflops,
-            "mfu": (model_flops / (dt * self.dp * 1e12)) / peak if peak else None,
+            "mfu": (model_flops / (dt * self.world * 1e12)) / peak if peak else None,
             "nonfinite": nonfinite,
             **self.guard.note,
         })

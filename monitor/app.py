@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import BindingType
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Footer, Header, OptionList, Static, TabbedContent, TabPane
 from textual.widgets.option_list import Option
@@ -36,6 +36,7 @@ from kit.monitor.widgets import (
     CkptTable,
     ConfirmScreen,
     CurvePlot,
+    GoodputPanel,
     HealthTable,
     HelpScreen,
     SegmentTable,
@@ -48,7 +49,7 @@ POST_S = 0.2  # at most this often a snapshot per run while data streams in
 TICK_S = 5.0  # a snapshot at least this often anyway (ages, Slurm), even when nothing was appended
 LOSS_METRICS = ("loss", "grad_norm", "lr")
 RATE_METRICS = ("tokens_per_s", "samples_per_s", "tflops", "mfu")
-TABS = ("overview", "gpus", "checkpoints", "alerts", "segments")
+TABS = ("overview", "gpus", "checkpoints", "alerts", "segments", "goodput")
 
 
 @dataclass
@@ -118,6 +119,8 @@ class MonitorApp(App[int]):
                     yield AlertTable(id="alerttable")
                 with TabPane("Segments", id="segments"):
                     yield SegmentTable(id="segtable")
+                with TabPane("Goodput", id="goodput"), VerticalScroll():
+                    yield GoodputPanel(id="goodputpanel")
         yield Static(id="statusline")
         yield Footer()
 
@@ -173,6 +176,8 @@ class MonitorApp(App[int]):
             self.query_one(AlertTable).show(snap)
         elif tab == "segments":
             self.query_one(SegmentTable).show(snap)
+        elif tab == "goodput":
+            self.query_one(GoodputPanel).show(snap)
         r = snap.summary["reader"]
         skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in r.items()
                             if k in ("bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",

@@ -91,6 +91,10 @@ def render_text(s: dict[str, Any]) -> str:
     ck = s.get("last_ckpt")
     if ck:
         lines.append(f"  last checkpoint {ck['tag']} {dur(ck['age_s'])} ago")
+    if s.get("goodput"):
+        from kit.run.goodput import line
+
+        lines.append(f"  goodput {line(s['goodput'])}")
     r = s["reader"]
     skipped = {k: r[k] for k in ("bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",
                                  "vanished_files", "torn_tail", "junk_events")

@@ -21,6 +21,7 @@ from kit.ledger import Follower, ReadStats, event_time, merged
 from kit.ledger.scan import scan
 from kit.run import queue as slurm
 from kit.run.chainstate import ChainState, load_state
+from kit.run.goodput import Account, Inputs, Tracker, account, recipe_plan
 from kit.run.gpus import GpuHealth, worst_first
 from kit.run.model import Alert, Ckpt, RunModel, Segment
 from kit.run.summary import query_for, recipe_facts, summarize
@@ -31,6 +32,8 @@ CURVES = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", 
 MAX_POINTS = 600
 MAX_GAP_S = 1.0  # replay: idle gaps longer than this (after the speed-up) are cut to it
 QUEUE_PERIOD_S = 30.0  # ask Slurm (and re-read chain.json) at most this often
+GOODPUT_PERIOD_S = 30.0  # redo the goodput account at most this often (a million steps: a fraction of a second)
+GOODPUT_NEWEST = 30  # segments, days and restarts of the account a snapshot carries
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Snapshot:
     control_acks: list[tuple[float, str, int | None]]
     loading: str
     replay: str
+    goodput: dict[str, Any] | None = None  # kit.run.goodput.Account.to_dict(GOODPUT_NEWEST): the goodput tab
 
 
 def thin(xs: list[int], ys: list[float], n: int = MAX_POINTS) -> tuple[list[int], list[float]]:
@@ -83,10 +87,19 @@ class Feed:
         self._real = 0.0
         self.replay_done = False
         self.live_more = False
+        # The goodput account (kit.run.goodput) needs every step event, which the model does not keep:
+        # a Tracker keeps their columns, and the account is redone every goodput_period_s.
+        self.tracker = Tracker()
+        self.account: Account | None = None
+        self.goodput_period_s = GOODPUT_PERIOD_S
+        self._goodput_at = -math.inf
+        self._goodput_of: tuple[Any, ...] = ()  # what the account was made from (redone only when it moved)
+        self.interval_steps: int | None = None
 
     # -------------------------------------------------------------------------------- driving
     def open(self) -> None:
         self.time_limit_s = recipe_facts(self.rd, self.model)
+        _, self.interval_steps = recipe_plan(self.rd)
         if self.replay_speed is not None:
             self._replay = merged(self.rd.path, self.stats)
             self._peek = next(self._replay, None)
@@ -97,6 +110,22 @@ class Feed:
         self.model.load_scan(history)
         self.model.reader = self.stats
         self.live = Follower(self.rd.ledger, self.stats, history.cursors)
+        self.tracker = Tracker(Inputs.from_scan(history))
+        self.chain = load_state(self.rd)
+        self.update_goodput()
+
+    def update_goodput(self) -> bool:
+        """Redo the account from what the tracker holds (the chain and Slurm's history as last read), when
+        any of them changed since the last one; True when it was redone."""
+        self._goodput_at = time.monotonic()
+        q = self.queue
+        of = (self.tracker.added, self.chain, q.history if q else ())
+        if of == self._goodput_of:
+            return False
+        self._goodput_of = of
+        self.account = account(self.tracker.inputs(), self.chain, q.history if q else (),
+                               interval_steps=self.interval_steps, time_limit_s=self.time_limit_s)
+        return True
 
     def now(self) -> float:
         return self._vnow if self.replay_speed is not None else self.clock()
@@ -109,6 +138,7 @@ class Feed:
         before = self.model.version
         events, self.live_more = self.live.poll()
         self.model.fold_all(events)
+        self.tracker.add(events)
         changed = self.model.version != before
         if self.clock() - self._queue_at >= QUEUE_PERIOD_S:
             self._queue_at = self.clock()
@@ -119,6 +149,8 @@ class Feed:
                 q = query_for(self.model, chain)
                 changed |= q != self.queue
                 self.queue = q
+        if time.monotonic() - self._goodput_at >= self.goodput_period_s:
+            changed |= self.update_goodput()
         return changed
 
     @property
@@ -139,9 +171,12 @@ class Feed:
         n = 0
         while self._peek is not None and event_time(self._peek) <= self._vnow and n < 50_000:
             self.model.fold(self._peek)
+            self.tracker.add((self._peek,))
             self._peek = next(self._replay, None)
             n += 1
         self.model.reader = self.stats
+        if n and time.monotonic() - self._goodput_at >= self.goodput_period_s:
+            self.update_goodput()
         return n > 0
 
     # ------------------------------------------------------------------------------- snapshot
@@ -163,12 +198,14 @@ class Feed:
             replay = f"replay x{self.replay_speed:g}" + (" (end)" if self.replay_done else "")
         return Snapshot(
             name=self.name, path=str(self.rd.path), now=now, version=m.version,
-            summary=summarize(m, now, self.queue, self.chain, self.time_limit_s).to_dict(),
+            summary=summarize(m, now, self.queue, self.chain, self.time_limit_s,
+                              goodput=self.account.block() if self.account else None).to_dict(),
             curves=curves, spikes=list(m.spikes)[-200:],
             ckpts=[replace(c) for c in reversed(m.ckpts.values())][:40],
             alerts=[replace(a) for a in m.alerts_newest()[:200]],
             health=[(n.node, g, n.node in flagged) for n, g in worst_first(m.health, flagged)][:1024],
             nvml_absent=dict(m.nvml_absent), segments=[replace(s) for s in m.segments.values()][-30:],
             control_acks=list(m.control_acks), loading=loading, replay=replay,
+            goodput=self.account.to_dict(GOODPUT_NEWEST) if self.account else None,
         )
 

@@ -11,6 +11,8 @@ import statistics
 import time
 from typing import Any, ClassVar
 
+from rich.console import Group
+from rich.table import Table
 from rich.text import Text
 from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -19,6 +21,8 @@ from textual.widgets import Button, DataTable, Label, Markdown, Static
 from textual_plotext import PlotextPlot
 
 from kit.monitor.feed import Snapshot
+from kit.run.goodput import LABELS as GOODPUT_LABELS
+from kit.run.goodput import line as goodput_line
 from kit.run.gpus import NA, fmt, mem_text
 from kit.run.summary import dur
 
@@ -92,6 +96,8 @@ class ChainPanel(Static):
         if doc:
             t.append(f"preflight (kit doctor) {'passed' if doc['ok'] else 'FAILED'} at {clock_text(doc['t'])}\n",
                      "" if doc["ok"] else "red")
+        if s.get("goodput"):
+            t.append(f"goodput {goodput_line(s['goodput'])}\n")
         for line in requests:
             t.append(line + "\n", "cyan")
         self.update(t)
@@ -236,6 +242,88 @@ class SegmentTable(DataTable[Any]):
                          s.reason or ("running" if s.ended_t is None else NA), s.host or NA, val(s.world_size, "d"))
 
 
+GOODPUT_ORDER = ("productive", "preflight", "ckpt_load", "startup", "ckpt_stall", "eval", "redone", "hang", "other")
+
+
+def pct(x: float | None) -> str:
+    return NA if x is None else f"{100 * x:.1f}%"
+
+
+class GoodputPanel(Static):
+    """The goodput account (kit.run.goodput, docs/goodput.md): where the allocated time went, for the run
+    and the last UTC day; restarts; segments; the projection for the recipe's allocation length."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._key: tuple[Any, ...] = ()
+
+    def show(self, snap: Snapshot) -> None:
+        a = snap.goodput
+        key = (snap.name, None if a is None else (a["as_of"], a["allocated_s"], a["queue_s"], len(a["restarts"])))
+        if key == self._key:
+            return
+        self._key = key
+        if not a or not a["allocated_s"]:
+            self.update(Text("goodput: N/A (no allocated time in the ledger yet)", "dim"))
+            return
+        head = Text()
+        head.append(f"ETTR {pct(a['ettr'])}", "bold green" if (a["ettr"] or 0) >= 0.9 else "bold yellow")
+        head.append(f" of {dur(a['allocated_s'])} allocated in {a['segment_count']} segment(s), as of "
+                    f"{clock_text(a['as_of'])}; queue wait {dur(a['queue_s'])} apart (not allocated)")
+        self.update(Group(head, self._parts(a), self._restarts(a), self._segments(a), self._projection(a)))
+
+    def _parts(self, a: dict[str, Any]) -> Table:
+        day = a["days"][-1] if a["days"] else None
+        t = Table(title="allocated time", title_justify="left", box=None, pad_edge=False)
+        t.add_column("category")
+        t.add_column("run", justify="right")
+        t.add_column("share", justify="right")
+        if day:
+            t.add_column(f"day {day['day']}", justify="right")
+            t.add_column("share", justify="right")
+        for c in GOODPUT_ORDER:
+            v = a["parts"][c]
+            row = [GOODPUT_LABELS[c], dur(v), pct(v / a["allocated_s"])]
+            if day:
+                d = day["parts"][c]
+                row += [dur(d), pct(d / day["allocated_s"]) if day["allocated_s"] else NA]
+            t.add_row(*row, style="green" if c == "productive" else "red" if c in ("redone", "hang") and v else "")
+        return t
+
+    def _restarts(self, a: dict[str, Any]) -> Text:
+        rs = a["restarts"]
+        if not rs:
+            return Text("restarts: none", "dim")
+        t = Text(f"restarts: {len(rs)} (failure -> first completed step of the next segment)\n")
+        for r in rs[-5:]:
+            t.append(f"  {r['seg']} {r['outcome']} at {clock_text(r['failure_t'])}: "
+                     + (f"{dur(r['cost_s'])} (queue {dur(r.get('queue_s'))}, start-up {dur(r.get('startup_s'))})"
+                        if r["cost_s"] is not None else "not trained since") + "\n")
+        return t
+
+    def _segments(self, a: dict[str, Any]) -> Table:
+        t = Table(title="segments (newest first)", title_justify="left", box=None, pad_edge=False)
+        for col in ("segment", "outcome", "started (UTC)", "allocated", "ETTR", "start-up"):
+            t.add_column(col, justify="right" if col in ("allocated", "ETTR", "start-up") else "left")
+        for s in reversed(a["segments"][-8:]):
+            t.add_row(s["seg"], s["outcome"], clock_text(s["start"]), dur(s["allocated_s"]), pct(s["ettr"]),
+                      dur(s["startup_s"]))
+        return t
+
+    def _projection(self, a: dict[str, Any]) -> Text:
+        p = a.get("projection")
+        if not p:
+            return Text("")
+        if p["ettr"] is None:
+            return Text(f"projection: N/A ({'; '.join(p['notes'])})", "dim")
+        t = Text(f"projection for {dur(p['time_limit_s'])} allocations: ETTR {pct(p['ettr'])} (start-up "
+                 f"{pct(p['startup_share'])}, failures {pct(p['failure_share'])}, saves {pct(p['save_share'])}, "
+                 f"evaluation {pct(p['eval_share'])}, rollbacks {pct(p['rollback_share'])})")
+        if p.get("young_daly_interval_steps"):
+            t.append(f"\nYoung/Daly: save every ~{p['young_daly_interval_steps']} steps at this failure rate")
+        return t
+
+
 class ConfirmScreen(ModalScreen[bool]):
     """Yes/no before anything that changes the run."""
 
@@ -264,7 +352,7 @@ HELP = """\
 
 | key | what |
 |---|---|
-| `1`-`5` | overview, GPUs, checkpoints, alerts, segments |
+| `1`-`6` | overview, GPUs, checkpoints, alerts, segments, goodput |
 | `w` | loss/throughput window: last hour, last day, whole run |
 | `l` | left plot: loss, grad norm, learning rate |
 | `t` | right plot: tokens/s, samples/s, TFLOP/s per GPU, MFU |

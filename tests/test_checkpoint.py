@@ -80,7 +80,8 @@ def test_compatibility_errors_say_what_to_do(tmp_path: Path) -> None:
     fake_ckpt(tmp_path, 2, world=4)
     c = ck.load(tmp_path, ck.tag_for(2))
     model = {"hidden_size": 64, "n_layer": 2, "n_head": 4}
-    with pytest.raises(CheckpointError, match=r"written by 4 data-parallel ranks, this segment has 2.*kit reshape"):
+    with pytest.raises(CheckpointError, match=r"written at layout DP4 \(4 ranks.*this segment runs DP2 \(2 ranks\)"
+                                              r".*kit reshape RUN --tensor 1 --pipeline 1 --world-size 2"):
         ck.check_compatible(c, 2, model, 512)
     with pytest.raises(CheckpointError, match=r"different model \(model.hidden_size 64 != 128"):
         ck.check_compatible(c, 4, {**model, "hidden_size": 128}, 512)

@@ -228,7 +228,8 @@ def test_reshape_resumes_on_another_world_size(zero_runs: dict[int, RunDir], tmp
     assert read_all(rd.path, {"ckpt_reshaped"})[-1]["world_size"] == 1
 
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(
-        tmp_path, "z2", **{"deepspeed.zero_stage": 2, "trainer.max_steps": 6, "trainer.nproc": 1}))
+        tmp_path, "z2", **{"deepspeed.zero_stage": 2, "trainer.max_steps": 6, "trainer.nproc": 1,
+                           "batch.grad_accum": 4}))  # reshape kept the global batch: 2 x 2 x 2 ranks = 2 x 4 x 1
     rd = create_run(cfg, log=lambda *a: None)
     rd.update_frozen(cfg)
     out = run_local_segment(rd, cfg, seg="one-rank", quiet=True)

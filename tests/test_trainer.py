@@ -119,7 +119,8 @@ def test_wrong_world_size_is_refused_with_advice(tiny_cfg: Any) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(torchrun_cmd(rd.path, 1), env=env, capture_output=True, text=True)
     assert proc.returncode != 0
-    assert "written by 2 data-parallel ranks, this segment has 1" in proc.stderr
+    assert ("written at layout DP2 (2 ranks: parallel.tensor = 1, parallel.pipeline = 1), this segment runs DP1"
+            in proc.stderr)
     assert "Traceback" not in proc.stderr.split("kit: error:")[0][-300:]
     assert (rd.checkpoints / "latest").read_text() == "step_0000002"  # nothing lost
 

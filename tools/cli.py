@@ -32,6 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "verify": ("kit.tools.upload", "check an uploaded folder (or a checkpoint) against its manifest"),
     "stream": ("kit.tools.stream", "follow a live run: verify, convert, upload new checkpoints"),
     "spikes": ("kit.tools.spikes", "list and explain loss spikes (Markdown + PNG report, JSON)"),
+    "goodput": ("kit.tools.goodput", "where every allocated second went (ETTR), restart costs, projection"),
     "doctor": ("kit.tools.doctor", "preflight: versions, GPUs, all-reduce bandwidth, checkpoint filesystem"),
     "container": ("kit.tools.container", "compose and run the Apptainer build of a pinned image"),
 }

@@ -100,6 +100,7 @@ def train(args: argparse.Namespace) -> int:
     from kit.progress import Bars
 
     cfg = load_recipe(args.recipe, args.overrides)
+    cfg.check_layout(cfg.trainer.nproc, "trainer.nproc (the local ranks of `kit train`)")
     with Bars() as bars:
         rd = create_run(cfg, bars=bars)
     seg = f"local-{datetime.now():%Y%m%d-%H%M%S}"  # unique: the outcome is read back from the ledger by seg

@@ -18,6 +18,11 @@ checkpoint, then of the shards for the manifest, as they are written), on severa
 Verification loads the result with ``from_pretrained`` and compares its logits on a fixed batch with
 a model holding the checkpoint's own weights: the engine's module weights (ZeRO-1/2, same dtype) or
 DeepSpeed's own zero_to_fp32 reconstruction (ZeRO-3, or another dtype). Expected: bit-identical.
+
+Checkpoints written at a tensor x pipeline layout (kit.parallel) are read through
+tools.layout_reader: the same byte ranges, gathered from every model-parallel rank's partitions, with
+pipeline names mapped and tensor shards merged; their reference is the engine's module weights of
+every shard, joined with torch.cat (tools.verify_export.layout_module_state).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from kit import checkpoint as ck
 from kit.config import RunConfig
@@ -44,7 +49,10 @@ from kit.fsio import atomic_write_json, fsync_path
 from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.progress import NO_BARS, Bars
 from kit.rundir import RunDir, resolve_run
+from kit.tools.layout_reader import LayoutCheckpoint, open_checkpoint
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
+
+Reader: TypeAlias = ZeroCheckpoint | LayoutCheckpoint  # a data-parallel checkpoint, or one of any layout
 
 DTYPES = ("bf16", "fp32")
 EXPORT_VERSION = 1
@@ -140,7 +148,7 @@ def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_model(reader: ZeroCheckpoint, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
+def check_model(reader: Reader, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
     """Refuse a checkpoint of another model; returns the parameter names to write, in order."""
     expected = expected_shapes(cfg)
     got = {p.name: p.shape for p in reader.params}
@@ -155,7 +163,7 @@ def check_model(reader: ZeroCheckpoint, cfg: RunConfig, ckpt: ck.Checkpoint) -> 
 # ------------------------------------------------------------------------------------------ writing
 
 
-def plan_shards(reader: ZeroCheckpoint, dtype: str, shard_bytes: int) -> list[list[int]]:
+def plan_shards(reader: Reader, dtype: str, shard_bytes: int) -> list[list[int]]:
     """Parameter indices per output shard, known before reading a single weight."""
     item = 2 if dtype == "bf16" else 4
     shards: list[list[int]] = [[]]
@@ -272,7 +280,7 @@ class _ShardFile:
                     pos += got
 
 
-def write_weights(reader: ZeroCheckpoint, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
+def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
                   then: Any = None, advance: Callable[[int], None] | None = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
@@ -441,7 +449,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     if out.exists() and not force:
         raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
     t0 = time.perf_counter()
-    reader = ZeroCheckpoint(ckpt.path)
+    reader = open_checkpoint(ckpt.path, ckpt.manifest["kit"], expected_shapes(cfg), cfg.model.n_layer)
     check_model(reader, cfg, ckpt)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)

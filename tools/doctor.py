@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +50,7 @@ class Report:
     algbw_gbps: float | None = None
     node_scores: dict[str, float] = field(default_factory=dict)
     node_measures: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float | None = None  # wall time of this rank's preflight (the goodput account's "preflight")
 
     @property
     def exit_code(self) -> int:
@@ -63,7 +65,8 @@ class Report:
                 "failed_nodes": self.failed_nodes, "shared_failures": self.shared_failures,
                 "slowest_node": self.slowest_node,
                 "busbw_gbps": self.busbw_gbps, "algbw_gbps": self.algbw_gbps, "node_scores": self.node_scores,
-                "node_measures": self.node_measures, "checks": [c.to_dict() for c in self.checks]}
+                "node_measures": self.node_measures, "checks": [c.to_dict() for c in self.checks],
+                "seconds": self.seconds}
 
 
 def node_label(env: DistEnv) -> str:
@@ -141,6 +144,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, env: DistEnv, *, expect_gpus:
     ``ledger``: the ledger writer's name ("" = ``doctor-r<rank>``, None = write nothing); only each
     node's first rank writes. Returns the report; ``report.exit_code`` is 0 or PREFLIGHT.
     """
+    t0 = time.monotonic()
     run_dir = Path(run_dir)
     node = node_label(env)
     expect = cfg.slurm.gpus_per_node if expect_gpus is None else expect_gpus
@@ -161,6 +165,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, env: DistEnv, *, expect_gpus:
         local = [c for c in report.failures if not c.name.startswith("net.")]
         report.failed_nodes = [node] if local else []
     report.ok = not report.failures and not report.failed_nodes
+    report.seconds = round(time.monotonic() - t0, 3)
     if ledger is not None and env.local_rank == 0 and (run_dir / "run.toml").exists():
         _to_ledger(report, run_dir, ledger or f"doctor-r{env.rank}", seg)
     return report

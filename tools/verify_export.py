@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from kit import checkpoint as ck
 from kit.config import RunConfig
+from kit.errors import CheckpointError
+from kit.parallel.layout import Layout
 from kit.rundir import RunDir
 from kit.tools.zero_reader import MODEL_STATES_Z12
 
@@ -42,9 +45,14 @@ def fixed_batch(cfg: RunConfig) -> Any:
     return torch.randint(4, cfg.data.vocab_size, (rows, min(cols, cfg.model.seq_length)), generator=g)
 
 
-def reference_state(ckpt: ck.Checkpoint, dtype: Any) -> tuple[dict[str, Any], str]:
+def reference_state(ckpt: ck.Checkpoint, dtype: Any, full_shapes: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, Any], str]:
     import torch
 
+    layout = ck.layout_of(ckpt)
+    if not layout.plain:
+        assert full_shapes is not None
+        return layout_module_state(ckpt, layout, full_shapes), f"engine module weights ({layout} shards merged)"
     stage = ckpt.manifest["kit"].get("zero_stage")
     if stage in (1, 2):
         module = torch.load(ckpt.path / MODEL_STATES_Z12, map_location="cpu", mmap=True, weights_only=False)["module"]
@@ -63,6 +71,48 @@ def reference_state(ckpt: ck.Checkpoint, dtype: Any) -> tuple[dict[str, Any], st
     return state, "deepspeed zero_to_fp32"
 
 
+def layout_module_state(ckpt: ck.Checkpoint, layout: Layout, full_shapes: dict[str, Any]) -> dict[str, Any]:
+    """The engine's own module weights of a tensor/pipeline checkpoint, put together with torch.cat:
+    each tensor rank's ``module`` (or, in a pipeline, each layer's file), shards joined along the one
+    dimension where they differ from each other's sum. Independent of the converter's byte ranges."""
+    import torch
+
+    from kit.parallel.pipe import hf_name
+
+    n_layer = 1 + max((int(k.split(".")[2]) for k in full_shapes if k.startswith("transformer.h.")), default=-1)
+    shards: dict[str, dict[int, Any]] = {}
+    if layout.pipeline == 1:
+        for t in range(layout.tensor):
+            module = torch.load(ckpt.path / f"mp_rank_{t:02d}_model_states.pt", map_location="cpu",
+                                weights_only=False)["module"]
+            for k, v in module.items():
+                shards.setdefault(k, {})[t] = v
+    else:
+        for f in sorted(ckpt.path.glob("layer_*-model_*-model_states.pt")):
+            m = re.fullmatch(r"layer_(\d+)-model_(\d+)-model_states\.pt", f.name)
+            if m is None:
+                continue
+            idx, t = int(m.group(1)), int(m.group(2))
+            for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+                name = "transformer.word_embeddings.weight" if idx == 0 else hf_name(f"{idx}.{k}", n_layer)
+                if name not in full_shapes:
+                    raise CheckpointError(f"{f.name}: {k} is not a parameter of this run's model")
+                shards.setdefault(name, {})[t] = v
+    state: dict[str, Any] = {}
+    for name, by_rank in shards.items():
+        parts = [by_rank[t] for t in sorted(by_rank)]
+        full = tuple(full_shapes[name])
+        if tuple(parts[0].shape) == full:  # replicated over the tensor ranks
+            state[name] = parts[0]
+            continue
+        dims = [d for d in range(len(full)) if parts[0].shape[d] * len(parts) == full[d]]
+        if len(dims) != 1:
+            raise CheckpointError(f"{ckpt.tag}: {name} shards {[tuple(p.shape) for p in parts]} do not make {full}")
+        state[name] = torch.cat(parts, dim=dims[0])
+    state.setdefault("lm_head.weight", state["transformer.word_embeddings.weight"])
+    return state
+
+
 def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path, dtype_name: str,
                   atol: float = 0.0) -> dict[str, Any]:
     """Compare logits (``ok``: within ``atol``) and weights; returns the ledger fields (ok, bit_identical,
@@ -77,11 +127,15 @@ def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path,
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     attn = cfg.model.attn_implementation
     batch = fixed_batch(cfg)
-    state, reference = reference_state(ckpt, dtype)
     config = bloom_config(cfg.model, cfg.data.vocab_size)
     config._attn_implementation = attn
     with torch.device("meta"):
         ref_model = BloomForCausalLM(config)
+    state, reference = reference_state(ckpt, dtype, {k: tuple(v.shape) for k, v in ref_model.state_dict().items()})
+    kinds = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(kinds) == 1 and dtype not in kinds:  # a layout's module weights are in the training dtype:
+        dtype = kinds.pop()  # compare there (the export, loaded in that dtype, must equal them exactly)
+        reference += f", export compared as {str(dtype).removeprefix('torch.')}"
     ref_model.load_state_dict(state, strict=True, assign=True)
     ref_model.tie_weights()
     _own_memory(ref_model)

@@ -38,6 +38,8 @@ from kit.errors import CheckpointError
 MODEL_STATES_Z12 = "mp_rank_00_model_states.pt"
 MODEL_STATES_Z3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 OPTIM_GLOB = "*_optim_states.pt"
+MODEL_STATES_MP = "mp_rank_{mp:02d}_model_states.pt"  # one per model-parallel rank (tensor x pipeline)
+OPTIM_GLOB_MP = "*_mp_rank_{mp:02d}_optim_states.pt"
 FP32_Z12 = "single_partition_of_fp32_groups"
 FP32_Z3 = "fp32_flat_groups"
 
@@ -112,11 +114,18 @@ class ParamSpec:
 
 
 class ZeroCheckpoint:
-    """One DeepSpeed checkpoint folder: its parameter layout, read once, then tensors on demand."""
+    """One DeepSpeed checkpoint folder: its parameter layout, read once, then tensors on demand.
 
-    def __init__(self, path: Path) -> None:
+    ``mp_rank``: with tensor or pipeline parallelism each model-parallel rank (a tensor shard of a
+    pipeline stage) has its own model-states file and ZeRO partitions over the data-parallel ranks;
+    this reads one of them (tools.layout_reader puts them together). None: the whole folder, as
+    written without model parallelism."""
+
+    def __init__(self, path: Path, mp_rank: int | None = None) -> None:
         self.path = Path(path)
-        self.optim_files = sorted(self.path.glob(OPTIM_GLOB), key=_natural)
+        self.mp_rank = mp_rank
+        pattern = OPTIM_GLOB if mp_rank is None else OPTIM_GLOB_MP.format(mp=mp_rank)
+        self.optim_files = sorted(self.path.glob(pattern), key=_natural)
         if not self.optim_files:
             raise CheckpointError(f"{self.path} has no ZeRO optimizer files ({OPTIM_GLOB}); "
                                   "is it a DeepSpeed ZeRO checkpoint?")
@@ -135,6 +144,8 @@ class ZeroCheckpoint:
         paddings = first.get("param_alignment_paddings")
         del first
         ms_file = self.path / (MODEL_STATES_Z12 if self.stage <= 2 else MODEL_STATES_Z3)
+        if mp_rank is not None:
+            ms_file = self.path / MODEL_STATES_MP.format(mp=mp_rank)
         if not ms_file.exists():
             raise CheckpointError(f"{ms_file} is missing: the checkpoint is incomplete; choose another step")
         ms = _load(ms_file)

@@ -189,7 +189,8 @@ SPECS: tuple[EventSpec, ...] = (
         opt("time_limit", "str", "slurm.time_limit"), opt("nodes", "int", "nodes per allocation"),
         opt("excluded", "strs", "nodes excluded from the job"))),
     EventSpec("segment_started", "a training segment finished its set-up and is about to train", _S, (
-        req("world_size", "int", "data-parallel ranks"), req("step", "int", "the step it resumes at"),
+        req("world_size", "int", "ranks, all of them (tensor x pipeline x data)"),
+        req("step", "int", "the step it resumes at"),
         opt("resumed_from", "str", "checkpoint tag ('' from scratch)"), opt("host", "str", "rank 0's host"),
         opt("pid", "int", "rank 0's pid"), opt("max_steps", "int", "trainer.max_steps"),
         opt("global_batch", "int", "samples per step"), opt("job_id", "str", "Slurm job id"),
@@ -263,8 +264,10 @@ SPECS: tuple[EventSpec, ...] = (
         opt("sent", "int", "files sent"), opt("skipped", "int", "files already there"),
         opt("bytes", "int", "bytes sent"), opt("seconds", "float", "time"), opt("what", "str", "checkpoint, export"))),
     EventSpec("ckpt_reshaped", "kit reshape made a checkpoint resumable on another layout", "kit reshape", (
-        req("tag", "str", "tag"), req("world_size", "int", "new data-parallel size"),
-        opt("from_world_size", "int", "old size"), opt("kept_as", "str", "where the original was kept"))),
+        req("tag", "str", "tag"), req("world_size", "int", "ranks of the new layout"),
+        opt("from_world_size", "int", "old ranks"), opt("kept_as", "str", "where the original was kept"),
+        opt("layout", "dict", "new layout: tensor, pipeline, data"), opt("from_layout", "dict", "old layout"),
+        opt("grad_accum", "int", "batch.grad_accum of the new layout"))),
     # ---- health and incidents
     EventSpec("health", "a node's health sample: GPUs (NVML) and host (psutil)", "each node's sampler", (
         req("node", "str", "node name"), opt("gpus", "list", "one object per GPU (see health.md)"),
@@ -327,7 +330,8 @@ SPECS: tuple[EventSpec, ...] = (
         opt("failed_nodes", "strs", "nodes that failed"), opt("shared_failures", "strs", "checks failed on every node"),
         opt("slowest_node", "str", "the node the bandwidth test found slowest"),
         opt("busbw_gbps", "float", "all-reduce bus bandwidth"), opt("algbw_gbps", "float", "algorithm bandwidth"),
-        opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"))),
+        opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"),
+        opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"))),
     # ---- appended later (index codes are append-only)
     EventSpec("segment_first_step", "a segment completed its first step: the end of its start-up", _S, (
         req("step", "int", "the step"), opt("startup_s", "float", "seconds since rank 0's process started"),

@@ -231,6 +231,7 @@ class RunSummary:
     excluded_nodes: list[str]
     health: dict[str, Any]
     reader: dict[str, Any]
+    goodput: dict[str, Any] | None = None  # kit.run.goodput.Account.block(): ETTR, last day, biggest loss
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (``--json``): the fields, with the metrics and the finish estimate also at the top
@@ -244,8 +245,10 @@ class RunSummary:
 
 
 def summarize(m: RunModel, now: float, q: QueueInfo | None = None, chain: ChainState | None = None,
-              time_limit_s: float | None = None) -> RunSummary:
-    """The summary of a run from its model, its chain record and Slurm's view (None: not asked)."""
+              time_limit_s: float | None = None, goodput: dict[str, Any] | None = None) -> RunSummary:
+    """The summary of a run from its model, its chain record and Slurm's view (None: not asked), with
+    the goodput account's compact block when the caller made one (kit.run.goodput: it needs every step
+    event, which the model does not keep)."""
     chain = chain or ChainState()
     phase, level, reasons = _phase(m, now, q, chain)
     more = _degradations(m, now, phase)
@@ -285,7 +288,7 @@ def summarize(m: RunModel, now: float, q: QueueInfo | None = None, chain: ChainS
                 # each node's latest host readings (kit.health): memory, load, disk, network
                 "hosts": {n.node: {"t": n.t, **{k: n.host.get(k) for k in HOST_KEYS}}
                           for n in sorted(m.health.values(), key=lambda n: n.node)[:64]}},
-        reader=_reader(m.reader, m),
+        reader=_reader(m.reader, m), goodput=goodput,
     )
 
 
@@ -406,6 +409,7 @@ def collect(run_dir: Any, now: float | None = None, use_slurm: bool = True) -> t
     summarize it. Never raises for what is in the run directory: an unreadable one is a summary that
     says "down" and why."""
     from kit.ledger.scan import scan
+    from kit.run.goodput import of_run
     from kit.rundir import RunDir
 
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
@@ -416,7 +420,8 @@ def collect(run_dir: Any, now: float | None = None, use_slurm: bool = True) -> t
     model.load_scan(history)
     chain = load_state(rd)
     q = query_for(model, chain) if use_slurm else None
-    return summarize(model, now, q, chain, limit), model
+    acc = of_run(rd, history=history, acct=q.history if q else ())
+    return summarize(model, now, q, chain, limit, goodput=acc.block()), model
 
 
 def recipe_facts(rd: Any, m: RunModel) -> float | None:

@@ -57,3 +57,7 @@ def test_confirm_before_stop(app: MonitorApp, snap_compare: Any) -> None:
 
 def test_help(app: MonitorApp, snap_compare: Any) -> None:
     assert snap_compare(app, press=["question_mark"], terminal_size=SIZE, run_before=_loaded)
+
+
+def test_goodput(app: MonitorApp, snap_compare: Any) -> None:
+    assert snap_compare(app, press=["6"], terminal_size=SIZE, run_before=_loaded)
