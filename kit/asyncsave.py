@@ -17,6 +17,9 @@ One asynchronous save of tag T (docs/checkpoints.md):
    all-reduce of failures (kit.saver.wait), so every rank learns of a failed save at the same point
    and stops with the same error. Nothing is dropped: a save still in flight is always waited for.
 
+A segment's last save (nothing to overlap with) runs the same steps in the loop's own thread
+(:meth:`RankWrite.run_here`), at normal priority, with DeepSpeed writing its files during the capture.
+
 Why a file handshake for the commit, and not a flag in the loop's per-step all-reduce: the manifest
 is written as soon as the last rank's files are durable, not when the loop next reaches a boundary
 (a long step, or the end of the segment, would delay it); the step is untouched (its shape differs

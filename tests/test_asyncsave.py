@@ -101,3 +101,32 @@ def test_saves_in_flight_complete_before_the_next_save_and_the_segment_end(tiny_
     for step in (2, 4, 5):
         assert not ck.verify(ck.load(rd.checkpoints, ck.tag_for(step)), hashes=True)
     assert (rd.checkpoints / ck.LATEST).read_text() == ck.tag_for(5)
+
+
+@pytest.mark.parametrize(("tensor", "pipeline"), [(1, 2), (2, 1)])
+def test_async_files_equal_sync_ones_at_tensor_and_pipeline_layouts(tmp_path: Path, tensor: int, pipeline: int) -> None:
+    """4 ranks at PP2xDP2 (DeepSpeed's per-layer files) and TP2xDP2 (per tensor-rank files), ZeRO-1: the
+    asynchronous save captures whatever DeepSpeed writes at the layout, and writes the same bytes."""
+    from kit.config import load_recipe
+    from kit.data import prepare
+    from kit.launch import create_run, run_local_segment
+    from tests.conftest import tiny_overrides
+
+    files = {}
+    for mode in ("sync", "async"):
+        o = tiny_overrides(tmp_path / "runs", mode, **{
+            "parallel.tensor": tensor, "parallel.pipeline": pipeline, "trainer.nproc": 4, "slurm.tasks_per_node": 4,
+            "batch.grad_accum": 4 // (4 // (tensor * pipeline)), "deepspeed.zero_stage": 1,
+            "model.hidden_dropout": 0.0, "checkpoint.interval_steps": 4, "checkpoint.async_save": mode == "async",
+            "data.prepared": str(tmp_path / "data")})
+        cfg = load_recipe(ROOT / "jobs" / "tiny.toml", o)
+        prepare(cfg, tmp_path / "data", log=lambda m: None)
+        rd = create_run(cfg, log=lambda m: None)
+        out = run_local_segment(rd, cfg, seg="a", quiet=True)
+        assert (out.reason, out.step) == ("done", 8), (mode, out)
+        files[mode] = {s: ds_files(rd, ck.tag_for(s)) for s in (4, 8)}
+        if mode == "async":
+            assert [(e["step"], e["async"]) for e in read_all(rd.path, {"ckpt_saved"})] == [(4, True), (8, False)]
+    assert files["async"] == files["sync"]
+    if pipeline > 1:
+        assert any(f.startswith("layer_") for f in files["async"][4])  # the pipeline's per-layer files
