@@ -109,6 +109,7 @@ def main() -> int:
     if not slurmctl.available():
         print("bench/chain needs the local Slurm: sudo bash .ci/slurm/start.sh", file=sys.stderr)
         return 1
+    load_before = list(os.getloadavg())
     runs = Path(tempfile.mkdtemp(prefix="kit-bench-chain-"))
     slow = {"KIT_FAULTS": "step.after=sleep0.5"}
     a = _run_chain(_cfg(runs, "bench-a", **{"trainer.max_steps": args.steps}), slow, timeout=900)
@@ -123,7 +124,8 @@ def main() -> int:
               f"{r['projected_fraction_20h']:>10.4f}  {r['steps_lost']} ({r['end_reason']})")
     ratio = (a["training_fraction"] or 0) / max(1e-9, b["training_fraction"] or 0)
     print(f"ratio of training fractions A/B: {ratio:.2f}")
-    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "host_cpus": os.cpu_count(), "A_time_limit": a,
+    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "host_cpus": os.cpu_count(), "load_before": load_before,
+           "load_after": list(os.getloadavg()), "A_time_limit": a,
            "B_crash": b, "note": "tiny model on CPU: start-up dominates a 1-minute allocation; the 20 h projection "
                                  "keeps the measured per-segment overhead"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,13 @@ A 253M-parameter BLOOM (hidden 1024, 16 layers, vocab 50k, the notes' size) is t
 with 2 real DeepSpeed ranks at ZeRO-2 and at ZeRO-3, and checkpointed (skipped when the checkpoint
 is already there: ``--runs``). Then, per checkpoint, each in a fresh process (so peak RSS is its own):
 
-- ``kit``: tools.convert writing fp32 safetensors shards (``--shard-size``), without the logits
-  check (that one holds two models by design; ``kit convert --no-verify`` is the same path);
+- ``kit_cli``: ``kit convert RUN --step 1 --dtype fp32`` as users run it (the CLI verb, in-process after
+  its imports): the check of every source byte against the manifest (CRC-32), the conversion, the
+  verification of the export (every weight exactly, the first blocks' logits through from_pretrained),
+  the ledger events. Its phases are timed (``phases``); beside it, untimed, what the source check costs
+  with sha256 (checkpoints whose manifest predates the CRC-32). The targets are this route's;
+- ``kit``: the conversion step alone: tools.convert.convert writing fp32 safetensors shards
+  (``--shard-size``), no source check, no verification;
 - ``copy``: shutil.copyfile of the exported shards (the same bytes) to another folder (sendfile:
   the bytes stay in the kernel), and ``copy_userspace``: the same through a buffer in this process;
   ``copy_sha256``: the sendfile copy, then the sha256 of each copied shard (what kit's manifest needs
@@ -23,8 +28,9 @@ where its time went (``phases``: wall seconds of each step of convert(), and, un
 the source checkpoint's hashes that ``kit convert`` does first).
 
 Each route runs ``--repeat`` times (default 3); the fastest run counts, the largest peak RSS counts.
-Targets (issue 7): kit's throughput >= 0.5x the copy's; kit's peak RSS <= 0.5x zero_to_fp32's.
-Writes bench/results/convert.json.
+Targets (issues 7, 16): `kit convert` as users run it (kit_cli) >= 0.5x the copy's throughput and
+<= 0.5x zero_to_fp32's peak RSS; the conversion step alone is printed beside it.
+Writes bench/results/convert.json with the machine's load before and after.
 
     python bench/convert.py [--runs /tmp/bench-convert] [--shard-size 200MB]
 """
@@ -124,6 +130,27 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
         t0, cpu0 = time.perf_counter(), _cpu()  # the source's hash check above: kit convert does it, not timed
         exp = convert(rd, ckpt, Path(out), "bf16" if kind == "kit_bf16" else "fp32", parse_size(shard), verify=False)
         nbytes = exp.bytes
+    elif kind == "kit_cli":  # the command as users run it: source check, conversion, verification, ledger
+        import contextlib
+        import io
+
+        import kit.tools.convert as conv
+        import kit.tools.verify_export as ve
+        from kit.tools.cli import main as kit_main
+
+        phases = {}
+        conv.verify_source = _timed(conv.verify_source, "source_check", phases)
+        conv.write_weights = _timed(conv.write_weights, "write_weights", phases)
+        ve.compare_weights = _timed(ve.compare_weights, "verify_weights", phases)
+        ve.sampled_logits = _timed(ve.sampled_logits, "verify_logits", phases)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            rc = kit_main(["convert", run, "--step", "1", "--out", out, "--dtype", "fp32", "--shard-size", shard,
+                           "--json"])
+        if rc != 0:
+            raise SystemExit(f"kit convert exited {rc}")
+        done = json.loads(printed.getvalue())
+        nbytes = done["bytes"]
+        verified = done["verify"]
     elif kind in ("copy", "copy_userspace", "copy_sha256"):
         src = Path(run)  # here: the kit export folder
         Path(out).mkdir(parents=True)
@@ -161,9 +188,21 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
                               "import_s": import_s, "bytes": nbytes,
                               "mb_per_s": nbytes / seconds / 1e6,
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if kind in ("kit", "kit_bf16"):
+    if kind in ("kit", "kit_bf16", "kit_cli"):
         result["phases"] = {**{k: round(v, 3) for k, v in phases.items()},
                             "final_fsync": round(time.perf_counter() - t_sync, 3)}
+    if kind == "kit_cli":
+        result["verify"] = {k: verified[k] for k in ("ok", "bit_identical", "weights_identical", "weights_compared",
+                                                       "logits_layers", "reference")}
+        from kit import checkpoint as ck
+        from kit.rundir import RunDir
+        from kit.tools.convert import pick_checkpoint
+
+        files = pick_checkpoint(RunDir(run), 1).manifest["files"]
+        t = time.perf_counter()  # untimed, for comparison: the same check with sha256 (older manifests)
+        for rel in files:
+            ck.sha256(Path(run) / "checkpoints" / "step_0000001" / rel)
+        result["source_check_sha256_one_thread_untimed_s"] = round(time.perf_counter() - t, 3)
     return result
 
 
@@ -207,6 +246,7 @@ def main() -> int:
         ckpt_bytes = sum(f.stat().st_size for f in (run / "checkpoints" / "step_0000001").iterdir())
         print(f"ZeRO-{stage}: checkpoint {ckpt_bytes / 1e9:.2f} GB", flush=True)
         kit = measure("kit", run, runs / f"out-kit-{stage}", a.shard_size, a.repeat)
+        cli = measure("kit_cli", run, runs / f"out-cli-{stage}", a.shard_size, a.repeat)
         copy = measure("copy", runs / f"out-kit-{stage}", runs / f"out-copy-{stage}", a.shard_size, a.repeat)
         user = measure("copy_userspace", runs / f"out-kit-{stage}", runs / f"out-user-{stage}", a.shard_size,
                        a.repeat)
@@ -214,23 +254,32 @@ def main() -> int:
                          a.repeat)
         bf16 = measure("kit_bf16", run, runs / f"out-bf16-{stage}", a.shard_size, a.repeat)
         ds = measure("zero_to_fp32", run, runs / f"out-ds-{stage}", a.shard_size, a.repeat)
-        r = {"checkpoint_bytes": ckpt_bytes, "kit": kit, "copy": copy, "copy_userspace": user, "copy_sha256": hashed,
-             "kit_bf16": bf16, "zero_to_fp32": ds,
+        r = {"checkpoint_bytes": ckpt_bytes, "kit": kit, "kit_cli": cli, "copy": copy, "copy_userspace": user,
+             "copy_sha256": hashed, "kit_bf16": bf16, "zero_to_fp32": ds,
+             "command_throughput_vs_copy": cli["mb_per_s"] / copy["mb_per_s"],
+             "command_peak_rss_vs_zero_to_fp32": cli["peak_rss_mb"] / ds["peak_rss_mb"],
              "throughput_vs_copy": kit["mb_per_s"] / copy["mb_per_s"],
              "throughput_vs_copy_userspace": kit["mb_per_s"] / user["mb_per_s"],
              "throughput_vs_copy_sha256": kit["mb_per_s"] / hashed["mb_per_s"],
              "throughput_zero_to_fp32_vs_copy": ds["mb_per_s"] / copy["mb_per_s"],
              "peak_rss_vs_zero_to_fp32": kit["peak_rss_mb"] / ds["peak_rss_mb"]}
-        r["ok"] = r["throughput_vs_copy"] >= 0.5 and r["peak_rss_vs_zero_to_fp32"] <= 0.5
+        r["ok"] = r["command_throughput_vs_copy"] >= 0.5 and r["command_peak_rss_vs_zero_to_fp32"] <= 0.5
         results["stages"][f"zero{stage}"] = r
         results["params"] = kit["bytes"] // 4
-        print(f"ZeRO-{stage}: throughput kit/copy = {r['throughput_vs_copy']:.2f} (target >= 0.5; "
+        print(f"ZeRO-{stage}: `kit convert` as users run it (source check, conversion, verification): "
+              f"{r['command_throughput_vs_copy']:.2f}x a copy's throughput (target >= 0.5), peak RSS "
+              f"{r['command_peak_rss_vs_zero_to_fp32']:.2f}x zero_to_fp32's (target <= 0.5): "
+              f"{'MET' if r['ok'] else 'NOT MET'}; phases {cli['phases']}; verify {cli['verify']}; the source "
+              f"check with sha256 (older manifests) would take {cli['source_check_sha256_one_thread_untimed_s']} s "
+              "on one thread", flush=True)
+        print(f"ZeRO-{stage}: the conversion step alone: throughput kit/copy = {r['throughput_vs_copy']:.2f} ("
               f"vs a user-space copy {r['throughput_vs_copy_userspace']:.2f}; vs copy+sha256 "
               f"{r['throughput_vs_copy_sha256']:.2f}; zero_to_fp32/copy "
               f"{r['throughput_zero_to_fp32_vs_copy']:.2f}); "
               f"peak RSS kit/zero_to_fp32 = {r['peak_rss_vs_zero_to_fp32']:.2f} (target <= 0.5)", flush=True)
-        for d in ("out-kit", "out-copy", "out-user", "out-hash", "out-bf16", "out-ds"):
+        for d in ("out-kit", "out-cli", "out-copy", "out-user", "out-hash", "out-bf16", "out-ds"):
             shutil.rmtree(runs / f"{d}-{stage}", ignore_errors=True)
+    results["load_avg_after"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     print(f"saved {RESULTS}")

@@ -73,7 +73,8 @@ def worker() -> None:
         out = {"ranks": dist.get_world_size(), "backend": "gloo", "iters": ITERS, "repeats_median_of": REPEATS,
                "sizes": rows,
                "preflight_s_defaults": round(total, 3), "preflight_ok": report.ok,
-               "machine": f"{os.cpu_count()} CPUs, shared", "load_avg_1m": os.getloadavg()[0]}
+               "machine": f"{os.cpu_count()} CPUs, shared", "load_avg_1m": os.getloadavg()[0],
+               "load_avg": list(os.getloadavg())}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(out, indent=1) + "\n")
         for r in rows:

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.gpu:
         return gpu_check(args.gpu)
+    load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="kit-bench-health-") as tmp:
         tr = build(Path(tmp) / "runs", args.period, args.interval)
         run_block(tr, args.steps, False)  # warm-up
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "blocks": args.blocks, "steps_per_block": args.steps, "straggler_interval": args.interval,
     }
     res["meets_target"] = res["direct_overhead_fraction"] <= res["target_fraction"]
+    res["cpus"], res["load_before"], res["load_after"] = os.cpu_count(), load_before, list(os.getloadavg())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=1) + "\n")
     print(f"step (off) {step * 1e3:.2f} ms, (on) {res['step_s_median_on'] * 1e3:.2f} ms: "

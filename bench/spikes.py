@@ -1,18 +1,21 @@
-"""bench/spikes: the postmortem of a 1,000,000-step ledger, and the live detector's cost per step.
+"""bench/spikes: the postmortem of a long run, and the live detector's cost per step.
 
-1. Postmortem: a synthetic ledger of 1,000,000 step events (the trainer's field layout, ~300 MB,
-   30 planted spikes, one live spike + rollback) in a real run directory; `kit spikes --json`'s
-   analysis (tools.postmortem.analyse, no batch analysis: that is per spike, not per step) timed
-   end to end, best of N; the Markdown+PNG report timed apart. Side by side: kit.ledger.read_all
-   (one dict per event) on the first 100,000 events against the columnar reader on the same file.
+1. Postmortem: bench/genrun.py's realistic run (default: issue 16's shape, 1,000,000 steps over 28
+   segments, 8 nodes x 8 GPUs, rank timings every 50 steps, a health sample per node per minute,
+   checkpoints with retention, 3 spikes rolled back; generated once and cached). `kit spikes --json`'s
+   analysis (tools.postmortem.analyse, no batch analysis: that is per spike, not per step), each in a
+   fresh process (wall, CPU, peak RSS), best of N: on the training ledger alone and on the whole run
+   (the nodes' health history included, as `kit spikes RUN` reads it). Side by side: kit.ledger.read_all
+   (one dict per event) against the columnar reader on the first 100,000 lines of the training ledger.
 2. Detector: real 2-rank `kit` segments of the tiny recipe. The figure: inside a normal run
    (bench/_spikes_timed.py clocks Trainer._check_spikes), the guard's median time per step against
    that run's median step. Beside it, side by side, whole runs with the guard on and off
    (bench/_spikes_off.py), alternating rounds: on a shared machine this one is mostly noise.
    And SpikeGuard.check alone, in microseconds.
 
-    python bench/spikes.py [--steps 1000000] [--rounds 2] [--train-steps 150]
-Targets (issue 8): postmortem <= 2 s; detector cost negligible against a step.
+    python bench/spikes.py [genrun's shape options] [--reps 3] [--rounds 2] [--train-steps 150] [--skip-detector]
+Targets (issues 8, 16): postmortem <= 2 s and <= 1 GB peak; detector cost negligible against a step.
+Writes bench/results/spikes.json with the machine's load.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,90 +33,106 @@ import tempfile
 import time
 from pathlib import Path
 
+import genrun  # bench/genrun.py: the run every benchmark measures
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-LINE = ('{"v":1,"t":%.6f,"kind":"step","src":"train-r0","seg":"1","step":%d,"loss":%r,"grad_norm":%r,"lr":%r,'
-        '"consumed":%d,"samples":1024,"tokens":2097152,"step_time":0.5,"tokens_per_s":4194304.0,'
-        '"samples_per_s":2048.0,"tflops":150.0,"mfu":0.45,"nonfinite":false}\n')
 
 
-def write_ledger(run: Path, n: int, planted: list[int]) -> None:
-    """The trainer's step events, written as text (json.dumps would take longer than the bench)."""
-    rng = random.Random(0)
-    spikes = set(planted)
-    with open(run / "ledger" / "train-r0.jsonl", "w") as f:
-        buf = []
-        for s in range(1, n + 1):
-            loss = (2.0 + 4.0 * math.exp(-s / 20000)) * math.exp(rng.gauss(0, 0.01)) * (1.6 if s in spikes else 1.0)
-            buf.append(LINE % (1.7e9 + s * 0.5, s, loss, 0.3 * math.exp(rng.gauss(0, 0.05)), 1e-4, (s - 1) * 1024))
-            if len(buf) == 20000:
-                f.write("".join(buf))
-                buf = []
-        f.write("".join(buf))
-    from kit.ledger import LedgerWriter
+def train_only(run: Path) -> Path:
+    """A sibling run directory holding only the training ledger (hard links): the postmortem's cost
+    without the nodes' health history, as issue 16 measured it."""
+    from kit.ledger.index import index_paths
 
-    with LedgerWriter(run, "train-r0") as led:  # a live spike and its rollback, as the trainer writes them
-        led.emit("spike", step=n - 500, loss=9.9, metric="loss", value=9.9, median=2.0, size=3.9, score=50.0,
-                 nonfinite=False, action="rollback", consumed=(n - 501) * 1024, samples=1024)
-        led.emit("rollback", from_step=n - 500, to_step=n - 600, spike_step=n - 500, tag=f"step_{n - 600:07d}",
-                 skip_start=(n - 501) * 1024, skip_end=(n - 301) * 1024, skip_batches=200, rollbacks=1)
+    alone = run.parent / "train-only"
+    if not (alone / "ledger" / "train-r0.jsonl").exists():
+        (alone / "ledger").mkdir(parents=True, exist_ok=True)
+        shutil.copy(run / "run.toml", alone / "run.toml")
+        os.link(run / "ledger" / "train-r0.jsonl", alone / "ledger" / "train-r0.jsonl")
+        for src, dst in zip(index_paths(run / "ledger", "train-r0.jsonl"),  # the writer's index (same inode)
+                            index_paths(alone / "ledger", "train-r0.jsonl"), strict=True):
+            if src.exists():
+                dst.parent.mkdir(exist_ok=True)
+                os.link(src, dst)
+    return alone
 
 
-def bench_postmortem(steps: int, reps: int) -> dict[str, object]:
-    from kit.config import load_recipe
-    from kit.ledger import read_all
-    from kit.rundir import RunDir
+def child_postmortem(run: Path) -> dict[str, object]:
+    """One ``kit spikes --json`` analysis in this (fresh) process: wall, CPU, peak RSS."""
+    import resource
+
+    t0 = time.perf_counter()
     from kit.tools.postmortem import analyse
+
+    imports = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = analyse(run, data=False)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "imports_s": round(imports, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "found": sorted(int(s["start"]) for s in res["spikes"]), "steps_logged": res["steps_logged"]}
+
+
+def _child(run: Path) -> dict[str, object]:
+    p = subprocess.run([sys.executable, __file__, "--child-postmortem", str(run)], capture_output=True, text=True,
+                       check=False)
+    if p.returncode != 0:
+        raise SystemExit(f"postmortem of {run} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bench_postmortem(shape: genrun.Shape, reps: int) -> dict[str, object]:
+    from kit.ledger import read_all
     from kit.tools.spike_ledger import read_ledger
     from kit.tools.spike_report import write_report
 
-    tmp = Path(tempfile.mkdtemp(prefix="kit-bench-spikes-"))
-    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", ['run.name="big"', f'run.runs_dir="{tmp}"'])
-    rd = RunDir(cfg.run_dir)
-    rd.create(cfg)
-    planted = sorted(random.Random(1).sample(range(1000, steps - 1000), 30))
     t0 = time.perf_counter()
-    write_ledger(rd.path, steps, planted)
-    print(f"ledger: {steps:,} step events, {(rd.ledger / 'train-r0.jsonl').stat().st_size / 1e6:.0f} MB "
-          f"written in {time.perf_counter() - t0:.1f}s", flush=True)
-    times, cpu = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        res = analyse(rd.path, data=False)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    found = {s["start"] for s in res["spikes"]}
-    t0 = time.perf_counter()
-    write_report(res, tmp / "report")
-    report_s = time.perf_counter() - t0
-    # side by side on the first 100,000 events: one dict per event vs columns
-    sub = Path(tempfile.mkdtemp(prefix="kit-bench-spikes-sub-"))
-    (sub / "ledger").mkdir()
-    with open(rd.ledger / "train-r0.jsonl", "rb") as src, open(sub / "ledger" / "train-r0.jsonl", "wb") as dst:
+    run, record = genrun.cached(shape)
+    c = record["counts"]
+    print(f"run: {c['step_events']:,} step events and {sum(c['events'].values()) - c['step_events']:,} others, "
+          f"{c['bytes'] / 1e6:,.0f} MB in {c['files']} ledger files (bench/genrun.py, ready in "
+          f"{time.perf_counter() - t0:.0f} s)", flush=True)
+    planted = sorted(e["step"] for e in read_all(run, {"spike"}))  # small files aside, this reads them all once
+    out: dict[str, object] = {"shape": record["shape"], "ledger_mb": round(c["bytes"] / 1e6, 1),
+                              "planted": planted, "target_s": 2.0, "target_peak_rss_mb": 1024}
+    for label, where in (("training_ledger", train_only(run)), ("whole_run", run)):
+        runs = [_child(where) for _ in range(reps)]
+        best = min(runs, key=lambda r: float(r["seconds"]))  # type: ignore[arg-type]
+        peak = max(float(r["peak_rss_mb"]) for r in runs)  # type: ignore[arg-type]
+        found = set(best["found"])  # type: ignore[call-overload]
+        out[label] = {**best, "peak_rss_mb": peak, "seconds_all": [r["seconds"] for r in runs],
+                      "planted_found": len(found & set(planted)), "other_found": len(found - set(planted)),
+                      "met": float(best["seconds"]) <= 2.0 and peak <= 1024}  # type: ignore[arg-type]
+        print(f"postmortem, {label.replace('_', ' ')}: best {best['seconds']:.2f} s wall of {reps} "
+              f"(CPU {best['cpu_seconds']:.2f} s), peak RSS {peak:,.0f} MB; targets <= 2 s and <= 1 GB: "
+              f"{'MET' if out[label]['met'] else 'NOT MET'}; found {len(found & set(planted))}/{len(planted)} "
+              f"rolled-back spikes + {len(found - set(planted))} other", flush=True)  # type: ignore[index]
+    if shape.steps <= 200_000:  # the report (PNGs) of a whole run is not what this bench is for at 1M steps
+        from kit.tools.postmortem import analyse
+
+        res = analyse(train_only(run), data=False)
+        t0 = time.perf_counter()
+        write_report(res, run.parent / "report")
+        out["report_with_pngs_s"] = round(time.perf_counter() - t0, 3)
+    # side by side on the first 100,000 lines of the training ledger: one dict per event vs columns
+    sub = run.parent / "first-100k"
+    shutil.rmtree(sub, ignore_errors=True)
+    (sub / "ledger").mkdir(parents=True)
+    with open(run / "ledger" / "train-r0.jsonl", "rb") as src, open(sub / "ledger" / "train-r0.jsonl", "wb") as dst:
         for _ in range(100_000):
             dst.write(src.readline())
     t0 = time.perf_counter()
-    n_dicts = len(read_all(sub, {"step"}))
+    read_all(sub)
     dict_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    n_cols = len(read_ledger(sub).timeline)
+    led = read_ledger(sub)
     col_s = time.perf_counter() - t0
-    assert n_dicts == n_cols == 100_000
-    best = min(times)
-    walls = ", ".join(f"{t:.2f}" for t in times)
-    print(f"postmortem of {steps:,} steps: best {best:.2f}s wall of {reps} (all: {walls}; "
-          f"CPU time of the process, all threads: {min(cpu):.2f}s; load {os.getloadavg()[0]:.1f}), "
-          f"target <= 2 s: {'MET' if best <= 2 else 'NOT MET'}; found {len(found & set(planted))}/{len(planted)} "
-          f"planted + {len(found - set(planted))} other; report with PNGs {report_s:.2f}s more")
-    print(f"reader, 100,000 events: kit.ledger.read_all {dict_s:.2f}s vs columnar {col_s:.2f}s "
-          f"= {dict_s / col_s:.1f}x faster", flush=True)
-    return {"steps": steps, "seconds_best": round(best, 3), "seconds_all": [round(t, 3) for t in times],
-            "cpu_seconds_best": round(min(cpu), 3), "load_after": round(os.getloadavg()[0], 1),
-            "target_s": 2.0, "met": best <= 2.0, "planted": len(planted), "planted_found": len(found & set(planted)),
-            "other_found": len(found - set(planted)), "report_with_pngs_s": round(report_s, 3),
-            "read_all_100k_s": round(dict_s, 3), "columnar_100k_s": round(col_s, 3),
-            "reader_speedup": round(dict_s / col_s, 1)}
+    if len(led.timeline) != sum(1 for e in read_all(sub, {"step"})):
+        raise SystemExit("the columnar reader and kit.ledger.read_all disagree on the step events")
+    print(f"reader, first 100,000 lines of train-r0 (steps, rank timings, checkpoints): kit.ledger.read_all "
+          f"{dict_s:.2f} s vs columnar {col_s:.2f} s = {dict_s / col_s:.1f}x faster", flush=True)
+    out.update(read_all_100k_s=round(dict_s, 3), columnar_100k_s=round(col_s, 3),
+               reader_speedup=round(dict_s / col_s, 1))
+    return out
 
 
 def guard_us_per_step(n: int = 20000) -> float:
@@ -178,16 +198,23 @@ def bench_detector(train_steps: int, rounds: int, warm: int) -> dict[str, object
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1_000_000)
+    genrun.add_shape_arguments(ap)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--warm", type=int, default=20)
+    ap.add_argument("--skip-detector", action="store_true", help="only the postmortem")
+    ap.add_argument("--child-postmortem", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    load = os.getloadavg()[0]
-    result = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": f"{os.cpu_count()} CPUs, load {load:.1f} "
-              "at start (shared machine)", "postmortem": bench_postmortem(args.steps, args.reps),
-              "detector": bench_detector(args.train_steps, args.rounds, args.warm)}
+    if args.child_postmortem:
+        print(json.dumps(child_postmortem(args.child_postmortem)))
+        return 0
+    load = os.getloadavg()
+    result: dict[str, object] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 "postmortem": bench_postmortem(genrun.shape_from(args), args.reps)}
+    if not args.skip_detector:
+        result["detector"] = bench_detector(args.train_steps, args.rounds, args.warm)
+    result.update(genrun.machine(load))
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "spikes.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -7,7 +7,7 @@ One asynchronous save of tag T (docs/checkpoints.md):
    capture engine (a host copy of every file's state) and this rank's RNG state.
 2. In the background, on every rank (:class:`RankWrite`): ``torch.save`` each captured file where
    DeepSpeed named it, fsync it, hash it; the RNG file; fsync the folders; then this rank's record
-   ``.written_rNNNNN.json`` (its files, sizes, sha256 -- or the error), written atomically and
+   ``.written_rNNNNN.json`` (its files, sizes, sha256 and CRC-32 -- or the error), written atomically and
    durably. A record means "this rank's part is on disk".
 3. In the background, on rank 0, after its own part: wait until every rank's record is in the folder,
    then call the commit (kit.saver: MANIFEST.json from the records, the commit point; pins; ``latest``;
@@ -145,7 +145,8 @@ class RankWrite:
     @staticmethod
     def _durable(p: Path) -> dict[str, Any]:
         fsync_path(p)
-        return {"size": p.stat().st_size, "sha256": ck.sha256(p)}
+        sha, crc = ck.digests(p)
+        return {"size": p.stat().st_size, "sha256": sha, "crc32": crc}
 
     def _record(self, files: dict[str, dict[str, Any]], error: str) -> None:
         self.record = {"rank": self.rank, "step": self.step, "files": files, "error": error}

@@ -355,8 +355,15 @@ class TrainerSection:
     progress_s: float = 10.0
     """Rank 0 prints a live step line (step, loss, tokens/s, s/step, ETA) at a segment's first step,
     then every this many seconds, and at the last step; 0 = off. In the job's log under Slurm."""
+    control_check_s: float = 10.0
+    """Seconds between two looks at the run's control/ folder for an operator's stop or save-now (rank 0,
+    at a step boundary; the first look is at the first step). A switch is honoured within this plus one
+    step. A look is a directory listing, milliseconds on a loaded parallel filesystem: looking every
+    step (0) costs percents of short steps there, and 0.5% of 2 s steps at 10 ms a look (bench/switches.py)."""
 
     def __post_init__(self) -> None:
+        if self.control_check_s < 0 or not math.isfinite(self.control_check_s):
+            raise ConfigError(f"trainer.control_check_s must be a number of seconds >= 0, got {self.control_check_s}")
         if self.max_steps <= 0:
             raise ConfigError(f"trainer.max_steps must be greater than 0, got {self.max_steps}")
         if self.log_interval <= 0:

@@ -19,6 +19,8 @@ The monitor and the tools only read it (the monitor writes control files on an o
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kit.config import RunConfig, dumps_toml, from_dict
@@ -166,6 +168,37 @@ class RunDir:
         except FileNotFoundError:
             return None
         return text
+
+
+class SwitchWatcher:
+    """Rank 0's look at the control switches, at most once every ``every_s`` seconds.
+
+    Why not a directory listing every step: on a loaded parallel filesystem (Lustre, GPFS, NFS) one
+    metadata round trip takes milliseconds, sometimes tens of them, on the training thread: with short
+    steps that is percents of the run (bench/switches.py measures it through a FUSE mount with added
+    latency). An operator's stop or save-now does not need a reply within one step: here the first
+    call looks at once (a switch left before the segment started acts at its first step), then a look
+    happens at the first step that starts ``every_s`` seconds or more after the previous look. A
+    switch is therefore seen within ``every_s`` plus one step of being made, and between looks
+    :meth:`poll` answers "none" (never a cached answer: the trainer consumes a switch it acted on).
+    ``every_s = 0`` looks at every step (the trainer's behaviour before ``trainer.control_check_s``).
+    """
+
+    def __init__(self, run_dir: RunDir, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rd = run_dir
+        self.every_s = every_s
+        self.clock = clock
+        self.looks = 0  # directory listings made (benchmarks and tests count them)
+        self._last: float | None = None
+
+    def poll(self) -> frozenset[str]:
+        """The switches waiting now, or an empty set when it is not yet time to look."""
+        now = self.clock()
+        if self._last is not None and now - self._last < self.every_s:
+            return frozenset()
+        self._last = now
+        self.looks += 1
+        return self.rd.pending_switches()
 
 
 def resolve_run(arg: str | Path, runs_dir: str | Path = "runs") -> RunDir:

@@ -36,7 +36,7 @@ from kit.model import peak_tflops, step_flops
 from kit.parallel.layout import layout_of
 from kit.progress import StepLines
 from kit.rollback import RollbackPolicy
-from kit.rundir import SAVE_NOW, STOP, RunDir
+from kit.rundir import SAVE_NOW, STOP, RunDir, SwitchWatcher
 from kit.saver import Saver
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ class Trainer:
         self._sched: Any = None
         self._last_gn: tuple[float, bool] = (-1.0, True)  # rank 0: previous step's grad norm (-1: unknown), applied
         self._consumed_at: dict[int, int] = {}  # step -> samples consumed before it (last few steps)
+        self.switches = SwitchWatcher(run_dir, cfg.trainer.control_check_s)  # rank 0's look at control/
         self.health: JobHealth | None = None  # kit.health: node sampler, hang watchdog, straggler timings
         self._setup_watchdog = setup_watchdog  # kit.watchdog.for_setup: watching since before the rendezvous
         # Start-up phases (Unix times at the end of each), for the goodput account: segment_started carries
@@ -280,7 +281,7 @@ class Trainer:
         flags = [0.0] * NFLAGS  # host-side flags; loss and non-finite are filled in on the device
         flags[F_SIGNAL] = 1.0 if st.signalled else 0.0
         if self.env.is_main:
-            switches = self.rd.pending_switches()
+            switches = self.switches.poll()
             flags[F_STOP] = 1.0 if STOP in switches else 0.0
             flags[F_SAVE] = 1.0 if SAVE_NOW in switches else 0.0
             flags[F_DEADLINE] = 1.0 if self._near_deadline() else 0.0

@@ -53,18 +53,36 @@ def session_processes() -> dict[int, str]:
     return out
 
 
+# Daemons a test may (re)start (the two-node Slurm test restarts Slurm): shared by everyone, never a leak.
+DAEMONS = ("slurmctld", "slurmd", "slurmdbd", "slurmstepd", "munged", "mariadbd")
+
+
 def leftovers(before: set[int], grace_s: float) -> dict[int, str]:
-    """Processes started since ``before`` still alive after ``grace_s``; they are killed, and returned."""
+    """Processes started since ``before`` still alive after ``grace_s``; they are killed (Slurm jobs among
+    them cancelled first), and returned."""
     deadline = time.monotonic() + grace_s
     while True:
-        left = {p: c for p, c in session_processes().items() if p not in before}
+        left = {p: c for p, c in session_processes().items()
+                if p not in before and c.split(" ", 1)[0].rsplit("/", 1)[-1] not in DAEMONS}
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    jobs = {j for j in map(_slurm_job, left) if j}
+    if jobs and shutil.which("scancel"):
+        subprocess.run(["scancel", *sorted(jobs)], capture_output=True, timeout=30, check=False)
     for pid in left:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return left
+
+
+def _slurm_job(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return ""
+    return env.get(b"SLURM_JOB_ID", b"").decode()
 
 
 @pytest.fixture(autouse=True)

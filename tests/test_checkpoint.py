@@ -151,3 +151,20 @@ def test_a_live_hold_keeps_a_bounded_number_of_unshipped_checkpoints(tmp_path: P
     ck.release(tmp_path, "stream")
     assert ck.held(tmp_path, complete) == []
     ck.release(tmp_path, "stream")  # twice is fine
+
+
+def test_manifest_digests_are_sha256_and_crc32_of_the_bytes(tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import zlib
+
+    folder = tmp_path / "step_0000001"
+    folder.mkdir()
+    blobs = {"empty.bin": b"", "small.bin": b"kit", "big.bin": os.urandom(ck.HASH_CHUNK * 2 + 12345)}
+    for name, data in blobs.items():
+        (folder / name).write_bytes(data)
+    files = ck.write_manifest(folder, 1, {"consumed": 0})["files"]
+    for name, data in blobs.items():
+        assert files[name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                               "crc32": f"{zlib.crc32(data):08x}"}
+        assert ck.crc32(folder / name) == files[name]["crc32"]

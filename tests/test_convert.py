@@ -273,3 +273,82 @@ def test_fallback_paths_give_the_same_bytes(zero_runs: dict[int, RunDir], tmp_pa
         data = (tmp_path / "fast" / name).read_bytes()
         assert (tmp_path / "buffered" / name).read_bytes() == data
         assert (tmp_path / "mapped" / name).read_bytes() == data
+
+
+def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], tmp_path: Path,
+                                                  capsys: Any) -> None:
+    """kit convert checks every source byte (CRC-32 from the manifest, or sha256 where an older manifest
+    has none): one byte changed anywhere in any file (the fp32 masters, the Adam moments, the module,
+    a rank's RNG state, the pickles' own structure) is refused, and nothing is written."""
+    import random
+
+    from kit.tools.convert import pick_checkpoint
+
+    rng = random.Random(16)
+    for stage in (2, 3):
+        rd = _copy_run(zero_runs[stage], tmp_path / f"run{stage}")
+        step4 = rd.checkpoints / "step_0000004"
+        manifest = ck.read_manifest(step4)
+        assert manifest is not None and all("crc32" in f for f in manifest["files"].values())
+        for rel in sorted(manifest["files"]):
+            f = step4 / rel
+            data = bytearray(f.read_bytes())
+            for where in (0, len(data) - 1, rng.randrange(len(data))):
+                bit = 1 << rng.randrange(8)
+                data[where] ^= bit
+                f.write_bytes(bytes(data))
+                with pytest.raises(CheckpointError, match=rf"corrupt \({rel}: crc32 mismatch"):
+                    pick_checkpoint(rd, 4)
+                data[where] ^= bit  # put it back before the next one
+            f.write_bytes(bytes(data))
+        assert pick_checkpoint(rd, 4).tag == "step_0000004"  # restored: accepted again
+        # the command checks while it converts (other threads): refused all the same, nothing written
+        rel = max(manifest["files"], key=lambda r: manifest["files"][r]["size"])
+        data = bytearray((step4 / rel).read_bytes())
+        data[len(data) // 2] ^= 0x04
+        (step4 / rel).write_bytes(bytes(data))
+        out = tmp_path / f"out{stage}" / "hf"
+        out.parent.mkdir()
+        capsys.readouterr()
+        assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"is corrupt ({rel}: crc32 mismatch" in err and "Traceback" not in err
+        _nothing_at(out)
+        data[len(data) // 2] ^= 0x04
+        (step4 / rel).write_bytes(bytes(data))
+        # a manifest without CRC-32 (saved by an older kit): the same byte is caught by sha256
+        for info in manifest["files"].values():
+            del info["crc32"]
+        (step4 / ck.MANIFEST).write_text(json.dumps(manifest))
+        rel = next(r for r in manifest["files"] if "optim_states" in r)
+        data = bytearray((step4 / rel).read_bytes())
+        data[len(data) // 3] ^= 0x10
+        (step4 / rel).write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=rf"corrupt \({rel}: sha256 mismatch"):
+            pick_checkpoint(rd, 4)
+
+
+def test_weights_outside_the_logits_sample_are_checked_too(zero_runs: dict[int, RunDir], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The logits check runs the first blocks only; a changed weight in a later block is still found (every
+    tensor is compared), at ZeRO-2 (the engine's module as reference) and ZeRO-3 (zero_to_fp32's)."""
+    from safetensors.torch import load_file, save_file
+
+    import kit.tools.verify_export as ve
+    from kit.tools.convert import convert, pick_checkpoint
+
+    monkeypatch.setattr(ve, "SAMPLE_LAYERS", 1)  # the tiny model has 2 blocks: sample only the first
+    for stage in (2, 3):
+        rd = zero_runs[stage]
+        ckpt = pick_checkpoint(rd, 4)
+        out = tmp_path / f"hf{stage}"
+        exp = convert(rd, ckpt, out)
+        assert exp.verify["ok"] and exp.verify["logits_layers"] == 1 and exp.verify["weights_compared"] > 10
+        shard = out / "model.safetensors"
+        tensors = load_file(str(shard))
+        name = "transformer.h.1.self_attention.dense.bias"
+        tensors[name][7] += 1e-3
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+        result = ve.verify_export(rd, rd.load_config(), ckpt, out, "fp32")
+        assert result["bit_identical"] and result["max_abs_diff"] == 0  # the sampled block's logits agree...
+        assert not result["ok"] and result["differing_weights"] == [name]  # ...the weights do not

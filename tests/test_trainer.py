@@ -164,3 +164,44 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert all(set(e["startup"]) == {"process", "trainer", "data", "engine", "resumed"} for e in started)
     again = subprocess.run(["kit", "demo", "--runs-dir", str(tmp_path), "--name", "d"], capture_output=True, text=True)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_switches_made_mid_segment_are_honoured(tiny_cfg: Any) -> None:
+    """A save-now and a stop made while the segment runs (rank 0 looks every trainer.control_check_s,
+    not every step): both act, at a step after they were made, and are acknowledged."""
+    import threading
+
+    cfg = tiny_cfg("mid", **{"trainer.max_steps": 3000, "checkpoint.interval_steps": 100000,
+                             "trainer.control_check_s": 0.5})
+    rd = create_run(cfg, log=lambda m: None)
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(out=run_local_segment(rd, cfg, seg="m", quiet=True)))
+    runner.start()
+
+    def wait_for(what: Any, bound: float = 300.0) -> Any:
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline and runner.is_alive():
+            got = what()
+            if got:
+                return got
+            time.sleep(0.1)
+        return what()
+
+    try:
+        assert wait_for(lambda: len(read_all(rd.path, {"step"})) >= 3)
+        made_at = max(e["step"] for e in read_all(rd.path, {"step"}))
+        rd.request(SAVE_NOW, "mid-run")
+        ack = wait_for(lambda: read_all(rd.path, {"control_ack"}))
+        assert ack and ack[0]["switch"] == SAVE_NOW and ack[0]["step"] >= made_at and ack[0]["note"] == "mid-run"
+        rd.request(STOP)
+        runner.join(timeout=300)
+    finally:
+        if runner.is_alive():  # never leave the segment behind
+            rd.request(STOP)
+            runner.join(timeout=300)
+    assert result["out"].reason == "stop"
+    acks = [(a["switch"], a["step"]) for a in read_all(rd.path, {"control_ack"})]
+    assert [s for s, _ in acks] == [SAVE_NOW, STOP] and acks[1][1] > acks[0][1]
+    saved = [(e["step"], e["reason"]) for e in read_all(rd.path, {"ckpt_saved"})]
+    assert saved == [(acks[0][1], "save-now"), (acks[1][1], "stop")]
+    assert not rd.pending(SAVE_NOW) and not rd.pending(STOP)

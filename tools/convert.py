@@ -15,14 +15,16 @@ kernel, bf16 cast 16 MB at a time. Peak memory is the Python process plus a few 
 shard, and not 2.3x the model like DeepSpeed's zero_to_fp32. The time is mostly sha256 (of the source
 checkpoint, then of the shards for the manifest, as they are written), on several threads.
 
-Verification loads the result with ``from_pretrained`` and compares its logits on a fixed batch with
-a model holding the checkpoint's own weights: the engine's module weights (ZeRO-1/2, same dtype) or
-DeepSpeed's own zero_to_fp32 reconstruction (ZeRO-3, or another dtype). Expected: bit-identical.
+Before converting, every byte of the source checkpoint is checked against its manifest (CRC-32:
+:func:`verify_source`). After, the result is verified against the checkpoint's own weights (the
+engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's own zero_to_fp32 reconstruction):
+every tensor bit for bit, one at a time, and the logits of the model's first blocks loaded with
+``from_pretrained`` (tools/verify_export.py). Memory stays near the largest tensor either way.
 
 Checkpoints written at a tensor x pipeline layout (kit.parallel) are read through
 tools.layout_reader: the same byte ranges, gathered from every model-parallel rank's partitions, with
 pipeline names mapped and tensor shards merged; their reference is the engine's module weights of
-every shard, joined with torch.cat (tools.verify_export.layout_module_state).
+every shard, joined with torch.cat (tools.verify_export.layout_module_state), held whole in memory.
 """
 
 from __future__ import annotations
@@ -93,9 +95,10 @@ class Export:
 # ------------------------------------------------------------------------------------------ checks
 
 
-def pick_checkpoint(rd: RunDir, step: int | None, bars: Bars = NO_BARS) -> ck.Checkpoint:
-    """The requested step (or the newest complete one) as a complete, intact checkpoint (``bars``: a
-    progress bar of the bytes hashed)."""
+def pick_checkpoint(rd: RunDir, step: int | None, check: bool = True) -> ck.Checkpoint:
+    """The requested step (or the newest complete one) as a complete, intact checkpoint (``check``:
+    every byte against the manifest first; ``kit convert`` passes False and has :func:`convert` check
+    while it converts)."""
     root = rd.checkpoints
     if step is not None:
         tag = ck.tag_for(step)
@@ -108,32 +111,32 @@ def pick_checkpoint(rd: RunDir, step: int | None, bars: Bars = NO_BARS) -> ck.Ch
         if not complete:
             raise CheckpointError(f"{root} holds no complete checkpoint (none with {ck.MANIFEST}); train first")
         ckpt = complete[-1]
-    task = bars.task(f"checking {ckpt.tag}", ckpt.bytes, unit="bytes")
-    problems = verify_source(ckpt, advance=task.advance)
-    if problems:
-        raise CheckpointError(f"checkpoint {ckpt.tag} is corrupt ({'; '.join(problems[:3])}); "
-                              "choose another step with --step")
+    if check:
+        _refuse_corrupt(ckpt, verify_source(ckpt))
     return ckpt
 
 
-def verify_source(ckpt: ck.Checkpoint, threads: int = 0, advance: Callable[[int], None] | None = None) -> list[str]:
-    """kit.checkpoint.verify (sizes, then every file's sha256 against the manifest), the files hashed on
-    several threads: hashing the source (several times the export's bytes, with the Adam moments) is the
-    largest part of ``kit convert``'s time, and hashlib releases the GIL."""
+def _refuse_corrupt(ckpt: ck.Checkpoint, problems: list[str]) -> None:
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt.tag} is corrupt ({'; '.join(problems[:3])}); "
+                              "choose another step with --step")
+
+
+def verify_source(ckpt: ck.Checkpoint, threads: int = 0) -> list[str]:
+    """Every byte of the checkpoint against its manifest: sizes, then each file's CRC-32 (sha256 for a
+    checkpoint saved before manifests had one), on several threads (zlib and hashlib release the GIL).
+
+    Why CRC-32 here: the source is several times the export's size (the Adam moments), and its sha256
+    was most of ``kit convert``'s time (bench/convert.py). A CRC-32 still catches any changed byte;
+    ``kit verify`` and resume keep checking sha256."""
     problems = ck.verify(ckpt, hashes=False)
     if problems:
         return problems
-    files = list(ckpt.manifest["files"].items())
-
-    def one(item: tuple[str, dict[str, Any]]) -> str:
-        d = ck.sha256(ckpt.path / item[0])
-        if advance:
-            advance(item[1]["size"])
-        return d
-
+    files = sorted(ckpt.manifest["files"].items(), key=lambda item: -int(item[1]["size"]))  # big ones first
+    key, digest = ("crc32", ck.crc32) if all("crc32" in info for _, info in files) else ("sha256", ck.sha256)
     with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(one, files))
-    return [f"{rel}: sha256 mismatch" for (rel, info), d in zip(files, digests, strict=True) if d != info["sha256"]]
+        digests = list(pool.map(lambda item: digest(ckpt.path / item[0]), files))
+    return [f"{rel}: {key} mismatch" for (rel, info), d in zip(files, digests, strict=True) if d != info[key]]
 
 
 def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -293,8 +296,7 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
     - otherwise, through the mmapped partitions in CHUNK windows (madvise POPULATE_READ, cast or
       written as is, DONTNEED).
 
-    Either way resident memory stays at a few CHUNKs whatever the model size. ``progress(fname)`` is
-    called after each shard, ``advance(nbytes)`` after each tensor (a progress bar's bytes written).
+    Either way resident memory stays at a few CHUNKs whatever the model size.
 
     Two threads hash the shards (for the export's manifest) as they grow (:class:`_ShardFile`) and one
     fsyncs each finished shard, while the next is written; ``then()`` (the small files) runs once the last
@@ -375,7 +377,7 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
                                 assert parts is not None
                                 write_mapped(out, parts[r][g].detach()[a:a + count])
                         total += spec.numel * item
-                        if advance:
+                        if advance:  # a progress bar's bytes written
                             advance(spec.numel * item)
             finally:
                 out.close()  # also on an error: the hashing thread must not wait for bytes that never come
@@ -435,9 +437,14 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
 
 def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_bytes: int = 2 * 10**9,
             verify: bool = True, atol: float = 0.0, force: bool = False,
-            ledger: LedgerWriter | NullLedger | None = None, progress: Any = None, bars: Bars = NO_BARS) -> Export:
+            ledger: LedgerWriter | NullLedger | None = None, progress: Any = None,
+            check_source: bool = False, bars: Bars = NO_BARS) -> Export:
     """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem. ``bars``:
-    progress bars (bytes written; the logits check)."""
+    progress bars (kit.progress: bytes written, the logits check).
+
+    ``check_source``: check every byte of the checkpoint against its manifest (:func:`verify_source`)
+    on other threads while converting, and refuse it before anything appears at ``out``: the reads of
+    the check overlap the conversion's work (on a parallel filesystem, most of the check is waiting)."""
     from kit.tools.verify_export import verify_export
 
     led = ledger or NullLedger()
@@ -453,6 +460,8 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     check_model(reader, cfg, ckpt)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
+    checking = ThreadPoolExecutor(max_workers=1)
+    source = checking.submit(verify_source, ckpt) if check_source else None
     try:
         stage.mkdir(parents=True)
         item = 2 if dtype == "bf16" else 4
@@ -461,6 +470,8 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
             reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype),
             advance=task.advance)
         seconds = time.perf_counter() - t0
+        if source is not None:  # a corrupt source must not be verified against, nor exported
+            _refuse_corrupt(ckpt, source.result())
         result: dict[str, Any] = {"skipped": True}
         if verify:
             with bars.phase("logits check"):
@@ -481,6 +492,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     except OSError as e:
         raise _write_error(e, out) from None
     finally:
+        checking.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(stage, ignore_errors=True)
     export = Export(out, ckpt.tag, ckpt.step, dtype, shards, nbytes, round(seconds, 3), result)
     led.emit("ckpt_converted", tag=ckpt.tag, out=str(out), step=ckpt.step, dtype=dtype, shards=shards,
@@ -513,7 +525,8 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--out", default="", help="output folder or fsspec URL (default: <run>/exports/<tag>-<dtype>)")
     p.add_argument("--dtype", default="", choices=("", *DTYPES), help="weights dtype (default: the run's precision)")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
-    p.add_argument("--no-verify", action="store_true", help="skip the logits check (it needs 2x the model in RAM)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check of the export against the checkpoint (weights and first blocks' logits)")
     p.add_argument("--atol", type=float, default=0.0, help="largest accepted |logit difference| (default 0: exact)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -523,15 +536,14 @@ def run(args: argparse.Namespace, verb: str) -> int:
     from kit.tools.upload import is_url, redact, upload_folder
 
     rd = resolve_run(args.run, args.runs_dir)
-    with Bars(enabled=not args.json) as bars:
-        ckpt = pick_checkpoint(rd, args.step, bars)
+    ckpt = pick_checkpoint(rd, args.step, check=False)  # convert() checks every byte while it converts
     dtype = args.dtype or rd.load_config().deepspeed.precision
     url = args.out if is_url(args.out) else ""
     out = Path(args.out) if args.out and not url else rd.exports / f"{ckpt.tag}-{dtype}"
     with LedgerWriter(rd.path, f"convert-{hostname()}-{os.getpid()}") as led:
         with Bars(enabled=not args.json) as bars:
             exp = convert(rd, ckpt, out, dtype, parse_size(args.shard_size), verify=not args.no_verify,
-                          atol=args.atol, force=args.force or bool(url), ledger=led, bars=bars)
+                          atol=args.atol, force=args.force or bool(url), ledger=led, check_source=True, bars=bars)
         result: dict[str, Any] = {"tag": exp.tag, "step": exp.step, "out": str(exp.out), "dtype": exp.dtype,
                                   "shards": exp.shards, "bytes": exp.bytes, "seconds": exp.seconds,
                                   "verify": exp.verify}
