@@ -13,9 +13,11 @@ One asynchronous save of tag T (docs/checkpoints.md):
    then call the commit (kit.saver: MANIFEST.json from the records, the commit point; pins; ``latest``;
    ``ckpt_saved``; retention). A crash anywhere before the manifest leaves a folder without one, which
    resume ignores: the previous checkpoint stays latest.
-4. At the next save, a rollback, or the segment's end, every rank joins its writer, then one
-   all-reduce of failures (kit.saver.wait), so every rank learns of a failed save at the same point
-   and stops with the same error. Nothing is dropped: a save still in flight is always waited for.
+4. At the next save, a rollback, or the segment's end (or at the step boundary after a rank's writer
+   failed: the trainer's per-step all-reduce carries the flag), every rank waits for its own part,
+   then agrees on every rank's failures (kit.diskfull's all-gather: a full disk is named as such), so
+   every rank stops with the same error at the same point; with none, rank 0 finishes the commit.
+   Nothing is dropped: a save still in flight is always waited for.
 
 A segment's last save (nothing to overlap with) runs the same steps in the loop's own thread
 (:meth:`RankWrite.run_here`), at normal priority, with DeepSpeed writing its files during the capture.
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kit import checkpoint as ck
+from kit import diskfull
 from kit.faults import fault_point
 from kit.fsio import atomic_write_json, fsync_path
 from kit.snapshot import HostBuffers, Snapshot, write_file
@@ -62,9 +65,11 @@ class RankWrite:
     zipfile: bool
     buffers: HostBuffers
     buffers_lock: threading.Lock
+    guard: diskfull.WriteGuard  # records this rank's failed write instead of raising it (kit.diskfull)
     commit: Commit | None = None  # rank 0 only
     started: float = field(default_factory=time.perf_counter)
-    error: str = ""
+    error: str = ""  # rank 0: the wait for the other ranks' records ended without a commit (not a write)
+    local_done: threading.Event = field(default_factory=threading.Event)  # this rank's part is over
     write_s: float = 0.0
     cpu_s: float = 0.0  # this thread's CPU time (serializing, copying into the page cache, hashing)
     record: dict[str, Any] = field(default_factory=dict)
@@ -100,26 +105,28 @@ class RankWrite:
             background_priority()
         cpu0 = time.thread_time()
         try:
-            self._write()
-        except Exception as e:  # reported to every rank at the next wait (kit.saver), never lost
-            self.error = f"{type(e).__name__}: {e}"
-            self._record({}, self.error)
+            self.guard.run(self._write, self.path)  # a failure is recorded, and raised on every rank at the wait
+            if self.guard.failure is not None:
+                self._record({}, self.guard.failure.error)
         finally:
             self.write_s = time.perf_counter() - self.started
             self.cpu_s = time.thread_time() - cpu0
             with self.buffers_lock:
                 self.buffers.give_back(self.snap.storages)
             self.snap.storages, self.snap.files = [], []
-        if self.commit is not None and not self.error:
-            try:
-                records = self._gather()
-                bad = [r for r in records if r.get("error")]
-                if bad:
-                    self.error = f"rank {bad[0]['rank']}: {bad[0]['error']}"
-                    return
-                self.commit(records)
-            except Exception as e:
-                self.error = f"{type(e).__name__}: {e}"
+            self.local_done.set()
+        if self.commit is None or self.guard.failure is not None:
+            return
+        try:
+            records = self._gather()
+        except TimeoutError as e:
+            self.error = str(e)
+            return
+        bad = [r for r in records if r.get("error")]
+        if bad:
+            self.error = f"rank {bad[0]['rank']}: {bad[0]['error']}"
+            return
+        self.guard.run(self.commit, self.path, records)
 
     def _write(self) -> None:
         self.snap.wait_ready()
@@ -128,6 +135,7 @@ class RankWrite:
         for i, (name, state) in enumerate(self.snap.files):
             p = Path(name)
             if state is not None:  # None: written during the capture (no memory for a copy)
+                fault_point("ckpt.write", self.step, self.rank)  # tests: this rank's own disk is full
                 write_file(name, state, self.zipfile)
             files[self._rel(p)] = self._durable(p)
             folders.add(p.parent)
@@ -149,11 +157,15 @@ class RankWrite:
         return {"size": p.stat().st_size, "sha256": sha, "crc32": crc}
 
     def _record(self, files: dict[str, dict[str, Any]], error: str) -> None:
+        """This rank's record; written in the guard's run on success (a failure to write it is a failed
+        save), best effort after a failure (rank 0 stops waiting for it at the wait's agreement anyway)."""
         self.record = {"rank": self.rank, "step": self.step, "files": files, "error": error}
-        try:
-            atomic_write_json(self.path / ck.WRITTEN.format(rank=self.rank), self.record, fsync=True)
-        except OSError as e:  # the folder itself is gone or full: rank 0 times out, this rank reports
-            self.error = self.error or f"{type(e).__name__}: {e}"
+        path = self.path / ck.WRITTEN.format(rank=self.rank)
+        if not error:
+            atomic_write_json(path, self.record, fsync=True)
+            return
+        with contextlib.suppress(OSError):  # the folder is full or gone: the agreement reports the failure
+            atomic_write_json(path, self.record, fsync=True)
 
     def _gather(self) -> list[dict[str, Any]]:
         """Rank 0: every rank's record, once all are in the folder (polling, backing off to 0.5 s)."""

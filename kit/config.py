@@ -493,6 +493,10 @@ class HealthSection:
     setup_timeout_s: float = 3600.0
     """The watchdog's bound from a segment's start to its first step: rendezvous, NCCL and DeepSpeed
     set-up, loading the checkpoint (BLOOM-176B's 2.3 TB took minutes; allow for a slow filesystem)."""
+    exit_grace_s: float = 60.0
+    """Once a segment has ended (``segment_ended``, or another rank's process exited), how long a rank's
+    process may take to exit by itself before its launcher terminates it, then kills it 10 s later (a
+    frozen rank never exits; waiting on it would hold the allocation and miss the next rendezvous)."""
     host_mem_max_pct: float = 95.0
     """Alert when the node's memory use is above this percentage."""
     disk_min_free_gib: float = 50.0
@@ -501,7 +505,7 @@ class HealthSection:
     def __post_init__(self) -> None:
         if self.record_every < 1:
             raise ConfigError(f"health.record_every must be at least 1, got {self.record_every}")
-        for key in ("period_s", "hang_floor_s", "hang_factor", "hang_grace_s", "setup_timeout_s"):
+        for key in ("period_s", "hang_floor_s", "hang_factor", "hang_grace_s", "setup_timeout_s", "exit_grace_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"health.{key} must be greater than 0, got {getattr(self, key)}")
         if self.hang_ceiling_s < self.hang_floor_s:

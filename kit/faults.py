@@ -5,11 +5,13 @@ process with SIGKILL (or hang, with ``=hang``; sleep, with ``=sleep0.5``) when t
 reached at that step (on the given rank only, when ``:rankN`` is given; at every Nth step, with
 ``name%N``: ``step.forward%2:rank1=sleep0.05`` slows rank 1 down every other step). Production runs
 never set it; it costs one dict lookup.
+``=enospc`` raises OSError(ENOSPC) there instead (a write that finds this rank's own disk full).
 Value faults (``loss.nan@15:rank1``: that rank's loss becomes NaN) are asked with :func:`fault_active`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -46,6 +48,8 @@ def fault_point(name: str, step: int, rank: int) -> None:
                 time.sleep(float(action[5:] or 1))
             elif action == "exit":
                 os._exit(17)
+            elif action == "enospc":  # a full disk of this rank's own (one machine cannot have one per rank)
+                raise OSError(errno.ENOSPC, f"No space left on device (fault point {name})")
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -18,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from kit import checkpoint as ck
+from kit import diskfull
 from kit.asyncsave import RankWrite, known_files, remove_records
 from kit.config import RunConfig
 from kit.dist import DistEnv
 from kit.errors import CheckpointError
 from kit.faults import fault_point
-from kit.ledger import LedgerWriter, NullLedger
+from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.parallel.layout import Layout
 from kit.rundir import RunDir
 from kit.snapshot import HostBuffers, capture, snap_zipfile
@@ -122,7 +124,12 @@ class Saver:
         the files are written in the background (kit.asyncsave) and the save before it, if still in
         flight, is waited for first. ``blocking``: the loop waits for this save anyway (the segment's
         last): DeepSpeed's files are written during the capture, without a copy, and the rest of the
-        save runs in this thread at its priority, not in a low-priority writer."""
+        save runs in this thread at its priority, not in a low-priority writer.
+
+        A write that fails on any rank (a full disk) fails the save on every rank together
+        (kit.diskfull): DiskFullError or CheckpointError, raised where every rank waits for the save
+        (kit.saver.wait: the next save, a rollback, the segment's end, or the step boundary after a
+        rank's writer failed, kit.trainer); the previous checkpoint stays latest."""
         if not self.cfg.checkpoint.async_save:
             self._save_sync(step, consumed, why, kit_state)
             return
@@ -134,7 +141,9 @@ class Saver:
         if self.env.is_main:
             ck.prepare_tag_dir(root, tag)
         dist.barrier()
-        snap = capture(self.engine, str(root), tag, {"kit_step": step}, self.buffers, 0 if blocking else self._budget())
+        guard = diskfull.WriteGuard(self.env.rank, hostname(), step)
+        snap = capture(self.engine, str(root), tag, {"kit_step": step}, self.buffers,
+                       0 if blocking else self._budget(), guard)
         rng = ck.rng_state()
         stall = time.perf_counter() - t0
         commit = None
@@ -150,37 +159,45 @@ class Saver:
                                   f"this rank's state; {snap.sync_bytes / 2**30:.2f} GiB of {tag} was written "
                                   "synchronously (the loop waited for it)", condition="ckpt_memory", tag=tag)
         job = RankWrite(step, root / tag, self.env.rank, self.env.world_size, snap, rng, snap_zipfile(self.engine),
-                        self.buffers, self._buffers_lock, commit)
+                        self.buffers, self._buffers_lock, guard, commit)
         self.pending = job.run_here() if blocking else job.start()
         if blocking:
             self.wait()
 
+    def failed(self) -> bool:
+        """This rank knows the save in flight has failed (its own write, or rank 0's commit); not collective."""
+        job = self.pending
+        return job is not None and job.local_done.is_set() and (job.guard.failure is not None or bool(job.error))
+
     def wait(self) -> float:
-        """Collective: wait until the save in flight is complete on every rank (rank 0: committed), then
-        agree on whether it failed; a failed save raises CheckpointError on every rank alike.
-        Returns the seconds waited (0 when nothing was in flight)."""
+        """Collective: wait until the save in flight is complete on every rank (rank 0: committed).
+        A write that failed on any rank raises DiskFullError or CheckpointError on every rank alike
+        (kit.diskfull). Returns the seconds waited (0 when nothing was in flight)."""
         job = self.pending
         if job is None:
             return 0.0
-        import torch
-        import torch.distributed as dist
-
         t0 = time.perf_counter()
-        job.join()
+        job.local_done.wait()  # this rank's files are written (or failed)
         self.pending = None
-        failed = torch.tensor([1.0 if job.error else 0.0], device=self.engine.device)
-        if self.env.world_size > 1:
-            dist.all_reduce(failed)
-        n = int(failed.item())
-        if n:
-            tag = ck.tag_for(job.step)
-            if self.env.is_main:
-                self.ledger.alert("error", f"checkpoint {tag} failed: {job.error}; the previous checkpoint is "
-                                  "still the latest", tag=tag, condition="ckpt_failed")
-            raise CheckpointError(f"checkpoint {tag} could not be written ({job.error or f'on {n} other rank(s)'}); "
-                                  f"the previous checkpoint is still the latest. Check the filesystem of {self.root} "
-                                  "(space, quota, permissions) before resuming")
+        self._agree(job.guard, job.step, job)  # every rank's writes: a failure stops rank 0 waiting for records
+        job.join()  # rank 0: every record is in, the commit follows
+        if job.error:  # rank 0's own bookkeeping failed (not a write): the same error on every rank
+            job.guard.failure = job.guard.failure or diskfull.WriteFailure(
+                self.env.rank, hostname(), str(job.path), job.error, False, -1, -1)
+        self._agree(job.guard, job.step)  # rank 0's commit (the manifest, `latest`)
         return time.perf_counter() - t0
+
+    def _agree(self, guard: diskfull.WriteGuard, step: int, job: RankWrite | None = None) -> None:
+        failures, nodes = guard.agree()
+        if not failures:
+            return
+        if job is not None:
+            job.abort()  # rank 0: the failed ranks' records may never come
+            job.join()
+        path = self.root / ck.tag_for(step)
+        if self.env.is_main and not (path / ck.MANIFEST).exists():
+            shutil.rmtree(path, ignore_errors=True)  # the failed save's files: give the room back
+        raise diskfull.error(step, failures, nodes)
 
     def close(self, timeout_s: float = 120.0) -> None:
         """Not collective (the segment may be ending on an error): give a save in flight ``timeout_s``
@@ -191,9 +208,10 @@ class Saver:
         if not job.join(timeout_s):
             job.abort()
             job.join(10.0)
-        if self.env.is_main and (job.error or not (self.root / ck.tag_for(job.step) / ck.MANIFEST).exists()):
+        failure = job.guard.failure.error if job.guard.failure else job.error
+        if self.env.is_main and (failure or not (self.root / ck.tag_for(job.step) / ck.MANIFEST).exists()):
             self.ledger.alert("error", f"checkpoint {ck.tag_for(job.step)} was not completed before the segment "
-                              f"ended ({job.error or 'still being written'}); the previous one is the latest",
+                              f"ended ({failure or 'still being written'}); the previous one is the latest",
                               tag=ck.tag_for(job.step), condition="ckpt_failed")
 
     def deadline_reserve_s(self, step_s: float) -> float:
@@ -249,13 +267,15 @@ class Saver:
         if self.env.is_main:
             ck.prepare_tag_dir(root, tag)
         dist.barrier()
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={"kit_step": step}, save_latest=False)
-        ck.save_rank_state(root / tag, self.env.rank)
+        guard = diskfull.WriteGuard(self.env.rank, hostname(), step)
+        with guard.deepspeed(self.engine):
+            self.engine.save_checkpoint(str(root), tag=tag, client_state={"kit_step": step}, save_latest=False)
+        guard.run(ck.save_rank_state, root / tag, root / tag, self.env.rank)
         fault_point("ckpt.before_manifest", step, self.env.rank)
-        dist.barrier()
+        self._agree(guard, step)  # instead of a barrier: every rank learns whether every write worked
         if self.env.is_main:
-            self._commit(step, consumed, why, kit_state, t0)
-        dist.barrier()
+            guard.run(self._commit, root / tag, step, consumed, why, kit_state, t0)
+        self._agree(guard, step)
         self.save_times = ([*self.save_times, time.perf_counter() - t0])[-5:]
 
     def _commit(self, step: int, consumed: int, why: str, kit_state: dict[str, Any], t0: float) -> None:

@@ -153,12 +153,13 @@ class CaptureEngine:
     It wraps the engine's own (for ``makedirs``, ``load`` and its serialization setting) and is
     installed only for the duration of one ``save_checkpoint`` call."""
 
-    def __init__(self, inner: Any, buffers: HostBuffers, budget: int | None = None) -> None:
+    def __init__(self, inner: Any, buffers: HostBuffers, budget: int | None = None, guard: Any = None) -> None:
         self.inner = inner
         self.name = "KitCaptureEngine"
         self.snap = Snapshot()
         self.buffers = buffers
         self.budget = budget  # bytes of host copies allowed (None: no limit); past it, files are written now
+        self.guard = guard  # kit.diskfull.WriteGuard for the writes made now (a failure recorded, not raised)
         self._cuda = False
         self.zipfile_serialization = getattr(inner, "zipfile_serialization", True)
 
@@ -173,18 +174,24 @@ class CaptureEngine:
         # files: DeepSpeed's temporaries of one file may be freed and their addresses (and Python
         # ids) reused by the next file's tensors.
         if self.budget is not None and self.snap.nbytes + state_bytes(state_dict) > self.budget:
-            write_file(str(path), state_dict, self.zipfile_serialization)  # no room for a copy: write it now
-            self.snap.sync_bytes += state_bytes(state_dict)
-            self.snap.files.append((str(path), None))
+            self._write_now(str(path), state_dict)  # no room for a copy: write it now
             return
         copier = _Copier(self.buffers, self.snap)
         try:
             self.snap.files.append((str(path), copier.copy(state_dict)))
         except (RuntimeError, MemoryError):  # host (pinned) memory refused: this file is written now
-            write_file(str(path), state_dict, self.zipfile_serialization)
-            self.snap.sync_bytes += state_bytes(state_dict)
-            self.snap.files.append((str(path), None))
+            self._write_now(str(path), state_dict)
         self._cuda = self._cuda or copier.cuda
+
+    def _write_now(self, path: str, state_dict: Any) -> None:
+        """Write during the capture (as a synchronous save does), through the guard when there is one: a
+        failed write is recorded and every rank goes on through DeepSpeed's barriers (kit.diskfull)."""
+        if self.guard is not None:
+            self.guard.run(_guarded_write, path, path, state_dict, self.zipfile_serialization, self.guard)
+        else:
+            write_file(path, state_dict, self.zipfile_serialization)
+        self.snap.sync_bytes += state_bytes(state_dict)
+        self.snap.files.append((path, None))
 
     def load(self, path: str, map_location: Any = None) -> Any:
         return self.inner.load(path, map_location=map_location)
@@ -245,18 +252,22 @@ def state_bytes(obj: Any) -> int:
 
 
 def capture(engine: Any, save_dir: str, tag: str, client_state: dict[str, Any], buffers: HostBuffers,
-            budget: int | None = None) -> Snapshot:
+            budget: int | None = None, guard: Any = None) -> Snapshot:
     """DeepSpeed's ``save_checkpoint`` (collective, as always) with the writes replaced by host copies
     (up to ``budget`` bytes; files past it are written during the call, as a synchronous save would).
 
     ``save_latest=False``: kit moves ``latest`` itself, after the manifest."""
     inner = engine.checkpoint_engine
-    cap = CaptureEngine(inner, buffers, budget)
+    cap = CaptureEngine(inner, buffers, budget, guard)
     engine.checkpoint_engine = cap
+    scripts = engine._copy_recovery_script  # rank 0 copies zero_to_fp32.py: a write like the others
+    if guard is not None:
+        engine._copy_recovery_script = lambda save_path: guard.run(scripts, save_path, save_path)
     try:
         engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     finally:
         engine.checkpoint_engine = inner
+        engine._copy_recovery_script = scripts
     return cap.finish()
 
 
@@ -270,3 +281,10 @@ def write_file(path: str, state: Any, zipfile_serialization: bool) -> None:
 def snap_zipfile(engine: Any) -> bool:
     """DeepSpeed's serialization setting (its checkpoint engine's), which the writer must use too."""
     return bool(getattr(engine.checkpoint_engine, "zipfile_serialization", True))
+
+
+def _guarded_write(path: str, state: Any, zipfile_serialization: bool, guard: Any) -> None:
+    from kit.faults import fault_point
+
+    fault_point("ckpt.write", guard.step, guard.rank)  # tests: this rank's own disk is full
+    write_file(path, state, zipfile_serialization)

@@ -25,6 +25,7 @@ from kit import envvars, exitcodes
 from kit import spikes as sp
 from kit.config import RunConfig
 from kit.data import MixtureDataset, prepare, rank_micro_indices, wait_for_meta
+from kit.diskfull import DiskFullError
 from kit.dist import DistEnv
 from kit.engine import build_engine
 from kit.errors import ConfigError
@@ -47,7 +48,9 @@ if TYPE_CHECKING:
 
 # Positions in the per-step all-reduce vector. GNORM/G_UNAPPLIED: rank 0's grad norm of the previous
 # step and whether DeepSpeed skipped its update (kit.spikes judges them one step late, on every rank).
-LOSS, NONFINITE, F_STOP, F_SAVE, F_SIGNAL, F_DEADLINE, GNORM, G_UNAPPLIED, NFLAGS = range(9)
+# F_CKPT_FAILED: some rank's background checkpoint writer failed (kit.asyncsave): every rank then waits for
+# the save at this boundary, where the failure is raised on every rank alike (a full disk: disk_full).
+LOSS, NONFINITE, F_STOP, F_SAVE, F_SIGNAL, F_DEADLINE, GNORM, G_UNAPPLIED, F_CKPT_FAILED, NFLAGS = range(10)
 
 
 def slurm_deadline() -> float | None:
@@ -110,6 +113,7 @@ class Trainer:
         # them, segment_first_step closes the start-up (restart cost = failure -> first completed step).
         self.startup: dict[str, float] = {"process": _process_start(), "trainer": time.time()}
         self.lines: StepLines | None = None  # rank 0's live step lines (trainer.progress_s)
+        self._end_fields: dict[str, Any] = {}  # extra fields of segment_ended (disk_full: the nodes to blame)
 
     # ------------------------------------------------------------------------------------ setup
     def _deadline(self) -> float | None:
@@ -172,14 +176,17 @@ class Trainer:
         st = self.state
         self.begin_loop()
         reason = "done"
-        while st.step < self.cfg.trainer.max_steps:
-            reason = self.step_once()
-            if reason:
-                break
-        reason = reason or "done"
-        if reason != "give_up" and not self.saver.saved_at(st.step):  # never checkpoint a state given up on
-            self.save(reason, blocking=True)  # the segment ends: nothing to overlap the write with
-        self.wait_for_saves()  # a save still being written completes before the segment ends
+        try:
+            while st.step < self.cfg.trainer.max_steps:
+                reason = self.step_once()
+                if reason:
+                    break
+            reason = reason or "done"
+            if reason != "give_up" and not self.saver.saved_at(st.step):  # never checkpoint a state given up on
+                self.save(reason, blocking=True)  # the segment ends: nothing to overlap the write with
+            self.wait_for_saves()  # a save still being written completes before the segment ends
+        except DiskFullError as e:  # every rank raises it together (kit.diskfull): end the segment, named
+            reason = self._disk_full(e)
         if reason == "stop":
             self._ack(STOP)
         self._finish(reason)
@@ -212,6 +219,8 @@ class Trainer:
             self._emit_step(loss, lr, vec[NONFINITE] > 0, dt, self._flops, self._model_flops, self._peak)
         if self.env.is_main:
             self._progress(loss)
+        if vec[F_CKPT_FAILED] > 0:
+            self.wait_for_saves()  # raises the failed save's error on every rank (DiskFullError: disk_full)
         if self.spike_check.give_up is not None:
             return self._give_up(self.spike_check.give_up.why)
         if self.spike_check.decisions and self.env.is_main:
@@ -280,6 +289,7 @@ class Trainer:
         st, eng = self.state, self.engine
         flags = [0.0] * NFLAGS  # host-side flags; loss and non-finite are filled in on the device
         flags[F_SIGNAL] = 1.0 if st.signalled else 0.0
+        flags[F_CKPT_FAILED] = 1.0 if self.saver.failed() else 0.0
         if self.env.is_main:
             switches = self.switches.poll()
             flags[F_STOP] = 1.0 if STOP in switches else 0.0
@@ -373,6 +383,19 @@ class Trainer:
                           step=self.state.step)
         return "give_up"
 
+    def _disk_full(self, e: DiskFullError) -> str:
+        """A save found its filesystem full: say so (not a crash, no node blamed unless its own disk
+        was the full one) and end the segment; the previous checkpoint stays the newest complete one."""
+        latest = ck.find_resume(self.rd.checkpoints)[0] if self.env.is_main else None
+        self._log(str(e))
+        self.ledger.alert("critical", f"{e}. The newest complete checkpoint is still "
+                          f"{latest.tag if latest else 'none'}; the segment ended with DISK_FULL "
+                          f"({exitcodes.DISK_FULL}). Free space there (fewer checkpoint.keep_last, move old "
+                          "checkpoints away), then resume (`kit submit` or `kit train` again)",
+                          step=self.state.step, nodes=e.nodes, free_bytes=min(f.free_bytes for f in e.failures))
+        self._end_fields = {"suspect_nodes": e.nodes}
+        return "disk_full"
+
     def _near_deadline(self) -> bool:
         if self.deadline is None:
             return False
@@ -428,7 +451,8 @@ class Trainer:
             self.health = None
         if self.env.is_main:
             self.ledger.emit("segment_ended", reason=reason, step=self.state.step,
-                             exit_code=exitcodes.REASONS.get(reason, 1), signal=self.state.signalled)
+                             exit_code=exitcodes.REASONS.get(reason, 1), signal=self.state.signalled,
+                             **self._end_fields)
         self.close()
 
     def close(self) -> None:

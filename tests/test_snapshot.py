@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kit import checkpoint as ck
+from kit import diskfull
 from kit.asyncsave import RankWrite, known_files, remove_records
 from kit.snapshot import CaptureEngine, HostBuffers, Snapshot, state_bytes
 
@@ -181,7 +182,8 @@ def rank_write(path: Path, rank: int, world: int, commit: Any = None, bad: bool 
     """One rank's background part: its 'DeepSpeed file' (a captured state) and its RNG state."""
     target = (path / "missing-dir" if bad else path) / f"zero_pp_rank_{rank}_optim_states.pt"
     snap = snap_of({"rank": rank, "w": torch.full((8,), float(rank))}, path=str(target))
-    return RankWrite(7, path, rank, world, snap, ck.rng_state(), True, HostBuffers(), threading.Lock(), commit)
+    return RankWrite(7, path, rank, world, snap, ck.rng_state(), True, HostBuffers(), threading.Lock(),
+                     diskfull.WriteGuard(rank, "node0", 7), commit)
 
 
 def test_rank_zero_commits_once_every_rank_has_recorded_its_files(tmp_path: Path) -> None:
@@ -214,8 +216,10 @@ def test_a_rank_that_fails_to_write_stops_the_commit_and_says_why(tmp_path: Path
     r0 = rank_write(tag, 0, 2, commits.append).start()
     r1 = rank_write(tag, 1, 2, bad=True).start()
     assert r1.join(30) and r0.join(30)
-    assert "missing-dir" in r1.error and r0.error.startswith("rank 1: ")
-    assert json.loads((tag / ck.WRITTEN.format(rank=1)).read_text())["error"] == r1.error
+    failure = r1.guard.failure
+    assert failure is not None and "missing-dir" in failure.error and failure.rank == 1 and not failure.disk_full
+    assert r0.error.startswith("rank 1: ") and r1.local_done.is_set()
+    assert json.loads((tag / ck.WRITTEN.format(rank=1)).read_text())["error"] == failure.error
     assert not commits and not (tag / ck.MANIFEST).exists()
 
 

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"unknown verb {verb!r}{hint}")
         return 2
     module_name, text = VERBS[verb]
+    from kit import opcache
+
+    opcache.set_extensions_dir()  # DeepSpeed's ops build in this install's cache, never a shared one
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

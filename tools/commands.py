@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
                        help="software modelled: kit (default), or megatron-deepspeed as BLOOM-176B ran (docs/plan.md)")
     if verb == "train":
         p.add_argument("--stop-after-steps", type=int, default=0,
-                       help="end the segment after N steps, saving first (a simulated allocation boundary)")
+                       help="end the segment after N steps, saving first (a simulated allocation boundary; "
+                            "exit 75: run the same command again to continue)")
 
 
 def run(args: argparse.Namespace, verb: str) -> int:
@@ -107,8 +108,22 @@ def train(args: argparse.Namespace) -> int:
     out = run_local_segment(rd, cfg, stop_after_steps=args.stop_after_steps, seg=seg)
     if out.reason == "crashed":
         raise KitError(f"the segment failed (exit {out.returncode}); see the output above and {rd.ledger}")
-    print(f"segment ended: {out.reason} at step {out.step}; run directory {rd.path}")
-    return 0
+    code = out.exit_code  # the segment's own status (kit.exitcodes): a hang is not a success
+    print(f"segment ended: {_what(out.reason, out.event)} at step {out.step}; exit {code}; run directory {rd.path}")
+    return code
+
+
+def _what(reason: str, event: dict[str, object]) -> str:
+    """How a segment ended, in words, from its segment_ended event."""
+    if reason == "hang":
+        nodes = event.get("suspect_nodes") or []
+        return ("hang: the hang watchdog ended it (stack dumps under stacks/, `hang` in the ledger"
+                + (f"; suspect nodes {', '.join(map(str, nodes))}" if isinstance(nodes, list) and nodes else "") + ")")
+    if reason == "disk_full":
+        return "disk_full: a checkpoint save found its filesystem full (see the alert); the previous checkpoint is kept"
+    if reason == "give_up":
+        return "give_up: the trainer gave up (see its alerts)"
+    return reason
 
 
 def demo(args: argparse.Namespace) -> int:
