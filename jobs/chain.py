@@ -53,15 +53,10 @@ MAX_BACKOFF_S = 3600.0
 
 
 def limit_seconds(time_limit: str) -> float:
-    """slurm.time_limit (``[D-]HH:MM:SS`` or minutes) in seconds."""
-    from kit.jobs.slurmctl import parse_duration
+    """slurm.time_limit (sbatch --time forms: ``[D-]HH:MM:SS``, ``D-HH[:MM]``, ``MM:SS``, minutes) in seconds."""
+    from kit.validation import check_time_limit
 
-    s = parse_duration(time_limit)
-    if s is None or s <= 0:
-        from kit.errors import ConfigError
-
-        raise ConfigError(f"slurm.time_limit must be [D-]HH:MM:SS or minutes, got {time_limit!r}")
-    return s
+    return check_time_limit("slurm.time_limit", time_limit)
 
 
 def tail_events(rd: RunDir, kinds: set[str], max_bytes: int = 1 << 20) -> list[dict[str, Any]]:

@@ -5,8 +5,10 @@ process with SIGKILL (or hang, with ``=hang``; sleep, with ``=sleep0.5``) when t
 reached at that step (on the given rank only, when ``:rankN`` is given; at every Nth step, with
 ``name%N``: ``step.forward%2:rank1=sleep0.05`` slows rank 1 down every other step). Production runs
 never set it; it costs one dict lookup.
-``=enospc`` raises OSError(ENOSPC) there instead (a write that finds this rank's own disk full).
-Value faults (``loss.nan@15:rank1``: that rank's loss becomes NaN) are asked with :func:`fault_active`.
+``=enospc`` raises OSError(ENOSPC) there instead (a write that finds this rank's own disk full);
+``=raise`` raises :class:`FaultInjected` (an unexpected error in the middle of an operation, to test
+what is undone). Value faults (``loss.nan@15:rank1``: that rank's loss becomes NaN) are asked with
+:func:`fault_active`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def _parse(spec: str) -> dict[str, list[tuple[int, int | None, str, int]]]:
 _FAULTS = _parse(os.environ.get(envvars.FAULTS, ""))
 
 
+class FaultInjected(RuntimeError):
+    """Raised at a fault point armed with ``=raise`` (deliberately not a KitError: it stands for a bug)."""
+
+
 def fault_point(name: str, step: int, rank: int) -> None:
     for at, only_rank, action, every in _FAULTS.get(name, ()):
         if at in (-1, step) and (only_rank is None or only_rank == rank) and (not every or step % every == 0):
@@ -50,6 +56,8 @@ def fault_point(name: str, step: int, rank: int) -> None:
                 os._exit(17)
             elif action == "enospc":  # a full disk of this rank's own (one machine cannot have one per rank)
                 raise OSError(errno.ENOSPC, f"No space left on device (fault point {name})")
+            elif action == "raise":
+                raise FaultInjected(f"fault point {name} at step {step}")
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
 

@@ -105,7 +105,7 @@ class Saver:
         # `kit reshape` (tools/reshape.py) writes DeepSpeed universal checkpoints for a new world size
         # (manifest kit.universal): load that one with DeepSpeed's load_universal switched on.
         universal = self.engine._config.load_universal_checkpoint
-        self.engine._config.load_universal_checkpoint = universal or bool(ckpt.manifest["kit"].get("universal"))
+        self.engine._config.load_universal_checkpoint = universal or ckpt.manifest.kit.universal
         try:
             load_path, _ = self.engine.load_checkpoint(str(self.root), tag=ckpt.tag)
         finally:
@@ -227,18 +227,18 @@ class Saver:
         free = psutil.virtual_memory().available * HOST_FRACTION / max(1, self.env.local_world_size)
         return int(free) + self.buffers.held_bytes()
 
-    def _manifest_state(self, step: int, consumed: int, why: str, kit_state: dict[str, Any]) -> dict[str, Any]:
+    def _manifest_state(self, step: int, consumed: int, why: str, kit_state: dict[str, Any]) -> ck.KitState:
         m = self.cfg.model
-        return {
-            "step": step, "consumed": consumed, "world_size": self.layout.world, "layout": self.layout.to_dict(),
-            "model": {"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
-                      "seq_length": m.seq_length},
-            "vocab_size": self.cfg.data.vocab_size, "zero_stage": self.cfg.deepspeed.zero_stage,
-            "precision": self.cfg.deepspeed.precision, "config_digest": self.cfg.digest(),
-            "seg": self.seg, "reason": why, **kit_state,
-        }
+        return ck.KitState(
+            step=step, consumed=consumed, world_size=self.layout.world, layout=self.layout.to_dict(),
+            model={"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
+                   "seq_length": m.seq_length},
+            vocab_size=self.cfg.data.vocab_size, zero_stage=self.cfg.deepspeed.zero_stage,
+            precision=self.cfg.deepspeed.precision, config_digest=self.cfg.digest(),
+            seg=self.seg, reason=why, extra=kit_state,
+        )
 
-    def _commit_async(self, state: dict[str, Any], info: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    def _commit_async(self, state: ck.KitState, info: dict[str, Any], records: list[dict[str, Any]]) -> None:
         """Rank 0's writer thread, once every rank's files are durable: manifest, pin, latest, ledger, retention."""
         step, root = info["step"], self.root
         tag = ck.tag_for(step)
@@ -253,7 +253,7 @@ class Saver:
         self.save_times = ([*self.save_times, seconds])[-5:]
         stall = seconds if info["blocking"] else info["stall_s"]  # the loop waited for all of a blocking save
         self.ledger.emit("ckpt_saved", step=step, tag=tag, seconds=round(seconds, 3), reason=info["why"],
-                         bytes=sum(f["size"] for f in manifest["files"].values()), consumed=info["consumed"],
+                         bytes=manifest.bytes, consumed=info["consumed"],
                          stall_s=round(stall, 4), wait_s=round(info["wait_s"], 4),
                          **{"async": not info["sync_bytes"]})
         self.retain()
@@ -288,8 +288,8 @@ class Saver:
         ck.set_latest(root, tag)
         seconds = time.perf_counter() - t0  # the stall: engine files, hashes, manifest, latest
         self.ledger.emit("ckpt_saved", step=step, tag=tag, seconds=round(seconds, 3), reason=why,
-                         bytes=sum(f["size"] for f in manifest["files"].values()), consumed=consumed,
-                         stall_s=round(seconds, 3), wait_s=0.0, **{"async": False})
+                         bytes=manifest.bytes, consumed=consumed, stall_s=round(seconds, 3), wait_s=0.0,
+                         **{"async": False})
         self.retain()
 
     def retain(self) -> None:

@@ -339,7 +339,7 @@ class Trainer:
             raise ConfigError(box[0][1:])
         self.guard.skips.merge(box[0])
         if self.state.resumed_from:
-            self.guard.restore(ck.load(self.rd.checkpoints, self.state.resumed_from).manifest["kit"])
+            self.guard.restore(ck.load(self.rd.checkpoints, self.state.resumed_from).manifest.kit.extra)
 
     def _skip_data(self) -> None:
         """Jump over skip ranges before a step; remember where each step starts in the data."""

@@ -38,7 +38,7 @@ def test_captured_files_are_deepspeeds_own_and_load_back(tmp_path: Path, zero: i
 
 def ds_files(rd: Any, tag: str) -> dict[str, str]:
     """sha256 of a checkpoint's files from its manifest."""
-    return {f: v["sha256"] for f, v in ck.load(rd.checkpoints, tag).manifest["files"].items()}
+    return {f: v.sha256 for f, v in ck.load(rd.checkpoints, tag).manifest.files.items()}
 
 
 def test_async_saves_match_sync_ones_and_resume_bit_exact(tiny_cfg: Any) -> None:

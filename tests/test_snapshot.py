@@ -200,10 +200,11 @@ def test_rank_zero_commits_once_every_rank_has_recorded_its_files(tmp_path: Path
     assert not (tag / ck.MANIFEST).exists() and (tag / ck.WRITTEN.format(rank=0)).exists()
     r1 = rank_write(tag, 1, 2).start()
     assert r1.join(30) and r0.join(30) and not r0.error and not r1.error
-    files = committed[0]["files"]
+    files = committed[0].files
     assert sorted(files) == ["kit_rank_00000.pt", "kit_rank_00001.pt", "zero_pp_rank_0_optim_states.pt",
                              "zero_pp_rank_1_optim_states.pt"]
-    assert all(files[f]["sha256"] == ck.sha256(tag / f) for f in files)  # each rank's own hashes are right
+    assert all(files[f].sha256 == ck.sha256(tag / f) and (files[f].sha256, files[f].crc32) == ck.digests(tag / f)
+               for f in files)  # each rank's own hashes are right
     assert not list(tag.glob(f"{ck.WRITTEN_PREFIX}*"))
     found, _ = ck.find_resume(tmp_path, hashes=True)
     assert found is not None and found.tag == ck.tag_for(7)

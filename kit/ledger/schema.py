@@ -336,7 +336,15 @@ SPECS: tuple[EventSpec, ...] = (
         opt("busbw_gbps", "float", "all-reduce bus bandwidth"), opt("algbw_gbps", "float", "algorithm bandwidth"),
         opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"),
         opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"))),
-    # ---- appended later (index codes are append-only)
+    # ---- added later (KIND_CODES: append only)
+    EventSpec("amended", "the run's frozen run.toml was changed (kit amend, --amend on kit train/submit)",
+              "kit amend/train/submit", (
+                  req("changes", "list", "one object per key: key, old, new"), opt("by", "str", "which command"),
+                  opt("reason", "str", "the operator's --reason"), opt("notes", "strs", "what follows from it"),
+                  opt("config_digest", "str", "hash of what determines the arithmetic (unchanged)"))),
+    EventSpec("chain_submit_failed", "a submission failed once a job may have been queued", "kit submit", (
+        req("error", "str", "what failed"), opt("cancelled", "strs", "jobs cancelled"),
+        opt("still_queued", "strs", "jobs that could not be cancelled (recorded as the chain's)"))),
     EventSpec("segment_first_step", "a segment completed its first step: the end of its start-up", _S, (
         req("step", "int", "the step"), opt("startup_s", "float", "seconds since rank 0's process started"),
         opt("setup_s", "float", "seconds since the trainer was built (after the rendezvous)"))),
