@@ -50,7 +50,7 @@ from kit.ledger import LedgerWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 
-GEN_VERSION = 2  # bump when the output changes: cached runs of another version are not reused
+GEN_VERSION = 3  # bump when the output changes: cached runs of another version are not reused
 CACHE = Path(os.environ.get("KIT_BENCH_CACHE", "/tmp/kit-bench-runs"))
 START = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the first submission (fixed: same shape, same bytes)
 SETUP_S = 240.0  # allocation start to first step: preflight, data, engine, resume
@@ -353,9 +353,13 @@ class Train:
             fwd[s.slow_rank] *= 1.08
         bwd = 0.55 * step_s * noise[:, 1]
         opt = 0.06 * step_s * noise[:, 2]
+        from kit.stragglers import slowdowns
+
+        slow_by = slowdowns([{"fwd_s": f} for f in fwd.tolist()])  # each rank's, as kit.stragglers reports it
         rows = []
         for r, (f, b, o) in enumerate(zip(fwd.tolist(), bwd.tolist(), opt.tolist(), strict=True)):
-            rows.append({"rank": r, "host": s.nodes[r // sh.gpus], "gpu": r % sh.gpus, "step_s": round(step_s, 6),
+            rows.append({"rank": r, "host": s.nodes[r // sh.gpus], "gpu": r % sh.gpus,
+                         "slowdown": round(slow_by[r], 4), "step_s": round(step_s, 6),
                          "fwd_s": round(f, 6), "bwd_s": round(b, 6), "opt_s": round(o, 6),
                          "other_s": round(max(0.0, step_s - f - b - o), 6)})
         self.emit("rank_timings", t, step=step, ranks=rows)

@@ -47,6 +47,7 @@ import numpy as np
 from kit.config import EvalSection, RunConfig, SourceSection
 from kit.errors import DataError
 from kit.fsio import atomic_write
+from kit.progress import NO_BARS, Bars
 
 META = "meta.json"
 META_VERSION = 2  # 2: held-out split (1: none; still read, without evaluation)
@@ -183,11 +184,12 @@ def load_tokenizer(path: str | Path) -> Any:
 # ------------------------------------------------------------------------------------------ prepare
 
 
-def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print) -> dict[str, Any]:
+def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print, bars: Bars = NO_BARS) -> dict[str, Any]:
     """Tokenize every source into ``data_dir`` once; safe to call from many processes at once.
 
     One process takes a lock and builds into a temporary folder, then moves the files in and writes
-    meta.json last; the others wait for it. A prepared folder is reused as it is.
+    meta.json last; the others wait for it. A prepared folder is reused as it is. ``bars``: progress
+    bars for the CLI (kit.progress: sources read, the tokenizer's training, bytes tokenized).
     """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,7 @@ def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print) -> dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            meta = _build(cfg, tmp, log)
+            meta = _build(cfg, tmp, log, bars)
             for p in tmp.iterdir():
                 os.replace(p, data_dir / p.name)
             _atomic_write(meta_path, json.dumps(meta, indent=1))
@@ -211,10 +213,13 @@ def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print) -> dict[str,
         return meta
 
 
-def _build(cfg: RunConfig, out: Path, log: Any) -> dict[str, Any]:
+def _build(cfg: RunConfig, out: Path, log: Any, bars: Bars = NO_BARS) -> dict[str, Any]:
     t0 = time.time()
     docs: dict[str, list[Document]] = {}
     held: dict[str, list[Document]] = {}
+    nbytes: dict[str, int] = {}  # per source: bytes of its training documents
+    hbytes: dict[str, int] = {}  # ...and of its held-out ones
+    reading = bars.task("reading sources", len(cfg.data.sources), unit="sources")
     for src in cfg.data.sources:
         every = list(iter_documents(src))
         if not every:
@@ -222,26 +227,33 @@ def _build(cfg: RunConfig, out: Path, log: Any) -> dict[str, Any]:
         out_idx = set(heldout_indices([d.text for d in every], src.name, cfg.run.seed, cfg.eval))
         docs[src.name] = [d for i, d in enumerate(every) if i not in out_idx]
         held[src.name] = [d for i, d in enumerate(every) if i in out_idx]
+        nbytes[src.name] = sum(len(d.text.encode()) for d in docs[src.name])
+        hbytes[src.name] = sum(len(d.text.encode()) for d in held[src.name])
+        reading.advance(1)
     if cfg.data.tokenizer:
         tok = load_tokenizer(cfg.data.tokenizer)
         if tok.get_vocab_size() > cfg.data.vocab_size:
             raise DataError(f"data.tokenizer has {tok.get_vocab_size()} tokens but data.vocab_size is "
                             f"{cfg.data.vocab_size}; set data.vocab_size >= {tok.get_vocab_size()}")
     else:  # trained on the training documents only: the held-out text stays unseen
-        tok = train_tokenizer((d.text for ds in docs.values() for d in ds), cfg.data.vocab_size)
+        with bars.phase(f"training a {cfg.data.vocab_size}-token BPE on {sum(nbytes.values()) / 1e6:.1f} MB"):
+            tok = train_tokenizer((d.text for ds in docs.values() for d in ds), cfg.data.vocab_size)
     tok.save(str(out / TOKENIZER))
     dtype = np.uint16 if cfg.data.vocab_size <= 65535 else np.uint32
     sources: list[dict[str, Any]] = []
+    tokenizing = bars.task("tokenizing", sum(nbytes.values()) + sum(hbytes.values()), unit="bytes")
     for src in cfg.data.sources:
         n_tokens = _write_stream(tok, docs[src.name], out, src.name, dtype)
+        tokenizing.advance(nbytes[src.name])
         windows = (n_tokens - 1) // cfg.model.seq_length
         if windows < 1:
             raise DataError(f"data.sources[{src.name}] has {n_tokens} tokens, fewer than one sample of "
                             f"model.seq_length={cfg.model.seq_length}; add data or shorten the sequence")
         h_tokens = _write_stream(tok, held[src.name], out, f"{src.name}.{HELDOUT}", dtype)
+        tokenizing.advance(hbytes[src.name])
         sources.append({"name": src.name, "language": src.language, "format": src.format,
                         "documents": len(docs[src.name]), "tokens": n_tokens, "windows": windows,
-                        "bytes": sum(len(d.text.encode()) for d in docs[src.name]), "weight": src.weight,
+                        "bytes": nbytes[src.name], "weight": src.weight,
                         HELDOUT: {"documents": len(held[src.name]), "tokens": h_tokens,
                                   "windows": max(0, (h_tokens - 1) // cfg.model.seq_length),
                                   "text_sha256": _text_hash(held[src.name])}})

@@ -233,11 +233,14 @@ class LossWatch:
             del h[:-self.window]
         return opened, closed
 
-    def rewind(self, step: int) -> None:
-        """A rollback to ``step``: forget evaluations of the abandoned steps."""
+    def rewind(self, step: int) -> list[tuple[str, int]]:
+        """A rollback to ``step``: forget evaluations of the abandoned steps; returns the incidents
+        (source, step opened) that opened after it, abandoned with them."""
         for h in self.history.values():
             h[:] = [(s, v) for s, v in h if s <= step]
+        gone = [(k, s) for k, s in self.open.items() if s > step]
         self.open = {k: s for k, s in self.open.items() if s <= step}
+        return gone
 
     def state(self) -> dict[str, Any]:
         return {"history": {k: [list(x) for x in v] for k, v in self.history.items()}, "open": dict(self.open)}
@@ -339,7 +342,10 @@ class Evaluator:
         """After optimizer step ``step`` took ``seconds``: evaluate when it is due. ``hurry`` (a
         signal or the deadline, all-reduced) skips it: saving before the allocation ends comes first."""
         if step <= self._last_step:  # a rollback replays steps: their old evaluations are abandoned
-            self.watch.rewind(step - 1)
+            for name, opened in self.watch.rewind(step - 1):  # ...and so are incidents they opened (kit.alerts)
+                self.ledger.emit("alert_cleared", incident=incident_id(name, opened), condition="eval_loss",
+                                 step=step - 1, message=f"validation loss of {name}: the steps that raised it were "
+                                 "rolled back")
         self._last_step = step
         if not self.active:
             return None
@@ -403,6 +409,7 @@ class Evaluator:
                     f"{self.cfg.interval_steps * stretch} steps")
             self.log(f"eval: {note}")
         self.stretch = stretch
+        was_open = dict(self.watch.open)
         opened, closed = self.watch.observe(step, {k: v["loss"] for k, v in res["sources"].items()})
         event = {"step": step, "by": "live", **res, "seconds": round(wall, 4), "eval_s": round(eval_s, 4),
                  "step_s": step_s, "fraction": fraction, "interval_steps": self.every, "stretch": stretch,
@@ -416,6 +423,10 @@ class Evaluator:
                               f"({inc['best']:.4g} at step {inc['best_step']}): lasting damage? see "
                               "`kit spikes` and `kit eval`", step=step, source=inc["source"], condition="eval_loss",
                               incident=incident_id(inc["source"], step))
+        for name in closed:  # back within the margin: the incident is over (kit.alerts: it no longer degrades the run)
+            self.ledger.emit("alert_cleared", incident=incident_id(name, was_open[name]), condition="eval_loss",
+                             step=step, message=f"validation loss of {name} is back within eval.alert_margin of its "
+                             "recent best")
         sink = self.sink()
         if sink is not None:
             scalars: dict[str, float | None] = {"eval/all/loss": res["loss"], "perf/eval_seconds": wall,

@@ -212,7 +212,7 @@ def test_rewind_forgets_abandoned_evaluations() -> None:
     w.observe(10, {"fr": 2.0})
     w.observe(20, {"fr": 3.0})
     assert w.open == {"fr": 20}
-    w.rewind(10)
+    assert w.rewind(10) == [("fr", 20)]
     assert w.open == {} and w.history["fr"] == [(10, 2.0)]
     restored = LossWatch(0.05, 5)
     restored.restore(json.loads(json.dumps(w.state())))
@@ -232,10 +232,35 @@ def test_the_trainer_alerts_once_per_incident_in_the_ledger(tmp_path: Path) -> N
     assert [(a["source"], a["step"]) for a in alerts] == [("fr", 300), ("de", 500), ("fr", 600)]
     assert [a["incident"] for a in alerts] == ["eval/fr/300", "eval/de/500", "eval/fr/600"]  # one id each
     assert {a["condition"] for a in alerts} == {"eval_loss"}
+    cleared = read_all(tmp_path, {"alert_cleared"})  # kit.alerts: an incident that is over says so
+    assert [(c["incident"], c["step"]) for c in cleared] == [("eval/fr/300", 500)]
+    from kit.run.model import RunModel
+
+    m = RunModel("r")  # what kit status and the monitor see: fr's first incident over, two open
+    m.fold_all(read_all(tmp_path))
+    assert sorted(a.incident for a in m.open_incidents("eval_loss")) == ["eval/de/500", "eval/fr/600"]
     assert "validation loss of fr is 2.5 at step 300, +31.6% over its best" in alerts[0]["message"]
     events = read_all(tmp_path, {"eval"})
     assert [e["incidents"] for e in events] == [[], [], ["fr"], ["fr"], ["de"], ["de", "fr"]]
     assert events[4]["recovered"] == ["fr"]
+
+
+def test_a_rollback_clears_the_incidents_of_the_steps_it_abandons(tmp_path: Path) -> None:
+    """The replayed steps' evaluations are forgotten, so is an incident they opened: alert_cleared
+    (kit.alerts), or the run would stay degraded by an alert about steps that no longer exist."""
+    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp_path, **{"eval.interval_steps": 100}))
+    es = EvalSet(4, 2, (EvalSource("fr", "fr", np.zeros((1, 4), dtype=np.int64)),))
+    with LedgerWriter(tmp_path, "train-r0") as led:
+        ev = Evaluator(cfg, es, None, Placement(), led, lambda: None, log=lambda m: None)
+        for step, fr in ((100, 2.0), (200, 3.0)):
+            ev._report(step, summarize(es, [fr * 3]), 0.01, 0.1, 0.01)
+            ev._last_step = step
+        assert ev.after_step(150, 0.1) is None  # a rollback to step 149: step 200's evaluation is abandoned
+        ev.after_step(151, 0.1)  # the replay goes on: nothing more to clear
+    assert [a["incident"] for a in read_all(tmp_path, {"alert"})] == ["eval/fr/200"]
+    cleared = read_all(tmp_path, {"alert_cleared"})
+    assert [(c["incident"], c["step"]) for c in cleared] == [("eval/fr/200", 149)]
+    assert ev.watch.open == {}
 
 
 # --------------------------------------------------------------------------------------- config

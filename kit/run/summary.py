@@ -29,7 +29,8 @@ EXIT = {HEALTHY: 0, DEGRADED: 1, DOWN: 2}
 STALL_FLOOR_S = 600.0  # no step for this long (or 20 step times, whichever is longer) = stalled
 STARTUP_S = 1800.0  # from segment start to the first step: data, model build, checkpoint load
 IDLE_CHAIN_S = 86400.0  # a requeued run with no new segment for a day is degraded
-RECENT_S = 3600.0  # spikes and stragglers within the last hour degrade the run
+HOST_KEYS = ("mem_pct", "mem_avail_gib", "cpu_pct", "load1", "fs_free_gib", "net_rx_mbps", "net_tx_mbps")
+RECENT_S = 3600.0  # spikes within the last hour degrade the run (stragglers: while their incident is open)
 DROP = 0.8  # recent throughput under 80% of the run's median is a drop
 STARTUP_S_DEFAULT = 60.0  # a segment's start-up before anything is measured (imports, rendezvous, resume)
 METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu", "step_time")
@@ -99,9 +100,9 @@ def _degradations(m: RunModel, now: float, phase: str) -> list[str]:
     spikes = [s for s in m.spikes if now - s[2] <= RECENT_S]
     if spikes:
         out.append(f"{len(spikes)} loss spike(s) in the last hour (step {spikes[-1][0]})")
-    slow = [s for s in m.stragglers if isinstance(s.get("t"), int | float) and now - s["t"] <= RECENT_S]
+    slow = [a for a in m.open_incidents("straggler") if not a.acked]  # kit.stragglers clears them on recovery
     if slow:
-        out.append(f"straggler: rank {slow[-1].get('rank')} x{slow[-1].get('slowdown')}")
+        out.append(f"{len(slow)} straggler incident(s) open: {slow[-1].message[:100]}")
     if phase == "running":
         drop = throughput_drop(m)
         if drop is not None and drop < DROP:
@@ -182,6 +183,7 @@ class AlertView:
     message: str
     src: str
     acked: bool
+    incident: str = ""
 
 
 @dataclass(slots=True)
@@ -257,7 +259,8 @@ def summarize(m: RunModel, now: float, q: QueueInfo | None = None, chain: ChainS
     nxt = q.pending() if q and q.available else None
     gpus = [g for n in m.health.values() for g in n.gpus]
     finish = estimate_finish(m, now, q, chain, segments, time_limit_s, done=phase in ("finished", "stopped"))
-    alerts = [AlertView(a.t, a.severity, a.message, a.src, a.acked) for a in m.alerts_newest() if not a.acked][:20]
+    alerts = [AlertView(a.t, a.severity, a.message, a.src, a.acked, a.incident)
+              for a in m.alerts_newest() if not a.acked and a.open][:20]
     return RunSummary(
         run=m.name, path=m.path, status=level, exit=EXIT[level], phase=phase, reasons=reasons + more,
         step=m.step, max_steps=m.max_steps,
@@ -281,7 +284,10 @@ def summarize(m: RunModel, now: float, q: QueueInfo | None = None, chain: ChainS
         doctor=None if not m.doctor else {"ok": m.doctor["ok"], "t": m.doctor["t"]},
         excluded_nodes=sorted(set(m.excluded) | set(chain.excluded_nodes)),
         health={"nodes": len(m.health), "gpus": len(gpus), "problems": sum(bool(g.problems()) for g in gpus),
-                "nvml_absent": sorted(m.nvml_absent)},
+                "nvml_absent": sorted(m.nvml_absent),
+                # each node's latest host readings (kit.health): memory, load, disk, network
+                "hosts": {n.node: {"t": n.t, **{k: n.host.get(k) for k in HOST_KEYS}}
+                          for n in sorted(m.health.values(), key=lambda n: n.node)[:64]}},
         reader=_reader(m.reader, m), goodput=goodput,
     )
 
