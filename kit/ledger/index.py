@@ -139,11 +139,12 @@ def _records(path: Path, dtype: np.dtype, inode: int) -> tuple[dict[str, Any], n
                 return None  # written by a kit whose kind codes differ from ours
             if dtype is STEP_DTYPE and meta.get("columns") != list(COLUMNS):
                 return None
-            raw = f.read()
-    except OSError:
+            n = (os.fstat(f.fileno()).st_size - HEADER) // dtype.itemsize  # a torn last record is ignored
+            f.seek(HEADER)
+            recs = np.fromfile(f, dtype=dtype, count=max(0, n))  # straight into the array: no bytes copy
+    except (OSError, ValueError):
         return None
-    n = len(raw) // dtype.itemsize  # a torn last record (the writer died mid-write) is ignored
-    return meta, np.frombuffer(raw[: n * dtype.itemsize], dtype=dtype)
+    return meta, recs
 
 
 def load(ledger_dir: Path, name: str, jsonl: IO[bytes], size: int, inode: int) -> FileIndex | None:

@@ -82,9 +82,9 @@ class Inputs:
 
     @classmethod
     def from_scan(cls, scan: Scan) -> Inputs:
-        s = scan.steps
-        return cls(np.asarray(s["t"], dtype=np.float64), np.asarray(s["step"], dtype=np.float64),
-                   np.asarray(s["step_time"], dtype=np.float64), list(scan.events))
+        s = scan.steps  # columns copied out: a view would keep every column of the scan alive (the monitor)
+        return cls(np.ascontiguousarray(s["t"], dtype=np.float64), np.ascontiguousarray(s["step"], dtype=np.float64),
+                   np.ascontiguousarray(s["step_time"], dtype=np.float64), list(scan.events))
 
     @classmethod
     def from_events(cls, events: Iterable[Event]) -> Inputs:

@@ -402,7 +402,7 @@ def collect(run_dir: Any, now: float | None = None, use_slurm: bool = True) -> t
     """Read a run directory (its ledger through the index, chain.json, its recipe) and Slurm, and
     summarize it. Never raises for what is in the run directory: an unreadable one is a summary that
     says "down" and why."""
-    from kit.ledger.scan import scan
+    from kit.ledger.scan import bulk_read, scan
     from kit.run.goodput import of_run
     from kit.rundir import RunDir
 
@@ -410,11 +410,12 @@ def collect(run_dir: Any, now: float | None = None, use_slurm: bool = True) -> t
     now = time.time() if now is None else now
     model = RunModel(rd.path.name, str(rd.path))
     limit = recipe_facts(rd, model)
-    history = scan(rd.path, model.reader)
-    model.load_scan(history)
-    chain = load_state(rd)
-    q = query_for(model, chain) if use_slurm else None
-    acc = of_run(rd, history=history, acct=q.history if q else ())
+    with bulk_read():  # the whole history in a few big arrays, once (kit.ledger.scan.bulk_read)
+        history = scan(rd.path, model.reader)
+        model.load_scan(history)
+        chain = load_state(rd)
+        q = query_for(model, chain) if use_slurm else None
+        acc = of_run(rd, history=history, acct=q.history if q else ())
     return summarize(model, now, q, chain, limit, goodput=acc.block()), model
 
 
