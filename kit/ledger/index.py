@@ -299,7 +299,8 @@ def pread_events(path: Path, recs: np.ndarray, stats: ReadStats) -> list[Event]:
         return out
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
+    except OSError as err:  # gone since it was indexed, or unreadable: what it held is left out, counted
+        stats.unreadable += 1
         stats.last_error = f"{path.name}: {err.strerror}"
         return out
     try:
@@ -307,6 +308,9 @@ def pread_events(path: Path, recs: np.ndarray, stats: ReadStats) -> list[Event]:
             e = parse_line(os.pread(fd, length, off).rstrip(b"\n"), stats)
             if e is not None:
                 out.append(e)
+    except OSError as err:
+        stats.unreadable += 1
+        stats.last_error = f"{path.name}: {err.strerror}"
     finally:
         os.close(fd)
     return out

@@ -52,11 +52,12 @@ class ReadStats:
     vanished_files: int = 0
     truncated_files: int = 0
     torn_tail: int = 0  # files whose last line is incomplete right now (being written, or a dead writer's)
+    unreadable: int = 0  # files (or parts) that could not be read (permissions, I/O errors): the answer lacks them
     last_error: str = ""
 
     def add(self, other: ReadStats) -> None:
         for name in ("events", "bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",
-                     "vanished_files", "truncated_files"):
+                     "vanished_files", "truncated_files", "unreadable"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.last_error = other.last_error or self.last_error
 
@@ -290,6 +291,7 @@ def ledger_files(ldir: Path, stats: ReadStats | None = None) -> list[str]:
         return []
     except OSError as e:
         if stats is not None:
+            stats.unreadable += 1
             stats.last_error = f"{ldir}: {e.strerror}"
         return []
 
@@ -367,7 +369,7 @@ class Follower:
             if self.cursors.pop(name, None) is not None:
                 self.stats.vanished_files += 1
             return 0, False
-        except OSError as e:
+        except OSError as e:  # retried at the next poll (the first read of the run, a scan, counted it)
             self.stats.last_error = f"{name}: {e.strerror}"
             return 0, False
         cur.offset += len(data)
@@ -425,6 +427,7 @@ def tail(run_dir: str | Path, kinds: set[str] | frozenset[str] | None = None, ma
         except FileNotFoundError:
             continue
         except OSError as e:
+            stats.unreadable += 1
             stats.last_error = f"{name}: {e.strerror}"
             continue
         out.extend(parse_lines(data.split(b"\n")[:-1], stats, want))
@@ -461,6 +464,7 @@ def merged(run_dir: str | Path, stats: ReadStats | None = None) -> Iterator[Even
                     if e is not None:
                         yield event_time(e), n, e
         except OSError as err:
+            stats.unreadable += 1
             stats.last_error = f"{name}: {err.strerror}"
 
     for _, _, e in heapq.merge(*(one(n) for n in ledger_files(ldir, stats)), key=lambda x: (x[0], x[1])):

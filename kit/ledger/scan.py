@@ -144,37 +144,22 @@ def _scan(run_dir: Path, stats: ReadStats | None, use_index: bool) -> Scan:
             stats.vanished_files += 1
             continue
         except OSError as err:
+            stats.unreadable += 1
             stats.last_error = f"{name}: {err.strerror}"
             continue
-        with f:
-            st = os.fstat(f.fileno())
-            idx = ix.load(ldir, name, f, st.st_size, st.st_ino) if use_index else None
-            parts: list[tuple[np.ndarray, np.ndarray]] = []
-            if idx is not None:
-                head = ix.build(f, 0, idx.start, stats) if idx.start else None
-                tail = ix.build(f, idx.end, st.st_size, stats)
-                if head is not None:
-                    _take(head, parts, events, latest, name)
-                    parsed += idx.start
-                parts.append((idx.steps, idx.events))
-                junk = idx.events["kind"] == ix.JUNK
-                wanted = idx.events[~np.isin(idx.events["kind"], _bulk_codes(idx.kinds)) & ~junk]
-                events += ix.pread_events(path, wanted, stats)
-                stats.events += len(idx.steps) + len(idx.events) - len(wanted) - int(junk.sum())
-                stats.bad_lines += int(junk.sum())
-                indexed += idx.end - idx.start
-                _latest_from_index(f, idx, latest, name, ReadStats())  # counted above already
-                _take(tail, parts, events, latest, name)
-                parsed += tail.end - idx.end
-                end = tail.end
-            else:
-                whole = ix.build(f, 0, st.st_size, stats)
-                _take(whole, parts, events, latest, name)
-                parsed += whole.end
-                end = whole.end
-            cursors[name] = Cursor(end, st.st_ino)
-            stats.torn_tail += end < st.st_size  # a last line still being written, or a dead writer's
-        for s_arr, e_arr in parts:
+        try:
+            with f:
+                got = _read_file(f, ldir, name, use_index, stats)
+        except OSError as err:  # an I/O error mid-file (a dead mount, a bad disk): this file is left out, said
+            stats.unreadable += 1
+            stats.last_error = f"{name}: {err.strerror}"
+            continue
+        events += got.events
+        latest.update(got.latest)
+        indexed += got.indexed
+        parsed += got.parsed
+        cursors[name] = got.cursor
+        for s_arr, e_arr in got.parts:
             if len(s_arr):
                 steps.append((s_arr, file_no))
             if len(e_arr):
@@ -186,6 +171,50 @@ def _scan(run_dir: Path, stats: ReadStats | None, use_index: bool) -> Scan:
     events.sort(key=event_time)
     return Scan(run_dir, names, all_steps, events, all_bulk, latest, cursors, stats, indexed, parsed,
                 step_file=step_file)
+
+
+@dataclass
+class _File:
+    """What one ledger file gave a scan."""
+
+    parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (step records, event records)
+    events: list[Event] = field(default_factory=list)
+    latest: dict[tuple[str, str], Event] = field(default_factory=dict)
+    cursor: Cursor = field(default_factory=Cursor)
+    indexed: int = 0
+    parsed: int = 0
+
+
+def _read_file(f: IO[bytes], ldir: Path, name: str, use_index: bool, stats: ReadStats) -> _File:
+    """One file: through its index where it agrees with the file, parsing the rest (raises OSError)."""
+    out = _File()
+    st = os.fstat(f.fileno())
+    idx = ix.load(ldir, name, f, st.st_size, st.st_ino) if use_index else None
+    if idx is not None:
+        head = ix.build(f, 0, idx.start, stats) if idx.start else None
+        tail = ix.build(f, idx.end, st.st_size, stats)
+        if head is not None:
+            _take(head, out.parts, out.events, out.latest, name)
+            out.parsed += idx.start
+        out.parts.append((idx.steps, idx.events))
+        junk = idx.events["kind"] == ix.JUNK
+        wanted = idx.events[~np.isin(idx.events["kind"], _bulk_codes(idx.kinds)) & ~junk]
+        out.events += ix.pread_events(ldir / name, wanted, stats)
+        stats.events += len(idx.steps) + len(idx.events) - len(wanted) - int(junk.sum())
+        stats.bad_lines += int(junk.sum())
+        out.indexed += idx.end - idx.start
+        _latest_from_index(f, idx, out.latest, name, ReadStats())  # counted above already
+        _take(tail, out.parts, out.events, out.latest, name)
+        out.parsed += tail.end - idx.end
+        end = tail.end
+    else:
+        whole = ix.build(f, 0, st.st_size, stats)
+        _take(whole, out.parts, out.events, out.latest, name)
+        out.parsed += whole.end
+        end = whole.end
+    out.cursor = Cursor(end, st.st_ino)
+    stats.torn_tail += end < st.st_size  # a last line still being written, or a dead writer's
+    return out
 
 
 def _bulk_codes(kinds: list[str]) -> list[int]:
