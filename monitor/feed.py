@@ -112,6 +112,7 @@ class Feed:
             self.model.reader = self.stats
             self.live = Follower(self.rd.ledger, self.stats, history.cursors)
             self.tracker = Tracker(Inputs.from_scan(history))
+            del history  # its step records (120 MB a million steps): the model and the tracker have what they need
             self.chain = load_state(self.rd)
             self.update_goodput()
 

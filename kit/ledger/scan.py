@@ -275,11 +275,13 @@ def _by_time(parts: list[np.ndarray], dt: np.dtype) -> np.ndarray:
 
 
 def _steps_by_time(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Step records of every file, sorted by time (stable, files in order), and each row's file number.
+    """Step records of every file, sorted by time (stable; files by their first step's time), and each
+    row's file number.
     A run's steps are one file's (rank 0 writes them), already in time order: its records are taken as
     read, no copy (a million 120-byte records)."""
     if not parts:
         return np.zeros(0, dtype=ix.STEP_DTYPE), np.zeros(0, dtype=np.uint32)
+    parts = sorted(parts, key=lambda p: float(p[0]["t"][0]))  # files one after the other: no sort below
     recs = parts[0][0] if len(parts) == 1 else np.concatenate([a for a, _ in parts])
     files = np.concatenate([np.full(len(a), no, dtype=np.uint32) for a, no in parts])
     t = recs["t"]

@@ -126,8 +126,7 @@ class RunModel:
         spikes: list[tuple[float, int, float]] = []
         if len(cols):
             keep = surviving(cols["step"])
-            rows = slice(None) if bool(keep.all()) else np.flatnonzero(keep)  # column by column: no record copy
-            self.curves.load(cols["step"][rows].astype(np.int64), cols["t"][rows], [cols[k][rows] for k in PLOTTED])
+            self.curves.load(cols["step"], cols["t"], plotted(cols), None if bool(keep.all()) else keep)
             flagged = np.flatnonzero((cols["spike"] > 0) & np.isfinite(cols["loss"]))
             spikes = list(zip(cols["t"][flagged].tolist(), cols["step"][flagged].astype(np.int64).tolist(),
                               cols["loss"][flagged].tolist(), strict=True))
@@ -339,6 +338,20 @@ class RunModel:
         floor = SEVERITIES.index(min_severity)
         return [a for a in self.alerts if not a.acked and a.severity in SEVERITIES
                 and SEVERITIES.index(a.severity) >= floor]
+
+
+def plotted(cols: Any) -> Any:
+    """The plotted metrics of a scan's step records as an (n x len(PLOTTED)) array: a view of the records
+    when the index keeps them side by side in that order (it does: kit.ledger.index.COLUMNS), else a copy."""
+    import numpy as np
+
+    from kit.ledger.index import COLUMNS, STEP_DTYPE
+
+    first = COLUMNS.index(PLOTTED[0]) if PLOTTED[0] in COLUMNS else -1
+    if (first >= 0 and COLUMNS[first:first + len(PLOTTED)] == PLOTTED and cols.dtype == STEP_DTYPE
+            and cols.strides[0] == STEP_DTYPE.itemsize):
+        return cols.view(np.float64).reshape(len(cols), len(COLUMNS))[:, first:first + len(PLOTTED)]
+    return np.stack([np.asarray(cols[k], dtype=np.float64) for k in PLOTTED], axis=1)
 
 
 def _int(v: Any) -> int | None:

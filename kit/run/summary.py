@@ -420,7 +420,7 @@ def collect(run_dir: Any, now: float | None = None, use_slurm: bool = True) -> t
     summarize it. Never raises for what is in the run directory: an unreadable one is a summary that
     says "down" and why."""
     from kit.ledger.scan import bulk_read, scan
-    from kit.run.goodput import of_run
+    from kit.run.goodput import Inputs, of_run
     from kit.rundir import RunDir
 
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
@@ -430,9 +430,11 @@ def collect(run_dir: Any, now: float | None = None, use_slurm: bool = True) -> t
     with bulk_read():  # the whole history in a few big arrays, once (kit.ledger.scan.bulk_read)
         history = scan(rd.path, model.reader)
         model.load_scan(history)
+        inputs = Inputs.from_scan(history)
+        del history  # its step records (120 MB a million steps) are not needed by the account
         chain = load_state(rd)
         q = query_for(model, chain) if use_slurm else None
-        acc = of_run(rd, history=history, acct=q.history if q else ())
+        acc = of_run(rd, inputs=inputs, acct=q.history if q else ())
     return summarize(model, now, q, chain, limit, goodput=acc.block()), model
 
 
