@@ -12,7 +12,8 @@ one sample per health.period_s). Each block checks what it claims: the engine's 
 threads named ``kit-*`` are counted at its start.
 
 Blocks alternate in ABBA order; rank 0 prints each block's per-step wall time and process CPU time
-(all threads: the kit's threads' CPU counts against the kit) as JSON.
+(all threads: the kit's threads' CPU counts against the kit), its own and summed over every rank, as
+JSON.
 """
 
 from __future__ import annotations
@@ -109,7 +110,14 @@ def main() -> None:
                 fn()
             times[mode].append((time.perf_counter() - t0) / block)
             times[mode + "_cpu"].append((time.process_time() - c0) / block)
+    every = [None] * env.world_size if env.rank == 0 else None
+    dist.gather_object({"bare": times["bare_cpu"], "kit": times["kit_cpu"]}, every, dst=0)
     if env.rank == 0:
+        assert every is not None
+        # every rank's process CPU per step, summed: the kit's work on the other ranks (its threads, hooks,
+        # gathers) competes for the same cores
+        times["bare_cpu_all"] = [sum(r["bare"][i] for r in every) for i in range(len(times["bare_cpu"]))]
+        times["kit_cpu_all"] = [sum(r["kit"][i] for r in every) for i in range(len(times["kit_cpu"]))]
         out = {**times, "checks": {k: sorted(v) if isinstance(v, set) else v for k, v in checks.items()}}
         print("TIMES " + json.dumps(out), flush=True)
     if tr.health is None:

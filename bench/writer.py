@@ -22,7 +22,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,7 +65,7 @@ def block(w: LedgerWriter, evs: list[tuple[str, dict[str, Any]]]) -> tuple[float
     return time.perf_counter() - t, time.thread_time() - c
 
 
-def diff_ci(a: list[float], b: list[float], per: int) -> dict[str, float]:
+def diff_ci(a: list[float], b: list[float], per: int) -> dict[str, Any]:
     """Mean of the paired differences (b - a) / per, with its 95% Student interval."""
     d = [(y - x) / per for x, y in zip(a, b, strict=True)]
     m, sd = statistics.fmean(d), statistics.stdev(d)
@@ -146,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
