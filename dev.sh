@@ -24,6 +24,15 @@ setup() {
   fi
   # shellcheck disable=SC1091
   . "$VENV/bin/activate"
+  # DeepSpeed's CPU comm op, compiled once into this install's own cache (kit.opcache; needs g++):
+  # no DeepSpeed start then compiles it, or waits on another's build lock.
+  if [ ! -e "$VENV/.kit-ops-built" ] || [ "$VENV/.kit-installed" -nt "$VENV/.kit-ops-built" ]; then
+    if command -v g++ >/dev/null; then
+      python -m kit.opcache build >/dev/null && touch "$VENV/.kit-ops-built"
+    else
+      echo "[dev] g++ not found: DeepSpeed's CPU comm op will compile at the first start instead"
+    fi
+  fi
 }
 
 system_packages() {
@@ -37,7 +46,7 @@ system_packages() {
 
 case "${1:-}" in
   setup) setup ;;
-  demo) setup; shift; exec kit demo "$@" ;;
+  demo) system_packages; setup; shift; exec kit demo "$@" ;;
   test)
     shift
     system_packages

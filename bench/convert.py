@@ -198,7 +198,7 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
         from kit.rundir import RunDir
         from kit.tools.convert import pick_checkpoint
 
-        files = pick_checkpoint(RunDir(run), 1).manifest["files"]
+        files = pick_checkpoint(RunDir(run), 1).manifest.files
         t = time.perf_counter()  # untimed, for comparison: the same check with sha256 (older manifests)
         for rel in files:
             ck.sha256(Path(run) / "checkpoints" / "step_0000001" / rel)

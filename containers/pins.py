@@ -90,6 +90,9 @@ def load_pins(path: str | Path | None = None) -> Pins:
         raw = tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise PinsError(f"pin file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, /dev/null's kin, unreadable, not text
+        why = getattr(e, "strerror", None) or e
+        raise PinsError(f"pin file {p} cannot be read ({why}); give a pins.toml") from None
     except tomllib.TOMLDecodeError as e:
         raise PinsError(f"{p}: not valid TOML: {e}") from None
     sections: dict[str, dict[str, str]] = {}

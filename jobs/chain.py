@@ -28,6 +28,7 @@ from kit.run.chainstate import (  # noqa: F401 (the chain's record, re-exported 
     CHAIN_JSON,
     CLEAN,
     CRASH,
+    DISK_FULL,
     ENDED,
     FINISHED,
     HANG,
@@ -52,15 +53,10 @@ MAX_BACKOFF_S = 3600.0
 
 
 def limit_seconds(time_limit: str) -> float:
-    """slurm.time_limit (``[D-]HH:MM:SS`` or minutes) in seconds."""
-    from kit.jobs.slurmctl import parse_duration
+    """slurm.time_limit (sbatch --time forms: ``[D-]HH:MM:SS``, ``D-HH[:MM]``, ``MM:SS``, minutes) in seconds."""
+    from kit.validation import check_time_limit
 
-    s = parse_duration(time_limit)
-    if s is None or s <= 0:
-        from kit.errors import ConfigError
-
-        raise ConfigError(f"slurm.time_limit must be [D-]HH:MM:SS or minutes, got {time_limit!r}")
-    return s
+    return check_time_limit("slurm.time_limit", time_limit)
 
 
 def tail_events(rd: RunDir, kinds: set[str], max_bytes: int = 1 << 20) -> list[dict[str, Any]]:
@@ -152,6 +148,8 @@ def classify(reason: str, rc0: int) -> str:
         return PREFLIGHT
     if rc0 == exitcodes.HANG or reason == "hang":
         return HANG
+    if rc0 == exitcodes.DISK_FULL or reason == "disk_full":
+        return DISK_FULL
     return CRASH
 
 
@@ -194,6 +192,13 @@ def decide(cfg: RunConfig, state: ChainState, rec: SegmentRecord, usable_nodes: 
     elif rec.outcome == CLEAN:
         state.consecutive_crashes = 0
     exclude = _new_exclusions(cfg, state, rec, usable_nodes) if rec.outcome != CLEAN else []
+    if rec.outcome == DISK_FULL and not exclude:
+        # The shared checkpoint filesystem is full (or nothing shows it was a node's own disk): a new
+        # allocation would fill it again at its first save. Only an operator can make room.
+        return Decision("end", "disk_full", severity="critical",
+                        alert=f"disk full: the chain ended at checkpoint step {rec.ckpt_after} (the newest complete "
+                              "one; see the alert above for where). Free space on the checkpoint filesystem, "
+                              "then `kit submit` again")
 
     if state.no_progress >= cfg.chain.crash_loop_limit:
         return Decision("end", "crash_loop", severity="critical",

@@ -16,12 +16,13 @@ from kit.jobs import chain as ch
 from kit.jobs import slurmctl
 from kit.ledger import LedgerWriter
 from kit.rundir import STOP, resolve_run
-from kit.tools.cli import add_recipe_args
+from kit.tools.cli import add_amend_arg, add_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "submit":
         add_recipe_args(p)
+        add_amend_arg(p)
         return
     p.add_argument("run", help="run directory, or run name under --runs-dir")
     p.add_argument("--runs-dir", default="runs", help="where to look up a run given by name (default: ./runs)")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace, verb: str) -> int:
     if verb == "submit":
         from kit.jobs.submit import submit
 
-        submit(load_recipe(args.recipe, args.overrides))
+        submit(load_recipe(args.recipe, args.overrides), amend=args.amend)
         return 0
     if verb == "status":
         from kit.jobs.status import gather, render

@@ -32,17 +32,19 @@ from typing import Any
 
 import submitit
 
-from kit import envvars
+from kit import envvars, opcache, procs
 from kit.config import RunConfig
+from kit.errors import LedgerError
 from kit.fsio import atomic_write_json
 from kit.jobs import chain as ch
 from kit.jobs.command import segment_command
-from kit.ledger import LedgerWriter, hostname
+from kit.ledger import LedgerWriter, hostname, writer_name
 from kit.rundir import RunDir
 
 GO, DECISION = "go.json", "decision.json"
 FORWARDED = (signal.SIGUSR2, signal.SIGTERM)
-RANK_WAIT_S = 20.0  # how long rank 0 waits for the other ranks' reports after a failure
+RANK_WAIT_S = 20.0  # how long rank 0 waits for the other ranks' reports after a failure, beyond the time
+# their drivers may take to stop a trainer that outlived the segment (health.exit_grace_s + procs.TERM_WAIT_S)
 
 
 class SegmentJob(submitit.helpers.Checkpointable):
@@ -98,6 +100,7 @@ class Driver:
     def run(self) -> str:
         for sig in FORWARDED:
             signal.signal(sig, self._on_signal)
+        opcache.set_extensions_dir()  # the trainers inherit it: DeepSpeed's ops in this install's cache
         i = 0
         while True:
             seg = f"{self.job_id}_{self.restarts + i}"
@@ -154,21 +157,49 @@ class Driver:
         return env
 
     def _run_child(self, seg: str, i: int) -> int:
+        """Start this rank's trainer and wait for it, but not forever: once the segment has ended
+        (another rank's process ended, or rank 0 sees ``segment_ended`` in the ledger), a trainer
+        still running after ``health.exit_grace_s`` is terminated, then killed (a frozen rank never
+        exits by itself; waiting on it would hold the job and miss the next rendezvous)."""
         cmd = segment_command(self.cfg, self.rd.path, seg)
 
         def ignore_signals() -> None:  # until the trainer installs its own handlers
             for sig in FORWARDED:
                 signal.signal(sig, signal.SIG_IGN)
 
-        self.child = subprocess.Popen(cmd, env=self._child_env(seg, i), preexec_fn=ignore_signals)
+        folder = self.rd.slurm / ch.RANKS_DIR / seg
+        triggers = [procs.other_reports(folder, f"r{self.dist.rank}.json")]
+        if self.is_main:  # one reader of the ledger per segment; the other ranks see rank 0's report
+            triggers.append(procs.ledger_ended(procs.LedgerTail(self.rd.path, seg)))
+        watch = procs.EndWatch(self.cfg.health.exit_grace_s, triggers)
+        # The trainer dies with this driver (SIGKILL included): no rank outlives its launcher.
+        self.child = subprocess.Popen(cmd, env=self._child_env(seg, i),
+                                      preexec_fn=procs.preexec(signal.SIGKILL, ignore_signals))
         self.forwarded = False
         try:
             while self.child.poll() is None:
                 self._forward()
+                if watch.overdue():
+                    return self._stop_child(seg, watch.seen)
                 time.sleep(0.2)
             return int(self.child.returncode)
         finally:
             self.child = None
+
+    def _stop_child(self, seg: str, why: str) -> int:
+        assert self.child is not None
+        print(f"[kit chain] rank {self.dist.rank}: the segment ended ({why}) but this rank's trainer (pid "
+              f"{self.child.pid}) is still running after health.exit_grace_s = {self.cfg.health.exit_grace_s:g} s; "
+              "terminating it", file=sys.stderr, flush=True)
+        rc = procs.stop(self.child)
+        try:  # each rank's driver has its own ledger file (one writer per file)
+            with LedgerWriter(self.rd.path, writer_name("driver", self.dist.rank), seg=seg) as led:
+                led.alert("warning", f"rank {self.dist.rank}'s trainer (pid {self.child.pid}) was still running "
+                          f"{self.cfg.health.exit_grace_s:g} s after the segment ended ({why}); the driver "
+                          f"terminated it (exit status {rc})", rank=self.dist.rank, exit_code=rc)
+        except (LedgerError, OSError) as e:  # a full disk must not keep the driver from reporting below
+            print(f"[kit chain] could not write the ledger: {e}", file=sys.stderr, flush=True)
+        return rc
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -275,6 +306,8 @@ class Driver:
         rec.exit_codes = {str(r.rank): r.rc for r in reports}
         if outcome == ch.PREFLIGHT:
             rec.implicated = self._doctor_failed(seg)
+        elif outcome == ch.DISK_FULL:  # only nodes whose own disk filled (kit.diskfull), never by default
+            rec.implicated = sorted(str(n) for n in (ended[-1].get("suspect_nodes") or [] if ended else []))
         elif outcome not in (ch.FINISHED, ch.CLEAN):
             suspects = ended[-1].get("suspect_nodes") if ended and outcome == ch.HANG else None
             rec.implicated = ch.implicated_nodes(reports, self.dist.world_size, self.nodes, suspects)
@@ -315,7 +348,7 @@ class Driver:
         return sorted(failed)
 
     def _reports(self, folder: Path, wait: bool) -> list[ch.RankReport]:
-        end = time.time() + (RANK_WAIT_S if wait else 5.0)
+        end = time.time() + (RANK_WAIT_S + self.cfg.health.exit_grace_s + procs.TERM_WAIT_S if wait else 5.0)
         while True:
             files = sorted(folder.glob("r*.json"))
             if len(files) >= self.dist.world_size or time.time() > end:

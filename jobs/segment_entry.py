@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from kit.segment import exit_now
+    from kit.segment import exit_now, start_process
 
+    start_process()
     exit_now(main())

@@ -74,6 +74,16 @@ def job_end_time(job_id: str, retries: int = 3) -> float | None:
     return None
 
 
+def queued_from(name: str, folder: str) -> list[str]:
+    """This user's queued or running jobs named ``name`` whose batch script lies in ``folder`` (a run's
+    submitit folder): the jobs a submission of that run queued, and no other run's of the same name."""
+    import getpass
+
+    out = _run(["squeue", "-h", "-n", name, "-u", getpass.getuser(), "-o", "%i|%o"])
+    rows = (line.strip().split("|", 1) for line in out.stdout.splitlines() if "|" in line)
+    return [job_id for job_id, command in rows if command.startswith(folder.rstrip("/") + "/")]
+
+
 def expand_nodes(nodelist: str) -> list[str]:
     """``node[1-3],gpu7`` as a list of names (scontrol show hostnames, with a local fallback)."""
     if not nodelist or nodelist in ("(null)", "None"):

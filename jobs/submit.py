@@ -16,6 +16,7 @@ import fcntl
 import glob
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 from kit import envvars
 from kit.config import RunConfig
 from kit.errors import ConfigError, DataError, KitError
+from kit.faults import fault_point
 from kit.jobs import chain as ch
 from kit.jobs import slurmctl
 from kit.ledger import LedgerWriter
@@ -157,16 +159,87 @@ def make_executor(cfg: RunConfig, rd: RunDir, state: ch.ChainState, delay_s: flo
 
 def resubmit(rd: RunDir, cfg: RunConfig, delay_s: float = 0.0, after: str = "") -> str:
     """From inside a job: submit the chain's next job (new id, backoff, current exclusions)."""
+    job_id, _ = queue_job(cfg, rd, ch.load_state(rd, repair=True), delay_s, after, reload=True)
+    return job_id
+
+
+def queue_job(cfg: RunConfig, rd: RunDir, state: ch.ChainState, delay_s: float = 0.0, after: str = "",
+              reload: bool = False) -> tuple[str, Any]:
+    """Queue the chain's next job and record its id in chain.json, or leave nothing queued.
+
+    Everything that can be checked is checked before (the executor's parameters are built first).
+    Once the job may be queued, any failure (inside submitit after sbatch answered, or writing
+    chain.json) cancels it: by the Job submitit returned, or, when submitit failed before returning
+    one, by finding it in the queue: this run's job name, with its batch script in this run's submitit
+    folder (never another run's job of the same name). Only if the cancel itself fails is the job id
+    recorded as the chain's, so `kit cancel` can reach it. ``reload``: re-read chain.json after
+    queueing (inside a job, the driver's own record may have moved on)."""
     from kit.jobs.driver import SegmentJob
 
-    state = ch.load_state(rd, repair=True)
-    job = make_executor(cfg, rd, state, delay_s, after).submit(SegmentJob(str(rd.path)))
-    state = ch.load_state(rd, repair=True)
-    state.job_id = str(job.job_id)
-    state.job_ids.append(state.job_id)
-    state.state = ch.QUEUED
-    ch.save_state(rd, state)
-    return state.job_id
+    executor = make_executor(cfg, rd, state, delay_s, after)
+    known = {state.job_id, *state.job_ids}
+    job: Any = None
+    try:
+        job = executor.submit(SegmentJob(str(rd.path)))
+        fault_point("submit.after_queue", 0, 0)
+        if reload:
+            state = ch.load_state(rd, repair=True)
+        state.job_id = str(job.job_id)
+        state.job_ids.append(state.job_id)
+        state.state = ch.QUEUED
+        ch.save_state(rd, state)
+        return state.job_id, job
+    except BaseException as e:
+        note = _undo_queue(cfg, rd, job, known, e)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise SubmitError(f"submitting run {cfg.run.name} failed ({type(e).__name__}: {e}); {note}") from e
+
+
+def _undo_queue(cfg: RunConfig, rd: RunDir, job: Any, known: set[str], error: BaseException) -> str:
+    """After a failed submission: cancel what was queued, record it; returns what happened, for the
+    operator. Never raises (the submission's own error is what the operator must see)."""
+    local = job is not None and not use_slurm()
+    if job is not None:
+        queued = [str(job.job_id)]
+    elif use_slurm():
+        try:
+            folder = str(rd.slurm / ch.SUBMITIT_DIR)
+            queued = [j for j in slurmctl.queued_from(f"kit-{cfg.run.name}", folder) if j not in known]
+        except KitError:
+            queued = []
+    else:
+        queued = []
+    cancelled, stuck = [], []
+    for job_id in queued:
+        try:
+            if local:
+                job.cancel(check=False)
+            else:
+                slurmctl.cancel(job_id)
+            cancelled.append(job_id)
+        except Exception:  # recorded below as still queued; the operator is told to cancel it
+            stuck.append(job_id)
+    try:
+        state = ch.load_state(rd, repair=True)
+        state.job_ids += [j for j in queued if j not in state.job_ids]
+        if stuck:
+            state.job_id, state.state = stuck[-1], ch.QUEUED
+        else:
+            state.state, state.end_reason = ch.ENDED, "submit_failed"
+        ch.save_state(rd, state)
+        with LedgerWriter(rd.path, f"submit-{os.getpid()}") as led:
+            led.emit("chain_submit_failed", error=f"{type(error).__name__}: {error}", cancelled=cancelled,
+                     still_queued=stuck)
+    except Exception as e:  # the disk may be what failed: say so, and keep the submission's own error
+        print(f"kit: note: could not record the failed submission in {rd.path} ({type(e).__name__}: {e})",
+              file=sys.stderr)
+    if stuck:
+        return (f"job(s) {', '.join(stuck)} could not be cancelled and may run: recorded in chain.json, "
+                f"cancel with `kit cancel {rd.path}`")
+    if cancelled:
+        return f"the queued job {', '.join(cancelled)} was cancelled: nothing runs; fix the cause and submit again"
+    return "nothing was queued; fix the cause and submit again"
 
 
 # -------------------------------------------------------------------------------------- submitting
@@ -201,8 +274,11 @@ def current_job(state: ch.ChainState) -> str:
     return state.job_id if slurmctl.is_active(state.job_id) else ""
 
 
-def submit(cfg: RunConfig, log: Any = print) -> Submitted:
-    """Validate, create the run directory, start the chain, or attach to the one already running."""
+def submit(cfg: RunConfig, log: Any = print, amend: bool = False) -> Submitted:
+    """Validate, create the run directory, start the chain, or attach to the one already running.
+
+    An existing run whose frozen run.toml differs from ``cfg`` is refused, unless ``amend``: then the
+    differences are applied as a recorded amendment (kit.amend) first, also when attaching."""
     check_paths(cfg)
     existing = RunDir(cfg.run_dir)
     _, lead = check_time_limit(cfg, existing if existing.exists() else None)
@@ -211,6 +287,11 @@ def submit(cfg: RunConfig, log: Any = print) -> Submitted:
         slurmctl.test_only(test_only_args(slurm_parameters(cfg, ch.ChainState(), lead)))
     with submit_lock(cfg):
         if existing.exists():
+            if amend:
+                from kit.amend import amend as apply_amendment
+
+                apply_amendment(existing, cfg, who="kit submit", log=log)
+            existing.check_frozen(cfg)
             state = ch.load_state(existing)
             live = current_job(state)
             if live:
@@ -223,7 +304,6 @@ def submit(cfg: RunConfig, log: Any = print) -> Submitted:
         from kit.launch import create_run
 
         rd = create_run(cfg, log=log)
-        rd.update_frozen(cfg)  # same arithmetic (create_run checked); Slurm resources may differ
         leftover = rd.consume("stop")
         state = ch.load_state(rd, repair=True)
         state.state, state.end_reason = ch.QUEUED, ""
@@ -231,12 +311,7 @@ def submit(cfg: RunConfig, log: Any = print) -> Submitted:
         state.executor = "slurm" if slurm else "local"
         state.submitted = time.time()
         ch.save_state(rd, state)  # before submitting: the job's first act is to read it
-        from kit.jobs.driver import SegmentJob
-
-        job = make_executor(cfg, rd, state).submit(SegmentJob(str(rd.path)))
-        state.job_id = str(job.job_id)
-        state.job_ids.append(state.job_id)
-        ch.save_state(rd, state)
+        _, job = queue_job(cfg, rd, state)
         with LedgerWriter(rd.path, "submit") as led:
             if leftover is not None:
                 led.emit("control_ack", switch="stop", step=-1, note="stale stop switch removed by kit submit")

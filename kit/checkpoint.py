@@ -16,11 +16,18 @@ Layout under ``<run>/checkpoints`` (docs/run-directory.md)::
                                      not shipped yet); retention keeps a bounded number of them
 
 A save killed at any point leaves a folder without a manifest; resume ignores it and says so.
+
+The manifest is a typed record (:class:`Manifest`, with :class:`KitState` for what kit adds), written
+and read here only; its JSON form is unchanged since MANIFEST_VERSION 1, so old checkpoints resume.
+Checkpoint folders are deleted in one place, :func:`delete` (manifest first, then the files), which
+never deletes the newest complete checkpoint: retention, ``kit stream``, the rollback and a killed
+save's leftovers all go through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,14 +37,14 @@ import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kit.errors import CheckpointError
-from kit.fsio import atomic_write, atomic_write_json
+from kit.fsio import atomic_write, atomic_write_json, fsync_path
 from kit.parallel.layout import Layout
 
 MANIFEST = "MANIFEST.json"
@@ -59,20 +66,155 @@ def step_of(tag: str) -> int | None:
     return None
 
 
+# ------------------------------------------------------------------------------------- the manifest
+
+
+class ManifestError(CheckpointError):
+    """A MANIFEST.json that is not JSON, or not of the expected shape."""
+
+
+def _field(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
+    value = d.get(key, default)
+    if value is default:
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(f"{where}: {key} is {type(value).__name__} {value!r}, not the expected "
+                            f"{getattr(kind, '__name__', kind)}; the manifest is damaged: delete the folder or "
+                            "restore it")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of a checkpoint or export folder: its size and sha256, as written."""
+
+    size: int
+    sha256: str
+    crc32: str = ""  # zlib CRC-32, 8 hex digits (kit convert's fast check); "" in older manifests
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> FileEntry:
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: a file entry is {type(d).__name__}, not a table; the manifest is damaged")
+        return cls(_field(d, "size", int, where, 0), _field(d, "sha256", str, where, ""),
+                   _field(d, "crc32", str, where, ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"size": self.size, "sha256": self.sha256}
+        if self.crc32:
+            out["crc32"] = self.crc32
+        return out
+
+
+def read_files(d: dict[str, Any], where: str) -> dict[str, FileEntry]:
+    """The ``files`` table of a kit manifest (checkpoint, export) as typed entries."""
+    files = d.get("files", {})
+    if not isinstance(files, dict):
+        raise ManifestError(f"{where}: files is {type(files).__name__}, not a table; the manifest is damaged")
+    return {str(rel): FileEntry.from_dict(info, f"{where} ({rel})") for rel, info in files.items()}
+
+
+# KitState's fields as they appear in MANIFEST.json's "kit" table, with their JSON types
+_KIT_TYPES: dict[str, type] = {
+    "step": int, "consumed": int, "world_size": int, "model": dict, "vocab_size": int, "zero_stage": int,
+    "precision": str, "config_digest": str, "seg": str, "reason": str, "universal": bool, "reshaped_from": dict,
+    "layout": dict}
+
+
+@dataclass(frozen=True, slots=True)
+class KitState:
+    """What kit adds to DeepSpeed's checkpoint: where the data stream is, who wrote it and with what
+    arithmetic, and (``extra``) the spike policy's state and any key a newer kit added (kept as is)."""
+
+    step: int
+    consumed: int | None = None  # samples consumed; None only in manifests not written by a trainer
+    world_size: int | None = None  # data-parallel ranks that wrote the ZeRO partitions
+    model: dict[str, int] = field(default_factory=dict)  # hidden_size, n_layer, n_head, seq_length
+    vocab_size: int | None = None
+    zero_stage: int | None = None
+    precision: str = ""
+    config_digest: str = ""
+    seg: str = ""
+    reason: str = ""  # why it was saved: interval, segment_limit, signal, stop, rollback...
+    universal: bool = False  # kit reshape: a DeepSpeed universal checkpoint, loaded with load_universal
+    reshaped_from: dict[str, Any] | None = None
+    layout: dict[str, int] | None = None  # tensor, pipeline, data (kit.parallel.layout); None: data parallel only
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str, step: int = 0) -> KitState:
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: kit is {type(d).__name__}, not a table; the manifest is damaged")
+        known = {k: _field(d, k, t, where) for k, t in _KIT_TYPES.items() if d.get(k) is not None}
+        known.setdefault("step", step)
+        return cls(**known, extra={k: v for k, v in d.items() if k not in _KIT_TYPES})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (MANIFEST_VERSION 1): the fields flat, beside the extra keys; ``universal`` and
+        ``reshaped_from`` only on reshaped checkpoints, as before."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in _KIT_TYPES if k not in ("universal", "reshaped_from")}
+        if self.universal:
+            out["universal"] = True
+        if self.reshaped_from is not None:
+            out["reshaped_from"] = self.reshaped_from
+        return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
+
+    def replace(self, **changes: Any) -> KitState:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """MANIFEST.json of a checkpoint: its commit point (written last) and its contract with readers."""
+
+    tag: str
+    step: int
+    files: dict[str, FileEntry]
+    kit: KitState
+    created: float = 0.0
+    version: int = MANIFEST_VERSION
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "tag": self.tag, "step": self.step, "created": self.created,
+                "files": {rel: f.to_dict() for rel, f in self.files.items()},
+                "kit": self.kit.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str, tag: str = "") -> Manifest:
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where} is not a JSON object; the manifest is damaged: delete the folder or "
+                                "restore it")
+        step = _field(d, "step", int, where)
+        if step is None:
+            raise ManifestError(f"{where} has no step; the manifest is damaged: delete the folder or restore it")
+        created = _field(d, "created", (int, float), where, 0.0)
+        return cls(tag=_field(d, "tag", str, where, tag) or tag, step=step, files=read_files(d, where),
+                   kit=KitState.from_dict(d.get("kit", {}), where, step), created=float(created),
+                   version=_field(d, "version", int, where, MANIFEST_VERSION))
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     step: int
     tag: str
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def consumed(self) -> int:
-        return int(self.manifest["kit"]["consumed"])
+        consumed = self.manifest.kit.consumed
+        if consumed is None:
+            raise CheckpointError(f"{self.path / MANIFEST} does not say how many samples were consumed; it was not "
+                                  "written by kit's trainer and cannot be resumed from")
+        return consumed
 
     @property
     def bytes(self) -> int:
-        return sum(f["size"] for f in self.manifest["files"].values())
+        return self.manifest.bytes
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -101,10 +243,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def prepare_tag_dir(root: Path, tag: str) -> Path:
     """Before a save: a same-named folder without a manifest is a killed earlier save; remove it."""
     path = root / tag
-    if path.exists() and not (path / MANIFEST).exists():
-        shutil.rmtree(path)
     if (path / MANIFEST).exists():
         raise CheckpointError(f"{path} is already a complete checkpoint; refusing to overwrite it")
+    if path.exists():
+        delete(root, tag)
     return path
 
 
@@ -162,21 +304,17 @@ def crc32(path: Path) -> str:
     return f"{crc:08x}"
 
 
-def write_manifest(path: Path, step: int, kit_state: dict[str, Any], threads: int = 4) -> dict[str, Any]:
+def write_manifest(path: Path, step: int, kit_state: KitState | dict[str, Any], threads: int = 4) -> Manifest:
     """Hash every file of the tag folder and write MANIFEST.json atomically (the commit point)."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         sums = list(pool.map(digests, files))
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "tag": path.name,
-        "step": step,
-        "created": time.time(),
-        "files": {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": d, "crc32": c}
-                  for p, (d, c) in zip(files, sums, strict=True)},
-        "kit": kit_state,
-    }
-    atomic_write_json(path / MANIFEST, manifest, fsync=True)
+    kit = kit_state if isinstance(kit_state, KitState) else KitState.from_dict({"step": step, **kit_state},
+                                                                                   f"{path / MANIFEST}", step)
+    manifest = Manifest(tag=path.name, step=step, created=time.time(), kit=kit,
+                        files={str(p.relative_to(path)): FileEntry(p.stat().st_size, d, c)
+                               for p, (d, c) in zip(files, sums, strict=True)})
+    atomic_write_json(path / MANIFEST, manifest.to_dict(), fsync=True)
     return manifest
 
 
@@ -187,26 +325,42 @@ def set_latest(root: Path, tag: str) -> None:
 # ------------------------------------------------------------------------------------------- reading
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> Any:
+    """MANIFEST.json of a folder as JSON; None when there is none (no folder, or not a folder)."""
     try:
-        m = json.loads((path / MANIFEST).read_text())
+        return json.loads((path / MANIFEST).read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / MANIFEST} is unreadable ({e}); delete the folder or restore it") from None
-    return m if isinstance(m, dict) else None
+        raise ManifestError(f"{path / MANIFEST} is unreadable ({e}); delete the folder or restore it") from None
+
+
+def read_manifest(path: Path) -> Manifest | None:
+    """A checkpoint folder's manifest; None when it has none (an incomplete save, or no folder)."""
+    raw = _read_json(path)
+    return None if raw is None else Manifest.from_dict(raw, str(path / MANIFEST), path.name)
+
+
+def read_file_list(path: Path) -> dict[str, FileEntry] | None:
+    """The files any kit folder's MANIFEST.json lists (a checkpoint's or an export's); None: no manifest."""
+    raw = _read_json(path)
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path / MANIFEST} is not a JSON object; delete the folder or restore it")
+    return read_files(raw, str(path / MANIFEST))
 
 
 def verify(ckpt: Checkpoint, hashes: bool = True) -> list[str]:
     """Problems with a checkpoint against its manifest (empty = fine)."""
     problems = []
-    for rel, info in ckpt.manifest["files"].items():
+    for rel, info in ckpt.manifest.files.items():
         p = ckpt.path / rel
         if not p.exists():
             problems.append(f"{rel}: missing")
-        elif p.stat().st_size != info["size"]:
-            problems.append(f"{rel}: size {p.stat().st_size} != {info['size']}")
-        elif hashes and sha256(p) != info["sha256"]:
+        elif p.stat().st_size != info.size:
+            problems.append(f"{rel}: size {p.stat().st_size} != {info.size}")
+        elif hashes and sha256(p) != info.sha256:
             problems.append(f"{rel}: sha256 mismatch")
     return problems
 
@@ -254,19 +408,19 @@ def load(root: Path, tag: str) -> Checkpoint:
     if m is None:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); choose another step")
     step = step_of(tag)
-    return Checkpoint(step if step is not None else int(m["step"]), tag, path, m)
+    return Checkpoint(step if step is not None else m.step, tag, path, m)
 
 
 def layout_of(ckpt: Checkpoint) -> Layout:
     """The layout a checkpoint was written at (``kit.layout``; before layouts: data parallel only)."""
-    kit = ckpt.manifest["kit"]
-    return Layout.from_dict(kit.get("layout"), int(kit.get("world_size") or 1))
+    kit = ckpt.manifest.kit
+    return Layout.from_dict(kit.layout, kit.world_size or 1)
 
 
 def check_compatible(ckpt: Checkpoint, layout: Layout | int, model: dict[str, Any], vocab_size: int) -> None:
     """Refuse to resume ``ckpt`` at another layout (an int: that many data-parallel ranks) or of
     another model, saying what to do instead."""
-    kit = ckpt.manifest["kit"]
+    kit = ckpt.manifest.kit
     want = layout if isinstance(layout, Layout) else Layout(1, 1, layout)
     have = layout_of(ckpt)
     if have != want:
@@ -275,11 +429,11 @@ def check_compatible(ckpt: Checkpoint, layout: Layout | int, model: dict[str, An
             f"{have.tensor}, parallel.pipeline = {have.pipeline}), this segment runs {want} ({want.world} ranks); "
             f"resume at {have}, or move the checkpoint to the new layout with `kit reshape RUN --tensor "
             f"{want.tensor} --pipeline {want.pipeline} --world-size {want.world}`")
-    theirs = kit.get("model", {})
+    theirs = kit.model
     keys = ("hidden_size", "n_layer", "n_head")
     diff = [f"model.{k} {theirs.get(k)} != {model[k]}" for k in keys if theirs.get(k) != model[k]]
-    if kit.get("vocab_size") != vocab_size:
-        diff.append(f"vocab {kit.get('vocab_size')} != {vocab_size}")
+    if kit.vocab_size != vocab_size:
+        diff.append(f"vocab {kit.vocab_size} != {vocab_size}")
     if diff:
         raise CheckpointError(f"checkpoint {ckpt.tag} is of a different model ({', '.join(diff)}); "
                               "resume with the recipe it was trained with")
@@ -396,15 +550,64 @@ def held(root: Path, complete: list[Checkpoint], now: float | None = None) -> li
     return out
 
 
+# ------------------------------------------------------------------------------------------ deleting
+
+
+class ProtectedCheckpoint(CheckpointError):
+    """Refused: the folder is the newest complete checkpoint, the one a restart resumes from."""
+
+
+def newest_complete(root: Path) -> str | None:
+    """The tag of the newest step folder that has its manifest (the commit point), from a listing and
+    one stat per folder, newest first: cheap enough to ask before every delete."""
+    try:
+        names = sorted((n for n in os.listdir(root) if step_of(n) is not None), key=lambda n: step_of(n) or 0,
+                       reverse=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    for name in names:
+        if (root / name / MANIFEST).is_file():
+            return name
+    return None
+
+
+def newest_complete_step(root: Path) -> int | None:
+    tag = newest_complete(root)
+    return None if tag is None else step_of(tag)
+
+
+def delete(root: Path, name: str) -> None:
+    """Delete the checkpoint folder ``root/name``: the one way kit deletes checkpoints (retention,
+    ``kit stream``, the rollback, a killed save's leftovers).
+
+    Never the newest complete checkpoint, whoever asks (raises :class:`ProtectedCheckpoint`): whatever
+    goes wrong in a policy, a restart always finds something to resume from. The manifest goes first,
+    made durable, so a folder half deleted (a crash, a full metadata server) never looks complete; then
+    the files."""
+    path = root / name
+    if name == newest_complete(root):
+        raise ProtectedCheckpoint(f"{path} is the newest complete checkpoint (what a restart resumes from): "
+                                  "it is never deleted")
+    manifest = path / MANIFEST
+    try:
+        manifest.unlink()
+    except FileNotFoundError:
+        pass
+    else:
+        fsync_path(path)
+    shutil.rmtree(path)
+
+
 # ----------------------------------------------------------------------------------------- retention
 
 
 def retention_plan(root: Path, keep_last: int, keep_every: int, hold_max: int = 0) -> tuple[list[Path], list[str]]:
-    """What to delete: complete checkpoints beyond the newest ``keep_last``, except multiples of
-    ``keep_every``, pinned or busy ones, and the first ``hold_max`` older ones a live hold asks for;
-    and incomplete folders older than the newest complete one. Also returns what live holds ask for."""
+    """What to delete: complete checkpoints beyond the newest ``keep_last`` (never the newest one),
+    except multiples of ``keep_every``, pinned or busy ones, and the first ``hold_max`` older ones a
+    live hold asks for; and incomplete folders older than the newest complete one. Also returns what
+    live holds ask for."""
     complete, incomplete = scan(root)
-    keep = {c.tag for c in complete[-keep_last:]}
+    keep = {c.tag for c in complete[max(0, len(complete) - max(1, keep_last)):]}
     keep |= {c.tag for c in complete if keep_every and c.step % keep_every == 0}
     keep |= pinned(root) | busy_tags(root)
     wanted = held(root, complete)
@@ -423,11 +626,8 @@ def apply_retention(root: Path, keep_last: int, keep_every: int, on_delete: Any 
     deleted = []
     for path in doomed:
         try:
-            # Remove the manifest first: a half-deleted folder must never look complete.
-            with contextlib.suppress(FileNotFoundError):
-                (path / MANIFEST).unlink()
-            shutil.rmtree(path)
-        except OSError as e:  # log and carry on: a failed delete must not stop training
+            delete(root, path.name)
+        except (OSError, ProtectedCheckpoint) as e:  # log and carry on: a failed delete must not stop training
             if on_delete:
                 on_delete(path.name, f"delete failed: {e}")
             continue

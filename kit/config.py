@@ -15,14 +15,22 @@ import difflib
 import hashlib
 import json
 import math
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kit import validation as rules
 from kit.errors import ConfigError
+from kit.recipe import (  # loading and writing recipes (re-exported: `from kit.config import load_recipe`)
+    apply_override,
+    builtin_recipe,
+    builtin_recipes,
+    describe_keys,
+    dumps_toml,
+    from_dict,
+    load_recipe,
+)
+from kit.validation import show as _show
 
 # ----------------------------------------------------------------------------------------- sections
 
@@ -40,6 +48,10 @@ class RunSection:
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ \t\n") or self.name.startswith("."):
             raise ConfigError(f"run.name must be a plain folder name (no spaces or slashes), got {self.name!r}")
+        if not self.runs_dir.strip():
+            raise ConfigError("run.runs_dir must not be empty (use \".\" for the current directory)")
+        if self.seed < 0:
+            raise ConfigError(f"run.seed must be >= 0, got {self.seed}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -79,6 +91,9 @@ class ModelSection:
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        for key in ("layer_norm_epsilon", "initializer_range"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key} must be greater than 0, got {getattr(self, key)}")
         if self.attn_implementation == "sdpa":
             raise ConfigError('model.attn_implementation = "sdpa" is not available: transformers has no SDPA '
                               'kernel for BLOOM (it refuses it when the model is built); use "eager"')
@@ -112,8 +127,18 @@ class SourceSection:
     def __post_init__(self) -> None:
         if self.format not in SOURCE_FORMATS:
             raise ConfigError(f"data.sources[{self.name}].format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        if not self.name or any(c in self.name for c in "/\\") or self.name.strip() != self.name:
+            raise ConfigError(f"data.sources[{self.name}].name must be a plain label (it names shard files), "
+                              f"got {self.name!r}")
+        if not self.path.strip():
+            raise ConfigError(f"data.sources[{self.name}].path must not be empty")
         if self.weight < 0:
             raise ConfigError(f"data.sources[{self.name}].weight must be >= 0, got {self.weight}")
+        if self.max_bytes < 0:
+            raise ConfigError(f"data.sources[{self.name}].max_bytes must be >= 0 (0 = all), got {self.max_bytes}")
+        if self.languages and self.format != "gettext":
+            raise ConfigError(f"data.sources[{self.name}].languages only applies to format \"gettext\" "
+                              f"(this source is {self.format!r}); remove it")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -171,6 +196,11 @@ class OptimSection:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps must be greater than 0, got {self.eps}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -194,13 +224,16 @@ class DeepSpeedSection:
     precision: str = "fp32"
     """bf16 or fp32 (fp16 is not supported: it needs loss scaling and is refused on CPU)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Raw DeepSpeed config merged last, for settings the kit does not model."""
+    """Raw DeepSpeed config merged last, for settings the kit does not model. Keys the recipe models
+    (ZeRO stage, precision, batch sizes, clipping, optimizer, scheduler, tensor/pipeline parallelism)
+    are refused here, with the recipe key to use instead (kit.validation.DEEPSPEED_MODELLED)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f'deepspeed.precision must be "bf16" or "fp32", got {self.precision!r}')
+        rules.check_deepspeed_extra(self.extra)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -360,6 +393,11 @@ class TrainerSection:
             raise ConfigError(f"trainer.log_interval must be greater than 0, got {self.log_interval}")
         if self.nproc <= 0:
             raise ConfigError(f"trainer.nproc must be greater than 0, got {self.nproc}")
+        for key in ("stop_after_steps", "stop_margin_s", "peak_tflops"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"trainer.{key} must be >= 0 (0 = off), got {getattr(self, key)}")
+        if self.threads < 1:
+            raise ConfigError(f"trainer.threads must be at least 1, got {self.threads}")
         if self.deadline:
             from datetime import datetime
 
@@ -392,13 +430,41 @@ class SlurmSection:
     reservation: str = ""
     """Reservation name."""
     time_limit: str = "20:00:00"
-    """Wall time of one allocation, [D-]HH:MM:SS or minutes. Jean Zay gave BLOOM 20 h."""
+    """Wall time of one allocation: [D-]HH:MM:SS, D-HH[:MM], MM:SS or minutes (sbatch --time). Jean Zay
+    gave BLOOM 20 h."""
     exclude: list[str] = field(default_factory=list)
     """Nodes never to use (the chain adds nodes implicated in failures)."""
     sbatch_args: dict[str, Any] = field(default_factory=dict)
-    """Extra sbatch parameters, passed to submitit's slurm_additional_parameters."""
+    """Extra sbatch parameters, passed to submitit's slurm_additional_parameters (e.g. gres, constraint).
+    Options the recipe models (time, nodes, tasks, cpus, mem, partition, account, qos, reservation,
+    exclude, job name, signal) are refused, naming the key to use (kit.validation.SBATCH_MODELLED)."""
     srun_args: list[str] = field(default_factory=list)
     """Extra srun arguments."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"slurm.nodes must be at least 1, got {self.nodes}")
+        for key in ("gpus_per_node", "tasks_per_node"):
+            if getattr(self, key) < 0:
+                zero = "CPU tasks" if key == "gpus_per_node" else "trainer.nproc"
+                raise ConfigError(f"slurm.{key} must be >= 0 (0 = {zero}), got {getattr(self, key)}")
+        if self.cpus_per_task < 1:
+            raise ConfigError(f"slurm.cpus_per_task must be at least 1, got {self.cpus_per_task}")
+        if self.mem_gb < 0:
+            raise ConfigError(f"slurm.mem_gb must be >= 0 (0 = Slurm's default), got {self.mem_gb}")
+        rules.check_time_limit("slurm.time_limit", self.time_limit)
+        for key in ("partition", "account", "qos", "reservation"):
+            rules.check_word(f"slurm.{key}", getattr(self, key))
+        rules.check_names("slurm.exclude", self.exclude)
+        rules.check_sbatch_args(self.sbatch_args)
+        for i, arg in enumerate(self.srun_args):
+            if not arg.strip():
+                raise ConfigError(f"slurm.srun_args[{i}] is empty")
+
+    @property
+    def time_limit_s(self) -> float:
+        """The time limit in seconds (validated when the recipe was loaded)."""
+        return rules.check_time_limit("slurm.time_limit", self.time_limit)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -441,6 +507,11 @@ class ContainerSection:
     target: str = ""
     """Image target of containers/pins.toml (a100, h100) the preflight checks against."""
 
+    def __post_init__(self) -> None:
+        for i, b in enumerate(self.binds):
+            if not b.split(":")[0].strip():
+                raise ConfigError(f"container.binds[{i}] must be \"src[:dst[:opts]]\", got {b!r}")
+
 
 @dataclass(kw_only=True, slots=True)
 class HealthSection:
@@ -470,6 +541,10 @@ class HealthSection:
     setup_timeout_s: float = 3600.0
     """The watchdog's bound from a segment's start to its first step: rendezvous, NCCL and DeepSpeed
     set-up, loading the checkpoint (BLOOM-176B's 2.3 TB took minutes; allow for a slow filesystem)."""
+    exit_grace_s: float = 60.0
+    """Once a segment has ended (``segment_ended``, or another rank's process exited), how long a rank's
+    process may take to exit by itself before its launcher terminates it, then kills it 10 s later (a
+    frozen rank never exits; waiting on it would hold the allocation and miss the next rendezvous)."""
     host_mem_max_pct: float = 95.0
     """Alert when the node's memory use is above this percentage."""
     disk_min_free_gib: float = 50.0
@@ -478,7 +553,7 @@ class HealthSection:
     def __post_init__(self) -> None:
         if self.record_every < 1:
             raise ConfigError(f"health.record_every must be at least 1, got {self.record_every}")
-        for key in ("period_s", "hang_floor_s", "hang_factor", "hang_grace_s", "setup_timeout_s"):
+        for key in ("period_s", "hang_floor_s", "hang_factor", "hang_grace_s", "setup_timeout_s", "exit_grace_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"health.{key} must be greater than 0, got {getattr(self, key)}")
         if self.hang_ceiling_s < self.hang_floor_s:
@@ -488,6 +563,12 @@ class HealthSection:
             raise ConfigError(f"health.straggler_interval must be >= 0, got {self.straggler_interval}")
         if self.straggler_threshold <= 0:
             raise ConfigError(f"health.straggler_threshold must be greater than 0, got {self.straggler_threshold}")
+        if self.gpu_temp_max_c <= 0:
+            raise ConfigError(f"health.gpu_temp_max_c must be greater than 0, got {self.gpu_temp_max_c}")
+        if not 0 < self.host_mem_max_pct <= 100:
+            raise ConfigError(f"health.host_mem_max_pct must be in (0, 100], got {self.host_mem_max_pct}")
+        if self.disk_min_free_gib < 0:
+            raise ConfigError(f"health.disk_min_free_gib must be >= 0, got {self.disk_min_free_gib}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -638,188 +719,54 @@ class RunConfig:
     def digest(self) -> str:
         """Hash of what determines the arithmetic (model, data, optimizer, batch, seed, ZeRO)."""
         d = self.to_dict()
-        keep = {k: d[k] for k in ("model", "data", "optim", "batch", "deepspeed")}
+        keep = {k: d[k] for k in ARITHMETIC_SECTIONS}
         keep["seed"] = d["run"]["seed"]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
-
-# --------------------------------------------------------------------------------- loading & overrides
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a TOML recipe, apply ``dotted.key=value`` overrides, build and validate the config.
-
-    Relative ``runs_dir`` and source paths are resolved against the current directory, except source
-    paths that exist relative to the recipe file (recipes that ship their own data).
-    """
-    path = Path(path)
-    if not path.exists():
-        builtin = builtin_recipe(path.name) if path.parent == Path(".") else None
-        if builtin is None:
-            raise ConfigError(f"recipe {path} does not exist: give a path to a .toml file, or the name of a "
-                              f"shipped one ({', '.join(builtin_recipes())})")
-        path = builtin
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    for item in overrides:
-        apply_override(raw, item)
-    cfg = from_dict(raw)
-    cfg.run.runs_dir = str(Path(cfg.run.runs_dir).expanduser().absolute())
-    for src in cfg.data.sources:
-        p = Path(src.path).expanduser()
-        if not p.is_absolute() and (path.parent / p).exists() and not p.exists():
-            p = path.parent / p
-        src.path = str(p.absolute()) if not any(c in src.path for c in "*?[") else str(p)
-    cfg.check()
-    return cfg
+    def differences(self, other: RunConfig) -> list[Change]:
+        """Every dotted key whose value differs from ``other``'s (self is the old side), in key order;
+        not run.name and run.runs_dir: a run directory is where it is (a run moved or restored to
+        another filesystem keeps its old runs_dir in run.toml, and is the same run)."""
+        mine, theirs = flatten(self.to_dict()), flatten(other.to_dict())
+        return [Change(k, mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs))
+                if mine.get(k) != theirs.get(k) and k not in IDENTITY_KEYS]
 
 
-def builtin_recipes() -> list[str]:
-    """Names of the recipes shipped with kit (package data of kit.jobs, wherever kit is installed)."""
-    from importlib.resources import files
-
-    return sorted(p.name for p in files("kit.jobs").iterdir() if p.name.endswith(".toml"))
-
-
-def builtin_recipe(name: str) -> Path | None:
-    """A shipped recipe by file name, found with importlib.resources: in an editable checkout it is
-    jobs/NAME, in an installed wheel (the container images) site-packages/kit/jobs/NAME."""
-    from importlib.resources import files
-
-    p = files("kit.jobs").joinpath(name)
-    return Path(str(p)) if p.is_file() else None
+# What RunConfig.digest covers: a frozen run never changes these (its checkpoints hold their arithmetic).
+ARITHMETIC_SECTIONS = ("model", "data", "optim", "batch", "deepspeed")
+ARITHMETIC_KEYS = ("run.seed",)
+IDENTITY_KEYS = ("run.name", "run.runs_dir")  # where the run is: a change would be another run
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override; the value is parsed as a TOML literal, else a string."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set trainer.max_steps=100")
-    key, _, text = item.partition("=")
-    key = key.strip()
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    parts = key.split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a table")
-        node = nxt
-    node[parts[-1]] = value
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One recipe key of a frozen run and the value asked for instead."""
+
+    key: str
+    old: Any
+    new: Any
+
+    @property
+    def arithmetic(self) -> bool:
+        return self.key.split(".")[0] in ARITHMETIC_SECTIONS or self.key in ARITHMETIC_KEYS
+
+    def __str__(self) -> str:
+        return f"{self.key} {_show(self.old)} -> {_show(self.new)}"
 
 
-def from_dict(raw: dict[str, Any]) -> RunConfig:
-    return _build(RunConfig, raw, "")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the recipe"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table, found {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        k = unknown[0]
-        near = difflib.get_close_matches(k, names, n=1, cutoff=0.5)
-        hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
-        raise ConfigError(f"unknown key {prefix}{k}{hint}")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{prefix}{f.name} is required")
-            continue
-        kwargs[f.name] = _coerce(hints[f.name], raw[f.name], f"{prefix}{f.name}")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")  # type: ignore[arg-type]
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, found {type(value).__name__} {value!r}")
-        if dataclasses.is_dataclass(item_tp):
-            out = []
-            for i, v in enumerate(value):
-                label = v.get("name", i) if isinstance(v, dict) else i
-                out.append(_build(item_tp, v, f"{key}[{label}]."))  # type: ignore[arg-type]
-            return out
-        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table, found {type(value).__name__} {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is Any:
-        return value
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{key} must be {_TYPE_NAMES[tp]}, found {type(value).__name__} {value!r}")
-    return value
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-
-
-def dumps_toml(d: dict[str, Any]) -> str:
-    """Write the resolved config as TOML (scalars, lists, tables, arrays of tables: all we use)."""
-    lines: list[str] = []
-
-    def scalar(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(scalar(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {scalar(x)}" for k, x in v.items()) + "}"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-    def table(name: str, t: dict[str, Any]) -> None:
-        plain = {k: v for k, v in t.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
-        arrays = {k: v for k, v in t.items() if k not in plain}
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {scalar(v)}" for k, v in plain.items())
-        lines.append("")
-        for k, items in arrays.items():
-            for item in items:
-                lines.append(f"[[{name}.{k}]]")
-                lines.extend(f"{ik} = {scalar(iv)}" for ik, iv in item.items())
-                lines.append("")
-
-    for name, t in d.items():
-        table(name, t)
-    return "\n".join(lines)
-
-
-def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    """All dotted keys of the recipe, for error messages and docs."""
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.extend(describe_keys(tp, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``; lists (data.sources, exclude) stay whole values, and raw
+    tables (deepspeed.extra, slurm.sbatch_args) are compared as one value each."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix:
+            out.update(flatten(v, f"{k}."))
         else:
-            out.append(prefix + f.name)
+            out[prefix + k] = v
     return out
+
+
+__all__ = [
+    "ARITHMETIC_KEYS", "ARITHMETIC_SECTIONS", "IDENTITY_KEYS", "Change", "RunConfig", "apply_override",
+    "builtin_recipe", "builtin_recipes", "describe_keys", "dumps_toml", "flatten", "from_dict", "load_recipe",
+]

@@ -2,6 +2,10 @@
 
 The chain (kit.jobs) reads them to decide: end the chain, requeue at once, or resubmit with
 backoff and count a failure. Anything not listed (a crash, a signal) counts as a failure.
+``kit train`` exits with the same status as the segment it ran (docs/chain.md).
+
+:data:`REASONS` maps the segment-end reasons (the ``reason`` of ``segment_ended``; one vocabulary,
+kit.ledger.schema.END_REASONS) to their statuses.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ REQUEUE = 75  # saved at an allocation boundary (signal, deadline, stop_after_st
 PREFLIGHT = 76  # `kit doctor` failed on this node: exclude the node, resubmit, not a training failure
 HANG = 77  # the hang watchdog ended the segment: exclude the suspect node, resubmit
 GIVE_UP = 78  # the trainer asks the chain to stop (rollback cap, unrecoverable state): alert, end
+DISK_FULL = 79  # a checkpoint save found its filesystem full (or over quota): alert, no node blamed
 USAGE = 2  # a bad command line or recipe (nothing ran)
 
 # reason -> exit status, from the one vocabulary of segment-end reasons (kit.ledger.schema.END_REASONS)

@@ -3,11 +3,15 @@
 ``KIT_FAULTS="ckpt.before_manifest@40,step.after@25:rank1"`` makes :func:`fault_point` kill the
 process with SIGKILL (or sleep, with ``=hang``) when the named point is reached at that step (on the
 given rank only, when ``:rankN`` is given). Production runs never set it; it costs one dict lookup.
-Value faults (``loss.nan@15:rank1``: that rank's loss becomes NaN) are asked with :func:`fault_active`.
+``=enospc`` raises OSError(ENOSPC) there instead (a write that finds this rank's own disk full);
+``=raise`` raises :class:`FaultInjected` (an unexpected error in the middle of an operation, to test
+what is undone). Value faults (``loss.nan@15:rank1``: that rank's loss becomes NaN) are asked with
+:func:`fault_active`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -33,6 +37,10 @@ def _parse(spec: str) -> dict[str, list[tuple[int, int | None, str]]]:
 _FAULTS = _parse(os.environ.get(envvars.FAULTS, ""))
 
 
+class FaultInjected(RuntimeError):
+    """Raised at a fault point armed with ``=raise`` (deliberately not a KitError: it stands for a bug)."""
+
+
 def fault_point(name: str, step: int, rank: int) -> None:
     for at, only_rank, action in _FAULTS.get(name, ()):
         if (at in (-1, step)) and (only_rank is None or only_rank == rank):
@@ -43,6 +51,10 @@ def fault_point(name: str, step: int, rank: int) -> None:
                 time.sleep(float(action[5:] or 1))
             elif action == "exit":
                 os._exit(17)
+            elif action == "enospc":  # a full disk of this rank's own (one machine cannot have one per rank)
+                raise OSError(errno.ENOSPC, f"No space left on device (fault point {name})")
+            elif action == "raise":
+                raise FaultInjected(f"fault point {name} at step {step}")
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
 

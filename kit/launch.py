@@ -6,14 +6,18 @@ Under Slurm the chain (kit.jobs) launches ranks through submitit instead; both e
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from kit import envvars, exitcodes
+from kit import envvars, exitcodes, opcache, procs
 from kit.config import RunConfig
 from kit.data import prepare
+from kit.errors import KitError
 from kit.ledger import LedgerWriter, read_all
 from kit.ledger.schema import end_outcome
 from kit.rundir import RunDir
@@ -44,6 +48,7 @@ class SegmentOutcome:
     returncode: int
     reason: str  # the trainer's segment_ended reason, or "crashed" when there is none
     step: int
+    event: dict[str, Any] = field(default_factory=dict)  # the segment_ended event itself (its details)
 
     @property
     def exit_code(self) -> int:
@@ -52,21 +57,47 @@ class SegmentOutcome:
 
 def run_local_segment(rd: RunDir, cfg: RunConfig, stop_after_steps: int = 0, seg: str = "local",
                       extra_env: dict[str, str] | None = None, quiet: bool = False) -> SegmentOutcome:
-    """One segment on this machine with trainer.nproc ranks; says how it ended (from the ledger)."""
+    """One segment on this machine with trainer.nproc ranks; says how it ended (from the ledger).
+
+    torchrun dies with this process (parent-death signal; its ranks arm their own, kit.procs), and
+    once the ledger says the segment ended, a torchrun still running after health.exit_grace_s (a
+    rank stuck in its teardown) is terminated, then killed: no rank outlives the segment."""
     cfg.check_layout(cfg.trainer.nproc, "trainer.nproc (the local ranks)")
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(cfg.trainer.threads), envvars.SEGMENT: seg,
                 "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"})
+    opcache.set_extensions_dir(env)
     env.update(extra_env or {})
+    stale = opcache.stale_locks([Path(env[opcache.ENV])])
+    if stale:  # every rank would wait on it forever, silently
+        raise KitError(f"stale DeepSpeed build lock {stale[0].path} ({stale[0].age_s / 60:.0f} min old, no process "
+                       f"building): the ranks would wait on it forever; remove it: {stale[0].command}")
     out = subprocess.DEVNULL if quiet else None
-    proc = subprocess.run(torchrun_cmd(rd.path, cfg.trainer.nproc, stop_after_steps), env=env,
-                          stdout=out, stderr=out)
+    watch = procs.EndWatch(cfg.health.exit_grace_s, [procs.ledger_ended(procs.LedgerTail(rd.path, seg))])
+    # SIGTERM, not SIGKILL, for torchrun itself: it then ends its ranks (which also die with it).
+    proc = subprocess.Popen(torchrun_cmd(rd.path, cfg.trainer.nproc, stop_after_steps), env=env, stdout=out,
+                            stderr=out, preexec_fn=procs.preexec(signal.SIGTERM))
+    stopped = False  # by the watch: the segment had ended, its teardown had not
+    try:
+        while proc.poll() is None:
+            if watch.overdue():
+                print(f"kit: the segment ended ({watch.seen}) but torchrun (pid {proc.pid}) is still running after "
+                      f"health.exit_grace_s = {cfg.health.exit_grace_s:g} s; terminating it", file=sys.stderr)
+                procs.stop(proc)
+                stopped = True
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:  # an exception here (Ctrl-C): torchrun ends its ranks on SIGTERM
+            procs.stop(proc, term_wait=60.0)
+    returncode = int(proc.returncode)
     ended = [e for e in read_all(rd.path, {"segment_ended"}) if e.get("seg") == seg]
     if not ended:
-        return SegmentOutcome(proc.returncode, "crashed", -1)
+        return SegmentOutcome(returncode, "crashed", -1)
     # The ledger is authoritative: torchrun turns any rank's non-zero status (a hang the watchdog
     # ended, a give-up) into 1, but the trainer or the watchdog wrote why before it exited.
     last = ended[-1]
-    if proc.returncode != 0 and end_outcome(last["reason"]) in ("finished", "clean") and last["reason"] != "give_up":
-        return SegmentOutcome(proc.returncode, "crashed", last["step"])  # died after ending cleanly?
-    return SegmentOutcome(proc.returncode, last["reason"], last["step"])
+    if returncode != 0 and not stopped and end_outcome(last["reason"]) in ("finished", "clean") \
+            and last["reason"] != "give_up":
+        return SegmentOutcome(returncode, "crashed", last["step"])  # died after ending cleanly?
+    return SegmentOutcome(returncode, last["reason"], last["step"], last)

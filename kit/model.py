@@ -81,6 +81,25 @@ def peak_tflops(configured: float) -> float:
     return 0.0
 
 
+CKPT_RANK_OVERHEAD = 32 * 1024  # per rank: kit's RNG file (~15 KB), pickle headers, ZeRO-3's stub model file
+
+
+def checkpoint_bytes(params: int, bf16: bool, zero_stage: int, world: int) -> float:
+    """Bytes of one checkpoint, from the state DeepSpeed saves (measured on the tiny recipe, 231k
+    parameters, 2 ranks: within 0.5% at every layout; docs/doctor.md has the table):
+
+    - the module's weights (``mp_rank_00_model_states.pt``): 4 bytes (fp32) or 2 (bf16) a parameter;
+      none at ZeRO-3, where the weights live only in the partitions;
+    - the fp32 master copy (the ZeRO partitions, or the bf16 optimizer's): 4, except fp32 at ZeRO-0,
+      whose optimizer steps the module's own weights;
+    - Adam's two fp32 moments: 8.
+
+    So 16 bytes a parameter for fp32 at ZeRO-1/2, 14 for bf16, 12 at ZeRO-3 or fp32 ZeRO-0."""
+    weights = 0 if zero_stage >= 3 else (2 if bf16 else 4)
+    master = 4 if (zero_stage >= 1 or bf16) else 0
+    return float(params * (weights + master + 8) + world * CKPT_RANK_OVERHEAD)
+
+
 def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float]:
     """What a recipe costs whatever the cluster: parameters, batch, FLOPs, checkpoint bytes, and the
     model state per GPU under its ZeRO stage and layout (the chain, the preflight and `kit plan`).
@@ -95,7 +114,7 @@ def sizing(cfg: RunConfig, local: bool = False) -> dict[str, float]:
     w, g, o = (2 if half else 4) * n / mp, (2 if half else 4) * n / mp, (12 if half else 8) * n / mp
     z = cfg.deepspeed.zero_stage
     per_gpu = w / (dp if z >= 3 else 1) + g / (dp if z >= 2 else 1) + o / (dp if z >= 1 else 1)
-    ckpt_bytes = (w + o) * mp  # weights + optimizer state (fp32 master copy with bf16, and the two moments)
+    ckpt_bytes = checkpoint_bytes(n, half, z, world)
     return {"parameters": n, "world_size": world, "global_batch": gb, "tokens_per_step": tokens,
             "total_tokens": tokens * cfg.trainer.max_steps,
             "flops_per_step": step_flops(cfg.model, cfg.data.vocab_size, gb),

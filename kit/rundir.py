@@ -19,6 +19,7 @@ The monitor and the tools only read it (the monitor writes control files on an o
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +92,7 @@ class RunDir:
         return self.path / STACKS
 
     def exists(self) -> bool:
-        return self.run_toml.exists()
+        return _is_file(self.run_toml)
 
     # ---- creation
     def create(self, cfg: RunConfig) -> bool:
@@ -116,13 +117,30 @@ class RunDir:
         if new:
             atomic_write(self.run_toml, cfg.to_toml(), fsync=True)
         else:
-            frozen = self.load_config()
-            if frozen.digest() != cfg.digest():
-                raise ConfigError(
-                    f"{self.run_toml} was frozen with a different model/data/optimizer/batch/seed/ZeRO "
-                    "setup than this recipe; resume with the same recipe, or give the run a new run.name"
-                )
+            self.check_frozen(cfg)
         return new
+
+    def check_frozen(self, cfg: RunConfig) -> None:
+        """Refuse a recipe that differs from the frozen run.toml, saying what differs and what to do.
+
+        Arithmetic keys (model, data, optimizer, batch, seed, ZeRO: RunConfig.digest) can never change
+        in a run; the others (trainer.max_steps, Slurm resources...) change only through an explicit
+        amendment (kit.amend: `kit amend`, or --amend on train/submit), recorded in the ledger. A
+        recipe that differs is never silently ignored (the frozen value kept) nor silently applied."""
+        frozen = self.load_config()
+        changes = frozen.differences(cfg)
+        if not changes:
+            return
+        shown = "; ".join(str(c) for c in changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        if frozen.digest() != cfg.digest():
+            raise ConfigError(
+                f"{self.run_toml} was frozen with a different model/data/optimizer/batch/seed/ZeRO setup than "
+                f"this recipe ({shown}); resume with the same recipe, or give the run a new run.name")
+        sets = " ".join(f"--set {shlex.quote(f'{c.key}={_toml_value(c.new)}')}" for c in changes[:3])
+        raise ConfigError(
+            f"run {self.path.name} is frozen with other settings than this recipe ({shown}); a run keeps its "
+            f"run.toml: pass --amend to change them (recorded in the ledger), or `kit amend {self.path} {sets}`; "
+            "nothing was changed")
 
     def load_config(self) -> RunConfig:
         import tomllib
@@ -131,12 +149,12 @@ class RunDir:
             raw = tomllib.loads(self.run_toml.read_text())
         except FileNotFoundError:
             raise RunDirError(f"{self.path} is not a run directory (no {RUN_TOML}); check the path") from None
-        except (OSError, tomllib.TOMLDecodeError) as e:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise RunDirError(f"{self.run_toml} cannot be read: {e}") from None
         return from_dict(raw)
 
-    def update_frozen(self, cfg: RunConfig) -> None:
-        """Rewrite run.toml (non-arithmetic settings such as Slurm resources may change)."""
+    def write_frozen(self, cfg: RunConfig) -> None:
+        """Rewrite run.toml; only kit.amend calls it (an amendment is checked and recorded first)."""
         atomic_write(self.run_toml, dumps_toml(cfg.to_dict()), fsync=True)
 
     # ---- control switches
@@ -168,6 +186,20 @@ class RunDir:
         except FileNotFoundError:
             return None
         return text
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file; False too for a name the system refuses (too long, a loop, no access)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _toml_value(value: object) -> str:
+    """A value as `--set` takes it (TOML), for the advice in error messages."""
+    text = dumps_toml({"x": {"v": value}}).split("\n")[1]
+    return text.removeprefix("v = ")
 
 
 class SwitchWatcher:
@@ -204,9 +236,9 @@ class SwitchWatcher:
 def resolve_run(arg: str | Path, runs_dir: str | Path = "runs") -> RunDir:
     """A run given by path or by name (looked up under runs_dir)."""
     p = Path(arg)
-    if (p / RUN_TOML).exists():
+    if _is_file(p / RUN_TOML):
         return RunDir(p)
     q = Path(runs_dir) / str(arg)
-    if (q / RUN_TOML).exists():
+    if _is_file(q / RUN_TOML):
         return RunDir(q)
     raise RunDirError(f"no run directory at {p} or {q} (a run directory holds {RUN_TOML}); check the name")

@@ -8,6 +8,7 @@ the rollback policy use it.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from kit import checkpoint as ck
+from kit import diskfull
 from kit.config import RunConfig
 from kit.dist import DistEnv
 from kit.errors import CheckpointError
 from kit.faults import fault_point
-from kit.ledger import LedgerWriter, NullLedger
+from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.parallel.layout import Layout
 from kit.rundir import RunDir
 
@@ -90,7 +92,7 @@ class Saver:
         # `kit reshape` (tools/reshape.py) writes DeepSpeed universal checkpoints for a new world size
         # (manifest kit.universal): load that one with DeepSpeed's load_universal switched on.
         universal = self.engine._config.load_universal_checkpoint
-        self.engine._config.load_universal_checkpoint = universal or bool(ckpt.manifest["kit"].get("universal"))
+        self.engine._config.load_universal_checkpoint = universal or ckpt.manifest.kit.universal
         try:
             load_path, _ = self.engine.load_checkpoint(str(self.root), tag=ckpt.tag)
         finally:
@@ -103,7 +105,10 @@ class Saver:
     # -------------------------------------------------------------------------------------- save
     def save(self, step: int, consumed: int, why: str, kit_state: dict[str, Any]) -> None:
         """Collective save: every rank writes its part; rank 0 commits with the manifest, moves
-        ``latest`` and applies retention. ``kit_state`` joins the manifest (the spike policy's state)."""
+        ``latest`` and applies retention. ``kit_state`` joins the manifest (the spike policy's state).
+
+        A write that fails on any rank (a full disk) fails the save on every rank together
+        (kit.diskfull): raises DiskFullError or CheckpointError, the previous checkpoint stays latest."""
         import torch.distributed as dist
 
         root, tag = self.root, ck.tag_for(step)
@@ -111,25 +116,36 @@ class Saver:
         if self.env.is_main:
             ck.prepare_tag_dir(root, tag)
         dist.barrier()
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={"kit_step": step}, save_latest=False)
-        ck.save_rank_state(root / tag, self.env.rank)
+        guard = diskfull.WriteGuard(self.env.rank, hostname(), step)
+        with guard.deepspeed(self.engine):
+            self.engine.save_checkpoint(str(root), tag=tag, client_state={"kit_step": step}, save_latest=False)
+        guard.run(ck.save_rank_state, root / tag, root / tag, self.env.rank)
         fault_point("ckpt.before_manifest", step, self.env.rank)
-        dist.barrier()
+        self._agree(guard, step)  # instead of a barrier: every rank learns whether every write worked
         if self.env.is_main:
-            self._commit(step, consumed, why, kit_state, t0)
-        dist.barrier()
+            guard.run(self._commit, root / tag, step, consumed, why, kit_state, t0)
+        self._agree(guard, step)
         self.save_times = ([*self.save_times, time.perf_counter() - t0])[-5:]
+
+    def _agree(self, guard: diskfull.WriteGuard, step: int) -> None:
+        failures, nodes = guard.agree()
+        if not failures:
+            return
+        path = self.root / ck.tag_for(step)
+        if self.env.is_main and not (path / ck.MANIFEST).exists():
+            shutil.rmtree(path, ignore_errors=True)  # the failed save's files: give the room back
+        raise diskfull.error(step, failures, nodes)
 
     def _commit(self, step: int, consumed: int, why: str, kit_state: dict[str, Any], t0: float) -> None:
         root, tag, m = self.root, ck.tag_for(step), self.cfg.model
-        manifest = ck.write_manifest(root / tag, step, {
-            "step": step, "consumed": consumed, "world_size": self.layout.world, "layout": self.layout.to_dict(),
-            "model": {"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
-                      "seq_length": m.seq_length},
-            "vocab_size": self.cfg.data.vocab_size, "zero_stage": self.cfg.deepspeed.zero_stage,
-            "precision": self.cfg.deepspeed.precision, "config_digest": self.cfg.digest(),
-            "seg": self.seg, "reason": why, **kit_state,
-        })
+        manifest = ck.write_manifest(root / tag, step, ck.KitState(
+            step=step, consumed=consumed, world_size=self.layout.world, layout=self.layout.to_dict(),
+            model={"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
+                   "seq_length": m.seq_length},
+            vocab_size=self.cfg.data.vocab_size, zero_stage=self.cfg.deepspeed.zero_stage,
+            precision=self.cfg.deepspeed.precision, config_digest=self.cfg.digest(),
+            seg=self.seg, reason=why, extra=kit_state,
+        ))
         if self.pin_next:
             ck.pin(root, tag, self.pin_next)
             self.pin_next = ""
@@ -137,7 +153,7 @@ class Saver:
         ck.set_latest(root, tag)
         seconds = time.perf_counter() - t0  # the stall: engine files, hashes, manifest, latest
         self.ledger.emit("ckpt_saved", step=step, tag=tag, seconds=round(seconds, 3), reason=why,
-                         bytes=sum(f["size"] for f in manifest["files"].values()), consumed=consumed)
+                         bytes=manifest.bytes, consumed=consumed)
         self.retain()
 
     def retain(self) -> None:

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kit: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     finally:
+        from kit.faults import fault_point
+
+        fault_point("segment.teardown", -1, int(os.environ.get("RANK", "0")))  # tests: a rank stuck after its end
         _destroy()
     code = exitcodes.REASONS.get(reason, 1)
     return args.boundary_exit_code if code == exitcodes.REQUEUE else code
@@ -73,6 +76,15 @@ def _destroy() -> None:
             d.destroy_process_group()
     except Exception as e:  # teardown of a broken group must not mask the real exit status
         print(f"kit: warning: destroy_process_group failed: {e}", file=sys.stderr)
+
+
+def start_process() -> None:
+    """First thing in a rank's process: die with the launcher (kit.procs: a SIGKILLed torchrun or
+    driver leaves no orphaned rank), and build DeepSpeed's ops in this install's cache (kit.opcache)."""
+    from kit import opcache, procs
+
+    procs.arm_in_rank()
+    opcache.set_extensions_dir()
 
 
 def exit_now(code: int) -> NoReturn:
@@ -90,4 +102,5 @@ def exit_now(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
+    start_process()
     exit_now(main())

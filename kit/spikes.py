@@ -371,9 +371,11 @@ def set_aside_after(root: Path, to_step: int, spike_step: int, label: str) -> tu
     resumed from nor block the replay's saves. Those before the spike hold the same state the
     replay recomputes: deleted (manifest first), their pins stay for the replayed ones. Those at or
     after the spike hold post-spike weights: moved to ``.rolled-back/<label>/`` as evidence, outside
-    resume and retention (the operator deletes them). Returns (deleted, moved) tags."""
-    import shutil
+    resume and retention (the operator deletes them). Returns (deleted, moved) tags.
 
+    Deleting goes through kit.checkpoint.delete, which never deletes the newest complete checkpoint:
+    when none was saved after the spike, the newest one before it is moved aside with them instead
+    (the replay recomputes it; nothing a restart or a postmortem could need is ever deleted)."""
     from kit import checkpoint as ck
 
     complete, incomplete = ck.scan(root)
@@ -383,19 +385,19 @@ def set_aside_after(root: Path, to_step: int, spike_step: int, label: str) -> tu
         if c.step <= to_step:
             continue
         if c.step < spike_step:
-            with contextlib.suppress(FileNotFoundError):
-                (c.path / ck.MANIFEST).unlink()
-            shutil.rmtree(c.path)
-            deleted.append(c.tag)
-        else:
-            dest = root / ROLLED_BACK / label
-            dest.mkdir(parents=True, exist_ok=True)
-            os.replace(c.path, dest / c.tag)
-            ck.unpin(root, c.tag)
-            moved.append(c.tag)
+            with contextlib.suppress(ck.ProtectedCheckpoint):
+                ck.delete(root, c.tag)
+                deleted.append(c.tag)
+                continue
+        dest = root / ROLLED_BACK / label
+        dest.mkdir(parents=True, exist_ok=True)
+        os.replace(c.path, dest / c.tag)
+        ck.unpin(root, c.tag)
+        moved.append(c.tag)
     for p in incomplete:
         if (ck.step_of(p.name) or 0) > to_step:
-            shutil.rmtree(p, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                ck.delete(root, p.name)
     return deleted, moved
 
 

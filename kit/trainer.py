@@ -25,6 +25,7 @@ from kit import envvars, exitcodes
 from kit import spikes as sp
 from kit.config import RunConfig
 from kit.data import MixtureDataset, prepare, rank_micro_indices, wait_for_meta
+from kit.diskfull import DiskFullError
 from kit.dist import DistEnv
 from kit.engine import build_engine
 from kit.errors import ConfigError
@@ -105,6 +106,7 @@ class Trainer:
         self.switches = SwitchWatcher(run_dir, cfg.trainer.control_check_s)  # rank 0's look at control/
         self.health: JobHealth | None = None  # kit.health: node sampler, hang watchdog, straggler timings
         self._setup_watchdog = setup_watchdog  # kit.watchdog.for_setup: watching since before the rendezvous
+        self._end_fields: dict[str, Any] = {}  # extra fields of segment_ended (disk_full: the nodes to blame)
 
     # ------------------------------------------------------------------------------------ setup
     def _deadline(self) -> float | None:
@@ -161,13 +163,16 @@ class Trainer:
         st = self.state
         self.begin_loop()
         reason = "done"
-        while st.step < self.cfg.trainer.max_steps:
-            reason = self.step_once()
-            if reason:
-                break
-        reason = reason or "done"
-        if reason != "give_up" and not self.saver.saved_at(st.step):  # never checkpoint a state given up on
-            self.save(reason)
+        try:
+            while st.step < self.cfg.trainer.max_steps:
+                reason = self.step_once()
+                if reason:
+                    break
+            reason = reason or "done"
+            if reason != "give_up" and not self.saver.saved_at(st.step):  # never checkpoint a state given up on
+                self.save(reason)
+        except DiskFullError as e:  # every rank raises it together (kit.diskfull): end the segment, named
+            reason = self._disk_full(e)
         if reason == "stop":
             self._ack(STOP)
         self._finish(reason)
@@ -305,7 +310,7 @@ class Trainer:
             raise ConfigError(box[0][1:])
         self.guard.skips.merge(box[0])
         if self.state.resumed_from:
-            self.guard.restore(ck.load(self.rd.checkpoints, self.state.resumed_from).manifest["kit"])
+            self.guard.restore(ck.load(self.rd.checkpoints, self.state.resumed_from).manifest.kit.extra)
 
     def _skip_data(self) -> None:
         """Jump over skip ranges before a step; remember where each step starts in the data."""
@@ -348,6 +353,19 @@ class Trainer:
         self.ledger.alert("critical", f"training stopped: {why}; inspect with `kit spikes {self.rd.path}`",
                           step=self.state.step)
         return "give_up"
+
+    def _disk_full(self, e: DiskFullError) -> str:
+        """A save found its filesystem full: say so (not a crash, no node blamed unless its own disk
+        was the full one) and end the segment; the previous checkpoint stays the newest complete one."""
+        latest = ck.find_resume(self.rd.checkpoints)[0] if self.env.is_main else None
+        self._log(str(e))
+        self.ledger.alert("critical", f"{e}. The newest complete checkpoint is still "
+                          f"{latest.tag if latest else 'none'}; the segment ended with DISK_FULL "
+                          f"({exitcodes.DISK_FULL}). Free space there (fewer checkpoint.keep_last, move old "
+                          "checkpoints away), then resume (`kit submit` or `kit train` again)",
+                          step=self.state.step, nodes=e.nodes, free_bytes=min(f.free_bytes for f in e.failures))
+        self._end_fields = {"suspect_nodes": e.nodes}
+        return "disk_full"
 
     def _near_deadline(self) -> bool:
         if self.deadline is None:
@@ -400,7 +418,8 @@ class Trainer:
             self.health = None
         if self.env.is_main:
             self.ledger.emit("segment_ended", reason=reason, step=self.state.step,
-                             exit_code=exitcodes.REASONS.get(reason, 1), signal=self.state.signalled)
+                             exit_code=exitcodes.REASONS.get(reason, 1), signal=self.state.signalled,
+                             **self._end_fields)
         self.close()
 
     def close(self) -> None:

@@ -20,12 +20,15 @@ from kit.rundir import RunDir, resolve_run
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import seconds
+
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or names under --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
     p.add_argument("--once", action="store_true", help="print one summary and exit: 0 healthy, 1 degraded, 2 down")
     p.add_argument("--json", action="store_true", help="with --once: one JSON object per run, in a list")
     p.add_argument("--replay", action="store_true", help="play a run back from its first event (postmortems)")
-    p.add_argument("--speed", type=float, default=60.0, help="with --replay: how many times real time (default 60)")
+    p.add_argument("--speed", type=seconds(0.0, strict=True), default=60.0,
+                   help="with --replay: how many times real time (default 60)")
     p.add_argument("--read-only", action="store_true", help="no actions that change the run (stop, save-now, ack)")
     p.add_argument("--no-slurm", action="store_true", help="do not ask squeue/sacct (the ledger only)")
 

@@ -53,18 +53,36 @@ def session_processes() -> dict[int, str]:
     return out
 
 
+# Daemons a test may (re)start (the two-node Slurm test restarts Slurm): shared by everyone, never a leak.
+DAEMONS = ("slurmctld", "slurmd", "slurmdbd", "slurmstepd", "munged", "mariadbd")
+
+
 def leftovers(before: set[int], grace_s: float) -> dict[int, str]:
-    """Processes started since ``before`` still alive after ``grace_s``; they are killed, and returned."""
+    """Processes started since ``before`` still alive after ``grace_s``; they are killed (Slurm jobs among
+    them cancelled first), and returned."""
     deadline = time.monotonic() + grace_s
     while True:
-        left = {p: c for p, c in session_processes().items() if p not in before}
+        left = {p: c for p, c in session_processes().items()
+                if p not in before and c.split(" ", 1)[0].rsplit("/", 1)[-1] not in DAEMONS}
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    jobs = {j for j in map(_slurm_job, left) if j}
+    if jobs and shutil.which("scancel"):
+        subprocess.run(["scancel", *sorted(jobs)], capture_output=True, timeout=30, check=False)
     for pid in left:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return left
+
+
+def _slurm_job(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return ""
+    return env.get(b"SLURM_JOB_ID", b"").decode()
 
 
 @pytest.fixture(autouse=True)
@@ -80,10 +98,11 @@ def no_process_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def stale_build_locks() -> list[Path]:
-    """torch extension build locks older than a few minutes (a killed build: every later DeepSpeed
-    start would wait on it forever)."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    return [p for p in root.glob("*/*/lock") if time.time() - p.stat().st_mtime > 300] if root.is_dir() else []
+    """DeepSpeed/torch extension build locks no process holds, older than a few minutes (a killed build:
+    every later DeepSpeed start would wait on it forever), in this install's cache (kit.opcache)."""
+    from kit import opcache
+
+    return [lk.path for lk in opcache.stale_locks()]
 
 
 def mounts_under(basetemp: Path) -> list[str]:
@@ -133,15 +152,15 @@ def slurm() -> None:
 @pytest.fixture(scope="session")
 def deepspeed_ok() -> None:
     """DeepSpeed is importable, and its CPU communication op is built (once, ~30 s on a fresh machine;
-    cached in ~/.cache/torch_extensions): otherwise the first test to start ranks pays for it inside
-    its own timings, and every rank of it waits on the build lock."""
+    cached in this install's folder, kit.opcache): otherwise the first test to start ranks pays for it
+    inside its own timings, and every rank of it waits on the build lock."""
     import sys
 
     try:
         import deepspeed  # noqa: F401
     except ImportError:
         require(False, "DeepSpeed")
-    warm = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+    warm = subprocess.run([sys.executable, "-m", "kit.opcache", "build"],
                           env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=600)
     assert warm.returncode == 0, f"building DeepSpeed's CPU comm op failed (is g++ installed?):\n{warm.stderr[-2000:]}"
 
@@ -187,6 +206,58 @@ def full_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def mount_tmpfs(where: Path, size: str) -> None:
+    """A real, small filesystem at ``where`` (skips without the right to mount: root and CAP_SYS_ADMIN)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (and CAP_SYS_ADMIN)")
+
+
+def processes_of(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose command line mentions ``text`` (a test's tmp_path),
+    from /proc: what a test leaves behind."""
+    out = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            raw = Path(entry.path, "cmdline").read_bytes()
+        except OSError:
+            continue
+        cmd = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+        if text in cmd:
+            out.append((int(entry.name), cmd))
+    return out
+
+
+def wait_no_processes(text: str, timeout: float) -> list[tuple[int, str]]:
+    """Wait (bounded) until no process mentions ``text``; returns those still there at the end."""
+    import time
+
+    end = time.monotonic() + timeout
+    left = processes_of(text)
+    while left and time.monotonic() < end:
+        time.sleep(0.5)
+        left = processes_of(text)
+    return left
+
+
+@pytest.fixture
+def no_leftovers(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """tmp_path, and at teardown no process whose command line mentions it (found even without the
+    session mark, e.g. under another user's Slurm): any left are killed and the test fails naming them
+    (the autouse no_process_left_behind checks the session's processes as well)."""
+    yield tmp_path
+    left = wait_no_processes(str(tmp_path), LEFTOVER_GRACE_S)
+    for pid, _ in left:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    assert not left, f"processes left behind: {left}"
 
 
 # The tests whose outcome depends on several processes or threads meeting (stream vs trainer, monitor vs

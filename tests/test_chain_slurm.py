@@ -9,6 +9,8 @@ Segment lengths depend on slurmctld's 30 s limit checks: assertions say "at leas
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -221,3 +223,34 @@ def test_crash_loop_stops_with_alert(tmp_path: Path, slurm: None, deepspeed_ok: 
     out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "status", str(sub.run_dir)], capture_output=True,
                          text=True, check=True).stdout
     assert "ended (crash_loop)" in out and "crash" in out
+
+
+def test_frozen_rank_is_stopped_and_the_slurm_chain_resumes(no_leftovers: Path, slurm: None, deepspeed_ok: None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1's trainer frozen (SIGSTOP) on the real Slurm: rank 0's watchdog ends the segment (HANG),
+    rank 1's driver stops its frozen trainer after health.exit_grace_s, so the job ends (it does not
+    hold the allocation to its time limit) and the resubmitted job resumes and finishes; nothing of the
+    test is left running. (Before: the driver waited on the frozen trainer until the time limit.)"""
+    from kit.jobs import slurmctl
+    from kit.jobs.submit import submit
+    from kit.ledger import read_all
+    from tests.test_chain_local import FROZEN, rank_pid, wait_steps
+
+    monkeypatch.setenv("KIT_FAULTS", "step.after=sleep0.3")
+    cfg = _cfg(no_leftovers, "frozen", **{**FROZEN, "slurm.time_limit": "00:10:00"})
+    sub = submit(cfg, log=lambda m: None)
+    assert sub.executor == "slurm", "Slurm went away: submit fell back to the local executor"
+    wait_steps(sub.run_dir, sub.job_id, 5, timeout=300)
+    os.kill(rank_pid(sub.run_dir, 1), signal.SIGSTOP)
+    # The next job depends on this one (afterany): the chain can only end within the bound below if the
+    # frozen job ended long before its 10-minute limit.
+    state = _wait_ended(sub.run_dir, timeout=400)
+    assert state["end_reason"] == "done", state
+    first, *rest = state["segments"]
+    assert first["outcome"] == "hang" and rest and rest[-1]["outcome"] == "finished", state["segments"]
+    assert first["job_id"] == sub.job_id and len(state["job_ids"]) == 2, "a hang resubmits under a new job"
+    assert not slurmctl.is_active(sub.job_id)
+    stopped = [a for a in read_all(sub.run_dir, {"alert"}) if "the driver terminated it" in a["message"]]
+    assert stopped and stopped[0]["rank"] == 1
+    loaded = [e for e in read_all(sub.run_dir, {"ckpt_loaded"}) if e["seg"] == rest[0]["seg"]]
+    assert loaded and loaded[0]["step"] == 4

@@ -95,6 +95,25 @@ def test_a_preflight_failed_on_every_node_backs_off_then_ends(tmp_path: Path) ->
     assert (d.action, d.reason, d.severity) == ("end", "crash_loop", "critical")
 
 
+def test_a_full_disk_ends_the_chain_without_blaming_a_node(tmp_path: Path) -> None:
+    """disk_full (kit.exitcodes.DISK_FULL) is its own outcome: a full shared filesystem ends the chain
+    with a critical alert and excludes nothing (the old code called it a crash, blamed the node and
+    resubmitted); only nodes whose own disk filled (kit.diskfull.local_nodes) are excluded."""
+    assert ch.classify("disk_full", exitcodes.DISK_FULL) == ch.DISK_FULL
+    assert ch.classify("", exitcodes.DISK_FULL) == ch.DISK_FULL
+    cfg = _cfg(tmp_path)
+    st = ch.ChainState()
+    d = _run(cfg, st, _rec(ch.DISK_FULL, 4, 4, "disk_full"))
+    assert (d.action, d.reason, d.severity) == ("end", "disk_full", "critical")
+    assert "disk full" in d.alert and "step 4" in d.alert and st.excluded_nodes == [] and not d.exclude
+    st = ch.ChainState()
+    d = _run(cfg, st, _rec(ch.DISK_FULL, 4, 6, "disk_full", ("n2",)))
+    assert (d.action, d.exclude, d.delay_s) == ("resubmit", ("n2",), 0.0) and st.excluded_nodes == ["n2"]
+    st = ch.ChainState()
+    d = _run(cfg, st, _rec(ch.DISK_FULL, 4, 6, "disk_full", ("n2",)), usable=1)
+    assert d.action == "end" and st.excluded_nodes == [], "the only node is never excluded"
+
+
 def test_limits_end_the_chain(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, **{"chain.max_segments": 2, "chain.deadline": "2030-01-01T00:00:00"})
     st = ch.ChainState()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kit import checkpoint as ck
 from kit.errors import CheckpointError
@@ -153,6 +156,115 @@ def test_a_live_hold_keeps_a_bounded_number_of_unshipped_checkpoints(tmp_path: P
     ck.release(tmp_path, "stream")  # twice is fine
 
 
+# ------------------------------------------------------------- issue 14: typed manifest, one delete path
+
+OLD_MANIFEST = {  # what the trainer wrote before the manifest was typed (a dict literal in kit/trainer.py)
+    "version": 1, "tag": "step_0000040", "step": 40, "created": 1764300000.5,
+    "files": {"mp_rank_00_model_states.pt": {"size": 140, "sha256": ""}},
+    "kit": {"step": 40, "consumed": 320, "world_size": 2,
+            "model": {"hidden_size": 64, "n_layer": 2, "n_head": 4, "seq_length": 32}, "vocab_size": 512,
+            "zero_stage": 2, "precision": "fp32", "config_digest": "0123456789abcdef", "seg": "1234_0",
+            "reason": "interval", "skips": [{"start": 200, "end": 224}], "spikes": {"loss": [], "seen": [0, 0]}},
+}
+
+
+def test_an_old_manifest_reads_typed_resumes_and_writes_back_the_same(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    p = tmp_path / "step_0000040"
+    p.mkdir()
+    (p / "mp_rank_00_model_states.pt").write_bytes(b"m" * 140)
+    old = json.loads(json.dumps(OLD_MANIFEST))
+    old["files"]["mp_rank_00_model_states.pt"]["sha256"] = hashlib.sha256(b"m" * 140).hexdigest()
+    (p / ck.MANIFEST).write_text(json.dumps(old))
+    c, notes = ck.find_resume(tmp_path, hashes=True)
+    assert c is not None and notes == [] and (c.step, c.consumed, c.bytes) == (40, 320, 140)
+    kit = c.manifest.kit
+    assert (kit.world_size, kit.zero_stage, kit.precision, kit.universal) == (2, 2, "fp32", False)
+    assert kit.extra == {"skips": [{"start": 200, "end": 224}], "spikes": {"loss": [], "seen": [0, 0]}}
+    assert c.manifest.to_dict() == old  # the on-disk format is unchanged
+    ck.check_compatible(c, 2, {"hidden_size": 64, "n_layer": 2, "n_head": 4}, 512)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(where=st.sampled_from([(), ("files",), ("kit",), ("step",), ("files", "mp_rank_00_model_states.pt"),
+                              ("files", "mp_rank_00_model_states.pt", "size"), ("kit", "consumed"),
+                              ("kit", "world_size"), ("kit", "model"), ("kit", "universal"), ("created",), ("tag",),
+                              ("version",)]),
+       value=_JSON)
+def test_a_damaged_manifest_is_a_checkpoint_error_never_a_crash(tmp_path_factory: pytest.TempPathFactory,
+                                                                 where: tuple[str, ...], value: object) -> None:
+    """Any JSON value in any field: reading, scanning and resuming raise CheckpointError (with what to
+    do) or read a manifest; never KeyError/TypeError deep inside a reader."""
+    import copy
+    import json
+
+    root = tmp_path_factory.mktemp("damaged")
+    p = root / "step_0000040"
+    p.mkdir()
+    m: object = copy.deepcopy(OLD_MANIFEST)
+    if where:
+        node: dict = m  # type: ignore[assignment]
+        for k in where[:-1]:
+            node = node[k]
+        node[where[-1]] = value
+    else:
+        m = value
+    (p / ck.MANIFEST).write_text(json.dumps(m))
+    try:
+        found, _ = ck.find_resume(root)
+        if found is not None:
+            assert isinstance(found.manifest, ck.Manifest) and found.step == 40
+            _ = found.consumed
+    except CheckpointError as e:
+        assert "MANIFEST.json" in str(e) or "consumed" in str(e)
+
+
+def test_the_newest_complete_checkpoint_is_never_deleted(tmp_path: Path) -> None:
+    for s in (10, 20, 30):
+        fake_ckpt(tmp_path, s)
+    fake_ckpt(tmp_path, 40, complete=False)  # a save in progress is not the newest complete one
+    with pytest.raises(ck.ProtectedCheckpoint, match="newest complete checkpoint"):
+        ck.delete(tmp_path, ck.tag_for(30))
+    for keep_last in (0, -1, -5):  # whatever a caller asks, retention keeps the newest
+        assert ck.tag_for(30) not in {p.name for p in ck.retention_plan(tmp_path, keep_last, 0)[0]}
+    deleted, _ = ck.apply_retention(tmp_path, keep_last=0, keep_every=0)
+    assert deleted == [ck.tag_for(10), ck.tag_for(20)]
+    assert [c.tag for c in ck.scan(tmp_path)[0]] == [ck.tag_for(30)]
+    ck.delete(tmp_path, ck.tag_for(40))  # incomplete: deletable
+    assert sorted(os.listdir(tmp_path)) == [ck.tag_for(30)]
+
+
+def test_delete_removes_the_manifest_first(tmp_path: Path) -> None:
+    """A delete that fails midway leaves an incomplete folder (resume ignores it), never one that looks
+    complete with files missing. The failure is real: a filesystem mounted inside the checkpoint
+    folder cannot be removed (EBUSY), as a busy or vanished network mount; needs root to mount."""
+    import subprocess
+
+    for s in (10, 20):
+        fake_ckpt(tmp_path, s)
+    p = tmp_path / ck.tag_for(10)
+    mnt = p / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (and CAP_SYS_ADMIN)")
+    try:
+        with pytest.raises(OSError):
+            ck.delete(tmp_path, ck.tag_for(10))
+        assert not (p / ck.MANIFEST).exists()
+        complete, incomplete = ck.scan(tmp_path)
+        assert [c.step for c in complete] == [20] and incomplete == [p]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def test_manifest_digests_are_sha256_and_crc32_of_the_bytes(tmp_path: Path) -> None:
     import hashlib
     import os
@@ -163,8 +275,7 @@ def test_manifest_digests_are_sha256_and_crc32_of_the_bytes(tmp_path: Path) -> N
     blobs = {"empty.bin": b"", "small.bin": b"kit", "big.bin": os.urandom(ck.HASH_CHUNK * 2 + 12345)}
     for name, data in blobs.items():
         (folder / name).write_bytes(data)
-    files = ck.write_manifest(folder, 1, {"consumed": 0})["files"]
+    files = ck.write_manifest(folder, 1, {"consumed": 0}).files
     for name, data in blobs.items():
-        assert files[name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                               "crc32": f"{zlib.crc32(data):08x}"}
-        assert ck.crc32(folder / name) == files[name]["crc32"]
+        assert files[name] == ck.FileEntry(len(data), hashlib.sha256(data).hexdigest(), f"{zlib.crc32(data):08x}")
+        assert ck.crc32(folder / name) == files[name].crc32

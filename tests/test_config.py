@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kit.config import RunConfig, apply_override, describe_keys, from_dict, load_recipe
 from kit.errors import ConfigError
@@ -104,3 +107,118 @@ def test_invalid_toml(tmp_path: Path) -> None:
     p.write_text("[run\nname=1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_recipe(p)
+
+
+# ----------------------------------------------------------------------- issue 14: every key checked
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("slurm.nodes=0", "slurm.nodes must be at least 1, got 0"),
+        ("slurm.nodes=-1", "slurm.nodes must be at least 1, got -1"),
+        ("slurm.mem_gb=-4", "slurm.mem_gb must be >= 0 (0 = Slurm's default), got -4.0"),
+        ("slurm.time_limit='abc'", "slurm.time_limit must be a Slurm time limit"),
+        ("slurm.time_limit='0'", "slurm.time_limit must be longer than 0"),
+        ("slurm.time_limit='10:75'", "slurm.time_limit must be a Slurm time limit"),
+        ("slurm.gpus_per_node=-1", "slurm.gpus_per_node must be >= 0 (0 = CPU tasks)"),
+        ("slurm.tasks_per_node=-2", "slurm.tasks_per_node must be >= 0 (0 = trainer.nproc)"),
+        ("slurm.cpus_per_task=0", "slurm.cpus_per_task must be at least 1"),
+        ("slurm.exclude=['n1,n2']", "slurm.exclude[0] must be one name without spaces or commas"),
+        ("slurm.partition='a b'", "slurm.partition must not contain spaces"),
+        ("slurm.sbatch_args.time='1:00:00'", "slurm.sbatch_args.time is set by the recipe: use slurm.time_limit"),
+        ("slurm.sbatch_args.ntasks-per-node=4", "slurm.sbatch_args.ntasks-per-node is set by the recipe"),
+        ("trainer.stop_after_steps=-3", "trainer.stop_after_steps must be >= 0 (0 = off), got -3"),
+        ("trainer.threads=0", "trainer.threads must be at least 1"),
+        ("trainer.stop_margin_s=-1", "trainer.stop_margin_s must be >= 0"),
+        ("optim.eps=0", "optim.eps must be greater than 0"),
+        ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+        ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+        ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+        ("model.hidden_size=99999999999999999999999", "model.hidden_size is out of range (more than 64 bits)"),
+        ("model.layer_norm_epsilon=0", "model.layer_norm_epsilon must be greater than 0"),
+        ("run.seed=-1", "run.seed must be >= 0"),
+        ("health.host_mem_max_pct=150", "health.host_mem_max_pct must be in (0, 100]"),
+        ("deepspeed.extra.when=[1979-05-27]", "deepspeed.extra.when[0] must be a string, number, boolean, list or"),
+        ("container.binds=[':/x']", "container.binds[0] must be"),
+    ],
+)
+def test_every_section_is_checked_with_the_key_named(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_recipe(ROOT / "jobs" / "tiny.toml", [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("dotted", sorted(__import__("kit.validation").validation.DEEPSPEED_MODELLED))
+def test_deepspeed_extra_cannot_override_what_the_recipe_models(dotted: str) -> None:
+    """extra zero_optimization.stage = 3 used to run ZeRO-3 while the recipe, manifest and converter said 2."""
+    from kit.validation import DEEPSPEED_MODELLED
+
+    with pytest.raises(ConfigError) as e:
+        load_recipe(ROOT / "jobs" / "tiny.toml", [f"deepspeed.extra.{dotted}=1"])
+    assert f"deepspeed.extra.{dotted} is set by the recipe: use {DEEPSPEED_MODELLED[dotted]} instead" in str(e.value)
+    with pytest.raises(ConfigError, match=r"is set by the recipe"):  # a key under a modelled table too
+        load_recipe(ROOT / "jobs" / "tiny.toml", [f"deepspeed.extra.{dotted}.x.y=1"])
+
+
+def test_deepspeed_extra_passes_what_the_recipe_does_not_model() -> None:
+    from kit.engine import deepspeed_config
+
+    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", ["deepspeed.extra.zero_optimization.offload_optimizer.device='cpu'",
+                                                    "deepspeed.extra.communication_data_type='fp32'"])
+    ds = deepspeed_config(cfg, 2)
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert ds["communication_data_type"] == "fp32"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90", 5400), ("10:30", 630), ("1:00:00", 3600), ("20:00:00", 72000), ("2-00", 172800), ("1-12", 129600),
+    ("1-12:30", 131400), ("1-00:00:01", 86401), ("1-23:59:59", 172799),
+])
+def test_time_limit_forms_of_sbatch(text: str, seconds: float) -> None:
+    from kit.validation import parse_time_limit
+
+    assert parse_time_limit(text) == seconds
+    assert load_recipe(ROOT / "jobs" / "tiny.toml", [f"slurm.time_limit='{text}'"]).slurm.time_limit_s == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1:2:3:4", "1-24:00", "10:60", "1:60:00", "-5", "1.5", "UNLIMITED",
+                                  "1-", "-1:00", "1--2", " 1 : 00"])
+def test_time_limit_malformed(text: str) -> None:
+    from kit.validation import parse_time_limit
+
+    assert parse_time_limit(text) is None
+
+
+def test_bare_times_and_dates_in_overrides_are_text() -> None:
+    """`--set slurm.time_limit=20:00:00` is a TOML time; no recipe key is date-typed, so it is the text."""
+    cfg = load_recipe(ROOT / "jobs" / "tiny.toml", ["slurm.time_limit=20:00:00",
+                                                    "trainer.deadline=2030-01-02T03:04:05"])
+    assert (cfg.slurm.time_limit, cfg.trainer.deadline) == ("20:00:00", "2030-01-02T03:04:05")
+
+
+_VALUES = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(), st.text(max_size=12), st.sampled_from(["'20:00:00'", "1979-05-27", "[1, 2]", "{a = 1}", "'x y'",
+                                                          "[]", "''", "'1-00:00:00'", "-0", "[[1]]"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from([*describe_keys(), "deepspeed.extra.x", "deepspeed.extra.bf16.enabled",
+                            "slurm.sbatch_args.gres", "data.sources", "slurm"]),
+       value=_VALUES)
+def test_any_value_for_any_key_is_a_config_error_or_a_plannable_frozen_recipe(key: str, value: object) -> None:
+    """Whatever an override says, loading raises ConfigError or gives a config that `kit plan` can size
+    and whose frozen run.toml reads back equal (no traceback, no unreadable run directory)."""
+    from kit.model import sizing
+
+    text = value if isinstance(value, str) else repr(value).replace("True", "true").replace("False", "false")
+    try:
+        cfg = load_recipe(ROOT / "jobs" / "tiny.toml", [f"{key}={text}"])
+    except ConfigError:
+        return
+    s = sizing(cfg)
+    assert s["world_size"] >= 1 and cfg.slurm.time_limit_s > 0
+    again = from_dict(tomllib.loads(cfg.to_toml()))
+    assert again.to_dict() == cfg.to_dict()

@@ -136,7 +136,7 @@ def test_bad_checkpoints_are_refused(zero_runs: dict[int, RunDir], tmp_path: Pat
     (step2 / ck.MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         pick_checkpoint(rd, 2)  # incomplete: no manifest
-    ck.write_manifest(step2, 2, ck.read_manifest(zero_runs[2].checkpoints / "step_0000002")["kit"])  # type: ignore[index]
+    ck.write_manifest(step2, 2, ck.load(zero_runs[2].checkpoints, "step_0000002").manifest.kit)
     with pytest.raises(CheckpointError, match="shards are missing"):
         convert(rd, pick_checkpoint(rd, 2), out)
     _nothing_at(out)
@@ -215,6 +215,7 @@ def test_cli_errors_are_one_line(zero_runs: dict[int, RunDir], tmp_path: Path, c
 
 def test_reshape_resumes_on_another_world_size(zero_runs: dict[int, RunDir], tmp_path: Path) -> None:
     """`kit reshape` to 1 rank (DeepSpeed universal checkpoint), then a real 1-rank segment resumes it."""
+    from kit.amend import amend
     from kit.config import load_recipe
     from kit.launch import create_run, run_local_segment
 
@@ -222,7 +223,7 @@ def test_reshape_resumes_on_another_world_size(zero_runs: dict[int, RunDir], tmp
     rd = _copy_run(src, tmp_path / "z2")
     assert kit_main(["reshape", str(rd.path), "--world-size", "1"]) == 0
     ckpt = ck.load(rd.checkpoints, "step_0000004")
-    assert ckpt.manifest["kit"]["world_size"] == 1 and ckpt.manifest["kit"]["universal"] is True
+    assert ckpt.manifest.kit.world_size == 1 and ckpt.manifest.kit.universal is True
     assert (rd.checkpoints / "step_0000004.dp2" / ck.MANIFEST).exists()  # the original is kept, not scanned
     assert [c.tag for c in ck.scan(rd.checkpoints)[0]] == ["step_0000002", "step_0000004"]
     assert read_all(rd.path, {"ckpt_reshaped"})[-1]["world_size"] == 1
@@ -230,8 +231,8 @@ def test_reshape_resumes_on_another_world_size(zero_runs: dict[int, RunDir], tmp
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(
         tmp_path, "z2", **{"deepspeed.zero_stage": 2, "trainer.max_steps": 6, "trainer.nproc": 1,
                            "batch.grad_accum": 4}))  # reshape kept the global batch: 2 x 2 x 2 ranks = 2 x 4 x 1
+    amend(RunDir(cfg.run_dir), cfg, who="test: more steps after the reshape", log=lambda m: None)
     rd = create_run(cfg, log=lambda *a: None)
-    rd.update_frozen(cfg)
     out = run_local_segment(rd, cfg, seg="one-rank", quiet=True)
     assert (out.reason, out.step) == ("done", 6)
     loaded = [e for e in read_all(rd.path, {"ckpt_loaded"}) if e.get("seg") == "one-rank"]
@@ -289,8 +290,8 @@ def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], 
         rd = _copy_run(zero_runs[stage], tmp_path / f"run{stage}")
         step4 = rd.checkpoints / "step_0000004"
         manifest = ck.read_manifest(step4)
-        assert manifest is not None and all("crc32" in f for f in manifest["files"].values())
-        for rel in sorted(manifest["files"]):
+        assert manifest is not None and all(f.crc32 for f in manifest.files.values())
+        for rel in sorted(manifest.files):
             f = step4 / rel
             data = bytearray(f.read_bytes())
             for where in (0, len(data) - 1, rng.randrange(len(data))):
@@ -303,7 +304,7 @@ def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], 
             f.write_bytes(bytes(data))
         assert pick_checkpoint(rd, 4).tag == "step_0000004"  # restored: accepted again
         # the command checks while it converts (other threads): refused all the same, nothing written
-        rel = max(manifest["files"], key=lambda r: manifest["files"][r]["size"])
+        rel = max(manifest.files, key=lambda r: manifest.files[r].size)
         data = bytearray((step4 / rel).read_bytes())
         data[len(data) // 2] ^= 0x04
         (step4 / rel).write_bytes(bytes(data))
@@ -317,10 +318,11 @@ def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], 
         data[len(data) // 2] ^= 0x04
         (step4 / rel).write_bytes(bytes(data))
         # a manifest without CRC-32 (saved by an older kit): the same byte is caught by sha256
-        for info in manifest["files"].values():
+        raw = manifest.to_dict()
+        for info in raw["files"].values():
             del info["crc32"]
-        (step4 / ck.MANIFEST).write_text(json.dumps(manifest))
-        rel = next(r for r in manifest["files"] if "optim_states" in r)
+        (step4 / ck.MANIFEST).write_text(json.dumps(raw))
+        rel = next(r for r in manifest.files if "optim_states" in r)
         data = bytearray((step4 / rel).read_bytes())
         data[len(data) // 3] ^= 0x10
         (step4 / rel).write_bytes(bytes(data))

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,17 @@ from kit.containers.pins import load_pins
 from kit.dist import free_port
 from kit.ledger import read_all
 from kit.rundir import RunDir
-from kit.tools.doctor_checks import FAIL, NA, OK, WARN, Environment, check_filesystem, check_gpus, check_versions
+from kit.tools.doctor_checks import (
+    FAIL,
+    NA,
+    OK,
+    WARN,
+    Environment,
+    check_build_locks,
+    check_filesystem,
+    check_gpus,
+    check_versions,
+)
 from kit.tools.doctor_net import _scores, busbw
 
 # ------------------------------------------------------------------------------------------ fake NVML
@@ -227,6 +238,62 @@ def test_unwritable_checkpoint_filesystem() -> None:
     assert named["fs.inodes"].status == NA  # sysfs reports no inode counts
 
 
+# ---------------------------------------------------------------------------------- DeepSpeed op cache
+
+
+def _plant_lock(ext: Path, age_s: float, layout: str = "deepspeed_shm_comm") -> Path:
+    lock = ext / layout / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")
+    then = time.time() - age_s
+    os.utime(lock, (then, then))
+    return lock
+
+
+def test_a_stale_build_lock_is_named_with_the_command_to_remove_it(tmp_path: Path) -> None:
+    """A lock file left by a process killed while it compiled a DeepSpeed op (every later DeepSpeed
+    start waits on it forever): old, and no process holds it open, so it is stale; the check names it
+    and the command that removes it. A held lock, or a fresh one, is a build in progress."""
+    ext = tmp_path / "ext"
+    assert [c.status for c in check_build_locks([ext])] == [OK]
+    lock = _plant_lock(ext, 3600)
+    torch_layout = _plant_lock(ext, 3600, "py311_cpu/fused_adam")  # torch's default cache layout
+    [c] = check_build_locks([ext])
+    assert c.name == "fs.build_lock" and c.status == FAIL, c
+    assert f"remove it: rm {lock}" in c.detail and f"rm {torch_layout}" in c.detail and "60 min old" in c.detail
+    torch_layout.unlink()
+    # torch's builder keeps the lock's descriptor open while it builds: a holder means in progress
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "print('holding', flush=True); time.sleep(600)", str(lock)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        [c] = check_build_locks([ext])
+        assert c.status == OK and "build in progress" in c.detail and str(holder.pid) in c.detail
+    finally:
+        holder.kill()
+        holder.wait()
+    os.utime(lock)  # just created: a build on another node of a shared cache may hold it
+    assert [c.status for c in check_build_locks([ext])] == [OK]
+    assert [c.status for c in check_build_locks([ext], max_age_s=-1)] == [FAIL]
+
+
+def test_kit_doctor_names_a_stale_lock_in_this_installs_cache(tiny_cfg: Any, tmp_path: Path) -> None:
+    """`kit doctor` looks in the cache this install's DeepSpeed starts use (TORCH_EXTENSIONS_DIR, or
+    the kit's own default) and fails with the lock named, blaming no node."""
+    run = make_run(tiny_cfg, **{"doctor.allreduce_mib": 1.0, "doctor.allreduce_iters": 2})
+    ext = tmp_path / "ext"
+    lock = _plant_lock(ext, 900)
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "doctor", str(run), "--json"], capture_output=True,
+                         text=True, env={**os.environ, "KIT_IMAGE_TARGET": "", "TORCH_EXTENSIONS_DIR": str(ext)},
+                         timeout=120)
+    assert out.returncode == 76, out.stderr
+    report = json.loads(out.stdout)
+    [check] = [c for c in report["checks"] if c["name"] == "fs.build_lock"]
+    assert check["status"] == FAIL and f"rm {lock}" in check["detail"]
+    assert report["failed_nodes"] == [] and report["shared_failures"] == ["fs.build_lock"]
+
+
 # ------------------------------------------------------------------------------------------- bandwidth
 
 
@@ -321,7 +388,8 @@ def test_a_filesystem_failure_on_every_node_blames_no_node(tiny_cfg: Any) -> Non
 @pytest.mark.slow
 def test_one_node_two_ranks_agree_on_a_local_failure(tiny_cfg: Any) -> None:
     """Node checks run on the node's first rank only; the verdict is collective, so rank 1 (which ran
-    none) fails too, and only rank 0 writes the node's ledger file."""
+    none) fails too, and only rank 0 writes the node's ledger file. A filesystem check failed on the
+    allocation's only node is not blamed on it."""
     run = make_run(tiny_cfg, **{"doctor.allreduce_mib": 1.0, "doctor.allreduce_iters": 2,
                                 "doctor.min_write_mbps": 1e9})
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -331,7 +399,9 @@ def test_one_node_two_ranks_agree_on_a_local_failure(tiny_cfg: Any) -> None:
     assert event["src"] == "doctor-r0" and event["ok"] is False, out.stderr[-2000:]
     named = {c["name"]: c for c in event["checks"]}
     assert named["fs.write"]["status"] == FAIL and named["net.busbw"]["status"] == OK
-    assert event["failed_nodes"] == [event["node"]]
+    # a one-node allocation cannot tell its own disk from a shared one: no node is blamed (the chain
+    # used to exclude the only node of the allocation for a full shared filesystem)
+    assert event["failed_nodes"] == [] and event["shared_failures"] == ["fs.write"]
     measures = event["node_measures"][event["node"]]
     assert measures["intra_busbw_gbps"] > 0 and measures["copy_gbps"] > 0  # the intra-node all-reduce ran
     assert out.stdout.count("doctor: FAILED") == 2 and out.returncode != 0
@@ -349,3 +419,18 @@ def test_a_missing_peer_fails_the_preflight_instead_of_hanging(tiny_cfg: Any) ->
     assert "FAIL  net.collective" in out.stdout
     (event,) = read_all(run, {"doctor"})
     assert event["ok"] is False and event["failed_nodes"] == []  # the missing peer is not this node's fault
+
+
+def test_kit_train_refuses_to_start_ranks_on_a_stale_lock(tmp_path: Path, no_leftovers: Path) -> None:
+    """`kit train` runs no preflight, so it checks the lock itself: one red line naming the lock and the
+    `rm` that removes it, instead of two ranks sleeping on it forever (the trap that hung a test suite)."""
+    ext = tmp_path / "ext"
+    lock = _plant_lock(ext, 900)
+    runs = tmp_path / "runs"
+    out = subprocess.run([sys.executable, "-m", "kit.tools.cli", "train", "tiny.toml", "--set",
+                          f'run.runs_dir="{runs}"', "--set", "trainer.max_steps=12"], capture_output=True, text=True,
+                         timeout=300,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert out.stderr.startswith("kit: error: stale DeepSpeed build lock") and f"rm {lock}" in out.stderr
+    assert "Traceback" not in out.stderr

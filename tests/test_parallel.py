@@ -95,7 +95,7 @@ def test_layout_matches_plain_data_parallel(runs: dict[str, RunDir], name: str) 
     started = read_all(rd.path, {"segment_started"})[-1]
     assert started["layout"] == layout.to_dict() and started["world_size"] == n
     for c in ck.scan(rd.checkpoints)[0]:
-        assert ck.layout_of(c) == layout and c.manifest["kit"]["world_size"] == n
+        assert ck.layout_of(c) == layout and c.manifest.kit.world_size == n
 
 
 def test_wrong_alibi_fails_the_comparison(runs: dict[str, RunDir]) -> None:

@@ -25,7 +25,11 @@ def test_create_freezes_the_config_and_refuses_a_changed_recipe(tiny_cfg: Any) -
     with pytest.raises(ConfigError, match="different model/data/optimizer"):
         rd.create(tiny_cfg("r", **{"optim.lr": 0.5}))
     assert rd.run_toml.read_text() == frozen  # nothing overwritten
-    rd.create(tiny_cfg("r", **{"slurm.partition": "other"}))  # resources may change
+    # not arithmetic, but never silently ignored (nor silently applied): refused, with the way to amend it
+    with pytest.raises(ConfigError, match=r"other settings than this recipe \(slurm.partition '' -> 'other'\); "
+                                          r".*pass --amend .*kit amend .* --set 'slurm.partition=\"other\"'"):
+        rd.create(tiny_cfg("r", **{"slurm.partition": "other"}))
+    assert rd.run_toml.read_text() == frozen
 
 
 def test_unwritable_run_directory(tmp_path: Path, tiny_cfg: Any) -> None:

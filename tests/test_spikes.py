@@ -231,3 +231,18 @@ def test_set_aside_after_deletes_replayed_and_keeps_post_spike_checkpoints(tmp_p
     kept = root / ROLLED_BACK / "r1-spike30" / "step_0000040"
     assert (kept / ck.MANIFEST).exists() and "step_0000040" not in ck.pinned(root)
     assert ck.find_resume(root)[0].tag == "step_0000010"  # type: ignore[union-attr]
+
+
+def test_set_aside_never_deletes_the_newest_checkpoint(tmp_path: Path) -> None:
+    """No checkpoint after the spike: the newest one (between the target and the spike) used to be
+    deleted; it is set aside with the abandoned timeline instead (kit.checkpoint.delete refuses it)."""
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 25):
+        d = root / ck.tag_for(step)
+        d.mkdir(parents=True)
+        (d / "weights.bin").write_bytes(bytes([step]) * 10)
+        ck.write_manifest(d, step, {"consumed": step * 8})
+    deleted, moved = set_aside_after(root, 10, 26, "r1-spike26")
+    assert deleted == ["step_0000020"] and moved == ["step_0000025"]
+    assert (root / ROLLED_BACK / "r1-spike26" / "step_0000025" / ck.MANIFEST).exists()
+    assert [c.tag for c in ck.scan(root)[0]] == ["step_0000010"]

@@ -76,7 +76,9 @@ def test_rollback_skips_the_data_and_the_skip_survives_a_restart(tmp_path: Path,
     (rb,) = read_all(rd.path, {"rollback"})
     # rollback_steps = 5, checkpoints every 5 steps: back to step 20, then skip 3 batches from the spike on
     assert (rb["from_step"], rb["to_step"], rb["tag"]) == (SPIKE_STEP, 20, "step_0000020")
-    assert (rb["skip_start"], rb["skip_end"]) == (200, 224) and rb["deleted"] == ["step_0000025"]
+    assert (rb["skip_start"], rb["skip_end"]) == (200, 224)
+    # step 25 (between the target and the spike) was the newest checkpoint: never deleted, set aside instead
+    assert rb["deleted"] == [] and rb["set_aside"] == [f".rolled-back/r1-spike{SPIKE_STEP}/step_0000025"]
     (skipped,) = read_all(rd.path, {"data_skipped"})
     assert (skipped["step"], skipped["start"], skipped["end"]) == (SPIKE_STEP, 200, 224)
     events = steps(rd, "a")
@@ -90,7 +92,8 @@ def test_rollback_skips_the_data_and_the_skip_survives_a_restart(tmp_path: Path,
     on_disk = json.loads((rd.control / SKIP_FILE).read_text())["ranges"]
     assert [(r["start"], r["end"], r["rollback"]) for r in on_disk] == [(200, 224, True)]
     for tag in ("step_0000025", "step_0000030"):
-        assert [(r["start"], r["end"]) for r in ck.load(rd.checkpoints, tag).manifest["kit"]["skips"]] == [(200, 224)]
+        skips = ck.load(rd.checkpoints, tag).manifest.kit.extra["skips"]
+        assert [(r["start"], r["end"]) for r in skips] == [(200, 224)]
     # TensorBoard: the replayed steps replaced the abandoned points (purge_step), one value per step.
     acc = EventAccumulator(str(rd.tensorboard))
     acc.Reload()

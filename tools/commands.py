@@ -12,14 +12,14 @@ from pathlib import Path
 from kit.config import load_recipe
 from kit.errors import KitError
 from kit.model import sizing
-from kit.tools.cli import add_recipe_args
+from kit.tools.cli import NONNEGATIVE, add_amend_arg, add_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "demo":
         p.add_argument("--name", default="", help="run name (default: demo-<date-time>, never reused)")
         p.add_argument("--runs-dir", default="runs", help="where the run directory goes (default: ./runs)")
-        p.add_argument("--steps", type=int, default=0, help="total steps (default: the recipe's)")
+        p.add_argument("--steps", type=NONNEGATIVE, default=0, help="total steps (default: the recipe's)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value of the embedded recipe (jobs/tiny.toml)")
         return
@@ -35,12 +35,15 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
                        f"({', '.join(CLUSTER_PRESETS)})")
         p.add_argument("--compare", action="store_true",
                        help="compare every tensor x pipeline x data x ZeRO layout of the recipe's world side by side")
-        p.add_argument("--top", type=int, default=12, help="with --compare: show the N fastest that fit (0 = all)")
+        p.add_argument("--top", type=NONNEGATIVE, default=12,
+                       help="with --compare: show the N fastest that fit (0 = all)")
         p.add_argument("--stack", default="kit", choices=sorted(STACKS),
                        help="software modelled: kit (default), or megatron-deepspeed as BLOOM-176B ran (docs/plan.md)")
     if verb == "train":
-        p.add_argument("--stop-after-steps", type=int, default=0,
-                       help="end the segment after N steps, saving first (a simulated allocation boundary)")
+        p.add_argument("--stop-after-steps", type=NONNEGATIVE, default=0,
+                       help="end the segment after N steps, saving first (a simulated allocation boundary; "
+                            "exit 75: run the same command again to continue)")
+        add_amend_arg(p)
 
 
 def run(args: argparse.Namespace, verb: str) -> int:
@@ -78,7 +81,7 @@ def plan(args: argparse.Namespace) -> int:
     s = sizing(cfg)
     days = pl.timing.step * cfg.trainer.max_steps / 86400
     training = {"total_tokens": s["total_tokens"], "checkpoint_bytes": s["checkpoint_bytes"], "days": days,
-                "segments": math.ceil(days * 86400 / _limit_seconds(cfg.slurm.time_limit))}
+                "segments": math.ceil(days * 86400 / cfg.slurm.time_limit_s)}
     if args.json:
         print(json.dumps({**s, **training, "plan": pl.to_dict()}, indent=1))
     else:
@@ -86,27 +89,39 @@ def plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _limit_seconds(limit: str) -> float:
-    from kit.jobs.chain import limit_seconds
-
-    return limit_seconds(limit)
-
-
 # --------------------------------------------------------------------------------------- train, demo
 
 
 def train(args: argparse.Namespace) -> int:
+    from kit.amend import amend
     from kit.launch import create_run, run_local_segment
+    from kit.rundir import RunDir
 
     cfg = load_recipe(args.recipe, args.overrides)
     cfg.check_layout(cfg.trainer.nproc, "trainer.nproc (the local ranks of `kit train`)")
+    if args.amend and RunDir(cfg.run_dir).exists():
+        amend(RunDir(cfg.run_dir), cfg, who="kit train")
     rd = create_run(cfg)
     seg = f"local-{datetime.now():%Y%m%d-%H%M%S}"  # unique: the outcome is read back from the ledger by seg
     out = run_local_segment(rd, cfg, stop_after_steps=args.stop_after_steps, seg=seg)
     if out.reason == "crashed":
         raise KitError(f"the segment failed (exit {out.returncode}); see the output above and {rd.ledger}")
-    print(f"segment ended: {out.reason} at step {out.step}; run directory {rd.path}")
-    return 0
+    code = out.exit_code  # the segment's own status (kit.exitcodes): a hang is not a success
+    print(f"segment ended: {_what(out.reason, out.event)} at step {out.step}; exit {code}; run directory {rd.path}")
+    return code
+
+
+def _what(reason: str, event: dict[str, object]) -> str:
+    """How a segment ended, in words, from its segment_ended event."""
+    if reason == "hang":
+        nodes = event.get("suspect_nodes") or []
+        return ("hang: the hang watchdog ended it (stack dumps under stacks/, `hang` in the ledger"
+                + (f"; suspect nodes {', '.join(map(str, nodes))}" if isinstance(nodes, list) and nodes else "") + ")")
+    if reason == "disk_full":
+        return "disk_full: a checkpoint save found its filesystem full (see the alert); the previous checkpoint is kept"
+    if reason == "give_up":
+        return "give_up: the trainer gave up (see its alerts)"
+    return reason
 
 
 def demo(args: argparse.Namespace) -> int:

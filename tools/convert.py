@@ -65,7 +65,7 @@ def parse_size(text: str) -> int:
     num = t.rstrip("KMGIB")
     try:
         value = int(float(num) * units[t[len(num):]])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):
         raise KitError(f"--shard-size {text!r} is not a size; write e.g. 2GB, 500MB or 1048576") from None
     if value <= 0:
         raise KitError("--shard-size must be positive")
@@ -130,11 +130,13 @@ def verify_source(ckpt: ck.Checkpoint, threads: int = 0) -> list[str]:
     problems = ck.verify(ckpt, hashes=False)
     if problems:
         return problems
-    files = sorted(ckpt.manifest["files"].items(), key=lambda item: -int(item[1]["size"]))  # big ones first
-    key, digest = ("crc32", ck.crc32) if all("crc32" in info for _, info in files) else ("sha256", ck.sha256)
+    files = sorted(ckpt.manifest.files.items(), key=lambda item: -item[1].size)  # big ones first
+    crc = all(info.crc32 for _, info in files)
+    key, digest = ("crc32", ck.crc32) if crc else ("sha256", ck.sha256)
     with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(lambda item: digest(ckpt.path / item[0]), files))
-    return [f"{rel}: {key} mismatch" for (rel, info), d in zip(files, digests, strict=True) if d != info[key]]
+    return [f"{rel}: {key} mismatch" for (rel, info), d in zip(files, digests, strict=True)
+            if d != (info.crc32 if crc else info.sha256)]
 
 
 def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -423,7 +425,7 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
         "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "sha256": known.get(p.name) or ck.sha256(p)}
                   for p in files},
         "export": {"tag": ckpt.tag, "step": ckpt.step, "run": cfg.run.name, "dtype": dtype,
-                   "zero_stage": ckpt.manifest["kit"].get("zero_stage"), "config_digest": cfg.digest(),
+                   "zero_stage": ckpt.manifest.kit.zero_stage, "config_digest": cfg.digest(),
                    "source_manifest_sha256": hashlib.sha256((ckpt.path / ck.MANIFEST).read_bytes()).hexdigest(),
                    "verify": verify},
     }
@@ -443,15 +445,14 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     from kit.tools.verify_export import verify_export
 
     led = ledger or NullLedger()
+    out = Path(out)
+    check_destination(out, force)
     cfg = rd.load_config()
     dtype = dtype or cfg.deepspeed.precision
     if dtype not in DTYPES:
         raise KitError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    out = Path(out)
-    if out.exists() and not force:
-        raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
     t0 = time.perf_counter()
-    reader = open_checkpoint(ckpt.path, ckpt.manifest["kit"], expected_shapes(cfg), cfg.model.n_layer)
+    reader = open_checkpoint(ckpt.path, ck.layout_of(ckpt), expected_shapes(cfg), cfg.model.n_layer)
     check_model(reader, cfg, ckpt)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
@@ -491,6 +492,37 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     return export
 
 
+def check_destination(out: Path, force: bool) -> None:
+    """Before any work: ``out`` can be written (nothing on its way is a file, its folder is writable:
+    a write probe) and, if it exists, may be replaced: only with ``force``, and only an earlier
+    export. --force never deletes a checkpoint, a run directory or any other folder."""
+    from kit.tools.remote import UploadError, local_folder, probe
+
+    if out.exists():
+        if not force:
+            raise KitError(f"{out} already exists; choose another --out or pass --force to replace it")
+        if not out.is_dir():
+            raise KitError(f"{out} is a file; --force replaces only an earlier export folder; choose another --out")
+        if any(out.iterdir()) and not _is_export(out):
+            kind = "a checkpoint" if (out / ck.MANIFEST).exists() else "not an earlier kit export"
+            raise KitError(f"{out} is {kind}: --force replaces only an earlier export (a folder whose "
+                           f"{ck.MANIFEST} says hf-export) or an empty folder; choose another --out; nothing "
+                           "was changed")
+    try:
+        local_folder(out, "cannot write the export")
+        probe(str(out.parent))
+    except UploadError as e:
+        raise KitError(f"--out {out}: {e}") from None
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        raw = json.loads((path / ck.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("kind") == "hf-export"
+
+
 def _write_error(e: OSError, out: Path) -> KitError | OSError:
     """The operator's version of an OSError met while writing the export (anything else stays a bug)."""
     import errno
@@ -507,36 +539,50 @@ def _write_error(e: OSError, out: Path) -> KitError | OSError:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except KitError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--shard-size ")) from None
+
+
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, seconds
+
     p.add_argument("run", help="run directory (or run name under --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, default=None, help="the checkpoint's step")
+    which.add_argument("--step", type=NONNEGATIVE, default=None, help="the checkpoint's step")
     which.add_argument("--latest", action="store_true", help="the newest complete checkpoint (the default)")
     p.add_argument("--out", default="", help="output folder or fsspec URL (default: <run>/exports/<tag>-<dtype>)")
     p.add_argument("--dtype", default="", choices=("", *DTYPES), help="weights dtype (default: the run's precision)")
-    p.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--shard-size", type=_size_arg, default=2 * 10**9, help="largest safetensors shard (default 2GB)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the check of the export against the checkpoint (weights and first blocks' logits)")
-    p.add_argument("--atol", type=float, default=0.0, help="largest accepted |logit difference| (default 0: exact)")
+    p.add_argument("--atol", type=seconds(0.0), default=0.0,
+                   help="largest accepted |logit difference| (default 0: exact)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace, verb: str) -> int:
-    from kit.tools.upload import is_url, redact, upload_folder
+    from kit.tools.upload import is_url, probe, redact, upload_folder
 
     rd = resolve_run(args.run, args.runs_dir)
+    url = args.out if is_url(args.out) else ""
+    if url:
+        probe(url)  # before hours of conversion: a destination that cannot work fails now
+    elif args.out:
+        check_destination(Path(args.out), args.force)
     ckpt = pick_checkpoint(rd, args.step, check=False)  # convert() checks every byte while it converts
     dtype = args.dtype or rd.load_config().deepspeed.precision
-    url = args.out if is_url(args.out) else ""
     out = Path(args.out) if args.out and not url else rd.exports / f"{ckpt.tag}-{dtype}"
     with LedgerWriter(rd.path, f"convert-{hostname()}-{os.getpid()}") as led:
         def say(fname: str) -> None:
             if not args.json:
                 print(f"  wrote {fname}", flush=True)
 
-        exp = convert(rd, ckpt, out, dtype, parse_size(args.shard_size), verify=not args.no_verify,
+        exp = convert(rd, ckpt, out, dtype, args.shard_size, verify=not args.no_verify,
                       atol=args.atol, force=args.force or bool(url), ledger=led, progress=say, check_source=True)
         result: dict[str, Any] = {"tag": exp.tag, "step": exp.step, "out": str(exp.out), "dtype": exp.dtype,
                                   "shards": exp.shards, "bytes": exp.bytes, "seconds": exp.seconds,

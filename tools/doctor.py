@@ -105,7 +105,7 @@ def node_checks(cfg: RunConfig, run_dir: Path, *, expect_gpus: int, nvml: Any = 
     """Everything checked once per node: image, GPUs, versions, checkpoint filesystem."""
     from kit.containers.pins import load_pins
     from kit.model import sizing
-    from kit.tools.doctor_checks import check_filesystem, check_gpus
+    from kit.tools.doctor_checks import check_build_locks, check_filesystem, check_gpus
 
     checks: list[Check] = []
     inside = os.environ.get(IMAGE_ENV, "")
@@ -128,6 +128,7 @@ def node_checks(cfg: RunConfig, run_dir: Path, *, expect_gpus: int, nvml: Any = 
     files_per_ckpt = 2 * int(s["world_size"]) + 4  # model + optimizer + RNG file per rank, manifest, latest
     checks += check_filesystem(run_dir / "checkpoints", n * float(s["checkpoint_bytes"]), int(n * files_per_ckpt),
                                int(cfg.doctor.probe_mib * 2**20), cfg.doctor.min_write_mbps, tag or "x")
+    checks += check_build_locks()
     return checks
 
 
@@ -164,7 +165,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, env: DistEnv, *, expect_gpus:
         # The missing peer is unknown here; this node is to blame only for its own local failures.
         local = [c for c in report.failures if not c.name.startswith("net.")]
         report.failed_nodes = [node] if local else []
-    report.ok = not report.failures and not report.failed_nodes
+    report.ok = not report.failures and not report.failed_nodes and not report.shared_failures  # same on every rank
     report.seconds = round(time.monotonic() - t0, 3)
     if ledger is not None and env.local_rank == 0 and (run_dir / "run.toml").exists():
         _to_ledger(report, run_dir, ledger or f"doctor-r{env.rank}", seg)
@@ -213,9 +214,11 @@ def _network(cfg: RunConfig, node: str, report: Report) -> None:
 def _agree(report: Report) -> None:
     """Every rank learns which nodes failed; a bandwidth failure blames the slowest node.
 
-    A checkpoint-filesystem check (``fs.*``) that fails on every node of a multi-node allocation is
-    the shared filesystem's problem (full, out of inodes, slow), not the nodes': blaming them would
-    make the chain exclude healthy nodes for the rest of the run. Those are ``shared_failures``."""
+    A filesystem check (``fs.*``) that fails on every node of the allocation is the shared
+    filesystem's problem (full, out of inodes, slow, a stale build lock), not the nodes': blaming them
+    would make the chain exclude healthy nodes for the rest of the run. Those are ``shared_failures``.
+    On a one-node allocation that is every node too: nothing shows the filesystem is the node's own,
+    and a full shared disk must not get the only node excluded."""
     import torch.distributed as dist
 
     mine = (report.node, [c.name for c in report.failures if not c.name.startswith("net.")])
@@ -224,10 +227,8 @@ def _agree(report: Report) -> None:
     by_node: dict[str, set[str]] = {}
     for node, names in everyone:
         by_node.setdefault(node, set()).update(names)
-    shared: set[str] = set()
-    if len(by_node) > 1:
-        shared = {n for n in set().union(*by_node.values())
-                  if n.startswith("fs.") and all(n in names for names in by_node.values())}
+    shared = {n for n in set().union(*by_node.values())
+              if n.startswith("fs.") and all(n in names for names in by_node.values())}
     report.shared_failures = sorted(shared)
     failed = {node for node, names in by_node.items() if names - shared}
     if any(c.name == "net.busbw" and c.status == FAIL for c in report.checks) and report.slowest_node:
@@ -244,9 +245,9 @@ def _to_ledger(report: Report, run_dir: Path, name: str, seg: str) -> None:
         if report.shared_failures and report.rank == 0:
             details = "; ".join(f"{c.name}: {c.detail}" for c in report.failures if c.name in report.shared_failures)
             led.alert("critical", f"preflight: {', '.join(report.shared_failures)} failed on every node "
-                      f"({details}): the shared checkpoint filesystem, not the nodes (none is excluded). Free "
-                      "space or fix the filesystem; the chain retries with backoff and stops after "
-                      "chain.crash_loop_limit tries", checks=report.shared_failures)
+                      f"({details}): a shared filesystem's problem, not the nodes' (none is excluded). Free "
+                      "space or fix the filesystem as the check says; the chain retries with backoff and stops "
+                      "after chain.crash_loop_limit tries", checks=report.shared_failures)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -289,3 +289,25 @@ def check_filesystem(ckpt_dir: Path, need_bytes: float, need_inodes: int, probe_
                      f"wrote and fsynced {probe_bytes / 2**20:.0f} MiB in {dt:.3f} s ({mbps:.0f} MB/s)"
                      + (f", below doctor.min_write_mbps {min_write_mbps}" if slow else ""), value=round(mbps, 1)))
     return out
+
+
+# ------------------------------------------------------------------------------- DeepSpeed op cache
+
+
+def check_build_locks(folders: list[Path] | None = None, max_age_s: float | None = None) -> list[Check]:
+    """Stale build locks in DeepSpeed's extension caches (kit.opcache): a lock left by a process killed
+    while it compiled an op makes every later DeepSpeed start on this node wait on it forever, silently."""
+    from kit import opcache
+
+    age = opcache.STALE_AFTER_S if max_age_s is None else max_age_s
+    locks = opcache.build_locks(folders)
+    stale = [lk for lk in locks if not lk.holders and lk.age_s > age]
+    if stale:
+        detail = "; ".join(f"stale build lock {lk.path} ({lk.age_s / 60:.0f} min old, no process building): every "
+                           f"DeepSpeed start waits on it forever; remove it: {lk.command}" for lk in stale)
+        return [Check("fs.build_lock", FAIL, detail, value=[str(lk.path) for lk in stale])]
+    busy = [lk for lk in locks if lk.holders or lk.age_s <= age]
+    if busy:
+        return [Check("fs.build_lock", OK, "; ".join(f"{lk.path}: a build in progress (pids {lk.holders or '?'}, "
+                                                     f"{lk.age_s:.0f} s)" for lk in busy))]
+    return [Check("fs.build_lock", OK, "no build lock in " + ", ".join(str(r) for r in (folders or opcache.roots())))]

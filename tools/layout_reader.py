@@ -147,10 +147,10 @@ def _cut(ranges: list[Range], start: int, count: int) -> list[Range]:
     return out
 
 
-def open_checkpoint(path: Path, manifest_kit: dict[str, Any], full_shapes: dict[str, tuple[int, ...]],
+def open_checkpoint(path: Path, layout: Layout, full_shapes: dict[str, tuple[int, ...]],
                     n_layer: int) -> ZeroCheckpoint | LayoutCheckpoint:
-    """The reader for a checkpoint folder: plain data parallel, or any tensor x pipeline layout."""
-    layout = Layout.from_dict(manifest_kit.get("layout"), int(manifest_kit.get("world_size") or 1))
+    """The reader for a checkpoint folder written at ``layout`` (kit.checkpoint.layout_of): plain data
+    parallel, or any tensor x pipeline layout."""
     if layout.plain:
         return ZeroCheckpoint(path)
     return LayoutCheckpoint(path, layout, full_shapes, n_layer)

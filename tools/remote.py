@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,15 @@ T = TypeVar("T")
 
 
 class UploadError(KitError):
-    """A destination cannot be written, is full, or keeps failing after retries."""
+    """A destination cannot be written, is full, or keeps failing after retries.
+
+    ``permanent``: retrying cannot help (credentials, a missing bucket, an invalid name, a path that is
+    a file...): the message says what to fix. ``attempts``: how many times it was tried."""
+
+    def __init__(self, message: str, permanent: bool = False, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.attempts = attempts
 
 
 def is_url(text: str) -> bool:
@@ -60,44 +69,156 @@ def open_fs(url: str) -> tuple[Any, str]:
     """The filesystem and root path of a URL (or a local path)."""
     import fsspec
 
+    check_name(url)
     try:
         fs, root = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
-        raise UploadError(f"cannot open {redact(url)}: {scrub(str(e))}") from None
+        raise UploadError(f"cannot open {redact(url)}: {scrub(str(e))}", permanent=True) from None
     return fs, str(root).rstrip("/")
+
+
+# --------------------------------------------------------------------------------- classification
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_S3_SCHEMES = ("s3", "s3a", "s3n")
+# S3 error codes that no retry can fix (botocore ClientError codes, when s3fs passes them through)
+_PERMANENT_CODES = {
+    "InvalidAccessKeyId": "the access key is not known: check the credentials",
+    "SignatureDoesNotMatch": "the secret key does not match: check the credentials",
+    "ExpiredToken": "the session token has expired: refresh the credentials",
+    "InvalidToken": "the session token is invalid: refresh the credentials",
+    "AccessDenied": "access denied: check the credentials and the destination's write permission",
+    "AllAccessDisabled": "access to the bucket is disabled: ask its owner",
+    "AccountProblem": "the account has a problem: ask its owner",
+    "NoSuchBucket": "the bucket does not exist: create it or fix the URL",
+    "InvalidBucketName": "the bucket name is invalid: fix the URL",
+}
+
+
+def check_name(url: str) -> None:
+    """Refuse, before any request, an S3 URL whose bucket name can never exist (S3's naming rules:
+    3-63 lowercase letters, digits, dots and hyphens; a service answers "does not exist" to those)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _S3_SCHEMES:
+        return
+    bucket = rest.rsplit("@", 1)[-1].split("/", 1)[0]
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise UploadError(f"{redact(url)}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, "
+                          "digits, dots and hyphens, starting and ending with a letter or digit); fix the URL",
+                          permanent=True)
+
+
+def classify(e: BaseException) -> str | None:
+    """Advice for an error that retrying cannot fix (auth refused, no credentials, not found, an
+    invalid name, a path that is not a folder, a full or read-only destination); None: transient
+    (a timeout, a reset connection, a 5xx, throttling), worth retrying with backoff."""
+    import errno
+
+    name = type(e).__name__
+    text = scrub(str(e))
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                "NoAuthTokenError", "ProfileNotFound"):
+        return (f"no usable credentials ({text}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                "AWS_PROFILE), HF_TOKEN for hf://, or the back end's fsspec configuration")
+    if name == "ParamValidationError":
+        hint = "the bucket name is invalid" if "bucket" in text.lower() else "the request is malformed"
+        return f"{hint} ({text.splitlines()[-1] if text else name}); fix the URL"
+    code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
+    if code in _PERMANENT_CODES:
+        return f"{_PERMANENT_CODES[code]} ({text})"
+    if isinstance(e, PermissionError):
+        return (f"permission denied ({text}); check the destination's credentials and write access")
+    if isinstance(e, FileNotFoundError):
+        if "bucket" in text.lower():
+            return f"the bucket does not exist ({text}); create it or fix the URL"
+        return f"not found ({text}); check the destination path"
+    if isinstance(e, (NotADirectoryError, FileExistsError)) or getattr(e, "errno", None) == errno.ENOTDIR:
+        return f"a file is in the way ({text}): the destination must be a folder; choose another path"
+    if isinstance(e, IsADirectoryError):
+        return f"a folder is in the way ({text}); choose another path"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the destination is full ({text}); free space or choose another destination"
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"the destination is not writable ({text})"
+    if isinstance(e, (ValueError, TypeError)):  # a malformed request (bucket name, URL)
+        return f"{type(e).__name__}: {text}; check the URL"
+    return None
 
 
 def retrying(fn: Callable[[], T], what: str, retries: int = 5, backoff_s: float = 1.0) -> T:
     """Run ``fn``; on transient errors wait backoff_s * 2^attempt (jittered, capped at 60 s) and retry.
 
-    A permission error or a full disk is not transient: it fails at once with what to do.
-    """
-    import errno
-
+    An error that cannot heal (:func:`classify`) fails at once, saying what to fix."""
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (FileNotFoundError, NotADirectoryError) as e:  # a path problem: retrying will not help
-            raise UploadError(f"{what}: {scrub(str(e))}; check the destination path") from None
-        except PermissionError as e:
-            raise UploadError(f"{what}: permission denied ({scrub(str(e))}); check the destination's "
-                              "credentials and write access") from None
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise UploadError(f"{what}: the destination is full ({scrub(str(e))}); free space or "
-                                  "choose another destination") from None
-            if e.errno in (errno.EROFS, errno.EACCES):
-                raise UploadError(f"{what}: the destination is not writable ({scrub(str(e))})") from None
-            err: BaseException = e
-        except (ValueError, TypeError) as e:  # a malformed request (bucket name, URL): retrying will not help
-            raise UploadError(f"{what}: {type(e).__name__}: {scrub(str(e))}; check the URL") from None
+        except UploadError:
+            raise
         except Exception as e:
-            err = e
+            advice = classify(e)
+            if advice is not None:
+                raise UploadError(f"{what}: {advice}", permanent=True, attempts=attempt + 1) from None
+            err: BaseException = e
         if attempt == retries:
             raise UploadError(f"{what} failed after {retries + 1} attempts: {type(err).__name__}: "
-                              f"{scrub(str(err))}; run the same command again to resume") from None
+                              f"{scrub(str(err))}; run the same command again to resume",
+                              attempts=retries + 1) from None
         time.sleep(min(60.0, backoff_s * 2**attempt) * (0.5 + random.random() / 2))
     raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------------- probe
+
+
+def local_folder(path: Path, what: str) -> Path:
+    """A local destination folder's nearest existing folder (itself, or the ancestor it would be
+    created in); fails at once if it is an existing file or a file is on its way."""
+    p = path.expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise UploadError(f"{what}: {path} is an existing file, not a folder; choose another destination",
+                          permanent=True)
+    for candidate in (p, *p.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise UploadError(f"{what}: {candidate} is a file, so {path} cannot be a folder under it; choose "
+                                  "another destination", permanent=True)
+            return candidate
+    return Path("/")
+
+
+def probe(url: str, retries: int = 5, backoff_s: float = 1.0) -> None:
+    """Check a destination before any long work (hashing, converting, uploading): a small file is
+    written there and removed (for a local folder that does not exist yet, in the folder it would be
+    created in: nothing is created). Credentials, bucket, name, permissions, a file in the way: what
+    cannot work fails here at once with what to fix; a transient failure is retried like an upload."""
+    safe = redact(url)
+    name = f".kit-probe-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    if not is_url(url) or url.startswith("file://"):
+        where = local_folder(Path(url.removeprefix("file://")), f"cannot write to {safe}")
+        target = where / name
+        try:
+            target.write_bytes(b"kit write probe")
+            target.unlink()
+        except OSError as e:
+            raise UploadError(f"cannot write to {safe}: {classify(e) or scrub(str(e))}",
+                              permanent=classify(e) is not None) from None
+        return
+    fs, root = open_fs(url)
+    remote = f"{root}/{name}"
+    retrying(lambda: fs.pipe_file(remote, b"kit write probe"), f"cannot write to {safe}", retries, backoff_s)
+    try:
+        fs.rm_file(remote)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # written but not removable: a write-only bucket policy; harmless litter
+        print(f"kit: note: could not remove the write probe {redact(remote)} ({scrub(str(e))})")
+
+
+def exists(url: str) -> bool:
+    """Whether anything is at ``url`` (a folder, a prefix with objects, a file)."""
+    fs, root = open_fs(url)
+    fs.invalidate_cache()
+    return bool(retrying(lambda: fs.exists(root), f"reading {redact(url)}", retries=2))
 
 
 def sha256_remote(fs: Any, path: str) -> str:
@@ -142,6 +263,9 @@ def verify_url(url: str, hashes: bool = True, jobs: int = 4) -> tuple[dict[str, 
     fs.invalidate_cache()
     manifest = retrying(lambda: read_json(fs, f"{root}/{UPLOAD_MANIFEST}"), f"reading {redact(url)}", retries=2)
     if manifest is None:
+        if not retrying(lambda: fs.exists(root), f"reading {redact(url)}", retries=2):
+            raise UploadError(f"{redact(url)} does not exist: nothing to verify; check the path (or upload first)",
+                              permanent=True)
         return None, [f"no {UPLOAD_MANIFEST}: the upload is incomplete (or this is not an upload); "
                       "run `kit upload` again"]
 
@@ -159,16 +283,16 @@ def verify_url(url: str, hashes: bool = True, jobs: int = 4) -> tuple[dict[str, 
 
 
 def verify_local(path: Path, hashes: bool = True, jobs: int = 4) -> tuple[dict[str, Any] | None, list[str]]:
-    """Check a local folder (a checkpoint, an export) against its MANIFEST.json."""
-    from kit.checkpoint import MANIFEST, read_manifest, sha256
+    """Check a local folder (a checkpoint, an export) against its MANIFEST.json; (its files, problems)."""
+    from kit.checkpoint import MANIFEST, read_file_list, sha256
 
-    manifest = read_manifest(path)
-    if manifest is None:
+    listed = read_file_list(path)
+    if listed is None:
         return None, [f"no {MANIFEST}: {path} is incomplete (or not a checkpoint or export)"]
+    files = {rel: {"size": f.size, "sha256": f.sha256} for rel, f in listed.items()}
 
     def size_of(rel: str) -> int | None:
         p = path / rel
         return p.stat().st_size if p.is_file() else None
 
-    return manifest, check_files(manifest.get("files", {}), size_of,
-                                 (lambda rel: sha256(path / rel)) if hashes else None, jobs)
+    return {"files": files}, check_files(files, size_of, (lambda rel: sha256(path / rel)) if hashes else None, jobs)

@@ -70,7 +70,7 @@ def reshape(rd: RunDir, ckpt: ck.Checkpoint, target: Layout | int, ledger: Ledge
         if target < 1:
             raise KitError("--world-size must be at least 1")
         target = Layout(old.tensor, old.pipeline, target) if old.model_parallel == 1 else Layout(1, 1, target)
-    if ckpt.manifest["kit"].get("universal"):
+    if ckpt.manifest.kit.universal:
         raise KitError(f"{tag} is already a universal checkpoint; resume it at {old} first, then reshape a newer one")
     if target == old:
         raise KitError(f"{tag} was written at {old} already; nothing to do")
@@ -91,15 +91,22 @@ def reshape(rd: RunDir, ckpt: ck.Checkpoint, target: Layout | int, ledger: Ledge
         _to_universal(ckpt, stage, workers)
         for r in range(target.world):
             shutil.copy2(ckpt.path / ck.RANK_STATE.format(rank=r % old.world), stage / ck.RANK_STATE.format(rank=r))
-        kit_state = dict(ckpt.manifest["kit"], world_size=target.world, layout=target.to_dict(), universal=True,
-                         reshaped_from={"tag": tag, "world_size": old.world, "layout": old.to_dict(),
-                                        "kept_as": backup.name})
+        kit_state = ckpt.manifest.kit.replace(world_size=target.world, layout=target.to_dict(), universal=True,
+                                              reshaped_from={"tag": tag, "world_size": old.world,
+                                                             "layout": old.to_dict(), "kept_as": backup.name})
         ck.write_manifest(stage, ckpt.step, kit_state)
         os.rename(ckpt.path, backup)
-        os.rename(stage, root / tag)
+        try:
+            os.rename(stage, root / tag)
+        except OSError:
+            os.rename(backup, ckpt.path)  # the original back: the newest checkpoint never goes missing
+            raise
+    except OSError as e:
+        raise CheckpointError(f"reshaping {tag} failed ({e.strerror or e}): nothing was changed, {tag} is as it "
+                              f"was; free space in {root} or fix its permissions") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    rd.update_frozen(cfg)
+    rd.write_frozen(cfg)  # the new layout, nproc and grad_accum (same global batch): ckpt_reshaped records them
     led.emit("ckpt_reshaped", tag=tag, world_size=target.world, from_world_size=old.world, layout=target.to_dict(),
              from_layout=old.to_dict(), kept_as=backup.name, grad_accum=cfg.batch.grad_accum)
     return backup
@@ -117,15 +124,20 @@ def _to_universal(ckpt: ck.Checkpoint, out: Path, workers: int) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, POSITIVE
+
     p.add_argument("run", help="run directory (or run name under --runs-dir); stop the run first")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
-    p.add_argument("--world-size", type=int, required=True, help="ranks of the next segment (all of them)")
-    p.add_argument("--tensor", type=int, default=0, help="parallel.tensor of the next segment (default: 1)")
-    p.add_argument("--pipeline", type=int, default=0, help="parallel.pipeline of the next segment (default: 1)")
-    p.add_argument("--grad-accum", type=int, default=0,
+    p.add_argument("--world-size", type=POSITIVE, required=True, help="ranks of the next segment (all of them)")
+    p.add_argument("--tensor", type=NONNEGATIVE, default=0, help="parallel.tensor of the next segment (default: 1)")
+    p.add_argument("--pipeline", type=NONNEGATIVE, default=0,
+                   help="parallel.pipeline of the next segment (default: 1)")
+    p.add_argument("--grad-accum", type=NONNEGATIVE, default=0,
                    help="batch.grad_accum of the next segment (default: what keeps the global batch)")
-    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest complete)")
-    p.add_argument("--workers", type=int, default=1, help="ds_to_universal worker processes (memory grows with it)")
+    p.add_argument("--step", type=NONNEGATIVE, default=None,
+                   help="the checkpoint's step (default: the newest complete)")
+    p.add_argument("--workers", type=POSITIVE, default=1,
+                   help="ds_to_universal worker processes (memory grows with it)")
 
 
 def run(args: argparse.Namespace, verb: str) -> int:

@@ -11,19 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from kit.errors import RunDirError
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str = "spikes") -> None:
+    from kit.tools.cli import NONNEGATIVE, POSITIVE, out_dir
+
     parser.add_argument("run", help="run directory (or a run name under --runs-dir)")
     parser.add_argument("--runs-dir", default="runs", help="where to look up a run given by name (default: runs)")
-    parser.add_argument("--step", type=int, default=None, help="explain the spike at (or nearest) this step")
-    parser.add_argument("--report", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--step", type=NONNEGATIVE, default=None, help="explain the spike at (or nearest) this step")
+    parser.add_argument("--report", type=out_dir, default=None, metavar="DIR",
                         help="write report.md, PNG plots and spikes.json into DIR")
     parser.add_argument("--json", action="store_true", help="print the analysis as JSON on stdout")
-    parser.add_argument("--span", type=int, default=20, help="steps of context on each side of a spike (default 20)")
+    parser.add_argument("--span", type=POSITIVE, default=20,
+                        help="steps of context on each side of a spike (default 20)")
     parser.add_argument("--no-data", action="store_true",
                         help="skip the batch analysis (documents, sources, anomalies)")
 

@@ -37,7 +37,7 @@ from kit.fsio import atomic_write_json
 from kit.ledger import Follower, LedgerWriter
 from kit.ledger.schema import FINISHED_REASONS
 from kit.rundir import RunDir, resolve_run
-from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, redact, retrying, verify_url
+from kit.tools.remote import UPLOAD_MANIFEST, UploadError, open_fs, probe, redact, retrying, verify_url
 from kit.tools.upload import upload_folder
 
 STATE = "stream.json"
@@ -227,19 +227,21 @@ class Streamer:
             self.led.emit("ckpt_deleted", tag=tag, where="remote", url=redact(self.remote("checkpoints", tag)))
 
     def local_retention(self) -> None:
-        """Keep the newest K locally; older ones go only once their remote copy verified."""
+        """Keep the newest K locally; older ones go only once their remote copy verified, and never
+        the newest complete one (kit.checkpoint.delete refuses it, whatever K says)."""
         k = self.opts.keep_last
-        if not k:
-            return
+        if k <= 0:
+            return  # 0: keep everything (the CLI refuses negative values)
         root = self.rd.checkpoints
         complete, _ = ck.scan(root)
         protected = ck.pinned(root) | ck.busy_tags(root)
-        for c in complete[:-k]:
+        for c in complete[:max(0, len(complete) - k)]:
             if c.tag in protected or not self.state.shipped(c.tag):
                 continue
             try:
-                (c.path / ck.MANIFEST).unlink()  # never leave a half-deleted folder that looks complete
-                shutil.rmtree(c.path)
+                ck.delete(root, c.tag)
+            except ck.ProtectedCheckpoint:
+                continue
             except OSError as e:
                 self.led.alert("warning", f"stream could not delete {c.tag} locally: {e}", tag=c.tag)
                 continue
@@ -304,26 +306,30 @@ def _rm(fs: Any, path: str, recursive: bool) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, POSITIVE, seconds
+
     p.add_argument("run", help="run directory (or run name under --runs-dir)")
     p.add_argument("--to", required=True, metavar="URL", help="destination root: a path or any fsspec URL")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: ./runs)")
     p.add_argument("--convert", action="store_true", help="also convert each checkpoint and upload it to URL/hf/<tag>")
     p.add_argument("--dtype", default="", choices=("", "bf16", "fp32"), help="export dtype (default: the run's)")
-    p.add_argument("--atol", type=float, default=0.0,
+    p.add_argument("--atol", type=seconds(0.0), default=0.0,
                    help="with --convert: largest accepted |logit difference| (default 0: exact)")
-    p.add_argument("--keep-last", type=int, default=0,
+    p.add_argument("--keep-last", type=NONNEGATIVE, default=0,
                    help="keep the newest K checkpoints locally, delete older ones once verified remotely (0: keep all)")
-    p.add_argument("--keep-every", type=int, default=0,
+    p.add_argument("--keep-every", type=NONNEGATIVE, default=0,
                    help="remotely keep only multiples of N steps (and the newest); 0 keeps all")
     p.add_argument("--quick-verify", action="store_true", help="verify remote copies by size only (no read-back)")
-    p.add_argument("--jobs", type=int, default=4, help="files sent at once (default 4)")
-    p.add_argument("--poll", type=float, default=30.0, help="seconds between looks at the run (default 30)")
+    p.add_argument("--jobs", type=POSITIVE, default=4, help="files sent at once (default 4)")
+    p.add_argument("--poll", type=seconds(0.0, strict=True), default=30.0,
+                   help="seconds between looks at the run (default 30)")
     p.add_argument("--once", action="store_true", help="ship what is there now, then exit")
     p.add_argument("--exit-when-done", action="store_true", help="exit once the run (or its chain) has ended")
 
 
 def run(args: argparse.Namespace, verb: str) -> int:
     rd = resolve_run(args.run, args.runs_dir)
+    probe(args.to)  # a destination that cannot work fails now, not after the first checkpoint's hashing
     opts = StreamOptions(url=args.to, convert=args.convert, dtype=args.dtype, atol=args.atol,
                          keep_last=args.keep_last,
                          keep_every=args.keep_every, hashes=not args.quick_verify, jobs=args.jobs)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kit.checkpoint import MANIFEST, read_manifest, sha256
+from kit.checkpoint import MANIFEST, read_file_list, sha256
 from kit.errors import CheckpointError, KitError
 from kit.faults import fault_point
 from kit.tools.remote import (
@@ -36,6 +36,7 @@ from kit.tools.remote import (
     UploadError,
     is_url,
     open_fs,
+    probe,
     read_json,
     redact,
     retrying,
@@ -44,7 +45,7 @@ from kit.tools.remote import (
     verify_url,
 )
 
-__all__ = ["UploadResult", "is_url", "redact", "upload_folder", "verify_url"]
+__all__ = ["UploadResult", "is_url", "probe", "redact", "upload_folder", "verify_url"]
 
 
 @dataclass(slots=True)
@@ -67,10 +68,9 @@ def local_inventory(src: Path, jobs: int = 4) -> dict[str, dict[str, Any]]:
         digests = list(pool.map(sha256, files))
     inv = {str(p.relative_to(src)): {"size": p.stat().st_size, "sha256": d}
            for p, d in zip(files, digests, strict=True)}
-    manifest = read_manifest(src)
-    if manifest is not None:
-        bad = [rel for rel, info in manifest.get("files", {}).items()
-               if inv.get(rel, {}).get("sha256") != info.get("sha256")]
+    listed = read_file_list(src)
+    if listed is not None:
+        bad = [rel for rel, info in listed.items() if inv.get(rel, {}).get("sha256") != info.sha256]
         if bad:
             raise CheckpointError(f"{src} does not match its {MANIFEST} ({', '.join(bad[:3])}): it is corrupt; "
                                   "it was not uploaded")
@@ -126,10 +126,16 @@ def _callback(progress: _Progress) -> Any:
 
 def upload_folder(src: Path, url: str, jobs: int = 4, retries: int = 5, backoff_s: float = 1.0,
                   progress: bool = False) -> UploadResult:
-    """Upload ``src`` to ``url`` following the protocol above; safe to call again after a failure."""
+    """Upload ``src`` to ``url`` following the protocol above; safe to call again after a failure.
+
+    The destination is probed first (tools.remote.probe): a destination that cannot work fails before
+    the source is hashed, with what to fix."""
     src = Path(src)
     t0 = time.perf_counter()
     safe = redact(url)
+    if not src.is_dir():
+        raise KitError(f"{src} is not a folder; give a checkpoint or export folder to upload")
+    probe(url, retries, backoff_s)
     inv = local_inventory(src, jobs)
     fs, root = open_fs(url)
     manifest = {"version": 1, "kind": "kit-upload", "created": time.time(), "source": src.name,
@@ -268,17 +274,21 @@ def _upload_cli(src: Path, args: argparse.Namespace) -> UploadResult:
 
 
 def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    from kit.tools.cli import NONNEGATIVE, POSITIVE, seconds
+
     if verb == "upload":
         p.add_argument("src", help="local folder: a checkpoint (step_NNNNNNN) or an export")
         p.add_argument("url", help="destination: a path or any fsspec URL (s3://bucket/prefix, hf://, file://)")
-        p.add_argument("--jobs", type=int, default=4, help="files sent at once (default 4)")
-        p.add_argument("--retries", type=int, default=5, help="attempts per file after the first (default 5)")
-        p.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds, doubled each time")
+        p.add_argument("--jobs", type=POSITIVE, default=4, help="files sent at once (default 4)")
+        p.add_argument("--retries", type=NONNEGATIVE, default=5,
+                       help="attempts per file after the first, for transient errors (default 5)")
+        p.add_argument("--backoff", type=seconds(0.0), default=1.0,
+                       help="first retry wait in seconds, doubled each time")
     else:
         p.add_argument("target", help="an uploaded URL (checked against KIT_UPLOAD.json) or a local checkpoint "
                                       "or export folder (checked against MANIFEST.json)")
         p.add_argument("--quick", action="store_true", help="sizes only, no hashes (no download)")
-        p.add_argument("--jobs", type=int, default=4, help="files checked at once (default 4)")
+        p.add_argument("--jobs", type=POSITIVE, default=4, help="files checked at once (default 4)")
     p.add_argument("--json", action="store_true", help="machine-readable result, no progress bars")
 
 

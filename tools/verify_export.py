@@ -84,7 +84,7 @@ class Reference:
                 self.dtype = kinds.pop()
                 self.kind += f", export compared as {str(self.dtype).removeprefix('torch.')}"
             return
-        if ckpt.manifest["kit"].get("zero_stage") in (1, 2):
+        if ckpt.manifest.kit.zero_stage in (1, 2):
             states = torch.load(ckpt.path / MODEL_STATES_Z12, map_location="cpu", mmap=True, weights_only=False)
             module = states["module"]
             if all(v.dtype == dtype for v in module.values() if v.is_floating_point()):

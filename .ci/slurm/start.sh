@@ -40,6 +40,9 @@
 #
 # Stop with:  .ci/slurm/stop.sh
 set -euo pipefail
+# Daemons outlive whoever starts them (a test may restart Slurm with two nodes): they must not carry the
+# test session's mark, or the suite's leftover check (tests/conftest.py) would take them for a leak.
+unset KIT_TEST_SESSION
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 STATE=${SLURM_LOCAL_DIR:-/tmp/kit-slurm}

@@ -137,7 +137,8 @@ class EndReason:
 
     ``outcome``: ``finished`` (the chain ends: done, stop, give_up), ``clean`` (saved at an allocation
     boundary: requeue at once), ``hang``/``crash`` (resubmit with backoff, count towards the crash loop,
-    implicate nodes), ``preflight`` (the node failed its preflight: exclude it, resubmit)."""
+    implicate nodes), ``preflight`` (the node failed its preflight: exclude it, resubmit), ``disk_full``
+    (a save found its filesystem full: end, excluding no node unless its own disk filled)."""
 
     name: str
     exit_code: int
@@ -162,6 +163,9 @@ END_REASONS: tuple[EndReason, ...] = (
     EndReason("give_up", 78, "finished", "the trainer gave up (rollback cap, no checkpoint to roll back to)"),
     EndReason("hang", 77, "hang", "the hang watchdog ended the segment (stacks dumped, suspects named)"),
     EndReason("preflight", 76, "preflight", "the preflight (kit doctor) failed on a node before training"),
+    EndReason("disk_full", 79, "disk_full", "a checkpoint save found its filesystem full (or over quota): the save "
+              "abandoned on every rank, the previous checkpoint kept; the chain ends, no node blamed unless its own "
+              "disk filled (kit.diskfull)"),
 )
 REASONS = {r.name: r for r in END_REASONS}
 REQUEUE_REASONS = tuple(r.name for r in END_REASONS if r.requeue)
@@ -201,7 +205,7 @@ SPECS: tuple[EventSpec, ...] = (
     EventSpec("segment_ended", "a training segment ended (the trainer, or the hang watchdog)", _S, (
         req("reason", "str", "why: one of the segment-end reasons below"), req("step", "int", "last step trained"),
         opt("exit_code", "int", "the segment's exit status"), opt("signal", "str", "the signal that ended it"),
-        opt("suspect_nodes", "strs", "a hang's suspects"))),
+        opt("suspect_nodes", "strs", "a hang's suspects; disk_full: the nodes whose own disk filled"))),
     EventSpec("chain_requeued", "the chain continues: the same job requeued, or a new one submitted", _C, (
         req("job_id", "str", "the job that runs next"), req("reason", "str", "the previous segment's outcome"),
         opt("how", "str", "requeue or resubmit"), opt("delay_s", "float", "backoff before it may start"),
@@ -218,7 +222,7 @@ SPECS: tuple[EventSpec, ...] = (
         opt("job_end", "float", "Unix time Slurm ends the allocation"))),
     EventSpec("allocation_ended", "an allocation of the chain ended, with the chain's decision", _C, (
         req("job_id", "str", "Slurm job id"),
-        req("outcome", "str", "clean, finished, crash, hang, preflight, lost"),
+        req("outcome", "str", "clean, finished, crash, hang, preflight, disk_full, lost"),
         opt("reason", "str", "the trainer's reason or the crash detail"), opt("step", "int", "last step"),
         opt("ckpt_step", "int", "newest checkpoint at the end"), opt("exit_codes", "dict", "rank -> exit status"),
         opt("implicated", "strs", "nodes blamed"), opt("decision", "str", "end, requeue or resubmit"),
@@ -320,6 +324,15 @@ SPECS: tuple[EventSpec, ...] = (
         opt("busbw_gbps", "float", "all-reduce bus bandwidth"), opt("algbw_gbps", "float", "algorithm bandwidth"),
         opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"),
         opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"))),
+    # ---- added later (KIND_CODES: append only)
+    EventSpec("amended", "the run's frozen run.toml was changed (kit amend, --amend on kit train/submit)",
+              "kit amend/train/submit", (
+                  req("changes", "list", "one object per key: key, old, new"), opt("by", "str", "which command"),
+                  opt("reason", "str", "the operator's --reason"), opt("notes", "strs", "what follows from it"),
+                  opt("config_digest", "str", "hash of what determines the arithmetic (unchanged)"))),
+    EventSpec("chain_submit_failed", "a submission failed once a job may have been queued", "kit submit", (
+        req("error", "str", "what failed"), opt("cancelled", "strs", "jobs cancelled"),
+        opt("still_queued", "strs", "jobs that could not be cancelled (recorded as the chain's)"))),
 )
 
 KINDS = {s.kind: s for s in SPECS}

@@ -33,6 +33,7 @@ FINISHED = "finished"  # done, stop or give_up: the trainer says the chain ends
 PREFLIGHT = "preflight"  # the node failed its preflight: exclude it, resubmit, not a training failure
 HANG = "hang"
 CRASH = "crash"  # a rank died, a non-zero exit, no segment_ended from the trainer
+DISK_FULL = "disk_full"  # a save found the checkpoint filesystem full: end (or exclude nodes whose own disk it was)
 LOST = "lost"  # the driver never recorded an end (node failure, job killed): found by the next segment
 
 

@@ -150,7 +150,7 @@ class SegmentView:
     job_id: str = ""
     state: str = ""  # Slurm's (RUNNING, PENDING...) for the current one, else running/ended
     reason: str = ""  # the trainer's segment-end reason
-    outcome: str = ""  # the chain's outcome (clean, finished, crash, hang, preflight, lost) when it has one
+    outcome: str = ""  # the chain's outcome (clean, finished, crash, hang, preflight, disk_full, lost) when it has one
     started_t: float | None = None
     ended_t: float | None = None
     elapsed_s: float | None = None
