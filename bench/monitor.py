@@ -182,29 +182,11 @@ def child(kind: str, path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- main
-def evict(root: Path) -> int:
-    """Drop ``root``'s files from the page cache (posix_fadvise DONTNEED: this run's files only), so the
-    next read comes from the disk: a cold start as after a reboot or on another login node."""
-    n = 0
-    for d, _, names in os.walk(root):
-        for name in names:
-            try:
-                fd = os.open(os.path.join(d, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                n += os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-    return n
-
-
 def once(run: Path, cold: bool = False) -> dict[str, Any]:
     """``kit monitor --once --json`` as an operator's cron runs it: the whole command in a new process
     (imports included), timed in wall and CPU; ``cold``: the run's files evicted from the page cache first."""
     if cold:
-        evict(run)
+        genrun.evict(run)
     r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "kit.tools.cli", "monitor", str(run), "--once", "--json", "--no-slurm"],
                        capture_output=True, text=True, check=False)
@@ -271,7 +253,7 @@ def main() -> None:
     tb_mb = sum(f.stat().st_size for f in tb.iterdir()) / 2**20
     load_before = os.getloadavg()
     cli = onces(run, warm=a.once_warm, cold=a.once_cold)
-    evict(run)  # the monitor's cold start: the run's files from the disk, as after a reboot
+    genrun.evict(run)  # the monitor's cold start: the run's files from the disk, as after a reboot
     mon = child("monitor", run)
     tbr = child("tb", tb)
     term = in_tmux(run)
