@@ -731,6 +731,19 @@ def evict(root: Path) -> int:
     return n
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM). Why not getrusage's ru_maxrss: a
+    child's starts at its parent's resident size at fork, so a benchmark forked from a large parent
+    would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def machine(load_before: tuple[float, float, float] | None = None) -> dict[str, Any]:
     """What every result file records about the machine: its name, CPUs and load (before and after)."""
     return {"machine": os.uname().nodename, "cpus": os.cpu_count(),

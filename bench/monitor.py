@@ -124,7 +124,7 @@ async def child_monitor(run: Path) -> dict[str, Any]:
         r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         out["idle_cpu_headless_pct"] = 100 * (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / (w1 - w0)
         out["rss_mb_headless"] = psutil.Process().memory_info().rss / 2**20
-        out["peak_rss_mb_headless"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak_rss_mb_headless"] = genrun.peak_rss_mb()
     return out
 
 
@@ -135,13 +135,13 @@ def child_tb(tb_dir: Path) -> dict[str, Any]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     imports = time.perf_counter() - t
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
-    load = time.perf_counter() - t
+    load, cpu = time.perf_counter() - t, time.process_time() - c
     loss = acc.Scalars("train/loss")
-    return {"imports_s": imports, "load_s": load, "loss_points_kept": len(loss), "last_step": loss[-1].step,
-            "rss_mb": psutil.Process().memory_info().rss / 2**20}
+    return {"imports_s": imports, "load_s": load, "load_cpu_s": cpu, "loss_points_kept": len(loss),
+            "last_step": loss[-1].step, "rss_mb": psutil.Process().memory_info().rss / 2**20}
 
 
 def in_tmux(run: Path, seconds: float = 10.0) -> dict[str, Any]:
@@ -182,19 +182,32 @@ def child(kind: str, path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- main
+# `kit monitor` as `python -m kit.tools.cli` runs it, then its own peak memory (VmHWM: getrusage's ru_maxrss
+# of a child starts at its parent's size at fork, and this bench's parent may be large).
+PEAK_WRAPPER = """
+import atexit, sys
+def peak():
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print("PEAK_RSS_MB", int(hwm.split()[1]) / 1024, file=sys.stderr)
+atexit.register(peak)
+from kit.tools.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def once(run: Path, cold: bool = False) -> dict[str, Any]:
     """``kit monitor --once --json`` as an operator's cron runs it: the whole command in a new process
     (imports included), timed in wall and CPU; ``cold``: the run's files evicted from the page cache first."""
     if cold:
         genrun.evict(run)
     r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "kit.tools.cli", "monitor", str(run), "--once", "--json", "--no-slurm"],
+    p = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, "monitor", str(run), "--once", "--json", "--no-slurm"],
                        capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = next((float(x.split()[1]) for x in p.stderr.splitlines() if x.startswith("PEAK_RSS_MB ")), None)
     out = {"seconds": seconds, "cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
-           "sys_s": r1.ru_stime - r0.ru_stime, "peak_rss_mb": r1.ru_maxrss / 1024, "exit": p.returncode,
-           "cold": cold}
+           "sys_s": r1.ru_stime - r0.ru_stime, "peak_rss_mb": peak, "exit": p.returncode, "cold": cold}
     try:
         summary = json.loads(p.stdout)[0]
     except (ValueError, IndexError):

@@ -58,8 +58,6 @@ def train_only(run: Path) -> Path:
 
 def child_postmortem(run: Path) -> dict[str, object]:
     """One ``kit spikes --json`` analysis in this (fresh) process: wall, CPU, peak RSS."""
-    import resource
-
     t0 = time.perf_counter()
     from kit.tools.postmortem import analyse
 
@@ -68,7 +66,7 @@ def child_postmortem(run: Path) -> dict[str, object]:
     res = analyse(run, data=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "imports_s": round(imports, 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(genrun.peak_rss_mb(), 1),
             "found": sorted(int(s["start"]) for s in res["spikes"]), "steps_logged": res["steps_logged"]}
 
 
