@@ -58,6 +58,8 @@ MODEL = {"model.hidden_size": 1024, "model.n_layer": 16, "model.n_head": 16, "mo
 
 
 def make_checkpoint(runs: Path, stage: int) -> Path:
+    if (runs / f"z{stage}" / "checkpoints" / "step_0000001" / "MANIFEST.json").exists():
+        return runs / f"z{stage}"  # made by an earlier run (perhaps by an older kit: its run.toml is frozen)
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import tiny_overrides  # the shipped tiny recipe's test overrides, then the 253M model
 
@@ -90,6 +92,15 @@ def _cpu() -> float:
     """CPU seconds of this process so far, all threads (on a shared machine, steadier than wall time)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; ru_maxrss of a child starts at its parent's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(fn: Any, name: str, phases: dict[str, float]) -> Any:
@@ -187,7 +198,7 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
     result: dict[str, Any] = {"kind": kind, "seconds": seconds, "cpu_s": round(_cpu() - cpu0, 3),
                               "import_s": import_s, "bytes": nbytes,
                               "mb_per_s": nbytes / seconds / 1e6,
-                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                              "peak_rss_mb": _peak_rss_mb()}
     if kind in ("kit", "kit_bf16", "kit_cli"):
         result["phases"] = {**{k: round(v, 3) for k, v in phases.items()},
                             "final_fsync": round(time.perf_counter() - t_sync, 3)}
