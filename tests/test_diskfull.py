@@ -85,7 +85,10 @@ g.run(write, target, target)  # rank 1 writes 1 MiB into a 64 KiB filesystem
 dist.barrier()  # the save's own collectives go on, whichever rank failed
 failures, nodes = g.agree()
 err = diskfull.error(7, failures, nodes)
-print(f"RANK{rank} {type(err).__name__} blamed={err.nodes if hasattr(err, 'nodes') else None} :: {err}", flush=True)
+# one write(2) of one line: under PYTHONUNBUFFERED print() writes the text and its newline apart and
+# the two ranks' lines interleave in the shared pipe
+line = f"RANK{rank} {type(err).__name__} blamed={err.nodes if hasattr(err, 'nodes') else None} :: {err}\n"
+os.write(1, line.encode())
 dist.destroy_process_group()
 """
 

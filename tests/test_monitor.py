@@ -239,7 +239,8 @@ async def test_save_now_end_to_end_with_a_real_training_segment(tmp_path: Path, 
     """The monitor watches a real segment (2 DeepSpeed ranks); the operator asks for a save; the
     trainer consumes the switch, saves and acknowledges; the monitor shows the acknowledgement.
     A fault point pauses the ranks for 6 s after step 2 (KIT_FAULTS sleep) so the request lands
-    mid-run on this slow machine."""
+    mid-run on this slow machine. Rank 0 looks at control/ every 0.5 s here (every 10 s by default:
+    the tiny run can end before its first look)."""
     import asyncio
 
     from conftest import ROOT, tiny_overrides
@@ -248,7 +249,8 @@ async def test_save_now_end_to_end_with_a_real_training_segment(tmp_path: Path, 
     from kit.launch import create_run, run_local_segment
 
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp_path / "runs", "live",
-                                                                  **{"checkpoint.interval_steps": 100}))
+                                                                  **{"checkpoint.interval_steps": 100,
+                                                                     "trainer.control_check_s": 0.5}))
     rd = create_run(cfg, log=lambda *a: None)
     app = make_app([rd.path], use_slurm=False)
     async with app.run_test(size=(140, 40)) as pilot:
