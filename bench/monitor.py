@@ -273,6 +273,7 @@ def main() -> None:
     load_after = os.getloadavg()
     ratio_history = tbr["load_s"] / mon["history_s"]
     ratio_once = tbr["load_s"] / cli["warm"]["seconds"]
+    ratio_history_cpu = tbr["load_cpu_s"] / mon["first_frame_cpu_s"]  # the same, in CPU time (steadier under load)
     print(f"run: {shape.steps:,} steps over {shape.segments} segments, {shape.nodes} nodes x {shape.gpus} GPUs, "
           f"health every {shape.health_period:g} s, timings every {shape.timing_interval} steps (bench/genrun.py); "
           f"ledger {ledger_mb:,.0f} MB ({mon['events']:,} events), TensorBoard file {tb_mb:,.0f} MB")
@@ -288,7 +289,8 @@ def main() -> None:
     print(f"monitor (TUI) complete history = first frame, cold: wall {mon['history_s']:.2f} s, CPU "
           f"{mon['first_frame_cpu_s']:.2f} s (imports {mon['imports_s']:.2f} s apart; target <= 1 s)")
     print(f"TensorBoard EventAccumulator.Reload on the same scalars: {tbr['load_s']:.1f} s -> the monitor's history "
-          f"is {ratio_history:,.0f}x faster, --once {ratio_once:,.0f}x (target >= 50x)")
+          f"is {ratio_history:,.0f}x faster, --once {ratio_once:,.0f}x (target >= 50x); in CPU time "
+          f"{tbr['load_cpu_s']:.1f} s -> {ratio_history_cpu:,.0f}x")
     print(f"event-to-screen    max {mon['latency_s']['max']:.3f} s, median {mon['latency_s']['median']:.3f} s"
           " (target <= 1 s)")
     if "idle_cpu_pct" in term:
@@ -298,7 +300,8 @@ def main() -> None:
           f"peak {mon['peak_rss_mb_headless']:.0f} MB; imports: monitor {mon['imports_s']:.2f} s, "
           f"tensorboard {tbr['imports_s']:.2f} s (not counted)")
     ok = {"once_cpu_le_1s": cli["warm"]["cpu_s"] <= 1.0 and cli.get("cold", cli["warm"])["cpu_s"] <= 1.0,
-          "once_wall_le_1s": cli["warm"]["seconds"] <= 1.0, "history_cpu_le_1s": mon["first_frame_cpu_s"] <= 1.0,
+          "once_wall_le_1s": cli["warm"]["seconds"] <= 1.0 and cli.get("cold", cli["warm"])["seconds"] <= 1.0,
+          "history_cpu_le_1s": mon["first_frame_cpu_s"] <= 1.0,
           "history_wall_le_1s": mon["history_s"] <= 1.0, "ratio_ge_50x": ratio_history >= 50,
           "latency_le_1s": mon["latency_s"]["max"] <= 1.0,
           "idle_cpu_le_2pct": term.get("idle_cpu_pct", mon["idle_cpu_headless_pct"]) <= 2.0,
@@ -313,7 +316,8 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **genrun.machine(load_before),
         "run": {**record["shape"], "events": record["counts"]["events"], "ledger_mb": ledger_mb, "tb_mb": tb_mb},
         "once": cli, "monitor": mon, "tensorboard": tbr, "terminal": term,
-        "ratios": {"history_vs_tb_load": ratio_history, "once_vs_tb_load": ratio_once}, "targets_met": ok,
+        "ratios": {"history_vs_tb_load": ratio_history, "once_vs_tb_load": ratio_once,
+                   "history_vs_tb_load_cpu": ratio_history_cpu}, "targets_met": ok,
     }, indent=1) + "\n")
     print(f"saved {RESULTS.relative_to(ROOT)}")
 
