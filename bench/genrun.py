@@ -717,6 +717,37 @@ def shape_from(args: argparse.Namespace) -> Shape:
     return Shape(**{f.name: getattr(args, f.name) for f in fields(Shape)})
 
 
+def evict(root: Path) -> int:
+    """Drop ``root``'s files from the page cache (posix_fadvise DONTNEED: this run's files only), so the
+    next read comes from the disk: a cold start as after a reboot or on another login node."""
+    n = 0
+    for d, _, names in os.walk(root):
+        for name in names:
+            try:
+                fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                n += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return n
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM). Why not getrusage's ru_maxrss: a
+    child's starts at its parent's resident size at fork, so a benchmark forked from a large parent
+    would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def machine(load_before: tuple[float, float, float] | None = None) -> dict[str, Any]:
     """What every result file records about the machine: its name, CPUs and load (before and after)."""
     return {"machine": os.uname().nodename, "cpus": os.cpu_count(),

@@ -186,7 +186,7 @@ class MonitorApp(App[int]):
         r = snap.summary["reader"]
         skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in r.items()
                             if k in ("bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",
-                                     "vanished_files", "torn_tail",
+                                     "vanished_files", "unreadable", "torn_tail",
                                      "truncated_files", "junk_events") and v)
         parts = [f"{r['events']:,} events", f"window {self.window}", snap.loading, snap.replay,
                  f"skipped: {skipped}" if skipped else "", r["last_error"], "READ-ONLY" if self.read_only else ""]

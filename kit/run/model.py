@@ -143,12 +143,10 @@ class RunModel:
         spikes: list[tuple[float, int, float]] = []
         if len(cols):
             keep = surviving(cols["step"])
-            kept = cols[keep]
-            values = np.stack([kept[k] for k in PLOTTED], axis=1) if len(kept) else np.zeros((0, len(PLOTTED)))
-            self.curves.load(kept["step"].astype(np.int64), kept["t"], values)
-            flagged = cols[(cols["spike"] > 0) & np.isfinite(cols["loss"])]
-            spikes = list(zip(flagged["t"].tolist(), flagged["step"].astype(np.int64).tolist(),
-                              flagged["loss"].tolist(), strict=True))
+            self.curves.load(cols["step"], cols["t"], plotted(cols), None if bool(keep.all()) else keep)
+            flagged = np.flatnonzero((cols["spike"] > 0) & np.isfinite(cols["loss"]))
+            spikes = list(zip(cols["t"][flagged].tolist(), cols["step"][flagged].astype(np.int64).tolist(),
+                              cols["loss"][flagged].tolist(), strict=True))
             self.kinds["step"] = len(cols)
             last = [e for (_, kind), e in bulk_latest if kind == "step"]
             self.last = dict(last[-1]) if last else {}
@@ -156,9 +154,9 @@ class RunModel:
             if self.last.get("step") != self.step:  # the latest step line could not be read back
                 self.last = {"step": self.step, "t": self.step_t, "spike": decode_enum("spike", cols["spike"][-1])}
             self._span(float(cols["t"][0]), self.step_t)
-        for code in np.unique(scan.bulk["kind"]).tolist() if len(scan.bulk) else []:
-            kind = scan.kinds[code] if code < len(scan.kinds) else "?"
-            self.kinds[kind] = int(np.count_nonzero(scan.bulk["kind"] == code))
+        for code, count in enumerate(np.bincount(scan.bulk["kind"]).tolist() if len(scan.bulk) else []):
+            if count:
+                self.kinds[scan.kinds[code] if code < len(scan.kinds) else "?"] = count
         if len(scan.bulk):
             self._span(float(scan.bulk["t"][0]), float(scan.bulk["t"][-1]))
         for e in scan.events:
@@ -171,7 +169,7 @@ class RunModel:
         for t, step, loss in sorted(spikes):
             self._add_spike(step, loss, t)
         if len(cols):  # each segment's first completed step (start-up ends there)
-            ts = cols["t"]
+            ts = np.ascontiguousarray(cols["t"])  # searchsorted copies a strided column on every call
             for sg in self.segments.values():
                 if sg.started_t is not None and sg.first_step_t is None:
                     i = int(np.searchsorted(ts, sg.started_t, "left"))
@@ -417,6 +415,20 @@ def _worse(a: str, b: str) -> str:
 
 def _covers(acked: str, severity: str) -> bool:
     return bool(acked) and _rank(acked) >= _rank(severity)
+
+
+def plotted(cols: Any) -> Any:
+    """The plotted metrics of a scan's step records as an (n x len(PLOTTED)) array: a view of the records
+    when the index keeps them side by side in that order (it does: kit.ledger.index.COLUMNS), else a copy."""
+    import numpy as np
+
+    from kit.ledger.index import COLUMNS, STEP_DTYPE
+
+    first = COLUMNS.index(PLOTTED[0]) if PLOTTED[0] in COLUMNS else -1
+    if (first >= 0 and COLUMNS[first:first + len(PLOTTED)] == PLOTTED and cols.dtype == STEP_DTYPE
+            and cols.strides[0] == STEP_DTYPE.itemsize):
+        return cols.view(np.float64).reshape(len(cols), len(COLUMNS))[:, first:first + len(PLOTTED)]
+    return np.stack([np.asarray(cols[k], dtype=np.float64) for k in PLOTTED], axis=1)
 
 
 def _int(v: Any) -> int | None:
