@@ -323,7 +323,10 @@ SPECS: tuple[EventSpec, ...] = (
         opt("slowest_node", "str", "the node the bandwidth test found slowest"),
         opt("busbw_gbps", "float", "all-reduce bus bandwidth"), opt("algbw_gbps", "float", "algorithm bandwidth"),
         opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"),
-        opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"))),
+        opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"),
+        opt("layout", "dict", "the recipe's layout at this world: tensor, pipeline, data (absent: data parallel)"),
+        opt("groups", "list", "each tensor group's all-reduce and pipeline pair's send/recv: dim, name, "
+            "ranks, nodes, time_ms, gbps, ratio to the median"))),
     # ---- added later (KIND_CODES: append only)
     EventSpec("amended", "the run's frozen run.toml was changed (kit amend, --amend on kit train/submit)",
               "kit amend/train/submit", (
