@@ -25,6 +25,7 @@ from typing import Any
 
 from kit.faults import fault_point
 from kit.ledger import LedgerWriter, NullLedger, hostname
+from kit.parallel.layout import Coords
 
 FIELDS = ("steps", "step_s", "fwd_s", "bwd_s", "opt_s")
 
@@ -38,6 +39,16 @@ class RankInfo:
     local_rank: int
     gpu: int  # CUDA device index, -1 without a GPU
     pid: int
+    coords: Coords | None = None  # (tensor, pipeline, data) at the run's layout (kit.parallel.layout)
+
+    def coord_fields(self) -> dict[str, int]:
+        """``tensor``, ``pipeline``, ``data`` for an event or alert (empty when the layout is unknown)."""
+        return self.coords.to_dict() if self.coords is not None else {}
+
+    def where(self) -> str:
+        """``node, GPU 3, tensor 1, pipeline 0, data 1``: everything that names this rank's place."""
+        gpu = f"GPU {self.gpu}" if self.gpu >= 0 else f"local rank {self.local_rank}"
+        return ", ".join([self.host, gpu, *([str(self.coords)] if self.coords is not None else [])])
 
 
 def gather_ranks(rank: int, local_rank: int, world: int) -> tuple[list[RankInfo], str]:

@@ -280,10 +280,13 @@ SPECS: tuple[EventSpec, ...] = (
         opt("step", "int", "last completed step"), opt("phase", "str", "setup, step, save, rollback"),
         opt("suspect_ranks", "ints", "ranks whose stacks differ"), opt("suspect_nodes", "strs", "their nodes"),
         opt("missing_ranks", "ints", "ranks that dumped no stack"), opt("groups", "list", "stack groups"),
-        opt("stacks", "str", "folder of the stack dumps"))),
+        opt("stacks", "str", "folder of the stack dumps"),
+        opt("suspect_coords", "list", "each suspect's rank, node, tensor, pipeline, data (kit.parallel.layout)"))),
     EventSpec("straggler", "a rank is slower than the others", _S, (
         req("rank", "int", "global rank"), req("slowdown", "float", "fraction slower than the median"),
         opt("step", "int", "step"), opt("node", "str", "its node"), opt("gpu", "int", "its CUDA device (-1: none)"),
+        opt("tensor", "int", "its tensor rank"), opt("pipeline", "int", "its pipeline stage"),
+        opt("data", "int", "its data-parallel replica"),
         opt("local_rank", "int", "local rank"), opt("fwd_s", "float", "its forward time"),
         opt("median_fwd_s", "float", "the others' median"))),
     EventSpec("rank_timings", "every rank's phase timings (every health.straggler_interval steps)", _S, (
@@ -309,6 +312,10 @@ SPECS: tuple[EventSpec, ...] = (
     EventSpec("alert", "something an operator should know", "any writer", (
         req("severity", "str", "info, warning, error, critical"), req("message", "str", "what happened, what to do"),
         opt("step", "int", "step"), opt("node", "str", "node"), opt("rank", "int", "rank"),
+        opt("tensor", "int", "the rank's tensor rank"), opt("pipeline", "int", "its pipeline stage"),
+        opt("data", "int", "its data-parallel replica"),
+        opt("suspect_ranks", "ints", "a hang's suspects"), opt("suspect_nodes", "strs", "their nodes"),
+        opt("suspect_coords", "list", "their rank, node, tensor, pipeline, data"),
         opt("tag", "str", "checkpoint"), opt("condition", "str", "the condition's name (xid, nonfinite...)"),
         opt("incident", "str", "one id per incident: escalations of one incident share it"))),
     EventSpec("alert_ack", "an operator acknowledged an alert (the monitor)", "kit monitor", (
