@@ -327,3 +327,7 @@ def test_a_hang_at_tp2_pp2_names_the_stuck_ranks_coordinates(deepspeed_ok: None,
     assert hang["suspect_coords"] == [{"rank": 3, "node": hostname(), "tensor": 1, "pipeline": 1, "data": 0}]
     alert = [a for a in read_all(rd.path, {"alert"}) if a["seg"] == "s1" and a["severity"] == "critical"]
     assert f"suspect ranks 3 ({hostname()}; tensor 1, pipeline 1, data 0)" in alert[0]["message"]
+    from kit.run.summary import collect
+
+    summary, _ = collect(rd.path, use_slurm=False)  # `kit status` and the monitor show the layout it ran at
+    assert summary.layout is not None and summary.layout["label"] == "TP2 x PP2 x DP1"
