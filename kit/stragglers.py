@@ -73,11 +73,28 @@ def median(xs: list[float]) -> float:
     return 0.0 if not n else (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2)
 
 
-def find_stragglers(per_step: list[dict[str, float]], threshold: float, key: str = "fwd_s") -> list[tuple[int, float]]:
-    """(rank, slowdown) for ranks whose ``key`` exceeds the median of the other ranks by > threshold."""
+def peer_groups(ranks: list[RankInfo]) -> list[list[int]] | None:
+    """Whom each rank's forward time is compared with: the other ranks of its own pipeline stage.
+
+    Under a pipeline, stages do different work (the first holds the embedding, the last the head and
+    the loss): comparing across stages would call a whole stage a straggler. Ranks of one stage (its
+    tensor ranks and data-parallel replicas) do the same work. None (compare with every other rank)
+    without a pipeline, when the layout is unknown, or when a stage has a single rank (nothing to
+    compare it with but other stages)."""
+    stages = [r.coords.pipeline if r.coords is not None else None for r in ranks]
+    if None in stages or len(set(stages)) < 2:
+        return None
+    groups = [[j for j, s in enumerate(stages) if s == stages[i] and j != i] for i in range(len(ranks))]
+    return groups if all(groups) else None
+
+
+def find_stragglers(per_step: list[dict[str, float]], threshold: float, key: str = "fwd_s",
+                    peers: list[list[int]] | None = None) -> list[tuple[int, float]]:
+    """(rank, slowdown) for ranks whose ``key`` exceeds the median of the other ranks (of its
+    ``peers[rank]`` when given: :func:`peer_groups`) by > threshold."""
     out = []
     for r, row in enumerate(per_step):
-        others = [x[key] for i, x in enumerate(per_step) if i != r]
+        others = [x[key] for i, x in enumerate(per_step) if i != r and (peers is None or i in peers[r])]
         ref = median(others)
         if ref > 0:
             slow = row[key] / ref - 1.0
@@ -99,6 +116,7 @@ class StepTimer:
         self.interval = interval
         self.threshold = threshold
         self.ledger = ledger
+        self.peers = peer_groups(ranks)
         self.cuda = engine.device.type == "cuda"
         self.step = 0  # steps completed (the trainer's count), for fault points
         self.sums = dict.fromkeys(FIELDS, 0.0)
@@ -188,7 +206,7 @@ class StepTimer:
             d = {k: v / n for k, v in vals.items()}
             d["other_s"] = max(0.0, d["step_s"] - d["fwd_s"] - d["bwd_s"] - d["opt_s"])
             per_step.append(d)
-        found = find_stragglers(per_step, self.threshold)
+        found = find_stragglers(per_step, self.threshold, peers=self.peers)
         if self.rank == 0:
             self._report(step, per_step, found)
         return found
@@ -199,12 +217,15 @@ class StepTimer:
              **{k: round(v, 6) for k, v in row.items()}} for i, row in enumerate(per_step)])
         for r, slow in found:
             info = self.ranks[r]
+            peers = self.peers[r] if self.peers else [i for i in range(len(per_step)) if i != r]
             self.ledger.emit("straggler", rank=r, slowdown=slow, step=step, node=info.host, gpu=info.gpu,
                              local_rank=info.local_rank, fwd_s=round(per_step[r]["fwd_s"], 6),
-                             median_fwd_s=round(median([x["fwd_s"] for i, x in enumerate(per_step) if i != r]), 6))
+                             median_fwd_s=round(median([per_step[i]["fwd_s"] for i in peers]), 6),
+                             **info.coord_fields())
             if r not in self._alerted:
                 self._alerted.add(r)
-                gpu = f"GPU {info.gpu}" if info.gpu >= 0 else f"local rank {info.local_rank}"
-                self.ledger.alert("warning", f"straggler: rank {r} ({info.host}, {gpu}) is {slow:.1%} slower than "
-                                  f"the other ranks' median in forward (step {step})", rank=r, node=info.host,
-                                  gpu=info.gpu)
+                of = (f"the other ranks of pipeline stage {info.coords.pipeline}" if self.peers and info.coords
+                      else "the other ranks")
+                self.ledger.alert("warning", f"straggler: rank {r} ({info.where()}) is {slow:.1%} slower than "
+                                  f"{of}' median in forward (step {step})", rank=r, node=info.host,
+                                  gpu=info.gpu, **info.coord_fields())
