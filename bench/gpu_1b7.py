@@ -41,13 +41,13 @@ def base_overrides(gpus: int) -> list[str]:
             "slurm.nodes=1", f"slurm.gpus_per_node={gpus}", f"trainer.nproc={gpus}", 'cluster.preset="h100"']
 
 
-def choose(gpus: int, layout: str = "") -> tuple[Any, Any, Any]:
+def choose(gpus: int, layout: str = "", recipe: Path = RECIPE) -> tuple[Any, Any, Any]:
     """(config, chosen plan, fastest plan overall) by kit.perfmodel for ``gpus`` GPUs of one node."""
     from kit import perfmodel
     from kit.errors import ConfigError
     from kit.recipe import load_recipe
 
-    cfg = load_recipe(RECIPE, base_overrides(gpus))
+    cfg = load_recipe(recipe, base_overrides(gpus))
     plans, _ = perfmodel.compare(cfg, perfmodel.resolve_cluster(cfg))
     fits = [p for p in plans if p.fits] or plans
     if layout:
@@ -75,10 +75,11 @@ def train_overrides(gpus: int, plan: Any, steps: int, runs_dir: str) -> list[str
 def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     from kit.recipe import load_recipe
 
-    _, plan, best = choose(a.gpus, a.layout)
+    recipe = Path(a.recipe)
+    _, plan, best = choose(a.gpus, a.layout, recipe)
     work = Path(a.write or "/tmp/kit-gpu-1b7")
     overrides = train_overrides(a.gpus, plan, a.steps, str(work / "runs"))
-    cfg = load_recipe(RECIPE, overrides)  # validated here, on CPU, before any GPU time is spent
+    cfg = load_recipe(recipe, overrides)  # validated here, on CPU, before any GPU time is spent
     cfg.check_layout(a.gpus, "trainer.nproc")
     if a.write:
         work.mkdir(parents=True, exist_ok=True)
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--layout", default=os.environ.get("LAYOUT", ""), help="T,P: force this tensor, pipeline")
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--write", default="", help="write the training recipe here")
+    s.add_argument("--recipe", default=str(RECIPE), help="the shape (default bloom-1b7; tests: tiny)")
     s.add_argument("--dry-run", action="store_true", help="only print the plan (the default without --write)")
     s = sub.add_parser("matmul")
     s.add_argument("--size", type=int, default=8192)

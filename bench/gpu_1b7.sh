@@ -13,7 +13,7 @@
 #   bash bench/gpu_1b7.sh --dry-run     # on any machine: the plan (layout, recipe, commands), nothing run
 #   bash bench/gpu_1b7.sh               # on the GPU machine
 # Knobs: GPUS (default: what `nvidia-smi -L` lists), STEPS (20), LAYOUT (T,P), WORK (/tmp/kit-gpu-1b7),
-# TRAIN_TIMEOUT (420 s).
+# TRAIN_TIMEOUT (420 s); for the CPU smoke test only: ALLOW_CPU=1, BENCH_RECIPE (another recipe's shape).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_1b7}
@@ -27,20 +27,24 @@ if [[ -z "${GPUS:-}" ]]; then
     GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
 fi
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
-if [[ "$GPUS" -ge 8 ]]; then GPUS=8; elif [[ "$GPUS" -ge 1 ]]; then GPUS=1; else
+if [[ "$GPUS" -ge 8 ]]; then GPUS=8; elif [[ "$GPUS" -ge 2 && "${ALLOW_CPU:-0}" == 1 ]]; then :;
+elif [[ "$GPUS" -ge 1 ]]; then GPUS=1; else
     [[ $DRY == 1 ]] && GPUS=8 || { echo "gpu_1b7: nvidia-smi lists no GPU; set GPUS or use --dry-run" >&2; exit 2; }
 fi
 mkdir -p "$OUT" "$WORK"
 echo "gpu_1b7: $GPUS x ${GPU_NAME:-unknown GPU}, $STEPS steps, out $OUT" >&2
 
 if [[ $DRY == 1 ]]; then
-    $PY bench/gpu_1b7.py plan --gpus "$GPUS" --gpu-name "$GPU_NAME" --steps "$STEPS" --dry-run ${LAYOUT:+--layout "$LAYOUT"}
+    $PY bench/gpu_1b7.py plan --gpus "$GPUS" --gpu-name "$GPU_NAME" --steps "$STEPS" --dry-run ${LAYOUT:+--layout "$LAYOUT"} \
+        ${BENCH_RECIPE:+--recipe "$BENCH_RECIPE"}
     exit 0
 fi
-$PY -c 'import torch; assert torch.cuda.is_available(), "no CUDA"; print("torch", torch.__version__, torch.version.cuda)'
+if [[ "${ALLOW_CPU:-0}" != 1 ]]; then  # ALLOW_CPU=1: the CPU smoke test of this script (tests/test_gpu_bench.py)
+    $PY -c 'import torch; assert torch.cuda.is_available(), "no CUDA"; print("torch", torch.__version__, torch.version.cuda)'
+fi
 $PY -c 'import kit.tools.doctor' 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation -e .
 $PY bench/gpu_1b7.py plan --gpus "$GPUS" --gpu-name "$GPU_NAME" --steps "$STEPS" --write "$WORK" \
-    ${LAYOUT:+--layout "$LAYOUT"} > "$OUT/plan.json"
+    ${LAYOUT:+--layout "$LAYOUT"} ${BENCH_RECIPE:+--recipe "$BENCH_RECIPE"} > "$OUT/plan.json"
 RUN_DIR=$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["run_dir"])' "$OUT/plan.json")
 rm -rf "$RUN_DIR"
 declare -A RC
@@ -55,17 +59,11 @@ part() {  # part NAME TIMEOUT CMD...: stdout to $OUT/NAME.json, stderr to $OUT/N
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$GPUS")
 
 nvidia-smi -q -d ECC,ROW_REMAPPER,PAGE_RETIREMENT > "$OUT/nvidia_smi.txt" 2>&1 || true
-part doctor 180 "${TORCHRUN[@]}" -m kit.tools.cli doctor "$WORK/recipe.toml" --json
-# torchrun interleaves the ranks' JSON reports; keep rank 0's (the first complete object)
-$PY - "$OUT/doctor.json" <<'EOF' || true
-import json, sys
-text = open(sys.argv[1]).read()
-try:
-    obj, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
-    open(sys.argv[1], "w").write(json.dumps(obj, indent=1))
-except ValueError as e:
-    open(sys.argv[1], "w").write(json.dumps({"unreadable": str(e), "text": text[-4000:]}))
-EOF
+# every rank prints its report: torchrun writes each rank's stdout to its own file; rank 0's is kept
+rm -rf "$WORK/doctor_logs"
+part doctor_run 180 "${TORCHRUN[@]}" --log-dir "$WORK/doctor_logs" --redirects 1 -m kit.tools.cli doctor \
+    "$WORK/recipe.toml" --json
+find "$WORK/doctor_logs" -path '*/attempt_0/0/stdout.log' -exec cp {} "$OUT/doctor.json" \; || true
 part matmul 120 "$PY" bench/gpu_1b7.py matmul
 if [[ "$GPUS" -gt 1 ]]; then
     part allreduce 180 "${TORCHRUN[@]}" bench/gpu_1b7.py allreduce

@@ -125,3 +125,30 @@ def test_allreduce_part_on_two_gloo_ranks() -> None:
     r = json.loads(out.stdout)
     assert r["ranks"] == 2 and r["backend"] == "gloo" and [x["mib"] for x in r["sizes"]] == [1.0, 2.0]
     assert all(x["busbw_gbps"] > 0 for x in r["sizes"])
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.timeout(600)
+def test_the_whole_script_runs_on_cpu_at_the_tiny_shape(deepspeed_ok: None, tmp_path: Path) -> None:
+    """Every step of the script's real path (not the dry run), on 2 CPU ranks at the tiny recipe's shape
+    (ALLOW_CPU=1, BENCH_RECIPE): the doctor on every rank (it fails here: the recipe expects 2 GPUs and
+    there is no NVML, which the script records and goes on), matmul, the all-reduce on gloo, a short
+    `kit train` at the layout the script chose, and one combined JSON. What differs on the GPU machine:
+    NCCL, NVML and the bloom-1b7 shape."""
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_1b7.sh")], capture_output=True, text=True, timeout=580,
+                         env={**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+                              "GPUS": "2", "ALLOW_CPU": "1", "BENCH_RECIPE": str(ROOT / "jobs" / "tiny.toml"),
+                              "STEPS": "6", "KIT_IMAGE_TARGET": "", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "out" / "gpu_1b7.json").read_text())
+    lay = r["plan"]["layout"]
+    assert lay["tensor"] * lay["pipeline"] > 1 and lay["tensor"] * lay["pipeline"] * lay["data"] == 2
+    assert r["doctor"]["ok"] is False and r["doctor"]["world_size"] == 2  # rank 0's report, read back whole
+    assert {c["name"]: c["status"] for c in r["doctor"]["checks"]}["gpu.nvml"] == "fail"
+    assert r["matmul"]["tflops"] > 0 and r["allreduce"]["ranks"] == 2
+    t = r["train"]
+    assert t["steps"] == 6 and t["steady_steps"] == 3 and t["tokens_per_s"] > 0 and t["tflops"] > 0
+    assert t["layout"] == {"tensor": lay["tensor"], "pipeline": lay["pipeline"], "data": lay["data"]}
+    rcs = dict(line.removeprefix("rc ").split("=") for line in (tmp_path / "out" / "rc.txt").read_text().splitlines())
+    assert rcs["doctor_run"] != "0" and rcs["train"] == rcs["matmul"] == rcs["allreduce"] == "0"  # recorded, went on
