@@ -204,7 +204,9 @@ class CkptTable(DataTable[Any]):
 
 
 class AlertTable(DataTable[Any]):
-    """Alerts, newest first; the row key is the alert's time (what an ``alert_ack`` names)."""
+    """Incidents (kit.alerts), newest first: worst severity (an arrow when escalated), latest message
+    (x N when several alerts were folded in), and in the last column "yes" once acknowledged or
+    "cleared" once kit saw the condition end. The row key is the first alert's time."""
 
     COLUMNS = ("time (UTC)", "severity", "message", "from", "ack")
 
@@ -214,15 +216,19 @@ class AlertTable(DataTable[Any]):
         self._sig: tuple[Any, ...] = ()
 
     def show(self, snap: Snapshot) -> None:
-        sig = (snap.name, tuple((a.t, a.acked) for a in snap.alerts))
+        sig = (snap.name, tuple((a.t, a.acked, a.severity, a.count, a.cleared_t) for a in snap.alerts))
         if sig == self._sig:
             return
         self._sig = sig
         row = self.cursor_row
         self.clear()
         for a in snap.alerts:
-            sev = Text(a.severity, "dim" if a.acked else SEVERITY_STYLE.get(a.severity, ""))
-            self.add_row(clock_text(a.t), sev, a.message[:160], a.src, "yes" if a.acked else "", key=repr(a.t))
+            quiet = a.acked or not a.open
+            style = "dim" if quiet else SEVERITY_STYLE.get(a.severity, "")
+            sev = Text(a.severity + (" ^" if a.count > 1 else ""), style)
+            msg = a.message[:150] + (f" (x{a.count})" if a.count > 1 else "")
+            state = "yes" if a.acked else ("cleared" if not a.open else "")
+            self.add_row(clock_text(a.t), sev, msg, a.src, state, key=repr(a.t))
         if snap.alerts:
             self.move_cursor(row=min(row, len(snap.alerts) - 1))
 
