@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,8 +197,13 @@ def test_rank_zero_commits_once_every_rank_has_recorded_its_files(tmp_path: Path
         remove_records(tag, 2)
 
     r0 = rank_write(tag, 0, 2, commit).start()
+    record = tag / ck.WRITTEN.format(rank=0)
+    deadline = time.monotonic() + 60  # rank 0 records its files, then waits for rank 1 (busy machine: generous)
+    while not record.exists() and time.monotonic() < deadline:
+        r0.join(0.05)
+    assert record.exists(), "rank 0 never recorded its files"
     assert not r0.join(0.3) and not committed  # rank 1 has not written yet: no manifest
-    assert not (tag / ck.MANIFEST).exists() and (tag / ck.WRITTEN.format(rank=0)).exists()
+    assert not (tag / ck.MANIFEST).exists()
     r1 = rank_write(tag, 1, 2).start()
     assert r1.join(30) and r0.join(30) and not r0.error and not r1.error
     files = committed[0].files
