@@ -500,14 +500,15 @@ def test_tp2_pp2_preflight_measures_tensor_groups_and_pipeline_neighbours(tiny_c
 
 @pytest.mark.slow
 def test_a_healthy_layout_preflight_is_ok_and_a_login_node_says_not_measured(tiny_cfg: Any) -> None:
-    """Without faults the four ranks' layout checks pass; from one process (a login node) the recipe's
-    TP2 x PP2 cannot be formed, which is reported as not measured, not as a failure."""
+    """Without faults the four ranks' layout checks run and never fail the preflight (on this shared
+    2-core machine a group can still measure slow by chance: OK or WARN, both exit 0); from one process
+    (a login node) the recipe's TP2 x PP2 cannot be formed, which is reported as not measured."""
     run = make_run(tiny_cfg, **LAYOUT_RUN)
     out = doctor_four_ranks(run)
     (event,) = read_all(run, {"doctor"})
     checks = {c["name"]: c for c in event["checks"]}
-    assert checks["net.tensor"]["status"] == OK and checks["net.pipeline"]["status"] == OK, out.stderr[-3000:]
-    assert len(event["groups"]) == 4 and out.returncode == 0
+    assert {checks["net.tensor"]["status"], checks["net.pipeline"]["status"]} <= {OK, WARN}, out.stderr[-3000:]
+    assert len(event["groups"]) == 4 and out.returncode == 0 and event["ok"] is True
     login = subprocess.run([sys.executable, "-m", "kit.tools.cli", "doctor", str(run), "--json"], capture_output=True,
                            text=True, env={**os.environ, "KIT_IMAGE_TARGET": ""}, timeout=120)
     named = {c["name"]: c for c in json.loads(login.stdout)["checks"]}
