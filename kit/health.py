@@ -377,11 +377,13 @@ class JobHealth:
               ledger: LedgerWriter | NullLedger, watchdog: Any = None) -> JobHealth:
         """``cfg``: RunConfig, ``run_dir``: RunDir, ``env``: DistEnv. Makes one collective (rank table).
         ``watchdog``: the one that watched setup (kit.watchdog.for_setup), taken over from here."""
+        from kit.parallel.layout import Layout, placed
         from kit.stragglers import StepTimer, StragglerDetector, gather_ranks
         from kit.watchdog import Watchdog
 
         h = cfg.health
         ranks, stamp = gather_ranks(env.rank, env.local_rank, env.world_size)
+        ranks = placed(ranks, Layout.of(cfg.parallel.tensor, cfg.parallel.pipeline, env.world_size))
         sampler = None
         if h.enabled and env.is_node_main:
             sampler = HealthSampler(run_dir.path, h, seg=seg, fs_path=run_dir.checkpoints).start()

@@ -42,6 +42,7 @@ from typing import Any
 from kit.alerts import Incidents
 from kit.faults import fault_point
 from kit.ledger import LedgerWriter, NullLedger, hostname
+from kit.parallel.layout import Coords
 
 FIELDS = ("steps", "step_s", "fwd_s", "bwd_s", "opt_s")
 
@@ -55,6 +56,16 @@ class RankInfo:
     local_rank: int
     gpu: int  # CUDA device index, -1 without a GPU
     pid: int
+    coords: Coords | None = None  # (tensor, pipeline, data) at the run's layout (kit.parallel.layout)
+
+    def coord_fields(self) -> dict[str, Any]:
+        """``tensor``, ``pipeline``, ``data`` for an event or alert (empty when the layout is unknown)."""
+        return self.coords.to_dict() if self.coords is not None else {}
+
+    def where(self) -> str:
+        """``node, GPU 3, tensor 1, pipeline 0, data 1``: everything that names this rank's place."""
+        gpu = f"GPU {self.gpu}" if self.gpu >= 0 else f"local rank {self.local_rank}"
+        return ", ".join([self.host, gpu, *([str(self.coords)] if self.coords is not None else [])])
 
 
 def gather_ranks(rank: int, local_rank: int, world: int) -> tuple[list[RankInfo], str]:
@@ -79,19 +90,37 @@ def median(xs: list[float]) -> float:
     return 0.0 if not n else (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2)
 
 
-def slowdowns(per_step: list[dict[str, float]], key: str = "fwd_s") -> list[float]:
-    """Each rank's ``key`` over the median of the other ranks', minus one (0 when nothing was measured)."""
+def peer_groups(ranks: list[RankInfo]) -> list[list[int]] | None:
+    """Whom each rank's forward time is compared with: the other ranks of its own pipeline stage.
+
+    Under a pipeline, stages do different work (the first holds the embedding, the last the head and
+    the loss): comparing across stages would call a whole stage a straggler. Ranks of one stage (its
+    tensor ranks and data-parallel replicas) do the same work. None (compare with every other rank)
+    without a pipeline, when the layout is unknown, or when a stage has a single rank (nothing to
+    compare it with but other stages)."""
+    stages = [r.coords.pipeline if r.coords is not None else None for r in ranks]
+    if None in stages or len(set(stages)) < 2:
+        return None
+    groups = [[j for j, s in enumerate(stages) if s == stages[i] and j != i] for i in range(len(ranks))]
+    return groups if all(groups) else None
+
+
+def slowdowns(per_step: list[dict[str, float]], key: str = "fwd_s",
+              peers: list[list[int]] | None = None) -> list[float]:
+    """Each rank's ``key`` over the median of the other ranks' (of its ``peers[rank]`` when given:
+    :func:`peer_groups`), minus one (0 when nothing was measured)."""
     out = []
     for r, row in enumerate(per_step):
-        ref = median([x[key] for i, x in enumerate(per_step) if i != r])
+        ref = median([x[key] for i, x in enumerate(per_step) if i != r and (peers is None or i in peers[r])])
         out.append(row[key] / ref - 1.0 if ref > 0 else 0.0)
     return out
 
 
-def find_stragglers(per_step: list[dict[str, float]], threshold: float, key: str = "fwd_s") -> list[tuple[int, float]]:
-    """(rank, slowdown) for ranks whose ``key`` exceeds the median of the other ranks by > threshold in
-    this one window (no statistics: :class:`StragglerDetector` decides)."""
-    return [(r, round(s, 4)) for r, s in enumerate(slowdowns(per_step, key)) if s > threshold]
+def find_stragglers(per_step: list[dict[str, float]], threshold: float, key: str = "fwd_s",
+                    peers: list[list[int]] | None = None) -> list[tuple[int, float]]:
+    """(rank, slowdown) for ranks whose ``key`` exceeds the median of the other ranks (of its peers) by
+    > threshold in this one window (no statistics: :class:`StragglerDetector` decides)."""
+    return [(r, round(s, 4)) for r, s in enumerate(slowdowns(per_step, key, peers)) if s > threshold]
 
 
 # MAD of successive differences -> standard deviation of the values: 1.4826 (normal MAD) / sqrt(2)
@@ -137,8 +166,8 @@ class StragglerDetector:
     history: int = 20
     _hist: deque[list[float]] = field(default_factory=deque)
 
-    def update(self, per_step: list[dict[str, float]]) -> Verdict:
-        s = slowdowns(per_step)
+    def update(self, per_step: list[dict[str, float]], peers: list[list[int]] | None = None) -> Verdict:
+        s = slowdowns(per_step, peers=peers)
         self._hist.append([math.log1p(x) if x > -1 else 0.0 for x in s])
         while len(self._hist) > max(self.history, self.windows):
             self._hist.popleft()
@@ -175,6 +204,7 @@ class StepTimer:
         self.interval = interval
         self.threshold = threshold
         self.ledger = ledger
+        self.peers = peer_groups(ranks)  # under a pipeline: compared within the stage
         self.detector = detector or StragglerDetector(threshold)
         w = self.detector.windows
         # opened after 2 flagged windows in a row (a lone flagged window is the likeliest false alarm),
@@ -269,7 +299,7 @@ class StepTimer:
             d = {k: v / n for k, v in vals.items()}
             d["other_s"] = max(0.0, d["step_s"] - d["fwd_s"] - d["bwd_s"] - d["opt_s"])
             per_step.append(d)
-        verdict = self.detector.update(per_step)  # the same on every rank (same gathered numbers)
+        verdict = self.detector.update(per_step, self.peers)  # the same on every rank (same gathered numbers)
         found = [(r, round(verdict.slowdowns[r], 4)) for r in verdict.flagged]
         if self.rank == 0:
             self._report(step, per_step, verdict)
@@ -281,19 +311,23 @@ class StepTimer:
              **{k: round(x, 6) for k, x in row.items()}} for i, row in enumerate(per_step)])
         for r, info in enumerate(self.ranks):
             slow = v.slowdowns[r] if r < len(v.slowdowns) else 0.0
-            gpu = f"GPU {info.gpu}" if info.gpu >= 0 else f"local rank {info.local_rank}"
+            where = info.where()  # node, GPU, (tensor, pipeline, data) at a layout
+            of = (f"the other ranks of pipeline stage {info.coords.pipeline}" if self.peers and info.coords
+                  else "the other ranks")
+            peers = self.peers[r] if self.peers else [i for i in range(len(per_step)) if i != r]
             flagged = r in v.flagged
             what = self.incidents.observe(
                 f"r{r}", flagged, "warning",
-                f"straggler: rank {r} ({info.host}, {gpu}) is {slow:.1%} slower than the other ranks' median in "
+                f"straggler: rank {r} ({where}) is {slow:.1%} slower than {of}' median in "
                 f"forward (bar {v.bar:.1%}: {self.detector.persist} of the last {self.detector.windows} windows; "
-                f"step {step})" if flagged else f"straggler: rank {r} ({info.host}, {gpu}) is back within "
+                f"step {step})" if flagged else f"straggler: rank {r} ({where}) is back within "
                 f"{v.bar:.1%} of the others (step {step})",
-                escalate_to="error", condition="straggler", rank=r, node=info.host, gpu=info.gpu, step=step)
+                escalate_to="error", condition="straggler", rank=r, node=info.host, gpu=info.gpu, step=step,
+                **info.coord_fields())
             if flagged:
                 inc = self.incidents.open.get(f"r{r}")
                 self.ledger.emit("straggler", rank=r, slowdown=round(slow, 4), step=step, node=info.host,
                                  gpu=info.gpu, local_rank=info.local_rank, fwd_s=round(per_step[r]["fwd_s"], 6),
-                                 median_fwd_s=round(median([x["fwd_s"] for i, x in enumerate(per_step) if i != r]), 6),
+                                 median_fwd_s=round(median([per_step[i]["fwd_s"] for i in peers]), 6),
                                  bar=round(v.bar, 4), noise=round(v.noise, 4), incident=inc.id if inc else "",
-                                 state=what or "open")
+                                 state=what or "open", **info.coord_fields())

@@ -42,6 +42,7 @@ from kit.monitor.widgets import (
     SegmentTable,
     ValidationPanel,
     clock_text,
+    layout_text,
 )
 from kit.rundir import SAVE_NOW, STOP, RunDir
 
@@ -112,7 +113,8 @@ class MonitorApp(App[int]):
                     with Horizontal(id="plots"):
                         yield CurvePlot(id="lossplot")
                         yield CurvePlot(id="rateplot")
-                with TabPane("GPUs", id="gpus"):
+                with TabPane("GPUs", id="gpus"), Vertical():
+                    yield Static(id="layoutline")
                     yield HealthTable(id="health")
                 with TabPane("Checkpoints", id="checkpoints"):
                     yield CkptTable(id="ckpts")
@@ -172,6 +174,7 @@ class MonitorApp(App[int]):
             self.query_one("#lossplot", CurvePlot).show(snap, self.window, self.loss_metric)
             self.query_one("#rateplot", CurvePlot).show(snap, self.window, self.rate_metric)
         elif tab == "gpus":
+            self.query_one("#layoutline", Static).update(layout_text(snap.summary))
             self.query_one(HealthTable).show(snap)
         elif tab == "checkpoints":
             self.query_one(CkptTable).show(snap)

@@ -73,7 +73,8 @@ class ChainPanel(Static):
                  f"finish in {dur(s['eta_s'])} ({clock_text(s['finish_t']) if s['eta_s'] else 'now'})\n")
         t.append(f"segment {seg.get('seg', NA)} of {s['segments']}  job {seg.get('job_id') or NA}  "
                  f"{seg.get('state', NA)}  up {dur(seg.get('elapsed_s'))}  left {seg.get('time_left') or NA}  "
-                 f"on {seg.get('host') or NA} x{val(seg.get('world_size'), 'd')}\n")
+                 f"on {seg.get('host') or NA} x{val(seg.get('world_size'), 'd')}"
+                 + (f"  {s['layout']['label']}" if s.get("layout") else "") + "\n")
         if nxt:
             t.append(f"next: job {nxt['job_id']} {nxt['state']} ({nxt['reason'] or NA}), "
                      f"expected {nxt['start'] or NA}\n")
@@ -134,6 +135,16 @@ class CurvePlot(PlotextPlot):
                 if math.isfinite(med):
                     plt.hline(med, "gray")
         self.refresh()
+
+
+def layout_text(summary: dict[str, Any]) -> Text:
+    """The GPUs tab's header: the run's layout, and how a rank maps to its coordinates."""
+    lay = summary.get("layout")
+    if not lay:
+        return Text("layout: data parallel only (or not recorded by this run's segments)", "dim")
+    t, p = lay["tensor"], lay["pipeline"]
+    return Text(f"layout {lay['label']} ({lay['world']} ranks): rank = tensor + {t} x (pipeline + {p} x data); "
+                "stragglers and hangs are named by (tensor, pipeline, data)")
 
 
 class HealthTable(DataTable[Any]):

@@ -146,6 +146,7 @@ def test_health_and_timings_are_the_real_writers_payloads(small: tuple[Path, gen
     timer.ranks = [RankInfo(r, "n", r, r, 1) for r in range(2)]
     timer.ledger = Capture()  # type: ignore[assignment]
     timer.detector = StragglerDetector(0.05)
+    timer.peers = None  # no pipeline: every rank against the others (kit.stragglers.peer_groups)
     timer.incidents = Incidents(timer.ledger, "x")  # type: ignore[arg-type]
     row = {"step_s": 1.0, "fwd_s": 0.3, "bwd_s": 0.5, "opt_s": 0.1, "other_s": 0.1}
     timer._report(50, [row, row], Verdict([0.0, 0.0], 0.05, 0.0, []))

@@ -284,10 +284,13 @@ SPECS: tuple[EventSpec, ...] = (
         opt("step", "int", "last completed step"), opt("phase", "str", "setup, step, save, rollback"),
         opt("suspect_ranks", "ints", "ranks whose stacks differ"), opt("suspect_nodes", "strs", "their nodes"),
         opt("missing_ranks", "ints", "ranks that dumped no stack"), opt("groups", "list", "stack groups"),
-        opt("stacks", "str", "folder of the stack dumps"))),
+        opt("stacks", "str", "folder of the stack dumps"),
+        opt("suspect_coords", "list", "each suspect's rank, node, tensor, pipeline, data (kit.parallel.layout)"))),
     EventSpec("straggler", "a rank is slower than the others", _S, (
         req("rank", "int", "global rank"), req("slowdown", "float", "fraction slower than the median"),
         opt("step", "int", "step"), opt("node", "str", "its node"), opt("gpu", "int", "its CUDA device (-1: none)"),
+        opt("tensor", "int", "its tensor rank"), opt("pipeline", "int", "its pipeline stage"),
+        opt("data", "int", "its data-parallel replica"),
         opt("local_rank", "int", "local rank"), opt("fwd_s", "float", "its forward time"),
         opt("median_fwd_s", "float", "the others' median"),
         opt("bar", "float", "the slowdown its recent mean had to exceed (kit.stragglers)"),
@@ -318,6 +321,10 @@ SPECS: tuple[EventSpec, ...] = (
     EventSpec("alert", "something an operator should know", "any writer", (
         req("severity", "str", "info, warning, error, critical"), req("message", "str", "what happened, what to do"),
         opt("step", "int", "step"), opt("node", "str", "node"), opt("rank", "int", "rank"),
+        opt("tensor", "int", "the rank's tensor rank"), opt("pipeline", "int", "its pipeline stage"),
+        opt("data", "int", "its data-parallel replica"),
+        opt("suspect_ranks", "ints", "a hang's suspects"), opt("suspect_nodes", "strs", "their nodes"),
+        opt("suspect_coords", "list", "their rank, node, tensor, pipeline, data"),
         opt("tag", "str", "checkpoint"), opt("condition", "str", "the condition's name (xid, nonfinite...)"),
         opt("incident", "str", "one id per incident: escalations of one incident share it"),
         opt("escalated", "bool", "this alert raises an open incident's severity (kit.alerts)"),
@@ -336,7 +343,10 @@ SPECS: tuple[EventSpec, ...] = (
         opt("slowest_node", "str", "the node the bandwidth test found slowest"),
         opt("busbw_gbps", "float", "all-reduce bus bandwidth"), opt("algbw_gbps", "float", "algorithm bandwidth"),
         opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"),
-        opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"))),
+        opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"),
+        opt("layout", "dict", "the recipe's layout at this world: tensor, pipeline, data (absent: data parallel)"),
+        opt("groups", "list", "each tensor group's all-reduce and pipeline pair's send/recv: dim, name, "
+            "ranks, nodes, time_ms, gbps, ratio to the median"))),
     # ---- added later (KIND_CODES: append only)
     EventSpec("amended", "the run's frozen run.toml was changed (kit amend, --amend on kit train/submit)",
               "kit amend/train/submit", (
@@ -352,7 +362,9 @@ SPECS: tuple[EventSpec, ...] = (
     EventSpec("alert_cleared", "the condition behind an incident is over (kit.alerts)", "any writer", (
         req("incident", "str", "the incident"), opt("message", "str", "what ended"),
         opt("condition", "str", "the condition's name"), opt("step", "int", "step"), opt("node", "str", "node"),
-        opt("rank", "int", "rank"), opt("gpu", "int", "GPU index"))),
+        opt("rank", "int", "rank"), opt("gpu", "int", "GPU index"),
+        opt("tensor", "int", "the rank's tensor rank"), opt("pipeline", "int", "its pipeline stage"),
+        opt("data", "int", "its data-parallel replica"))),
     EventSpec("eval", "validation on the held-out data of every source (kit.evaluation, docs/eval.md)",
               "the trainer (rank 0); kit eval --record; kit stream --eval", (
         req("step", "int", "the step evaluated (after its update)"),

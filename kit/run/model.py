@@ -47,6 +47,7 @@ class Segment:
     reason: str = ""
     host: str = ""
     world_size: int | None = None
+    layout: dict[str, int] | None = None  # segment_started's (tensor, pipeline, data); None before layouts existed
     restarts: int = 0
     first_step_t: float | None = None  # its first completed step: start-up ends here
 
@@ -236,6 +237,7 @@ class RunModel:
         s.started_t, s.start_step = t, _int(e.get("step"))
         s.job_id = text(e.get("job_id")) or s.job_id
         s.host, s.world_size = text(e.get("host")), _int(e.get("world_size"))
+        s.layout = _layout(e.get("layout"))
         s.restarts = _int(e.get("restarts")) or 0
         self.max_steps = _int(e.get("max_steps")) or self.max_steps
         s.ended_t, s.reason = None, ""
@@ -429,6 +431,14 @@ def plotted(cols: Any) -> Any:
             and cols.strides[0] == STEP_DTYPE.itemsize):
         return cols.view(np.float64).reshape(len(cols), len(COLUMNS))[:, first:first + len(PLOTTED)]
     return np.stack([np.asarray(cols[k], dtype=np.float64) for k in PLOTTED], axis=1)
+
+
+def _layout(v: Any) -> dict[str, int] | None:
+    """A segment's layout, when it is three positive integers (anything else is not shown)."""
+    if not isinstance(v, dict):
+        return None
+    d = {k: _int(v.get(k)) for k in ("tensor", "pipeline", "data")}
+    return {k: x for k, x in d.items() if x is not None} if all(x and x > 0 for x in d.values()) else None
 
 
 def _int(v: Any) -> int | None:

@@ -159,6 +159,7 @@ class SegmentView:
     time_left: str = ""
     host: str = ""
     world_size: int | None = None
+    layout: dict[str, int] | None = None
     start_step: int | None = None
     end_step: int | None = None
     restarts: int = 0
@@ -234,6 +235,7 @@ class RunSummary:
     reader: dict[str, Any]
     goodput: dict[str, Any] | None = None  # kit.run.goodput.Account.block(): ETTR, last day, biggest loss
     incomplete: list[str] = field(default_factory=list)  # what could not be read: the verdict lacks it (exit 3)
+    layout: dict[str, Any] | None = None  # the newest segment's: tensor, pipeline, data, world, label (layout_view)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (``--json``): the fields, with the metrics and the finish estimate also at the top
@@ -293,6 +295,7 @@ def summarize(m: RunModel, now: float, q: QueueInfo | None = None, chain: ChainS
                 "hosts": {n.node: {"t": n.t, **{k: n.host.get(k) for k in HOST_KEYS}}
                           for n in sorted(m.health.values(), key=lambda n: n.node)[:64]}},
         reader=_reader(m.reader, m), goodput=goodput, incomplete=missing,
+        layout=layout_view(next((s.layout for s in reversed(segments) if s.layout), None)),
     )
 
 
@@ -306,6 +309,15 @@ def incomplete(r: ReadStats, q: QueueInfo | None) -> list[str]:
     if q is not None and q.gave_up:
         out.append(f"Slurm did not answer ({q.gave_up}); the chain's state is from the ledger alone")
     return out
+
+
+def layout_view(layout: dict[str, int] | None) -> dict[str, Any] | None:
+    """``{tensor, pipeline, data, world, label}`` (label ``TP2 x PP2 x DP2``) from a segment_started's
+    layout; what ``kit status`` and the monitor's Overview and GPUs tabs show."""
+    if not layout:
+        return None
+    t, p, d = (int(layout.get(k, 1)) for k in ("tensor", "pipeline", "data"))
+    return {"tensor": t, "pipeline": p, "data": d, "world": t * p * d, "label": f"TP{t} x PP{p} x DP{d}"}
 
 
 def _reader(r: ReadStats, m: RunModel) -> dict[str, Any]:
@@ -329,7 +341,7 @@ def _segments(m: RunModel, now: float, q: QueueInfo | None, chain: ChainState) -
             started_t=s.started_t, ended_t=s.ended_t,
             elapsed_s=((s.ended_t or now) - s.started_t) if s.started_t else None,
             time_left_s=job.time_left_s if job else None, time_left=_clock(job.time_left_s) if job else "",
-            host=s.host, world_size=s.world_size, start_step=s.start_step, end_step=s.end_step,
+            host=s.host, world_size=s.world_size, layout=s.layout, start_step=s.start_step, end_step=s.end_step,
             restarts=s.restarts, nodes=list(rec.nodes) if rec else []))
     seen = {s.seg for s in out}
     for rec in chain.segments:  # allocations that never started a trainer (preflight, crash in set-up)
