@@ -62,7 +62,7 @@ def _wait_ended(run_dir: Path, timeout: float = 300, max_segments: int = 12) -> 
     raise AssertionError(f"chain made no progress for {timeout} s; state {state}\nlast log:\n{tail}")
 
 
-def _wait_for(run_dir: Path, pred: Any, timeout: float = 90) -> list[dict[str, Any]]:
+def _wait_for(run_dir: Path, pred: Any, timeout: float = 300) -> list[dict[str, Any]]:
     from kit.ledger import read_all
 
     end = time.time() + timeout
@@ -196,7 +196,7 @@ def test_signal_requeue_attach_and_stop(tmp_path: Path, slurm: None, deepspeed_o
 
     slurmctl.cancel(sub.job_id, signal="USR2")
     events = _wait_for(sub.run_dir, lambda ev: any(e["kind"] == "step" and e.get("seg") == f"{sub.job_id}_1"
-                                                   for e in ev), timeout=120)
+                                                   for e in ev))
     first_end = [e for e in _kinds(events, "segment_ended") if e["seg"] == f"{sub.job_id}_0"]
     assert first_end and first_end[0]["reason"] == "signal" and first_end[0]["signal"] == "SIGUSR2"
     assert _kinds(events, "segment_signalled")
