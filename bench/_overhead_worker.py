@@ -11,8 +11,10 @@ removed; the TensorBoard sink closed, its thread joined), and started again befo
 one sample per health.period_s). Each block checks what it claims: the engine's forward hooks and the
 threads named ``kit-*`` are counted at its start.
 
-Blocks alternate in ABBA order; rank 0 prints each block's per-step wall time and process CPU time
-(all threads: the kit's threads' CPU counts against the kit) as JSON.
+Blocks alternate in ABBA order, until the overhead's interval (every rank's CPU) is as narrow as
+asked, or the time budget or the rounds run out; rank 0 prints each block's per-step wall time and process CPU time
+(all threads: the kit's threads' CPU counts against the kit), its own and summed over every rank, as
+JSON.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main() -> None:
 
     rd = RunDir(sys.argv[1])
     block, rounds = int(sys.argv[2]), int(sys.argv[3])
+    resolve = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0  # stop once the CI half-width is this (%)
+    budget_s = float(sys.argv[5]) if len(sys.argv) > 5 else float("inf")
     cfg = rd.load_config()
     env = kdist.from_environ()
     kdist.init(env)
@@ -92,9 +96,16 @@ def main() -> None:
     checks["deepspeed_hooks"] = deepspeed_hooks
     for _ in range(5):
         bare_step()
-    times: dict[str, list[float]] = {"bare": [], "kit": [], "bare_cpu": [], "kit_cpu": []}
+    times: dict[str, list[float]] = {"bare": [], "kit": [], "bare_cpu": [], "kit_cpu": [], "bare_cpu_all": [],
+                                     "kit_cpu_all": []}
     order = ["bare", "kit", "kit", "bare"]
+    started = time.monotonic()
+    stopped = f"max rounds ({rounds})"
     for r in range(rounds):
+        why = _done(times, r, resolve, started, budget_s) if r else ""
+        if why:
+            stopped = why
+            break
         for mode in order if r % 2 == 0 else order[::-1]:
             if mode == "kit" and tr.health is None:
                 kit_on()
@@ -109,12 +120,41 @@ def main() -> None:
                 fn()
             times[mode].append((time.perf_counter() - t0) / block)
             times[mode + "_cpu"].append((time.process_time() - c0) / block)
+        # every rank's process CPU per step, summed: the kit's work on the other ranks (its threads, hooks,
+        # gathers) competes for the same cores
+        mine = {m: times[m + "_cpu"][-2:] for m in ("bare", "kit")}
+        every: list[Any] = [None] * env.world_size
+        dist.all_gather_object(every, mine)
+        for m in ("bare", "kit"):
+            times[m + "_cpu_all"] += [sum(x[m][i] for x in every) for i in range(2)]
     if env.rank == 0:
-        out = {**times, "checks": {k: sorted(v) if isinstance(v, set) else v for k, v in checks.items()}}
+        out = {**times, "stopped": stopped,
+               "checks": {k: sorted(v) if isinstance(v, set) else v for k, v in checks.items()}}
         print("TIMES " + json.dumps(out), flush=True)
     if tr.health is None:
         kit_on()
     tr._finish("done")
+
+
+def _done(times: dict[str, list[float]], rounds: int, resolve: float, started: float, budget_s: float) -> str:
+    """Why to stop now ("" to go on): the interval of every rank's CPU overhead is as narrow as asked
+    (after 10 rounds at least), or the time budget is spent. Every rank has the same lists (all-gathered),
+    and the same clock budget decides within a round's time, so all ranks stop together (checked:
+    the decision is all-reduced)."""
+    import _stats
+    import torch
+    import torch.distributed as dist
+
+    why = ""
+    if resolve > 0 and rounds >= 10:
+        r = _stats.paired_ratio(times["bare_cpu_all"], times["kit_cpu_all"])
+        if r["half_width_pct"] <= resolve:
+            why = f"resolved: +-{r['half_width_pct']:.2f}% <= {resolve}% after {rounds} rounds"
+    if not why and time.monotonic() - started > budget_s:
+        why = f"time budget ({budget_s:.0f} s) spent after {rounds} rounds"
+    flag = torch.tensor([1 if why else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's clock must not leave the other waiting
+    return why or ("stopped with the other rank" if int(flag) else "")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ MODEL = {"model.hidden_size": 1024, "model.n_layer": 16, "model.n_head": 16, "mo
 
 
 def make_checkpoint(runs: Path, stage: int) -> Path:
+    if (runs / f"z{stage}" / "checkpoints" / "step_0000001" / "MANIFEST.json").exists():
+        return runs / f"z{stage}"  # made by an earlier run (perhaps by an older kit: its run.toml is frozen)
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import tiny_overrides  # the shipped tiny recipe's test overrides, then the 253M model
 
@@ -90,6 +92,15 @@ def _cpu() -> float:
     """CPU seconds of this process so far, all threads (on a shared machine, steadier than wall time)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; ru_maxrss of a child starts at its parent's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(fn: Any, name: str, phases: dict[str, float]) -> Any:
@@ -187,7 +198,7 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
     result: dict[str, Any] = {"kind": kind, "seconds": seconds, "cpu_s": round(_cpu() - cpu0, 3),
                               "import_s": import_s, "bytes": nbytes,
                               "mb_per_s": nbytes / seconds / 1e6,
-                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                              "peak_rss_mb": _peak_rss_mb()}
     if kind in ("kit", "kit_bf16", "kit_cli"):
         result["phases"] = {**{k: round(v, 3) for k, v in phases.items()},
                             "final_fsync": round(time.perf_counter() - t_sync, 3)}
@@ -204,6 +215,67 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
             ck.sha256(Path(run) / "checkpoints" / "step_0000001" / rel)
         result["source_check_sha256_one_thread_untimed_s"] = round(time.perf_counter() - t, 3)
     return result
+
+
+def digest_speeds(files: list[Path], repeat: int) -> dict[str, Any]:
+    """CPU seconds to digest ``files`` (read 8 MB at a time into one buffer, one thread) with each
+    candidate of the source check, best of ``repeat``; and what reading alone costs. The stdlib's
+    candidates, and xxhash's xxh3 when it happens to be installed (kit does not depend on it)."""
+    import zlib
+
+    def run(make: Any, update: Any) -> float:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        c = _cpu()
+        for f in files:
+            state = make()
+            with open(f, "rb", buffering=0) as fh:
+                while n := fh.readinto(buf):
+                    state = update(state, view[:n])
+        return _cpu() - c
+
+    def hashed(name: str) -> tuple[Any, Any]:
+        return (lambda: hashlib.new(name)), (lambda h, b: (h.update(b), h)[1])
+
+    candidates: dict[str, tuple[Any, Any]] = {
+        "read_only": (lambda: 0, lambda s, b: s),
+        "crc32": (lambda: 0, lambda s, b: zlib.crc32(b, s)),
+        "adler32": (lambda: 1, lambda s, b: zlib.adler32(b, s)),
+        **{name: hashed(name) for name in ("sha256", "sha1", "blake2b", "md5")},
+    }
+    try:
+        import xxhash
+
+        candidates["xxh3_64 (xxhash, not a dependency)"] = (xxhash.xxh3_64, lambda h, b: (h.update(b), h)[1])
+    except ImportError:
+        pass
+    nbytes = sum(f.stat().st_size for f in files)
+    out: dict[str, Any] = {"bytes": nbytes}
+    for name, (make, update) in candidates.items():
+        cpu = min(run(make, update) for _ in range(repeat))
+        out[name] = {"cpu_s": round(cpu, 3), "gb_per_cpu_s": round(nbytes / cpu / 1e9, 2)}
+    return out
+
+
+def save_hash_cost(files: list[Path], repeat: int) -> dict[str, Any]:
+    """What the CRC-32 beside sha256 costs a checkpoint save (kit.checkpoint.digests hashes each file
+    once for both): one thread's CPU for sha256 alone and for both, per GB of checkpoint."""
+    from kit import checkpoint as ck
+
+    def cpu(fn: Any) -> float:
+        best = float("inf")
+        for _ in range(repeat):
+            c = _cpu()
+            for f in files:
+                fn(f)
+            best = min(best, _cpu() - c)
+        return best
+
+    gb = sum(f.stat().st_size for f in files) / 1e9
+    alone, both = cpu(ck.sha256), cpu(ck.digests)
+    return {"gb": round(gb, 3), "sha256_cpu_s": round(alone, 3), "sha256_and_crc32_cpu_s": round(both, 3),
+            "crc32_extra_cpu_s_per_gb": round((both - alone) / gb, 3),
+            "crc32_extra_pct_of_hashing": round(100 * (both - alone) / alone, 1)}
 
 
 def measure(kind: str, run: Path, out: Path, shard: str, repeat: int) -> dict[str, Any]:
@@ -264,6 +336,17 @@ def main() -> int:
              "throughput_zero_to_fp32_vs_copy": ds["mb_per_s"] / copy["mb_per_s"],
              "peak_rss_vs_zero_to_fp32": kit["peak_rss_mb"] / ds["peak_rss_mb"]}
         r["ok"] = r["command_throughput_vs_copy"] >= 0.5 and r["command_peak_rss_vs_zero_to_fp32"] <= 0.5
+        cores = os.cpu_count() or 1
+        # The floor on this machine: the command's CPU seconds spread perfectly over every core, against the
+        # copy's measured time; the copy is mostly the kernel's page copy, the command must also hash.
+        r["floor"] = {"command_cpu_s": cli["cpu_s"], "copy_cpu_s": copy["cpu_s"], "cores": cores,
+                      "command_wall_at_least_s": round(cli["cpu_s"] / cores, 3),
+                      "best_ratio_vs_copy_this_run": round(copy["seconds"] / (cli["cpu_s"] / cores), 3),
+                      "best_ratio_vs_copy_if_quiet": round(max(copy["cpu_s"], 1e-9) / (cli["cpu_s"] / cores), 3)}
+        files = [f for f in (run / "checkpoints" / "step_0000001").iterdir()
+                 if f.is_file() and f.name != "MANIFEST.json"]
+        r["digests"] = digest_speeds(files, a.repeat)
+        r["save_hashing"] = save_hash_cost(files, a.repeat)
         results["stages"][f"zero{stage}"] = r
         results["params"] = kit["bytes"] // 4
         print(f"ZeRO-{stage}: `kit convert` as users run it (source check, conversion, verification): "
@@ -277,9 +360,21 @@ def main() -> int:
               f"{r['throughput_vs_copy_sha256']:.2f}; zero_to_fp32/copy "
               f"{r['throughput_zero_to_fp32_vs_copy']:.2f}); "
               f"peak RSS kit/zero_to_fp32 = {r['peak_rss_vs_zero_to_fp32']:.2f} (target <= 0.5)", flush=True)
+        fl, dg, sv = r["floor"], r["digests"], r["save_hashing"]
+        print(f"ZeRO-{stage}: the floor: the command used {fl['command_cpu_s']:.2f} CPU-s against the copy's "
+              f"{fl['copy_cpu_s']:.2f}: on {fl['cores']} cores at least {fl['command_wall_at_least_s']:.2f} s, so at "
+              f"best {fl['best_ratio_vs_copy_this_run']:.2f}x this run's copy "
+              f"({fl['best_ratio_vs_copy_if_quiet']:.2f}x a copy that ran at its CPU time)", flush=True)
+        speeds = ", ".join(f"{k} {v['cpu_s']} ({v['gb_per_cpu_s']})" for k, v in dg.items() if k != "bytes")
+        print(f"ZeRO-{stage}: digests of the {dg['bytes'] / 1e9:.2f} GB source, one thread, CPU-s (GB/CPU-s): "
+              f"{speeds}", flush=True)
+        print(f"ZeRO-{stage}: a save's hashing: sha256 {sv['sha256_cpu_s']} CPU-s, sha256 + CRC-32 "
+              f"{sv['sha256_and_crc32_cpu_s']} (+{sv['crc32_extra_cpu_s_per_gb']} CPU-s per GB, "
+              f"+{sv['crc32_extra_pct_of_hashing']}%)", flush=True)
         for d in ("out-kit", "out-cli", "out-copy", "out-user", "out-hash", "out-bf16", "out-ds"):
             shutil.rmtree(runs / f"{d}-{stage}", ignore_errors=True)
     results["load_avg_after"] = os.getloadavg()
+    results["when"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     print(f"saved {RESULTS}")

@@ -50,7 +50,7 @@ from kit.ledger import LedgerWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 
-GEN_VERSION = 2  # bump when the output changes: cached runs of another version are not reused
+GEN_VERSION = 3  # bump when the output changes: cached runs of another version are not reused
 CACHE = Path(os.environ.get("KIT_BENCH_CACHE", "/tmp/kit-bench-runs"))
 START = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the first submission (fixed: same shape, same bytes)
 SETUP_S = 240.0  # allocation start to first step: preflight, data, engine, resume
@@ -353,9 +353,13 @@ class Train:
             fwd[s.slow_rank] *= 1.08
         bwd = 0.55 * step_s * noise[:, 1]
         opt = 0.06 * step_s * noise[:, 2]
+        from kit.stragglers import slowdowns
+
+        slow_by = slowdowns([{"fwd_s": f} for f in fwd.tolist()])  # each rank's, as kit.stragglers reports it
         rows = []
         for r, (f, b, o) in enumerate(zip(fwd.tolist(), bwd.tolist(), opt.tolist(), strict=True)):
-            rows.append({"rank": r, "host": s.nodes[r // sh.gpus], "gpu": r % sh.gpus, "step_s": round(step_s, 6),
+            rows.append({"rank": r, "host": s.nodes[r // sh.gpus], "gpu": r % sh.gpus,
+                         "slowdown": round(slow_by[r], 4), "step_s": round(step_s, 6),
                          "fwd_s": round(f, 6), "bwd_s": round(b, 6), "opt_s": round(o, 6),
                          "other_s": round(max(0.0, step_s - f - b - o), 6)})
         self.emit("rank_timings", t, step=step, ranks=rows)
@@ -711,6 +715,37 @@ def add_shape_arguments(p: argparse.ArgumentParser) -> None:
 
 def shape_from(args: argparse.Namespace) -> Shape:
     return Shape(**{f.name: getattr(args, f.name) for f in fields(Shape)})
+
+
+def evict(root: Path) -> int:
+    """Drop ``root``'s files from the page cache (posix_fadvise DONTNEED: this run's files only), so the
+    next read comes from the disk: a cold start as after a reboot or on another login node."""
+    n = 0
+    for d, _, names in os.walk(root):
+        for name in names:
+            try:
+                fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                n += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return n
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM). Why not getrusage's ru_maxrss: a
+    child's starts at its parent's resident size at fork, so a benchmark forked from a large parent
+    would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def machine(load_before: tuple[float, float, float] | None = None) -> dict[str, Any]:

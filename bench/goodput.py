@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     r["of_run"] = best(lambda: of_run(run, use_slurm=False), a.repeat)[:2]
     r["collect"] = best(lambda: collect(run, use_slurm=False), a.repeat)[:2]
     tracker = Tracker(inp)
-    new = history.step_detail(history.steps[-1000:])  # the newest step events, parsed from their lines
+    rows = range(max(0, len(history.steps) - 1000), len(history.steps))
+    new = history.step_detail(list(rows))  # the newest step events, parsed from their lines
 
     def refresh() -> Any:
         tracker.add(new)

@@ -58,8 +58,6 @@ def train_only(run: Path) -> Path:
 
 def child_postmortem(run: Path) -> dict[str, object]:
     """One ``kit spikes --json`` analysis in this (fresh) process: wall, CPU, peak RSS."""
-    import resource
-
     t0 = time.perf_counter()
     from kit.tools.postmortem import analyse
 
@@ -68,11 +66,14 @@ def child_postmortem(run: Path) -> dict[str, object]:
     res = analyse(run, data=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "imports_s": round(imports, 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(genrun.peak_rss_mb(), 1),
             "found": sorted(int(s["start"]) for s in res["spikes"]), "steps_logged": res["steps_logged"]}
 
 
-def _child(run: Path) -> dict[str, object]:
+def _child(run: Path, cold: bool = False) -> dict[str, object]:
+    """One postmortem in a fresh process; ``cold``: the run's files evicted from the page cache first."""
+    if cold:
+        genrun.evict(run)
     p = subprocess.run([sys.executable, __file__, "--child-postmortem", str(run)], capture_output=True, text=True,
                        check=False)
     if p.returncode != 0:
@@ -95,17 +96,25 @@ def bench_postmortem(shape: genrun.Shape, reps: int) -> dict[str, object]:
     out: dict[str, object] = {"shape": record["shape"], "ledger_mb": round(c["bytes"] / 1e6, 1),
                               "planted": planted, "target_s": 2.0, "target_peak_rss_mb": 1024}
     for label, where in (("training_ledger", train_only(run)), ("whole_run", run)):
+        cold = _child(where, cold=True)
         runs = [_child(where) for _ in range(reps)]
         best = min(runs, key=lambda r: float(r["seconds"]))  # type: ignore[arg-type]
-        peak = max(float(r["peak_rss_mb"]) for r in runs)  # type: ignore[arg-type]
+        peak = max(float(r["peak_rss_mb"]) for r in [cold, *runs])  # type: ignore[arg-type]
         found = set(best["found"])  # type: ignore[call-overload]
+        cpus = [float(r["cpu_seconds"]) for r in runs]  # type: ignore[arg-type]
         out[label] = {**best, "peak_rss_mb": peak, "seconds_all": [r["seconds"] for r in runs],
+                      "cpu_seconds_all": cpus, "cpu_seconds_median": statistics.median(cpus),
+                      "cold": {k: cold[k] for k in ("seconds", "cpu_seconds", "peak_rss_mb")},
                       "planted_found": len(found & set(planted)), "other_found": len(found - set(planted)),
-                      "met": float(best["seconds"]) <= 2.0 and peak <= 1024}  # type: ignore[arg-type]
-        print(f"postmortem, {label.replace('_', ' ')}: best {best['seconds']:.2f} s wall of {reps} "
-              f"(CPU {best['cpu_seconds']:.2f} s), peak RSS {peak:,.0f} MB; targets <= 2 s and <= 1 GB: "
-              f"{'MET' if out[label]['met'] else 'NOT MET'}; found {len(found & set(planted))}/{len(planted)} "
-              f"rolled-back spikes + {len(found - set(planted))} other", flush=True)  # type: ignore[index]
+                      "met": float(best["seconds"]) <= 2.0 and peak <= 1024,  # type: ignore[arg-type]
+                      "met_cpu": max([*cpus, float(cold["cpu_seconds"])]) <= 2.0 and peak <= 1024}  # type: ignore[arg-type]
+        print(f"postmortem, {label.replace('_', ' ')}: warm best {best['seconds']:.2f} s wall of {reps} "
+              f"(CPU {best['cpu_seconds']:.2f} s, median CPU {statistics.median(cpus):.2f} s); cold page cache "
+              f"{cold['seconds']:.2f} s wall (CPU {cold['cpu_seconds']:.2f} s); peak RSS {peak:,.0f} MB; "
+              f"targets <= 2 s and <= 1 GB: wall {'MET' if out[label]['met'] else 'NOT MET'}, "  # type: ignore[index]
+              f"CPU {'MET' if out[label]['met_cpu'] else 'NOT MET'}; "  # type: ignore[index]
+              f"found {len(found & set(planted))}/{len(planted)} rolled-back spikes + {len(found - set(planted))} "
+              f"other", flush=True)
     if shape.steps <= 200_000:  # the report (PNGs) of a whole run is not what this bench is for at 1M steps
         from kit.tools.postmortem import analyse
 

@@ -52,6 +52,9 @@ def render(s: dict[str, Any]) -> str:
         left = f", time left {seg['time_left']}" if seg.get("time_left") else ""
         lines.append(f"  segment    {seg['seg']} {seg['state']} since {_iso(seg['started_t'])}"
                      f"{' on ' + ','.join(seg['nodes']) if seg['nodes'] else ''}{left}")
+    lay = s.get("layout")
+    if lay:
+        lines.append(f"  layout     {lay['label']} ({lay['world']} ranks: tensor x pipeline x data)")
     nxt = s.get("next")
     if nxt:
         lines.append(f"  next       job {nxt['job_id']} {nxt['state'].lower()}, reason {nxt['reason'] or 'N/A'}, "

@@ -6,6 +6,8 @@ Layout under ``<run>/checkpoints`` (docs/run-directory.md)::
       mp_rank_00_model_states.pt     DeepSpeed's files (model, ZeRO optimizer partitions, scheduler)
       zero_pp_rank_*_optim_states.pt
       kit_rank_00000.pt              per-rank RNG state (torch, numpy, python): DeepSpeed saves none
+      .written_r00000.json           an asynchronous save's per-rank record (kit.asyncsave): this rank's
+                                     files are durable, with their sizes and digests; removed after commit
       MANIFEST.json                  written LAST: every file's size, sha256 and CRC-32, step, consumed samples,
                                      world size, model shape. No manifest = not a checkpoint.
     latest                           the newest complete tag (DeepSpeed's own format), moved after the
@@ -53,6 +55,8 @@ PINS = ".pins"
 BUSY = ".busy"
 HOLDS = ".holds"
 RANK_STATE = "kit_rank_{rank:05d}.pt"
+WRITTEN = ".written_r{rank:05d}.json"  # kit.asyncsave's per-rank record; never part of the manifest
+WRITTEN_PREFIX = ".written_r"
 MANIFEST_VERSION = 1
 
 
@@ -250,13 +254,15 @@ def prepare_tag_dir(root: Path, tag: str) -> Path:
     return path
 
 
-def save_rank_state(path: Path, rank: int) -> None:
+def save_rank_state(path: Path, rank: int, state: dict[str, Any] | None = None) -> Path:
+    """Write this rank's RNG state (``state``: one taken earlier, by an asynchronous save)."""
     import torch
 
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (RANK_STATE.format(rank=rank) + ".tmp")
-    torch.save(rng_state(), tmp)
+    torch.save(rng_state() if state is None else state, tmp)
     os.replace(tmp, path / RANK_STATE.format(rank=rank))
+    return path / RANK_STATE.format(rank=rank)
 
 
 def load_rank_state(path: Path, rank: int) -> None:
@@ -304,16 +310,31 @@ def crc32(path: Path) -> str:
     return f"{crc:08x}"
 
 
-def write_manifest(path: Path, step: int, kit_state: KitState | dict[str, Any], threads: int = 4) -> Manifest:
-    """Hash every file of the tag folder and write MANIFEST.json atomically (the commit point)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+def write_manifest(path: Path, step: int, kit_state: KitState | dict[str, Any], threads: int = 4,
+                   known: dict[str, dict[str, Any]] | None = None) -> Manifest:
+    """Hash every file of the tag folder and write MANIFEST.json atomically (the commit point).
+
+    ``known``: sizes and digests (sha256, crc32) of files already hashed by the ranks that wrote them
+    (an asynchronous save's records, kit.asyncsave); only the others are hashed here."""
+    known = known or {}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+                   and not p.name.startswith((WRITTEN_PREFIX, f".{MANIFEST}.tmp")))
+    rels = [str(p.relative_to(path)) for p in files]
+    todo = [p for p, rel in zip(files, rels, strict=True) if rel not in known]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        sums = list(pool.map(digests, files))
+        hashed = dict(zip(todo, pool.map(digests, todo), strict=True))
+    entries: dict[str, FileEntry] = {}
+    for p, rel in zip(files, rels, strict=True):
+        d, c = (known[rel]["sha256"], known[rel]["crc32"]) if rel in known else hashed[p]
+        entries[rel] = FileEntry(p.stat().st_size, d, c)
+    wrong = [f"{rel}: missing" if rel not in entries else f"{rel}: size {entries[rel].size} != {info['size']}"
+             for rel, info in known.items() if rel not in entries or entries[rel].size != info["size"]]
+    if wrong:
+        raise CheckpointError(f"{path}: files changed after their rank wrote them ({'; '.join(wrong[:3])}); "
+                              "is another process writing this checkpoint folder?")
     kit = kit_state if isinstance(kit_state, KitState) else KitState.from_dict({"step": step, **kit_state},
                                                                                    f"{path / MANIFEST}", step)
-    manifest = Manifest(tag=path.name, step=step, created=time.time(), kit=kit,
-                        files={str(p.relative_to(path)): FileEntry(p.stat().st_size, d, c)
-                               for p, (d, c) in zip(files, sums, strict=True)})
+    manifest = Manifest(tag=path.name, step=step, created=time.time(), kit=kit, files=entries)
     atomic_write_json(path / MANIFEST, manifest.to_dict(), fsync=True)
     return manifest
 

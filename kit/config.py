@@ -342,6 +342,13 @@ class CheckpointSection:
     """...and every checkpoint whose step is a multiple of N (0 = none), as BigScience kept every 1k."""
     verify_on_resume: bool = False
     """Hash every file against the manifest before resuming (sizes are always checked)."""
+    async_save: bool = True
+    """Save without stopping training for the write: the loop pauses only to copy the state to host
+    memory (pinned memory on GPUs), then a background thread writes DeepSpeed's files, fsyncs and hashes
+    them, and rank 0 writes the manifest last. A save still in flight when the next is due, at a
+    rollback or at the segment's end is waited for. Needs host memory for one copy of each rank's
+    state (it uses at most half of what is free; beyond that a save is written synchronously, with a
+    warning). false = DeepSpeed writes in the loop (the stall is the whole save)."""
     stream_hold_max: int = 2
     """While a live `kit stream` has not shipped them yet, keep up to this many more checkpoints than
     keep_last (its remote keep-every ones first; 0 = retention ignores the stream). Bounded, so a
@@ -378,6 +385,9 @@ class TrainerSection:
     """Accelerator's dense bf16 peak for MFU (A100: 312, H100 SXM: 989). 0 = from the GPU name."""
     threads: int = 1
     """OMP/MKL threads per rank (keep it fixed: a different count changes the arithmetic)."""
+    progress_s: float = 10.0
+    """Rank 0 prints a live step line (step, loss, tokens/s, s/step, ETA) at a segment's first step,
+    then every this many seconds, and at the last step; 0 = off. In the job's log under Slurm."""
     control_check_s: float = 10.0
     """Seconds between two looks at the run's control/ folder for an operator's stop or save-now (rank 0,
     at a step boundary; the first look is at the first step). A switch is honoured within this plus one
@@ -398,6 +408,8 @@ class TrainerSection:
                 raise ConfigError(f"trainer.{key} must be >= 0 (0 = off), got {getattr(self, key)}")
         if self.threads < 1:
             raise ConfigError(f"trainer.threads must be at least 1, got {self.threads}")
+        if self.progress_s < 0:
+            raise ConfigError(f"trainer.progress_s must be >= 0 (0 = no step lines), got {self.progress_s}")
         if self.deadline:
             from datetime import datetime
 
@@ -533,7 +545,18 @@ class HealthSection:
     straggler_interval: int = 50
     """Gather per-rank timings every N steps (0 = off)."""
     straggler_threshold: float = 0.05
-    """Report ranks slower than the median by this fraction (BLOOM found a GPU 5% slow)."""
+    """The smallest slowdown reported: a rank's forward time over the other ranks' median, minus one
+    (BLOOM found a GPU 5% slow). A rank is a straggler when, over the last straggler_windows gathers,
+    it is slower than this in straggler_persist of them and its mean slowdown is also more than
+    straggler_noise_k standard errors of the run's own timing noise (kit.stragglers)."""
+    straggler_noise_k: float = 5.0
+    """How many standard errors of the run's measured window-to-window noise the mean slowdown over
+    straggler_windows must exceed (5: noise alone practically never does)."""
+    straggler_windows: int = 5
+    """Gathers a straggler call looks back over (and the earliest gather it can be made at); an
+    alert escalates to an error when its rank stays flagged for this many more."""
+    straggler_persist: int = 3
+    """Of straggler_windows gathers, how many must each show the slowdown (1: one slow gather is enough)."""
     watchdog: bool = True
     """Run the hang watchdog (one thread per rank); independent of ``enabled`` (the sampler)."""
     hang_grace_s: float = 30.0
@@ -569,6 +592,11 @@ class HealthSection:
             raise ConfigError(f"health.host_mem_max_pct must be in (0, 100], got {self.host_mem_max_pct}")
         if self.disk_min_free_gib < 0:
             raise ConfigError(f"health.disk_min_free_gib must be >= 0, got {self.disk_min_free_gib}")
+        if self.straggler_noise_k < 0:
+            raise ConfigError(f"health.straggler_noise_k must be >= 0, got {self.straggler_noise_k}")
+        if not 1 <= self.straggler_persist <= self.straggler_windows:
+            raise ConfigError(f"health.straggler_persist must be between 1 and health.straggler_windows "
+                              f"({self.straggler_windows}), got {self.straggler_persist}")
 
 
 @dataclass(kw_only=True, slots=True)

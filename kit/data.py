@@ -36,6 +36,7 @@ import numpy as np
 from kit.config import DataSection, RunConfig, SourceSection
 from kit.errors import DataError
 from kit.fsio import atomic_write
+from kit.progress import NO_BARS, Bars
 
 META = "meta.json"
 TOKENIZER = "tokenizer.json"
@@ -169,11 +170,12 @@ def load_tokenizer(path: str | Path) -> Any:
 # ------------------------------------------------------------------------------------------ prepare
 
 
-def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print) -> dict[str, Any]:
+def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print, bars: Bars = NO_BARS) -> dict[str, Any]:
     """Tokenize every source into ``data_dir`` once; safe to call from many processes at once.
 
     One process takes a lock and builds into a temporary folder, then moves the files in and writes
-    meta.json last; the others wait for it. A prepared folder is reused as it is.
+    meta.json last; the others wait for it. A prepared folder is reused as it is. ``bars``: progress
+    bars for the CLI (kit.progress: sources read, the tokenizer's training, bytes tokenized).
     """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +190,7 @@ def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print) -> dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            meta = _build(cfg, tmp, log)
+            meta = _build(cfg, tmp, log, bars)
             for p in tmp.iterdir():
                 os.replace(p, data_dir / p.name)
             _atomic_write(meta_path, json.dumps(meta, indent=1))
@@ -197,25 +199,32 @@ def prepare(cfg: RunConfig, data_dir: str | Path, log: Any = print) -> dict[str,
         return meta
 
 
-def _build(cfg: RunConfig, out: Path, log: Any) -> dict[str, Any]:
+def _build(cfg: RunConfig, out: Path, log: Any, bars: Bars = NO_BARS) -> dict[str, Any]:
     t0 = time.time()
     docs: dict[str, list[Document]] = {}
+    nbytes: dict[str, int] = {}
+    reading = bars.task("reading sources", len(cfg.data.sources), unit="sources")
     for src in cfg.data.sources:
         docs[src.name] = list(iter_documents(src))
         if not docs[src.name]:
             raise DataError(f"data.sources[{src.name}]: no non-empty documents in {src.path}")
+        nbytes[src.name] = sum(len(d.text.encode()) for d in docs[src.name])
+        reading.advance(1)
     if cfg.data.tokenizer:
         tok = load_tokenizer(cfg.data.tokenizer)
         if tok.get_vocab_size() > cfg.data.vocab_size:
             raise DataError(f"data.tokenizer has {tok.get_vocab_size()} tokens but data.vocab_size is "
                             f"{cfg.data.vocab_size}; set data.vocab_size >= {tok.get_vocab_size()}")
     else:
-        tok = train_tokenizer((d.text for ds in docs.values() for d in ds), cfg.data.vocab_size)
+        with bars.phase(f"training a {cfg.data.vocab_size}-token BPE on {sum(nbytes.values()) / 1e6:.1f} MB"):
+            tok = train_tokenizer((d.text for ds in docs.values() for d in ds), cfg.data.vocab_size)
     tok.save(str(out / TOKENIZER))
     dtype = np.uint16 if cfg.data.vocab_size <= 65535 else np.uint32
     sources: list[dict[str, Any]] = []
+    tokenizing = bars.task("tokenizing", sum(nbytes.values()), unit="bytes")
     for src in cfg.data.sources:
         encs = tok.encode_batch([d.text for d in docs[src.name]])
+        tokenizing.advance(nbytes[src.name])
         lengths = np.array([len(e.ids) + 1 for e in encs], dtype=np.int64)
         offsets = np.zeros(len(encs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -233,7 +242,7 @@ def _build(cfg: RunConfig, out: Path, log: Any) -> dict[str, Any]:
                             f"model.seq_length={cfg.model.seq_length}; add data or shorten the sequence")
         sources.append({"name": src.name, "language": src.language, "format": src.format,
                         "documents": len(encs), "tokens": len(tokens), "windows": windows,
-                        "bytes": sum(len(d.text.encode()) for d in docs[src.name]), "weight": src.weight})
+                        "bytes": nbytes[src.name], "weight": src.weight})
     weights = mixture_weights([s["tokens"] for s in sources], [s["weight"] for s in sources], cfg.data.alpha)
     for s, w in zip(sources, weights, strict=True):
         s["p"] = w

@@ -1,8 +1,10 @@
 """Named fault points, for tests that must break a real run at an exact place.
 
 ``KIT_FAULTS="ckpt.before_manifest@40,step.after@25:rank1"`` makes :func:`fault_point` kill the
-process with SIGKILL (or sleep, with ``=hang``) when the named point is reached at that step (on the
-given rank only, when ``:rankN`` is given). Production runs never set it; it costs one dict lookup.
+process with SIGKILL (or hang, with ``=hang``; sleep, with ``=sleep0.5``) when the named point is
+reached at that step (on the given rank only, when ``:rankN`` is given; at every Nth step, with
+``name%N``: ``step.forward%2:rank1=sleep0.05`` slows rank 1 down every other step). Production runs
+never set it; it costs one dict lookup.
 ``=enospc`` raises OSError(ENOSPC) there instead (a write that finds this rank's own disk full);
 ``=raise`` raises :class:`FaultInjected` (an unexpected error in the middle of an operation, to test
 what is undone). ``=wait`` is a gate the test opens: the process creates ``NAME@STEP.rankR.reached`` in
@@ -22,8 +24,8 @@ from pathlib import Path
 from kit import envvars
 
 
-def _parse(spec: str) -> dict[str, list[tuple[int, int | None, str]]]:
-    out: dict[str, list[tuple[int, int | None, str]]] = {}
+def _parse(spec: str) -> dict[str, list[tuple[int, int | None, str, int]]]:
+    out: dict[str, list[tuple[int, int | None, str, int]]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         action = "kill"
         if "=" in item:
@@ -33,7 +35,8 @@ def _parse(spec: str) -> dict[str, list[tuple[int, int | None, str]]]:
             item, r = item.split(":rank", 1)
             rank = int(r)
         name, _, step = item.partition("@")
-        out.setdefault(name, []).append((int(step or -1), rank, action))
+        name, _, every = name.partition("%")
+        out.setdefault(name, []).append((int(step or -1), rank, action, int(every or 0)))
     return out
 
 
@@ -45,8 +48,8 @@ class FaultInjected(RuntimeError):
 
 
 def fault_point(name: str, step: int, rank: int) -> None:
-    for at, only_rank, action in _FAULTS.get(name, ()):
-        if (at in (-1, step)) and (only_rank is None or only_rank == rank):
+    for at, only_rank, action, every in _FAULTS.get(name, ()):
+        if at in (-1, step) and (only_rank is None or only_rank == rank) and (not every or step % every == 0):
             if action == "hang":
                 while True:
                     time.sleep(3600)
@@ -93,4 +96,5 @@ def release(gate_dir: Path, name: str, step: int) -> None:
 
 def fault_active(name: str, step: int, rank: int) -> bool:
     """A value fault (``loss.nan@12:rank1``): True when armed here; the caller corrupts its own value."""
-    return any(at in (-1, step) and (only is None or only == rank) for at, only, _ in _FAULTS.get(name, ()))
+    return any(at in (-1, step) and (only is None or only == rank) and (not every or step % every == 0)
+               for at, only, _, every in _FAULTS.get(name, ()))

@@ -10,8 +10,11 @@ never shared with another writer). Missing data is a value: a counter the GPU do
 ``null``, never an exception. Where NVML itself is absent (CPU machines) the sampler says so once
 (``nvml_absent``) and samples the host only.
 
-Threshold breaches become ``alert`` events naming node, GPU index and UUID. An alert is raised when a
-condition starts and not again until it has cleared, so a hot GPU does not flood the ledger.
+Threshold breaches become ``alert`` events naming node, GPU index and UUID, with kit.alerts'
+discipline: one incident per condition (per GPU), opened at the first sample that shows it,
+escalated (warning -> error) when it lasts ESCALATE_SAMPLES samples, cleared (``alert_cleared``) after
+CLEAR_SAMPLES samples without it, so a hot GPU neither floods the ledger nor flaps on the threshold.
+Xids are events, not states: each batch is an incident of its own.
 
 :class:`JobHealth` assembles the sampler, the hang watchdog (kit.watchdog) and the straggler timings
 (kit.stragglers) behind the four calls the trainer makes.
@@ -27,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from kit.alerts import Incidents
 from kit.config import HealthSection
 from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
 
@@ -45,6 +49,10 @@ THROTTLE_BITS = {
 BAD_THROTTLE = 0x8 | 0x20 | 0x40 | 0x80  # hardware, thermal and power-brake slowdowns: alert
 NO_PERMISSION = 4  # NVML_ERROR_NO_PERMISSION
 GiB = 1 << 30
+CLEAR_SAMPLES = 3  # samples without a condition before its incident is cleared (no flapping on a threshold)
+ESCALATE_SAMPLES = 30  # samples with it before a warning becomes an error (5 min at the default period)
+NONFINITE_CLEAR_STEPS = 5  # finite steps that end a non-finite-loss incident
+NONFINITE_CRITICAL_STEPS = 10  # non-finite steps in a row that make it critical
 # Error counters that alert when they grow (uncorrected volatile ECC also when merely non-zero).
 COUNTERS = (("ecc_vol_unc", "uncorrected ECC errors"), ("remapped_rows_unc", "uncorrectable remapped rows"),
             ("retired_pages", "retired pages"), ("nvlink_errors", "NVLink errors"))
@@ -204,7 +212,8 @@ class HealthSampler:
         self._nvml_module = nvml
         self.gpus: _NvmlGpus | None = None
         self.nvml_reason = ""
-        self._active: set[tuple[str, int]] = set()  # conditions alerted and not yet cleared
+        self.incidents = Incidents(self.ledger, f"{self.ledger.src or 'health'}/{self.node}",
+                                   clear_after=CLEAR_SAMPLES, escalate_after=ESCALATE_SAMPLES)
         self._last_net: tuple[float, int, int] | None = None
         self._last: dict[int, dict[str, Any]] = {}
         self._stop = threading.Event()
@@ -299,15 +308,18 @@ class HealthSampler:
         return out
 
     # -------------------------------------------------------------------------------- alerting
-    def _raise(self, cond: str, idx: int, on: bool, severity: str, message: str, **fields: Any) -> None:
-        """Alert when a condition starts; forget it when it clears (so it can alert again)."""
-        key = (cond, idx)
-        if on and key not in self._active:
-            self._active.add(key)
+    def _raise(self, cond: str, idx: int, on: bool, severity: str, message: str, escalate: bool = True,
+               **fields: Any) -> None:
+        """One observation of a condition (kit.alerts): opens, escalates (warning -> error) or clears its
+        incident."""
+        to = "error" if escalate and severity == "warning" else ""
+        if not on:
+            where = f"{self.node}{f' GPU {idx}' if idx >= 0 else ''}"
+            message = f"{where}: {cond} back to normal for {CLEAR_SAMPLES} samples"
+        what = self.incidents.observe(f"{cond}:{idx}", on, severity, message, escalate_to=to, node=self.node,
+                                      condition=cond, **fields)
+        if what in ("opened", "escalated"):
             self.alerts += 1
-            self.ledger.alert(severity, message, node=self.node, condition=cond, **fields)
-        elif not on:
-            self._active.discard(key)
 
     def _check(self, gpus: list[dict[str, Any]], host: dict[str, Any]) -> None:
         cfg, node = self.cfg, self.node
@@ -331,11 +343,11 @@ class HealthSampler:
                             f"{where}: {label} {before if before is not None else 0} -> {now}", value=now, **ids)
             self._raise("remap", i, bool(g["remap_pending"] or g["remap_failed"]), "error",
                         f"{where}: row remapping {'failed' if g['remap_failed'] else 'pending'} (reset the GPU)", **ids)
-            if g["xid"]:  # Xids are events, not states: every batch alerts
+            if g["xid"]:  # Xids are events, not states: every batch is an incident of its own
                 self.alerts += 1
-                self.ledger.alert("critical" if set(g["xid"]) & {48, 63, 64, 74, 79, 92, 94, 95} else "error",
-                                  f"{where}: Xid {', '.join(map(str, g['xid']))}", node=node, condition="xid",
-                                  xid=g["xid"], **ids)
+                self.incidents.event("critical" if set(g["xid"]) & {48, 63, 64, 74, 79, 92, 94, 95} else "error",
+                                     f"{where}: Xid {', '.join(map(str, g['xid']))}", node=node, condition="xid",
+                                     xid=g["xid"], **ids)
             self._last[i] = g
         self._raise("host_mem", -1, host["mem_pct"] > cfg.host_mem_max_pct, "warning",
                     f"{node}: memory at {host['mem_pct']}% (> health.host_mem_max_pct = {cfg.host_mem_max_pct})")
@@ -357,18 +369,21 @@ class JobHealth:
         self.ledger = ledger
         self.rank = rank
         self.world = world
-        self._nonfinite_prev = False
+        self.incidents = Incidents(ledger, f"{ledger.src or 'train'}/loss", clear_after=NONFINITE_CLEAR_STEPS,
+                                   escalate_after=NONFINITE_CRITICAL_STEPS)
 
     @classmethod
     def start(cls, cfg: Any, run_dir: Any, env: Any, seg: str, engine: Any,
               ledger: LedgerWriter | NullLedger, watchdog: Any = None) -> JobHealth:
         """``cfg``: RunConfig, ``run_dir``: RunDir, ``env``: DistEnv. Makes one collective (rank table).
         ``watchdog``: the one that watched setup (kit.watchdog.for_setup), taken over from here."""
-        from kit.stragglers import StepTimer, gather_ranks
+        from kit.parallel.layout import Layout, placed
+        from kit.stragglers import StepTimer, StragglerDetector, gather_ranks
         from kit.watchdog import Watchdog
 
         h = cfg.health
         ranks, stamp = gather_ranks(env.rank, env.local_rank, env.world_size)
+        ranks = placed(ranks, Layout.of(cfg.parallel.tensor, cfg.parallel.pipeline, env.world_size))
         sampler = None
         if h.enabled and env.is_node_main:
             sampler = HealthSampler(run_dir.path, h, seg=seg, fs_path=run_dir.checkpoints).start()
@@ -376,20 +391,24 @@ class JobHealth:
             watchdog.setup_done(ranks)
         elif h.watchdog:
             watchdog = Watchdog(run_dir.path, h, env.rank, ranks, seg, stamp).start()
-        timer = StepTimer(engine, env.rank, ranks, h.straggler_interval, h.straggler_threshold, ledger) \
-            if h.straggler_interval else None
+        detector = StragglerDetector(h.straggler_threshold, h.straggler_noise_k, h.straggler_windows,
+                                     h.straggler_persist)
+        timer = StepTimer(engine, env.rank, ranks, h.straggler_interval, h.straggler_threshold, ledger,
+                          detector) if h.straggler_interval else None
         return cls(sampler, watchdog, timer, ledger, env.rank, env.world_size)
 
     def after_step(self, step: int, dt: float, nonfinite: float = 0.0) -> None:
         """Heartbeat, non-finite record, straggler timings (a collective every straggler_interval steps)."""
         if self.watchdog is not None:
             self.watchdog.beat(step)
-        bad = nonfinite > 0
-        if bad and not self._nonfinite_prev and self.rank == 0:
-            # Recorded here; what to do about it (skip, roll back) is the spike policy's (kit.trainer).
-            self.ledger.alert("error", f"loss is not finite at step {step} on {int(nonfinite)} of {self.world} ranks",
-                              step=step, ranks=int(nonfinite), condition="nonfinite")
-        self._nonfinite_prev = bad
+        if self.rank == 0:
+            # Recorded here (one incident per stretch of non-finite steps, critical when it lasts); what to
+            # do about it (skip, roll back) is the spike policy's (kit.trainer).
+            bad = nonfinite > 0
+            msg = (f"loss is not finite at step {step} on {int(nonfinite)} of {self.world} ranks" if bad else
+                   f"loss finite again for {NONFINITE_CLEAR_STEPS} steps (step {step})")
+            self.incidents.observe("nonfinite", bad, "error", msg, escalate_to="critical", step=step,
+                                   ranks=int(nonfinite), condition="nonfinite")
         if self.timer is not None:
             self.timer.after_step(step, dt)
 

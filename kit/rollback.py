@@ -52,6 +52,7 @@ class RollbackPolicy:
         """Collectively: the tag to roll back to (None: there is none) and a note on the choice."""
         import torch.distributed as dist
 
+        self.saver.wait()  # a save in flight completes first: it may be the one to roll back to
         root, back = self.rd.checkpoints, self.cfg.spikes.rollback_steps
         choice: list[Any] = [None, ""]
         if self.env.is_main:

@@ -8,7 +8,10 @@ the rollback policy use it.
 
 from __future__ import annotations
 
+import copy
+import functools
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from typing import Any
 
 from kit import checkpoint as ck
 from kit import diskfull
+from kit.asyncsave import RankWrite, known_files, remove_records
 from kit.config import RunConfig
 from kit.dist import DistEnv
 from kit.errors import CheckpointError
@@ -24,6 +28,9 @@ from kit.faults import fault_point
 from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.parallel.layout import Layout
 from kit.rundir import RunDir
+from kit.snapshot import HostBuffers, capture, snap_zipfile
+
+HOST_FRACTION = 0.5  # of a node's free host memory that checkpoint snapshots may use
 
 
 @dataclass(slots=True)
@@ -47,13 +54,19 @@ class Saver:
     engine: Any = None
     save_times: list[float] = field(default_factory=list)
     pin_next: str = ""  # reason to pin the next checkpoint saved (the spike policy asks for it)
+    pending: RankWrite | None = None  # the asynchronous save in flight (kit.asyncsave)
+    buffers: HostBuffers = field(default_factory=HostBuffers)
+    _buffers_lock: threading.Lock = field(default_factory=threading.Lock)
+    _warned_memory: bool = False
 
     @property
     def root(self) -> Path:
         return self.rd.checkpoints
 
     def saved_at(self, step: int) -> bool:
-        return (self.root / ck.tag_for(step) / ck.MANIFEST).exists()
+        """A checkpoint of ``step`` exists or is being written."""
+        return (self.pending is not None and self.pending.step == step) or \
+            (self.root / ck.tag_for(step) / ck.MANIFEST).exists()
 
     # ------------------------------------------------------------------------------------ resume
     def resume(self) -> Resumed:
@@ -103,12 +116,150 @@ class Saver:
         ck.load_rank_state(ckpt.path, self.env.rank)
 
     # -------------------------------------------------------------------------------------- save
-    def save(self, step: int, consumed: int, why: str, kit_state: dict[str, Any]) -> None:
+    def save(self, step: int, consumed: int, why: str, kit_state: dict[str, Any], blocking: bool = False) -> None:
         """Collective save: every rank writes its part; rank 0 commits with the manifest, moves
         ``latest`` and applies retention. ``kit_state`` joins the manifest (the spike policy's state).
 
+        With ``checkpoint.async_save`` the loop pauses only for a host copy of the state (kit.snapshot);
+        the files are written in the background (kit.asyncsave) and the save before it, if still in
+        flight, is waited for first. ``blocking``: the loop waits for this save anyway (the segment's
+        last): DeepSpeed's files are written during the capture, without a copy, and the rest of the
+        save runs in this thread at its priority, not in a low-priority writer.
+
         A write that fails on any rank (a full disk) fails the save on every rank together
-        (kit.diskfull): raises DiskFullError or CheckpointError, the previous checkpoint stays latest."""
+        (kit.diskfull): DiskFullError or CheckpointError, raised where every rank waits for the save
+        (kit.saver.wait: the next save, a rollback, the segment's end, or the step boundary after a
+        rank's writer failed, kit.trainer); the previous checkpoint stays latest."""
+        if not self.cfg.checkpoint.async_save:
+            self._save_sync(step, consumed, why, kit_state)
+            return
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        wait_s = self.wait()
+        root, tag = self.root, ck.tag_for(step)
+        if self.env.is_main:
+            ck.prepare_tag_dir(root, tag)
+        dist.barrier()
+        guard = diskfull.WriteGuard(self.env.rank, hostname(), step)
+        snap = capture(self.engine, str(root), tag, {"kit_step": step}, self.buffers,
+                       0 if blocking else self._budget(), guard)
+        rng = ck.rng_state()
+        stall = time.perf_counter() - t0
+        commit = None
+        if self.env.is_main:
+            state = self._manifest_state(step, consumed, why, copy.deepcopy(kit_state))
+            info = {"step": step, "consumed": consumed, "why": why, "pin": self.pin_next, "t0": t0,
+                    "stall_s": stall, "wait_s": wait_s, "sync_bytes": snap.sync_bytes, "blocking": blocking}
+            self.pin_next = ""
+            commit = functools.partial(self._commit_async, state, info)
+            if snap.sync_bytes and not blocking and not self._warned_memory:
+                self._warned_memory = True
+                self.ledger.alert("warning", f"checkpoint.async_save: not enough free host memory for a copy of "
+                                  f"this rank's state; {snap.sync_bytes / 2**30:.2f} GiB of {tag} was written "
+                                  "synchronously (the loop waited for it)", condition="ckpt_memory", tag=tag)
+        job = RankWrite(step, root / tag, self.env.rank, self.env.world_size, snap, rng, snap_zipfile(self.engine),
+                        self.buffers, self._buffers_lock, guard, commit)
+        self.pending = job.run_here() if blocking else job.start()
+        if blocking:
+            self.wait()
+
+    def failed(self) -> bool:
+        """This rank knows the save in flight has failed (its own write, or rank 0's commit); not collective."""
+        job = self.pending
+        return job is not None and job.local_done.is_set() and (job.guard.failure is not None or bool(job.error))
+
+    def wait(self) -> float:
+        """Collective: wait until the save in flight is complete on every rank (rank 0: committed).
+        A write that failed on any rank raises DiskFullError or CheckpointError on every rank alike
+        (kit.diskfull). Returns the seconds waited (0 when nothing was in flight)."""
+        job = self.pending
+        if job is None:
+            return 0.0
+        t0 = time.perf_counter()
+        job.local_done.wait()  # this rank's files are written (or failed)
+        self.pending = None
+        self._agree(job.guard, job.step, job)  # every rank's writes: a failure stops rank 0 waiting for records
+        job.join()  # rank 0: every record is in, the commit follows
+        if job.error:  # rank 0's own bookkeeping failed (not a write): the same error on every rank
+            job.guard.failure = job.guard.failure or diskfull.WriteFailure(
+                self.env.rank, hostname(), str(job.path), job.error, False, -1, -1)
+        self._agree(job.guard, job.step)  # rank 0's commit (the manifest, `latest`)
+        return time.perf_counter() - t0
+
+    def _agree(self, guard: diskfull.WriteGuard, step: int, job: RankWrite | None = None) -> None:
+        failures, nodes = guard.agree()
+        if not failures:
+            return
+        if job is not None:
+            job.abort()  # rank 0: the failed ranks' records may never come
+            job.join()
+        path = self.root / ck.tag_for(step)
+        if self.env.is_main and not (path / ck.MANIFEST).exists():
+            shutil.rmtree(path, ignore_errors=True)  # the failed save's files: give the room back
+        raise diskfull.error(step, failures, nodes)
+
+    def close(self, timeout_s: float = 120.0) -> None:
+        """Not collective (the segment may be ending on an error): give a save in flight ``timeout_s``
+        to finish; rank 0 says in the ledger if it did not (never dropped silently)."""
+        job, self.pending = self.pending, None
+        if job is None:
+            return
+        if not job.join(timeout_s):
+            job.abort()
+            job.join(10.0)
+        failure = job.guard.failure.error if job.guard.failure else job.error
+        if self.env.is_main and (failure or not (self.root / ck.tag_for(job.step) / ck.MANIFEST).exists()):
+            self.ledger.alert("error", f"checkpoint {ck.tag_for(job.step)} was not completed before the segment "
+                              f"ended ({failure or 'still being written'}); the previous one is the latest",
+                              tag=ck.tag_for(job.step), condition="ckpt_failed")
+
+    def deadline_reserve_s(self, step_s: float) -> float:
+        """Time to keep before a deadline for saving: the final save, and the one in flight if any."""
+        save_t = max(self.save_times, default=step_s * 5)
+        return 1.5 * save_t + (save_t if self.pending is not None else 0.0)
+
+    def _budget(self) -> int | None:
+        """Host memory a snapshot may use on this rank: half of what the node has free, shared among its
+        ranks, plus the buffers already held from the previous save."""
+        import psutil
+
+        free = psutil.virtual_memory().available * HOST_FRACTION / max(1, self.env.local_world_size)
+        return int(free) + self.buffers.held_bytes()
+
+    def _manifest_state(self, step: int, consumed: int, why: str, kit_state: dict[str, Any]) -> ck.KitState:
+        m = self.cfg.model
+        return ck.KitState(
+            step=step, consumed=consumed, world_size=self.layout.world, layout=self.layout.to_dict(),
+            model={"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
+                   "seq_length": m.seq_length},
+            vocab_size=self.cfg.data.vocab_size, zero_stage=self.cfg.deepspeed.zero_stage,
+            precision=self.cfg.deepspeed.precision, config_digest=self.cfg.digest(),
+            seg=self.seg, reason=why, extra=kit_state,
+        )
+
+    def _commit_async(self, state: ck.KitState, info: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        """Rank 0's writer thread, once every rank's files are durable: manifest, pin, latest, ledger, retention."""
+        step, root = info["step"], self.root
+        tag = ck.tag_for(step)
+        fault_point("ckpt.before_manifest", step, self.env.rank)
+        manifest = ck.write_manifest(root / tag, step, state, known=known_files(records))
+        if info["pin"]:
+            ck.pin(root, tag, info["pin"])
+        fault_point("ckpt.before_latest", step, self.env.rank)
+        ck.set_latest(root, tag)
+        remove_records(root / tag, self.env.world_size)
+        seconds = time.perf_counter() - info["t0"]
+        self.save_times = ([*self.save_times, seconds])[-5:]
+        stall = seconds if info["blocking"] else info["stall_s"]  # the loop waited for all of a blocking save
+        self.ledger.emit("ckpt_saved", step=step, tag=tag, seconds=round(seconds, 3), reason=info["why"],
+                         bytes=manifest.bytes, consumed=info["consumed"],
+                         stall_s=round(stall, 4), wait_s=round(info["wait_s"], 4),
+                         **{"async": not info["sync_bytes"]})
+        self.retain()
+
+    def _save_sync(self, step: int, consumed: int, why: str, kit_state: dict[str, Any]) -> None:
+        """checkpoint.async_save = false: DeepSpeed writes in the loop, rank 0 hashes and commits."""
         import torch.distributed as dist
 
         root, tag = self.root, ck.tag_for(step)
@@ -127,25 +278,9 @@ class Saver:
         self._agree(guard, step)
         self.save_times = ([*self.save_times, time.perf_counter() - t0])[-5:]
 
-    def _agree(self, guard: diskfull.WriteGuard, step: int) -> None:
-        failures, nodes = guard.agree()
-        if not failures:
-            return
-        path = self.root / ck.tag_for(step)
-        if self.env.is_main and not (path / ck.MANIFEST).exists():
-            shutil.rmtree(path, ignore_errors=True)  # the failed save's files: give the room back
-        raise diskfull.error(step, failures, nodes)
-
     def _commit(self, step: int, consumed: int, why: str, kit_state: dict[str, Any], t0: float) -> None:
-        root, tag, m = self.root, ck.tag_for(step), self.cfg.model
-        manifest = ck.write_manifest(root / tag, step, ck.KitState(
-            step=step, consumed=consumed, world_size=self.layout.world, layout=self.layout.to_dict(),
-            model={"hidden_size": m.hidden_size, "n_layer": m.n_layer, "n_head": m.n_head,
-                   "seq_length": m.seq_length},
-            vocab_size=self.cfg.data.vocab_size, zero_stage=self.cfg.deepspeed.zero_stage,
-            precision=self.cfg.deepspeed.precision, config_digest=self.cfg.digest(),
-            seg=self.seg, reason=why, extra=kit_state,
-        ))
+        root, tag = self.root, ck.tag_for(step)
+        manifest = ck.write_manifest(root / tag, step, self._manifest_state(step, consumed, why, kit_state))
         if self.pin_next:
             ck.pin(root, tag, self.pin_next)
             self.pin_next = ""
@@ -153,7 +288,8 @@ class Saver:
         ck.set_latest(root, tag)
         seconds = time.perf_counter() - t0  # the stall: engine files, hashes, manifest, latest
         self.ledger.emit("ckpt_saved", step=step, tag=tag, seconds=round(seconds, 3), reason=why,
-                         bytes=manifest.bytes, consumed=consumed)
+                         bytes=manifest.bytes, consumed=consumed, stall_s=round(seconds, 3), wait_s=0.0,
+                         **{"async": False})
         self.retain()
 
     def retain(self) -> None:

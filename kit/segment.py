@@ -30,7 +30,8 @@ def run_segment(run_dir: str, stop_after_steps: int = 0, seg: str = "") -> str:
     seg = seg or os.environ.get(envvars.SEGMENT, "local")
     # Watched from before the first collective: a rendezvous or NCCL set-up that never completes
     # must end the segment, not hold the allocation (kit.watchdog, health.setup_timeout_s).
-    watchdog = for_setup(rd.path, cfg.health, env.rank, env.world_size, env.local_world_size, seg)
+    watchdog = for_setup(rd.path, cfg.health, env.rank, env.world_size, env.local_world_size, seg,
+                         layout=(cfg.parallel.tensor, cfg.parallel.pipeline))
     try:
         dist.init(env)
         trainer = Trainer(cfg, rd, env, seg=seg, stop_after_steps=stop_after_steps, setup_watchdog=watchdog)

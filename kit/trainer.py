@@ -35,6 +35,7 @@ from kit.ledger import LedgerWriter, NullLedger, hostname, writer_name
 from kit.metrics import MetricSink
 from kit.model import peak_tflops, step_flops
 from kit.parallel.layout import layout_of
+from kit.progress import StepLines
 from kit.rollback import RollbackPolicy
 from kit.rundir import SAVE_NOW, STOP, RunDir, SwitchWatcher
 from kit.saver import Saver
@@ -47,7 +48,9 @@ if TYPE_CHECKING:
 
 # Positions in the per-step all-reduce vector. GNORM/G_UNAPPLIED: rank 0's grad norm of the previous
 # step and whether DeepSpeed skipped its update (kit.spikes judges them one step late, on every rank).
-LOSS, NONFINITE, F_STOP, F_SAVE, F_SIGNAL, F_DEADLINE, GNORM, G_UNAPPLIED, NFLAGS = range(9)
+# F_CKPT_FAILED: some rank's background checkpoint writer failed (kit.asyncsave): every rank then waits for
+# the save at this boundary, where the failure is raised on every rank alike (a full disk: disk_full).
+LOSS, NONFINITE, F_STOP, F_SAVE, F_SIGNAL, F_DEADLINE, GNORM, G_UNAPPLIED, F_CKPT_FAILED, NFLAGS = range(10)
 
 
 def slurm_deadline() -> float | None:
@@ -106,6 +109,10 @@ class Trainer:
         self.switches = SwitchWatcher(run_dir, cfg.trainer.control_check_s)  # rank 0's look at control/
         self.health: JobHealth | None = None  # kit.health: node sampler, hang watchdog, straggler timings
         self._setup_watchdog = setup_watchdog  # kit.watchdog.for_setup: watching since before the rendezvous
+        # Start-up phases (Unix times at the end of each), for the goodput account: segment_started carries
+        # them, segment_first_step closes the start-up (restart cost = failure -> first completed step).
+        self.startup: dict[str, float] = {"process": _process_start(), "trainer": time.time()}
+        self.lines: StepLines | None = None  # rank 0's live step lines (trainer.progress_s)
         self._end_fields: dict[str, Any] = {}  # extra fields of segment_ended (disk_full: the nodes to blame)
 
     # ------------------------------------------------------------------------------------ setup
@@ -129,13 +136,16 @@ class Trainer:
             with wait_for_meta(data_dir):
                 pass
         self.data = MixtureDataset(data_dir, cfg.run.seed, cfg.model.seq_length)
+        self.startup["data"] = time.time()
         built = build_engine(cfg, self.world, env.rank)
         self.engine, self._optim, self._sched = built.engine, built.optimizer, built.scheduler
         self.mesh, self.stepper = built.mesh, built.stepper
         self.saver.engine = self.engine
+        self.startup["engine"] = time.time()
         resumed = self.saver.resume()
         self.state.step, self.state.consumed, self.state.resumed_from = resumed.step, resumed.consumed, resumed.tag
         self._setup_spikes()
+        self.startup["resumed"] = time.time()
         if env.is_main:
             self.sink = MetricSink(self.ledger, self.rd.tensorboard, purge_step=self.state.step + 1)
             self.ledger.emit("segment_started", world_size=self.world, layout=self.layout.to_dict(),
@@ -144,7 +154,10 @@ class Trainer:
                              max_steps=cfg.trainer.max_steps, global_batch=self.global_batch,
                              job_id=os.environ.get("SLURM_JOB_ID", ""),
                              restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-                             versions=_versions())
+                             versions=_versions(), startup={k: round(v, 3) for k, v in self.startup.items()})
+            tokens = self.global_batch * cfg.model.seq_length
+            self.lines = StepLines(cfg.trainer.progress_s, cfg.trainer.max_steps, tokens,
+                                   out=lambda line: print(line, flush=True))
         self._install_signals()
         # Health (kit.health, docs/health.md): sampler on local rank 0, watchdog per rank, straggler timer.
         self.health = JobHealth.start(cfg, self.rd, env, self.seg, self.engine, self.ledger, self._setup_watchdog)
@@ -170,7 +183,8 @@ class Trainer:
                     break
             reason = reason or "done"
             if reason != "give_up" and not self.saver.saved_at(st.step):  # never checkpoint a state given up on
-                self.save(reason)
+                self.save(reason, blocking=True)  # the segment ends: nothing to overlap the write with
+            self.wait_for_saves()  # a save still being written completes before the segment ends
         except DiskFullError as e:  # every rank raises it together (kit.diskfull): end the segment, named
             reason = self._disk_full(e)
         if reason == "stop":
@@ -203,6 +217,10 @@ class Trainer:
         fault_point("step.after", st.step, self.env.rank)
         if self.env.is_main and (st.step % cfg.trainer.log_interval == 0 or self.guard.note):
             self._emit_step(loss, lr, vec[NONFINITE] > 0, dt, self._flops, self._model_flops, self._peak)
+        if self.env.is_main:
+            self._progress(loss)
+        if vec[F_CKPT_FAILED] > 0:
+            self.wait_for_saves()  # raises the failed save's error on every rank (DiskFullError: disk_full)
         if self.spike_check.give_up is not None:
             return self._give_up(self.spike_check.give_up.why)
         if self.spike_check.decisions and self.env.is_main:
@@ -226,6 +244,16 @@ class Trainer:
             if vec[F_SAVE] > 0:
                 self._ack(SAVE_NOW)
         return ""
+
+    def _progress(self, loss: float) -> None:
+        """Rank 0: the segment's first completed step (ledger), and the live step line when one is due."""
+        st = self.state
+        if "first_step" not in self.startup:
+            now = self.startup["first_step"] = time.time()
+            self.ledger.emit("segment_first_step", step=st.step, startup_s=round(now - self.startup["process"], 3),
+                             setup_s=round(now - self.startup["trainer"], 3))
+        if self.lines is not None:
+            self.lines.step(st.step, loss, last=st.step >= self.cfg.trainer.max_steps)
 
     def _train_step(self) -> list[float]:
         """Forward/backward over the micro-batches (kit.parallel.stepper, at any layout), then the one
@@ -261,6 +289,7 @@ class Trainer:
         st, eng = self.state, self.engine
         flags = [0.0] * NFLAGS  # host-side flags; loss and non-finite are filled in on the device
         flags[F_SIGNAL] = 1.0 if st.signalled else 0.0
+        flags[F_CKPT_FAILED] = 1.0 if self.saver.failed() else 0.0
         if self.env.is_main:
             switches = self.switches.poll()
             flags[F_STOP] = 1.0 if STOP in switches else 0.0
@@ -370,10 +399,8 @@ class Trainer:
     def _near_deadline(self) -> bool:
         if self.deadline is None:
             return False
-        st = self.state
-        step_t = max(st.step_times[-10:], default=0.0)
-        save_t = max(self.saver.save_times, default=step_t * 5)
-        margin = self.cfg.trainer.stop_margin_s + 2 * step_t + 1.5 * save_t
+        step_t = max(self.state.step_times[-10:], default=0.0)
+        margin = self.cfg.trainer.stop_margin_s + 2 * step_t + self.saver.deadline_reserve_s(step_t)
         return time.time() + margin >= self.deadline
 
     def _emit_step(self, loss: float, lr: float, nonfinite: bool, dt: float, flops: float, model_flops: float,
@@ -400,11 +427,17 @@ class Trainer:
         })
 
     # ------------------------------------------------------------------------------ checkpoints
-    def save(self, why: str) -> None:
+    def save(self, why: str, blocking: bool = False) -> None:
         """Collective save (kit.saver): every rank writes its part; rank 0 commits with the manifest."""
         if self.health:  # a save is not a step: the hang watchdog's ceiling applies until the next step
             self.health.long_phase("save")
-        self.saver.save(self.state.step, self.state.consumed, why, self.guard.manifest_state())
+        self.saver.save(self.state.step, self.state.consumed, why, self.guard.manifest_state(), blocking)
+
+    def wait_for_saves(self) -> None:
+        """Collective: the asynchronous save in flight, if any, is complete (rank 0: committed)."""
+        if self.saver.pending is not None and self.health:
+            self.health.long_phase("save")
+        self.saver.wait()
 
     # ------------------------------------------------------------------------------------- end
     def _ack(self, switch: str) -> None:
@@ -429,6 +462,7 @@ class Trainer:
         if self.health:
             self.health.stop()
             self.health = None
+        self.saver.close()  # a save in flight (ending on an error): bounded wait, said in the ledger if lost
         if self.sink:
             self.sink.close()
             self.sink = None
@@ -437,6 +471,13 @@ class Trainer:
     def _log(self, msg: str) -> None:
         if self.env.is_main:
             print(f"[kit r{self.env.rank}] {msg}", flush=True)
+
+
+def _process_start() -> float:
+    """When this rank's process started (the launcher's start-up: interpreter, imports, rendezvous)."""
+    import psutil
+
+    return float(psutil.Process().create_time())
 
 
 def _versions() -> dict[str, str]:

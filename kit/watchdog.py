@@ -52,6 +52,7 @@ from kit import envvars, exitcodes
 from kit.config import HealthSection
 from kit.fsio import atomic_write_json
 from kit.ledger import LedgerWriter, writer_name
+from kit.parallel.layout import Layout, placed
 from kit.rundir import STACKS
 from kit.stragglers import RankInfo
 
@@ -193,7 +194,7 @@ class Watchdog:
 
     def _ledger(self, r: dict[str, Any]) -> None:
         me = r["dumps"].get(self.rank, {})
-        who = ", ".join(f"{k} ({self.ranks[k].host})" if k < len(self.ranks) else str(k) for k in r["suspect_ranks"])
+        who = ", ".join(f"{k} ({_place(self.ranks[k])})" if k < len(self.ranks) else str(k) for k in r["suspect_ranks"])
         what = (f"setup did not finish in {me.get('stalled_s', '?')} s (health.setup_timeout_s = "
                 f"{me.get('bound_s', '?')} s)" if me.get("phase") == SETUP else
                 f"no step completed for {me.get('stalled_s', '?')} s (bound {me.get('bound_s', '?')} s) after "
@@ -205,10 +206,17 @@ class Watchdog:
             led.emit("hang", bound_s=me.get("bound_s"), stalled_s=me.get("stalled_s"), step=me.get("step"),
                      phase=me.get("phase"),
                      suspect_ranks=r["suspect_ranks"], suspect_nodes=r["suspect_nodes"],
-                     missing_ranks=r["missing_ranks"], groups=r["groups"], stacks=r["stacks"])
-            led.alert("critical", msg, suspect_nodes=r["suspect_nodes"], suspect_ranks=r["suspect_ranks"])
+                     suspect_coords=r.get("suspect_coords", []), missing_ranks=r["missing_ranks"],
+                     groups=r["groups"], stacks=r["stacks"])
+            led.alert("critical", msg, suspect_nodes=r["suspect_nodes"], suspect_ranks=r["suspect_ranks"],
+                      suspect_coords=r.get("suspect_coords", []))
             led.emit("segment_ended", reason="hang", step=me.get("step", -1), exit_code=exitcodes.HANG,
                      suspect_nodes=r["suspect_nodes"])
+
+
+def _place(info: RankInfo) -> str:
+    """``node; tensor 1, pipeline 0, data 1`` (the node alone before the layout is known)."""
+    return f"{info.host}; {info.coords}" if info.coords is not None else info.host
 
 
 # -------------------------------------------------------------------------------------- setup
@@ -239,13 +247,16 @@ def setup_ranks(rank: int, world: int, local_world: int, environ: Any = None) ->
 
 
 def for_setup(run_dir: str | Path, cfg: HealthSection, rank: int, world: int, local_world: int,
-              seg: str) -> Watchdog | None:
+              seg: str, layout: tuple[int, int] = (1, 1)) -> Watchdog | None:
     """A started watchdog in the setup phase (None when ``health.watchdog`` is off); the trainer's
-    JobHealth takes it over once setup is done."""
+    JobHealth takes it over once setup is done. ``layout``: (tensor, pipeline) of the recipe, so that
+    a hang in setup names the suspects' coordinates too (the rank order is arithmetic)."""
     if not cfg.watchdog:
         return None
-    return Watchdog(run_dir, cfg, rank, setup_ranks(rank, world, local_world), seg, setup_stamp(),
-                    phase=SETUP).start()
+    ranks = setup_ranks(rank, world, local_world)
+    if world % (layout[0] * layout[1]) == 0:
+        ranks = placed(ranks, Layout.of(layout[0], layout[1], world))
+    return Watchdog(run_dir, cfg, rank, ranks, seg, setup_stamp(), phase=SETUP).start()
 
 
 # ---------------------------------------------------------------------------------- stack files
@@ -336,10 +347,13 @@ def analyse(dumps: dict[int, dict[str, Any]], ranks: list[RankInfo]) -> dict[str
         why = ("every rank has the same stack (a collective or network hang: no suspect node)" if len(groups) <= 1
                else "the stacks differ without a clear odd one out")
     hosts = {i.rank: i.host for i in ranks if i.host != "?"}
+    info = {i.rank: i for i in ranks}
     hosts.update({r: str(d["host"]) for r, d in dumps.items() if d.get("host", "?") != "?"})  # setup: ranks say
     return {
         "suspect_ranks": suspects,
         "suspect_nodes": sorted({hosts[r] for r in suspects if r in hosts}),
+        "suspect_coords": [{"rank": r, "node": hosts.get(r, "?"), **info[r].coord_fields()}
+                           for r in suspects if r in info and info[r].coords is not None],
         "missing_ranks": missing,
         "why": why,
         "groups": [{"ranks": sorted(rs), "in_collective": coll[s],

@@ -41,6 +41,7 @@ from kit.monitor.widgets import (
     HelpScreen,
     SegmentTable,
     clock_text,
+    layout_text,
 )
 from kit.rundir import SAVE_NOW, STOP, RunDir
 
@@ -111,7 +112,8 @@ class MonitorApp(App[int]):
                     with Horizontal(id="plots"):
                         yield CurvePlot(id="lossplot")
                         yield CurvePlot(id="rateplot")
-                with TabPane("GPUs", id="gpus"):
+                with TabPane("GPUs", id="gpus"), Vertical():
+                    yield Static(id="layoutline")
                     yield HealthTable(id="health")
                 with TabPane("Checkpoints", id="checkpoints"):
                     yield CkptTable(id="ckpts")
@@ -169,6 +171,7 @@ class MonitorApp(App[int]):
             self.query_one("#lossplot", CurvePlot).show(snap, self.window, self.loss_metric)
             self.query_one("#rateplot", CurvePlot).show(snap, self.window, self.rate_metric)
         elif tab == "gpus":
+            self.query_one("#layoutline", Static).update(layout_text(snap.summary))
             self.query_one(HealthTable).show(snap)
         elif tab == "checkpoints":
             self.query_one(CkptTable).show(snap)
@@ -181,7 +184,7 @@ class MonitorApp(App[int]):
         r = snap.summary["reader"]
         skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in r.items()
                             if k in ("bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",
-                                     "vanished_files", "torn_tail",
+                                     "vanished_files", "unreadable", "torn_tail",
                                      "truncated_files", "junk_events") and v)
         parts = [f"{r['events']:,} events", f"window {self.window}", snap.loading, snap.replay,
                  f"skipped: {skipped}" if skipped else "", r["last_error"], "READ-ONLY" if self.read_only else ""]
@@ -292,16 +295,20 @@ class MonitorApp(App[int]):
         if alert.acked:
             self.notify("already acknowledged")
             return
-        self._ack(self.current, alert.t, alert.message)
+        self._ack(self.current, alert.t, alert.message, alert.incident, alert.severity)
 
     @work(thread=True, group="actions")
-    def _ack(self, index: int, alert_t: float, message: str) -> None:
+    def _ack(self, index: int, alert_t: float, message: str, incident: str = "", severity: str = "") -> None:
+        """The ack names the incident and the severity acknowledged (kit.alerts: an escalation above it
+        asks again)."""
         try:
             w = self._writers.get(index)
             if w is None:
                 w = self._writers[index] = LedgerWriter(self.feeds[index].rd.path,
                                                         writer_name("monitor", host=f"{hostname()}-{os.getpid()}"))
-            w.emit("alert_ack", alert_t=alert_t, by=getpass.getuser(), message=message[:200])
+            w.emit("alert_ack", alert_t=alert_t, by=getpass.getuser(), message=message[:200],
+                   **({"incident": incident} if incident and not incident.startswith("@") else {}),
+                   **({"severity": severity} if severity else {}))
         except (OSError, ValueError) as e:
             self.call_from_thread(self.notify, f"could not acknowledge: {e}", severity="error")
             return

@@ -1,6 +1,7 @@
 """``kit monitor RUN [RUN ...]``: the terminal UI, or ``--once [--json]`` for scripts and cron.
 
-``--once`` exit status (docs/monitor.md): 0 healthy, 1 degraded, 2 down; with several runs, the worst.
+``--once`` exit status (docs/monitor.md): 0 healthy, 1 degraded, 2 down; with several runs, the worst;
+3 when part of a run could not be read (an unreadable ledger file, Slurm timing out): the summary says what.
 A run that cannot be found or read is down. Textual is imported only for the UI, so ``--once`` stays
 quick on a busy login node.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.errors import KitError, RunDirError
-from kit.run.summary import EXIT, dur, worst
+from kit.run.summary import EXIT, INCOMPLETE, dur, worst
 from kit.rundir import RunDir, resolve_run
 
 
@@ -72,12 +73,14 @@ def once(names: list[str], runs_dir: str, as_json: bool = False, use_slurm: bool
     else:
         for s in out:
             print(render_text(s))
+    if any(s.get("incomplete") for s in out):
+        return INCOMPLETE  # part of some run could not be read: said in its summary, never a silent partial answer
     return EXIT[worst([s["status"] for s in out])]
 
 
 def render_text(s: dict[str, Any]) -> str:
     """The --once summary as a few lines of plain text."""
-    lines = [f"{s['run']}: {s['status'].upper()} ({s['phase']})"]
+    lines = [f"{s['run']}: {s['status'].upper()} ({s['phase']})" + (" INCOMPLETE" if s.get("incomplete") else "")]
     lines += [f"  ! {r}" for r in s.get("reasons", [])]
     if "step" not in s:
         return "\n".join(lines)
@@ -100,7 +103,7 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"  goodput {line(s['goodput'])}")
     r = s["reader"]
     skipped = {k: r[k] for k in ("bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",
-                                 "vanished_files", "torn_tail", "junk_events")
+                                 "vanished_files", "unreadable", "torn_tail", "junk_events")
                if r[k]}
     if skipped:
         lines.append("  skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.ledger import Follower, ReadStats, event_time, merged
-from kit.ledger.scan import scan
+from kit.ledger.scan import bulk_read, scan
 from kit.run import queue as slurm
 from kit.run.chainstate import ChainState, load_state
 from kit.run.goodput import Account, Inputs, Tracker, account, recipe_plan
@@ -106,13 +106,15 @@ class Feed:
             self._vnow = event_time(self._peek) if self._peek else 0.0
             self._real = time.monotonic()
             return
-        history = scan(self.rd.path, self.stats)
-        self.model.load_scan(history)
-        self.model.reader = self.stats
-        self.live = Follower(self.rd.ledger, self.stats, history.cursors)
-        self.tracker = Tracker(Inputs.from_scan(history))
-        self.chain = load_state(self.rd)
-        self.update_goodput()
+        with bulk_read():  # the whole history in a few big arrays, once (kit.ledger.scan.bulk_read)
+            history = scan(self.rd.path, self.stats)
+            self.model.load_scan(history)
+            self.model.reader = self.stats
+            self.live = Follower(self.rd.ledger, self.stats, history.cursors)
+            self.tracker = Tracker(Inputs.from_scan(history))
+            del history  # its step records (120 MB a million steps): the model and the tracker have what they need
+            self.chain = load_state(self.rd)
+            self.update_goodput()
 
     def update_goodput(self) -> bool:
         """Redo the account from what the tracker holds (the chain and Slurm's history as last read), when

@@ -73,7 +73,8 @@ class ChainPanel(Static):
                  f"finish in {dur(s['eta_s'])} ({clock_text(s['finish_t']) if s['eta_s'] else 'now'})\n")
         t.append(f"segment {seg.get('seg', NA)} of {s['segments']}  job {seg.get('job_id') or NA}  "
                  f"{seg.get('state', NA)}  up {dur(seg.get('elapsed_s'))}  left {seg.get('time_left') or NA}  "
-                 f"on {seg.get('host') or NA} x{val(seg.get('world_size'), 'd')}\n")
+                 f"on {seg.get('host') or NA} x{val(seg.get('world_size'), 'd')}"
+                 + (f"  {s['layout']['label']}" if s.get("layout") else "") + "\n")
         if nxt:
             t.append(f"next: job {nxt['job_id']} {nxt['state']} ({nxt['reason'] or NA}), "
                      f"expected {nxt['start'] or NA}\n")
@@ -136,6 +137,16 @@ class CurvePlot(PlotextPlot):
         self.refresh()
 
 
+def layout_text(summary: dict[str, Any]) -> Text:
+    """The GPUs tab's header: the run's layout, and how a rank maps to its coordinates."""
+    lay = summary.get("layout")
+    if not lay:
+        return Text("layout: data parallel only (or not recorded by this run's segments)", "dim")
+    t, p = lay["tensor"], lay["pipeline"]
+    return Text(f"layout {lay['label']} ({lay['world']} ranks): rank = tensor + {t} x (pipeline + {p} x data); "
+                "stragglers and hangs are named by (tensor, pipeline, data)")
+
+
 class HealthTable(DataTable[Any]):
     """Every GPU of every node, worst first; N/A where the sampler had nothing."""
 
@@ -193,7 +204,9 @@ class CkptTable(DataTable[Any]):
 
 
 class AlertTable(DataTable[Any]):
-    """Alerts, newest first; the row key is the alert's time (what an ``alert_ack`` names)."""
+    """Incidents (kit.alerts), newest first: worst severity (an arrow when escalated), latest message
+    (x N when several alerts were folded in), and in the last column "yes" once acknowledged or
+    "cleared" once kit saw the condition end. The row key is the first alert's time."""
 
     COLUMNS = ("time (UTC)", "severity", "message", "from", "ack")
 
@@ -203,15 +216,19 @@ class AlertTable(DataTable[Any]):
         self._sig: tuple[Any, ...] = ()
 
     def show(self, snap: Snapshot) -> None:
-        sig = (snap.name, tuple((a.t, a.acked) for a in snap.alerts))
+        sig = (snap.name, tuple((a.t, a.acked, a.severity, a.count, a.cleared_t) for a in snap.alerts))
         if sig == self._sig:
             return
         self._sig = sig
         row = self.cursor_row
         self.clear()
         for a in snap.alerts:
-            sev = Text(a.severity, "dim" if a.acked else SEVERITY_STYLE.get(a.severity, ""))
-            self.add_row(clock_text(a.t), sev, a.message[:160], a.src, "yes" if a.acked else "", key=repr(a.t))
+            quiet = a.acked or not a.open
+            style = "dim" if quiet else SEVERITY_STYLE.get(a.severity, "")
+            sev = Text(a.severity + (" ^" if a.count > 1 else ""), style)
+            msg = a.message[:150] + (f" (x{a.count})" if a.count > 1 else "")
+            state = "yes" if a.acked else ("cleared" if not a.open else "")
+            self.add_row(clock_text(a.t), sev, msg, a.src, state, key=repr(a.t))
         if snap.alerts:
             self.move_cursor(row=min(row, len(snap.alerts) - 1))
 

@@ -167,7 +167,9 @@ def test_disk_full_ends_the_chain_named_keeps_the_checkpoint_and_blames_no_node(
         assert found is not None and found.step == 4
         events = read_all(sub.run_dir)
         [ended] = [e for e in events if e["kind"] == "segment_ended"]
-        assert ended["reason"] == "disk_full" and ended["exit_code"] == 79 and ended["step"] == 6
+        # step 6's save is written in the background (checkpoint.async_save): the failure stops every rank
+        # at the next step boundary, or at the save of step 8 at the latest
+        assert ended["reason"] == "disk_full" and ended["exit_code"] == 79 and ended["step"] in (7, 8), ended
         assert not [e for e in events if e["kind"] == "hang"], "no rank was left waiting for the hang watchdog"
         critical = [e["message"] for e in events if e["kind"] == "alert" and e["severity"] == "critical"]
         assert any(m.startswith("disk full: the checkpoint save of step 6 failed") and "step_0000004" in m

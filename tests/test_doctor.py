@@ -434,3 +434,84 @@ def test_kit_train_refuses_to_start_ranks_on_a_stale_lock(tmp_path: Path, no_lef
     assert out.returncode == 1, out.stderr[-2000:]
     assert out.stderr.startswith("kit: error: stale DeepSpeed build lock") and f"rm {lock}" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------ layout links
+
+
+def test_layout_groups_follow_the_rank_order() -> None:
+    """The tensor groups and pipeline pairs the preflight measures are the layout's (tensor-fastest order)."""
+    from kit.parallel.layout import Layout
+    from kit.tools.doctor_layout import pipeline_pairs, tensor_groups
+
+    lay = Layout(tensor=2, pipeline=3, data=2)
+    groups = tensor_groups(lay)
+    assert groups["tensor(pipeline=0,data=0)"] == [0, 1] and groups["tensor(pipeline=2,data=1)"] == [10, 11]
+    assert sorted(r for g in groups.values() for r in g) == list(range(12))  # disjoint, everyone once
+    rounds = pipeline_pairs(lay)
+    assert rounds[0]["pipeline(tensor=1,data=0) 0->1"] == (1, 3)
+    assert rounds[1]["pipeline(tensor=0,data=1) 1->2"] == (8, 10)
+    for pairs in rounds:  # a rank is in at most one pair per round (no deadlock between pairs)
+        ranks = [r for pair in pairs.values() for r in pair]
+        assert len(ranks) == len(set(ranks))
+    assert sum(len(r) for r in rounds) == lay.tensor * lay.data * (lay.pipeline - 1)
+    assert pipeline_pairs(Layout(tensor=4, pipeline=1, data=2)) == []
+
+
+def doctor_four_ranks(run: Path, faults: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                           "-m", "kit.tools.cli", "doctor", str(run)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "KIT_IMAGE_TARGET": "", "KIT_FAULTS": faults})
+
+
+LAYOUT_RUN = {"parallel.tensor": 2, "parallel.pipeline": 2, "trainer.nproc": 4, "slurm.tasks_per_node": 4,
+              "batch.grad_accum": 2, "deepspeed.zero_stage": 1, "doctor.allreduce_mib": 1.0,
+              "doctor.allreduce_iters": 3}
+
+
+@pytest.mark.slow
+def test_tp2_pp2_preflight_measures_tensor_groups_and_pipeline_neighbours(tiny_cfg: Any) -> None:
+    """Four real gloo ranks at TP2 x PP2: both tensor groups' all-reduces and both pipeline pairs'
+    send/recv are measured and named by their coordinates, ranks and node. Rank 3's tensor all-reduce
+    and send/recv loops are slowed by fault points, so the group and the pair holding rank 3 must be the
+    ones named slow (WARN, the run is not failed for it), and the others not."""
+    run = make_run(tiny_cfg, **LAYOUT_RUN)
+    out = doctor_four_ranks(run, faults="doctor.tensor:rank3=sleep0.2,doctor.p2p:rank3=sleep0.2")
+    (event,) = read_all(run, {"doctor"})
+    assert event["ok"] is True and out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert event["layout"] == {"tensor": 2, "pipeline": 2, "data": 1}
+    by_name = {g["name"]: g for g in event["groups"]}
+    assert set(by_name) == {"tensor(pipeline=0,data=0)", "tensor(pipeline=1,data=0)",
+                            "pipeline(tensor=0,data=0) 0->1", "pipeline(tensor=1,data=0) 0->1"}
+    assert by_name["tensor(pipeline=1,data=0)"]["ranks"] == [2, 3]
+    assert by_name["pipeline(tensor=1,data=0) 0->1"]["ranks"] == [1, 3]
+    for g in event["groups"]:
+        assert g["gbps"] > 0 and g["time_ms"] > 0 and g["nodes"] == [event["node"]]
+    slow_t, fast_t = by_name["tensor(pipeline=1,data=0)"], by_name["tensor(pipeline=0,data=0)"]
+    slow_p, fast_p = by_name["pipeline(tensor=1,data=0) 0->1"], by_name["pipeline(tensor=0,data=0) 0->1"]
+    assert slow_t["time_ms"] >= 200 > fast_t["time_ms"] and slow_p["time_ms"] >= 100 > fast_p["time_ms"]
+    checks = {c["name"]: c for c in event["checks"]}
+    for dim, slow, fast in (("tensor", slow_t, fast_t), ("pipeline", slow_p, fast_p)):
+        assert checks[f"net.{dim}"]["status"] == WARN and checks[f"net.{dim}"]["value"] == slow["name"]
+        assert slow["name"] + " (ranks " in checks[f"net.{dim}"]["detail"]
+        assert fast["name"] not in checks[f"net.{dim}"]["detail"].split("of the median:")[1]
+    assert "WARN  net.tensor" in out.stdout and "pipeline(tensor=1,data=0) 0->1" in out.stdout
+
+
+@pytest.mark.slow
+def test_a_healthy_layout_preflight_is_ok_and_a_login_node_says_not_measured(tiny_cfg: Any) -> None:
+    """Without faults the four ranks' layout checks run and never fail the preflight (on this shared
+    2-core machine a group can still measure slow by chance: OK or WARN, both exit 0); from one process
+    (a login node) the recipe's TP2 x PP2 cannot be formed, which is reported as not measured."""
+    run = make_run(tiny_cfg, **LAYOUT_RUN)
+    out = doctor_four_ranks(run)
+    (event,) = read_all(run, {"doctor"})
+    checks = {c["name"]: c for c in event["checks"]}
+    assert {checks["net.tensor"]["status"], checks["net.pipeline"]["status"]} <= {OK, WARN}, out.stderr[-3000:]
+    assert len(event["groups"]) == 4 and out.returncode == 0 and event["ok"] is True
+    login = subprocess.run([sys.executable, "-m", "kit.tools.cli", "doctor", str(run), "--json"], capture_output=True,
+                           text=True, env={**os.environ, "KIT_IMAGE_TARGET": ""}, timeout=120)
+    named = {c["name"]: c for c in json.loads(login.stdout)["checks"]}
+    assert named["net.tensor"]["status"] == NA
+    assert "does not divide this preflight's 1 rank" in named["net.tensor"]["detail"]
+    assert named["net.pipeline"]["status"] == NA and login.returncode == 0

@@ -118,9 +118,10 @@ def test_health_and_timings_are_the_real_writers_payloads(small: tuple[Path, gen
     sys.path.insert(0, str(ROOT / "tests"))
     import fake_nvml
 
+    from kit.alerts import Incidents
     from kit.config import HealthSection
     from kit.health import HealthSampler
-    from kit.stragglers import RankInfo, StepTimer
+    from kit.stragglers import RankInfo, StepTimer, StragglerDetector, Verdict
 
     run, _ = small
     fake_nvml.install(2)
@@ -144,9 +145,11 @@ def test_health_and_timings_are_the_real_writers_payloads(small: tuple[Path, gen
     timer = StepTimer.__new__(StepTimer)  # the report alone: no engine needed
     timer.ranks = [RankInfo(r, "n", r, r, 1) for r in range(2)]
     timer.ledger = Capture()  # type: ignore[assignment]
-    timer._alerted = set()
+    timer.detector = StragglerDetector(0.05)
+    timer.peers = None  # no pipeline: every rank against the others (kit.stragglers.peer_groups)
+    timer.incidents = Incidents(timer.ledger, "x")  # type: ignore[arg-type]
     row = {"step_s": 1.0, "fwd_s": 0.3, "bwd_s": 0.5, "opt_s": 0.1, "other_s": 0.1}
-    timer._report(50, [row, row], [])
+    timer._report(50, [row, row], Verdict([0.0, 0.0], 0.05, 0.0, []))
     real_row = timer.ledger.events[0][1]["ranks"][0]  # type: ignore[attr-defined]
     gen_row = read_all(run, {"rank_timings"})[0]["ranks"][0]
     assert list(gen_row) == list(real_row)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from kit.config import HealthSection
-from kit.health import HealthSampler, throttle_names
+from kit.health import CLEAR_SAMPLES, ESCALATE_SAMPLES, NONFINITE_CLEAR_STEPS, HealthSampler, throttle_names
 from kit.ledger import read_all
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,8 +104,28 @@ def test_alerts_name_node_gpu_and_uuid_once_per_condition(tmp_path: Path) -> Non
     gpus[2].temp_c = 60
     s.sample_once()
     gpus[2].temp_c = 90
-    s.sample_once()  # cleared then hot again: alerts again
-    assert [a["condition"] for a in _alerts(tmp_path)].count("temp") == 2
+    s.sample_once()  # one cool sample on the threshold is not the end of it: no flapping
+    assert [a["condition"] for a in _alerts(tmp_path)].count("temp") == 1
+    gpus[2].temp_c = 60
+    for _ in range(CLEAR_SAMPLES):
+        s.sample_once()
+    cleared = read_all(tmp_path, {"alert_cleared"})
+    assert [c["incident"] for c in cleared] == [hot["incident"]] and cleared[0]["gpu"] == 2
+    gpus[2].temp_c = 90
+    s.sample_once()  # cleared, then hot again: a new incident
+    temps = [a for a in _alerts(tmp_path) if a["condition"] == "temp"]
+    assert len(temps) == 2 and temps[1]["incident"] != hot["incident"]
+
+
+def test_a_lasting_condition_escalates_once(tmp_path: Path) -> None:
+    gpus = fake_nvml.install(1)
+    s = _sampler(tmp_path)
+    gpus[0].temp_c = 95
+    for _ in range(ESCALATE_SAMPLES + 5):
+        s.sample_once()
+    temps = [a for a in _alerts(tmp_path) if a["condition"] == "temp"]
+    assert [(a["severity"], a.get("escalated", False)) for a in temps] == [("warning", False), ("error", True)]
+    assert temps[0]["incident"] == temps[1]["incident"]
 
 
 def test_error_counters_xids_and_lost_gpus(tmp_path: Path) -> None:
@@ -183,19 +203,24 @@ def test_throttle_names() -> None:
     assert throttle_names(None) == [] and throttle_names(0) == []
 
 
-def test_nonfinite_steps_are_recorded_once_per_run_of_them(tmp_path: Path) -> None:
-    """The health side only records non-finite steps (the spike policy acts on them)."""
+def test_nonfinite_steps_are_recorded_once_per_stretch_of_them(tmp_path: Path) -> None:
+    """The health side only records non-finite steps (the spike policy acts on them): one incident for a
+    stretch of them (a finite step or two in between does not end it), cleared after
+    NONFINITE_CLEAR_STEPS finite steps, then a new one."""
     from kit.health import JobHealth
     from kit.ledger import LedgerWriter
 
+    quiet = [0] * NONFINITE_CLEAR_STEPS
     with LedgerWriter(tmp_path, "train-r0") as led:
         h = JobHealth(None, None, None, led, rank=0, world=4)
-        for step, bad in enumerate([0, 2, 2, 0, 0, 1], start=1):
+        for step, bad in enumerate([0, 2, 2, 0, 0, 1, *quiet, 3], start=1):
             h.after_step(step, 0.1, float(bad))
     alerts = _alerts(tmp_path)
-    assert [(a["step"], a["ranks"]) for a in alerts] == [(2, 2), (6, 1)]
+    assert [(a["step"], a["ranks"]) for a in alerts] == [(2, 2), (12, 3)]
     assert all(a["condition"] == "nonfinite" and a["severity"] == "error" for a in alerts)
     assert "2 of 4 ranks" in alerts[0]["message"]
+    cleared = read_all(tmp_path, {"alert_cleared"})
+    assert [(c["incident"], c["step"]) for c in cleared] == [(alerts[0]["incident"], 11)]
 
 
 def test_every_nth_sample_and_every_alerting_sample_are_written(tmp_path: Path) -> None:

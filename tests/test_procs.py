@@ -44,6 +44,9 @@ def test_a_child_dies_with_its_sigkilled_launcher(no_leftovers: Path) -> None:
         p.kill()
         p.wait(timeout=60)
     assert not wait_no_processes(f"{no_leftovers}/armed", 60), "the armed child outlived its launcher"
+    end = time.monotonic() + 30  # one /proc scan can miss a process (a read of its cmdline under load)
+    while [pid for pid, _ in processes_of(f"{no_leftovers}/bare")] != [bare_child] and time.monotonic() < end:
+        time.sleep(0.2)
     left = processes_of(f"{no_leftovers}/bare")
     assert [pid for pid, _ in left] == [bare_child], "without the parent-death signal the child is orphaned"
     os.kill(bare_child, signal.SIGKILL)

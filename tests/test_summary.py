@@ -141,3 +141,42 @@ def test_the_summary_never_raises(tmp_path: Path, events: list[tuple[str, float,
     d = summary.to_dict()
     json.dumps(d, allow_nan=True)
     assert d["status"] in ("healthy", "degraded", "down")
+
+
+async def test_status_and_the_monitor_show_the_runs_layout(fixed_run: Path) -> None:
+    """A segment that started at TP2 x PP2 x DP2: `kit status` (text and JSON) and the TUI's Overview and
+    GPUs tabs show the layout; a run whose segments recorded none says data parallel."""
+    bare = json.loads(kit("status", str(fixed_run), "--json").stdout)
+    assert bare["layout"] is None
+    now = support.fixed_now()
+    append(fixed_run, "train-r0", event("segment_started", t=now - 20, seg="seg3", world_size=8, step=8,
+                                        layout={"tensor": 2, "pipeline": 2, "data": 2}))
+    out = kit("status", str(fixed_run), "--json")
+    assert out.returncode in (0, 1), out.stderr
+    lay = json.loads(out.stdout)["layout"]
+    assert lay == {"tensor": 2, "pipeline": 2, "data": 2, "world": 8, "label": "TP2 x PP2 x DP2"}
+    assert "layout     TP2 x PP2 x DP2 (8 ranks" in kit("status", str(fixed_run)).stdout
+    app = make_app([fixed_run], use_slurm=False)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await wait_for(pilot, lambda: loaded(app), what="first frame")
+        assert "TP2 x PP2 x DP2" in str(app.query_one("#chain").render())
+        await pilot.press("2")
+        await wait_for(pilot, lambda: "TP2 x PP2 x DP2" in str(app.query_one("#layoutline").render()),
+                       what="the GPUs tab's layout line")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.none(), st.integers(), st.text(max_size=5),
+                 st.dictionaries(st.sampled_from(["tensor", "pipeline", "data", "x"]),
+                                 st.one_of(st.integers(-3, 9), st.text(max_size=3), st.none(), st.booleans()))))
+def test_a_segments_layout_is_shown_only_when_it_is_three_positive_integers(raw: Any) -> None:
+    from kit.run.model import _layout
+    from kit.run.summary import layout_view
+
+    lay = _layout(raw)
+    view = layout_view(lay)
+    if view is None:
+        assert lay is None
+    else:
+        assert view["world"] == view["tensor"] * view["pipeline"] * view["data"] >= 1
+        assert isinstance(raw, dict) and all(raw[k] == view[k] for k in ("tensor", "pipeline", "data"))

@@ -126,7 +126,9 @@ def test_a_full_disk_on_one_rank_ends_the_save_on_every_rank(no_leftovers: Path,
     assert proc.returncode == exitcodes.DISK_FULL == 79, err[-3000:]
     assert "segment ended: disk_full" in out and "exit 79" in out, out
     [ended] = read_all(run_dir, {"segment_ended"})
-    assert (ended["reason"], ended["step"], ended["src"]) == ("disk_full", 4, "train-r0")
+    # step 4's save is written in the background (checkpoint.async_save): the failure stops every rank at
+    # the next step boundary (the step's all-reduce carries it), or at the save of step 6 at the latest
+    assert (ended["reason"], ended["src"]) == ("disk_full", "train-r0") and ended["step"] in (5, 6), ended
     assert not read_all(run_dir, {"hang"})
     [alert] = [a for a in read_all(run_dir, {"alert"}) if a["severity"] == "critical"]
     assert "disk full: the checkpoint save of step 4 failed" in alert["message"] and "on 1 rank(s)" in alert["message"]

@@ -155,13 +155,25 @@ def test_tensorboard_files_match_the_ledger(tiny_cfg: Any) -> None:
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """The demo end to end, with its live step lines, and (timings gathered every 2 steps, 3 gathers a
+    segment, on this shared 2-core machine) no straggler alert and no alert at all."""
     proc = subprocess.run(["kit", "demo", "--runs-dir", str(tmp_path), "--name", "d", "--steps", "12",
-                           "--set", "checkpoint.interval_steps=4"], capture_output=True, text=True, timeout=600)
+                           "--set", "checkpoint.interval_steps=4", "--set", "health.straggler_interval=2"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from step_0000006" in proc.stdout
+    lines = [x.strip() for x in proc.stdout.splitlines() if x.strip().startswith("[kit] step ")]
+    assert lines[0].startswith("[kit] step 1/12 | loss ") and lines[-1].startswith("[kit] step 12/12 | loss ")
+    assert any(x.startswith("[kit] step 7/12 ") for x in lines)  # the resumed segment's first step
     rd = RunDir(tmp_path / "d")
     ended = read_all(rd.path, {"segment_ended"})
     assert [e["reason"] for e in ended] == ["segment_limit", "done"]
+    assert len(read_all(rd.path, {"rank_timings"})) == 6
+    assert not read_all(rd.path, {"straggler"}) and not read_all(rd.path, {"alert"})
+    first = read_all(rd.path, {"segment_first_step"})
+    assert [e["step"] for e in first] == [1, 7] and all(e["startup_s"] > e["setup_s"] > 0 for e in first)
+    started = read_all(rd.path, {"segment_started"})
+    assert all(set(e["startup"]) == {"process", "trainer", "data", "engine", "resumed"} for e in started)
     again = subprocess.run(["kit", "demo", "--runs-dir", str(tmp_path), "--name", "d"], capture_output=True, text=True)
     assert again.returncode == 1 and "already exists" in again.stderr
 

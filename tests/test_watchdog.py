@@ -272,3 +272,70 @@ def test_a_hang_holding_the_gil_is_still_dumped_and_ended(tmp_path: Path) -> Non
     assert "Timeout (0:00:01)!" in p.stderr and "in <module>" in p.stderr, p.stderr[-2000:]
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "stacks").exists(), "the Python-level watchdog could not have run"
+
+
+# ------------------------------------------------------------------------------------------ at a layout
+
+
+def test_hang_suspects_are_named_by_their_coordinates(tmp_path: Path) -> None:
+    """At TP2 x PP2 x DP2 (8 ranks, 4 a node) the rank table carries each rank's (tensor, pipeline, data);
+    the hang event, hang.json and the alert name the suspect's node and coordinates."""
+    from kit.parallel.layout import Layout, placed
+
+    lay = Layout(tensor=2, pipeline=2, data=2)
+    ranks = placed([RankInfo(r, f"node{r // 4}", r % 4, r % 4, 1000 + r) for r in range(8)], lay)
+    assert ranks[6].coords is not None and ranks[6].coords.to_dict() == {"tensor": 0, "pipeline": 1, "data": 1}
+    assert placed(ranks[:3], lay) == ranks[:3]  # not the layout's world: left as it is
+    dumps = {r: _dump(r, STUCK if r == 6 else WAITING) for r in range(8)}
+    r = wd.analyse(dumps, ranks)
+    assert r["suspect_coords"] == [{"rank": 6, "node": "node1", "tensor": 0, "pipeline": 1, "data": 1}]
+    codes: list[int] = []
+    w = wd.Watchdog(tmp_path, HealthSection(hang_grace_s=0.2), 6, ranks, "s", "x", exit_fn=codes.append,
+                    last_resort=False)
+    report = w.fire(12.0, 10.0)  # only rank 6 dumps: the 7 missing ranks are the suspects
+    assert codes == [exitcodes.HANG] and len(report["suspect_coords"]) == 7
+    (hang,) = read_all(tmp_path, {"hang"})
+    assert {"rank": 0, "node": "node0", "tensor": 0, "pipeline": 0, "data": 0} in hang["suspect_coords"]
+    (alert,) = read_all(tmp_path, {"alert"})
+    assert "0 (node0; tensor 0, pipeline 0, data 0)" in alert["message"]
+    assert alert["suspect_coords"] == hang["suspect_coords"]
+
+
+def test_setup_ranks_are_placed_when_the_layout_divides_the_world(tmp_path: Path) -> None:
+    w = wd.for_setup(tmp_path, HealthSection(), 3, 4, 4, "s", layout=(2, 2))
+    assert w is not None
+    w.stop()
+    assert [str(r.coords) for r in w.ranks][3] == "tensor 1, pipeline 1, data 0"
+    w = wd.for_setup(tmp_path, HealthSection(), 0, 3, 3, "s", layout=(2, 1))  # 3 ranks cannot be TP2
+    assert w is not None
+    w.stop()
+    assert all(r.coords is None for r in w.ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.timeout(600)
+def test_a_hang_at_tp2_pp2_names_the_stuck_ranks_coordinates(deepspeed_ok: None, tiny_cfg: Any,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """A real 4-rank DeepSpeed run at TP2 x PP2 (AutoTP + PipelineModule on gloo); rank 3, the second
+    tensor rank of the last stage, blocks after step 3. The hang event and its alert name rank 3, this
+    node and (tensor 1, pipeline 1, data 0)."""
+    from kit.launch import create_run, run_local_segment
+
+    cfg = tiny_cfg("hanglayout", **{"parallel.tensor": 2, "parallel.pipeline": 2, "trainer.nproc": 4,
+                                    "slurm.tasks_per_node": 4, "deepspeed.zero_stage": 1, "batch.grad_accum": 2,
+                                    "health.hang_floor_s": 3.0, "health.hang_ceiling_s": 30.0,
+                                    "health.hang_factor": 5.0, "health.hang_grace_s": 15.0})
+    rd = create_run(cfg, log=lambda *a: None)
+    out = run_local_segment(rd, cfg, seg="s1", extra_env={"KIT_FAULTS": "step.after@3:rank3=hang"})
+    logs = capfd.readouterr()
+    assert out.reason == "hang", logs.err[-3000:]
+    [hang] = [e for e in read_all(rd.path, {"hang"}) if e["seg"] == "s1"]
+    assert hang["suspect_ranks"] == [3], hang
+    assert hang["suspect_coords"] == [{"rank": 3, "node": hostname(), "tensor": 1, "pipeline": 1, "data": 0}]
+    alert = [a for a in read_all(rd.path, {"alert"}) if a["seg"] == "s1" and a["severity"] == "critical"]
+    assert f"suspect ranks 3 ({hostname()}; tensor 1, pipeline 1, data 0)" in alert[0]["message"]
+    from kit.run.summary import collect
+
+    summary, _ = collect(rd.path, use_slurm=False)  # `kit status` and the monitor show the layout it ran at
+    assert summary.layout is not None and summary.layout["label"] == "TP2 x PP2 x DP1"

@@ -95,13 +95,15 @@ def plan(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     from kit.amend import amend
     from kit.launch import create_run, run_local_segment
+    from kit.progress import Bars
     from kit.rundir import RunDir
 
     cfg = load_recipe(args.recipe, args.overrides)
     cfg.check_layout(cfg.trainer.nproc, "trainer.nproc (the local ranks of `kit train`)")
     if args.amend and RunDir(cfg.run_dir).exists():
         amend(RunDir(cfg.run_dir), cfg, who="kit train")
-    rd = create_run(cfg)
+    with Bars() as bars:
+        rd = create_run(cfg, bars=bars)
     seg = f"local-{datetime.now():%Y%m%d-%H%M%S}"  # unique: the outcome is read back from the ledger by seg
     out = run_local_segment(rd, cfg, stop_after_steps=args.stop_after_steps, seg=seg)
     if out.reason == "crashed":
@@ -131,6 +133,7 @@ def demo(args: argparse.Namespace) -> int:
 
     from kit.launch import create_run, run_local_segment
     from kit.ledger import read_all
+    from kit.progress import Bars
 
     console = Console()
     name = args.name or f"demo-{datetime.now():%Y%m%d-%H%M%S}"
@@ -144,15 +147,20 @@ def demo(args: argparse.Namespace) -> int:
     console.rule(f"kit demo: {name}")
     console.print(f"1/4 data: {len(cfg.data.sources)} languages from this machine's gettext catalogues, "
                   f"byte-level BPE of {cfg.data.vocab_size} tokens")
-    rd = create_run(cfg, log=lambda m: console.print(f"    {m}"))
+    with Bars(console=console) as bars:
+        rd = create_run(cfg, log=lambda m: console.print(f"    {m}"), bars=bars)
     half = cfg.trainer.max_steps // 2
+
+    def step_line(line: str) -> None:
+        console.print(f"    {line}", highlight=False, markup=False)
+
     console.print(f"2/4 segment 1: {cfg.trainer.nproc} ranks, ZeRO-{cfg.deepspeed.zero_stage}, "
                   f"{cfg.deepspeed.precision}; the allocation 'ends' after step {half}")
-    first = run_local_segment(rd, cfg, stop_after_steps=half, seg="demo-1", quiet=True)
+    first = run_local_segment(rd, cfg, stop_after_steps=half, seg="demo-1", quiet=True, lines=step_line)
     _expect(first.reason, "segment_limit", rd)
     console.print(f"    saved and left at step {first.step} (as at a Slurm time limit)")
     console.print("3/4 segment 2: a new process resumes from the newest complete checkpoint")
-    second = run_local_segment(rd, cfg, seg="demo-2", quiet=True)
+    second = run_local_segment(rd, cfg, seg="demo-2", quiet=True, lines=step_line)
     _expect(second.reason, "done", rd)
     events = read_all(rd.path)
     steps = [e for e in events if e["kind"] == "step"]

@@ -38,6 +38,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from kit.config import RunConfig
 from kit.errors import CheckpointError, KitError
 from kit.fsio import atomic_write_json, fsync_path
 from kit.ledger import LedgerWriter, NullLedger, hostname
+from kit.progress import NO_BARS, Bars
 from kit.rundir import RunDir, resolve_run
 from kit.tools.layout_reader import LayoutCheckpoint, open_checkpoint
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
@@ -284,7 +286,7 @@ class _ShardFile:
 
 
 def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
-                  then: Any = None) -> tuple[int, int, dict[str, str]]:
+                  then: Any = None, advance: Callable[[int], None] | None = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
     Each shard is its safetensors header (built here, from the layout alone) followed by each tensor's
@@ -377,6 +379,8 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
                                 assert parts is not None
                                 write_mapped(out, parts[r][g].detach()[a:a + count])
                         total += spec.numel * item
+                        if advance:  # a progress bar's bytes written
+                            advance(spec.numel * item)
             finally:
                 out.close()  # also on an error: the hashing thread must not wait for bytes that never come
             syncs.append(syncing.submit(fsync_path, out.path))
@@ -436,8 +440,9 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
 def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_bytes: int = 2 * 10**9,
             verify: bool = True, atol: float = 0.0, force: bool = False,
             ledger: LedgerWriter | NullLedger | None = None, progress: Any = None,
-            check_source: bool = False) -> Export:
-    """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem.
+            check_source: bool = False, bars: Bars = NO_BARS) -> Export:
+    """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem. ``bars``:
+    progress bars (kit.progress: bytes written, the logits check).
 
     ``check_source``: check every byte of the checkpoint against its manifest (:func:`verify_source`)
     on other threads while converting, and refuse it before anything appears at ``out``: the reads of
@@ -460,14 +465,18 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     source = checking.submit(verify_source, ckpt) if check_source else None
     try:
         stage.mkdir(parents=True)
+        item = 2 if dtype == "bf16" else 4
+        task = bars.task(f"writing {dtype}", sum(p.numel for p in reader.params) * item, unit="bytes")
         shards, nbytes, digests = write_weights(  # the small files while the last shards are hashed
-            reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype))
+            reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype),
+            advance=task.advance)
         seconds = time.perf_counter() - t0
         if source is not None:  # a corrupt source must not be verified against, nor exported
             _refuse_corrupt(ckpt, source.result())
         result: dict[str, Any] = {"skipped": True}
         if verify:
-            result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
+            with bars.phase("logits check"):
+                result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
             led.emit("ckpt_verified", tag=ckpt.tag, where="export", **result)
             if not result["ok"]:
                 weights = ("its weights are bit-identical to the checkpoint's, so the arithmetic differs: "
@@ -578,12 +587,9 @@ def run(args: argparse.Namespace, verb: str) -> int:
     dtype = args.dtype or rd.load_config().deepspeed.precision
     out = Path(args.out) if args.out and not url else rd.exports / f"{ckpt.tag}-{dtype}"
     with LedgerWriter(rd.path, f"convert-{hostname()}-{os.getpid()}") as led:
-        def say(fname: str) -> None:
-            if not args.json:
-                print(f"  wrote {fname}", flush=True)
-
-        exp = convert(rd, ckpt, out, dtype, args.shard_size, verify=not args.no_verify,
-                      atol=args.atol, force=args.force or bool(url), ledger=led, progress=say, check_source=True)
+        with Bars(enabled=not args.json) as bars:
+            exp = convert(rd, ckpt, out, dtype, args.shard_size, verify=not args.no_verify,
+                          atol=args.atol, force=args.force or bool(url), ledger=led, check_source=True, bars=bars)
         result: dict[str, Any] = {"tag": exp.tag, "step": exp.step, "out": str(exp.out), "dtype": exp.dtype,
                                   "shards": exp.shards, "bytes": exp.bytes, "seconds": exp.seconds,
                                   "verify": exp.verify}

@@ -51,6 +51,8 @@ class Report:
     node_scores: dict[str, float] = field(default_factory=dict)
     node_measures: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float | None = None  # wall time of this rank's preflight (the goodput account's "preflight")
+    layout: dict[str, int] = field(default_factory=dict)  # the recipe's layout at this world (empty: not one)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # tensor groups' and pipeline pairs' measures
 
     @property
     def exit_code(self) -> int:
@@ -66,7 +68,7 @@ class Report:
                 "slowest_node": self.slowest_node,
                 "busbw_gbps": self.busbw_gbps, "algbw_gbps": self.algbw_gbps, "node_scores": self.node_scores,
                 "node_measures": self.node_measures, "checks": [c.to_dict() for c in self.checks],
-                "seconds": self.seconds}
+                "seconds": self.seconds, "layout": self.layout, "groups": self.groups}
 
 
 def node_label(env: DistEnv) -> str:
@@ -209,6 +211,27 @@ def _network(cfg: RunConfig, node: str, report: Report) -> None:
     scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.node_scores.items(), key=lambda kv: kv[1]))
     report.checks.append(Check("net.slowest_node", OK, f"{r.slowest_node} (scores vs the median node: {scores})"
                                + (f"; {r.note}" if r.note else ""), value=r.slowest_node, node=node))
+    _layout_links(cfg, node, r.world_size, report)
+
+
+def _layout_links(cfg: RunConfig, node: str, world: int, report: Report) -> None:
+    """At a layout with tensor or pipeline > 1: all-reduce in each tensor group, send/recv between
+    pipeline neighbours (kit.tools.doctor_layout), each named by its coordinates."""
+    from kit.parallel.layout import Layout
+    from kit.tools.doctor_layout import layout_checks, measure_layout, not_measured
+
+    t, p = cfg.parallel.tensor, cfg.parallel.pipeline
+    if t == 1 and p == 1:
+        return
+    if world % (t * p):
+        report.checks += not_measured(t, p, world, node)
+        return
+    layout = Layout.of(t, p, world)
+    d = cfg.doctor
+    nbytes = int(d.allreduce_mib * 2**20)
+    groups = measure_layout(layout, node, nbytes, d.allreduce_iters)
+    report.layout, report.groups = layout.to_dict(), [g.to_dict() for g in groups]
+    report.checks += layout_checks(groups, layout, max(4, nbytes // 4 * 4), node)
 
 
 def _agree(report: Report) -> None:

@@ -56,8 +56,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timed_allreduce(buf: Any, iters: int, group: Any, rank: int) -> float:
-    """Mean seconds per all-reduce on this rank (2 warm-ups, a barrier, then ``iters`` timed)."""
+def _timed_allreduce(buf: Any, iters: int, group: Any, rank: int, point: str = "doctor.allreduce") -> float:
+    """Mean seconds per all-reduce on this rank (2 warm-ups, a barrier, then ``iters`` timed); ``point``
+    is the fault point inside the timed loop (kit.faults: tests slow one rank's loop with it)."""
     import torch.distributed as dist
 
     for _ in range(2):
@@ -66,7 +67,7 @@ def _timed_allreduce(buf: Any, iters: int, group: Any, rank: int) -> float:
     dist.barrier(group=group)
     t0 = time.perf_counter()
     for _ in range(iters):
-        fault_point("doctor.allreduce", 0, rank)
+        fault_point(point, 0, rank)
         dist.all_reduce(buf, group=group)
     _sync()
     return (time.perf_counter() - t0) / iters

@@ -21,6 +21,7 @@ import numpy as np
 
 from kit.config import SpikesSection
 from kit.errors import KitError
+from kit.ledger.scan import bulk_read
 from kit.spikes import LOCAL, PRED_VAR, SQRT2, TRIM, TRIM_STD, predict
 from kit.tools.spike_ledger import Ledger, Steps, read_ledger
 
@@ -255,31 +256,36 @@ def context(led: Ledger, ep: Episode, span: int) -> dict[str, Any]:
     health = led.health(t0, t1)  # fetched by time from the index: the rest of the health history stays on disk
     alerts = [{k: e.get(k) for k in ("t", "severity", "message", "step")} for e in led.kind("alert")
               if t0 <= e["t"] <= t1]
-    baseline = led.health_sample() if health else []
-    return {"steps": rows, "health": summarise_health(health, baseline, led.has_health), "alerts": alerts}
+    medians = led.health_medians(GPU_KEYS) if health else {}
+    return {"steps": rows, "health": summarise_health(health, medians, led.has_health), "alerts": alerts}
 
 
-def summarise_health(window: list[dict[str, Any]], everything: list[dict[str, Any]],
+GPU_KEYS = ("temp_c", "power_w", "sm_clock_mhz", "util_pct", "mem_used_gib")
+
+
+def gpu_values(events: list[dict[str, Any]], key: str) -> list[float]:
+    """Every GPU's ``key`` in some health samples (numbers only)."""
+    out = []
+    for e in events:
+        for g in e.get("gpus") or []:
+            v = g.get(key) if isinstance(g, dict) else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.append(float(v))
+    return out
+
+
+def summarise_health(window: list[dict[str, Any]], medians: dict[str, float | None],
                      any_in_run: bool = True) -> dict[str, Any]:
-    """Per GPU metric: max in the window vs the run's median (over ``everything``: an evenly spaced
-    sample of the run's health events); throttle reasons seen; host memory/CPU."""
-    def values(events: list[dict[str, Any]], key: str) -> list[float]:
-        out = []
-        for e in events:
-            for g in e.get("gpus") or []:
-                v = g.get(key)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out.append(float(v))
-        return out
-
+    """Per GPU metric: max in the window vs the run's median (``medians``: over an evenly spaced sample
+    of the run's health events, Ledger.health_medians); throttle reasons seen; host memory/CPU."""
     if not window:
         return {"samples": 0, "note": "no health samples in this time span" + (
             "" if any_in_run else " (none in the whole run: NVML absent or health.enabled = false)")}
     gpu = {}
-    for key in ("temp_c", "power_w", "sm_clock_mhz", "util_pct", "mem_used_gib"):
-        w, a = values(window, key), values(everything, key)
+    for key in GPU_KEYS:
+        w = gpu_values(window, key)
         if w:
-            gpu[key] = {"min": min(w), "max": max(w), "run_median": float(np.median(a)) if a else None}
+            gpu[key] = {"min": min(w), "max": max(w), "run_median": medians.get(key)}
     throttles = sorted({r for e in window for g in e.get("gpus") or [] for r in g.get("throttle_reasons") or []})
     host = {}
     for key in ("cpu_pct", "mem_pct", "load1"):
@@ -306,7 +312,11 @@ def spikes_config(run_dir: Path) -> SpikesSection:
 def analyse(run_dir: str | Path, step: int | None = None, span: int = 20, data: bool = True,
             max_data_steps: int = 4) -> dict[str, Any]:
     """Everything the report shows, as plain JSON-able data."""
-    run_dir = Path(run_dir)
+    with bulk_read():  # a whole run's columns and thousands of parsed events (kit.ledger.scan.bulk_read)
+        return _analyse(Path(run_dir), step, span, data, max_data_steps)
+
+
+def _analyse(run_dir: Path, step: int | None, span: int, data: bool, max_data_steps: int) -> dict[str, Any]:
     cfg = spikes_config(run_dir)
     led = read_ledger(run_dir)
     eps = episodes(led, cfg)

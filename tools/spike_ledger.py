@@ -26,28 +26,41 @@ STEP_FIELDS = ("t", "step", "loss", "grad_norm", "consumed")
 """Columns kept for every step; any other field of a step is read on demand (:meth:`Ledger.detail`)."""
 
 
-@dataclass
 class Steps:
     """Columns of step events (numpy arrays of equal length), oldest first; ``file`` and ``off`` say
-    where each event's line is, for :meth:`Ledger.detail`."""
+    where each event's line is, for :meth:`Ledger.detail`.
 
-    cols: dict[str, np.ndarray]
+    A selection of rows (:meth:`take`) gathers a column only when it is asked for: the postmortem's
+    final curve of a million steps needs its step, loss and grad norm, not every column."""
+
+    def __init__(self, cols: dict[str, np.ndarray], rows: np.ndarray | None = None) -> None:
+        self._base = cols
+        self._rows = rows
+        self.cols: dict[str, np.ndarray] = {} if rows is not None else dict(cols)
+        self._final: Steps | None = None
 
     def __len__(self) -> int:
-        return len(self.cols["step"])
+        return len(self._rows) if self._rows is not None else len(self._base["step"])
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return self.cols[key]
+        col = self.cols.get(key)
+        if col is None:
+            col = self.cols[key] = self._base[key][self._rows]
+        return col
 
     def take(self, idx: np.ndarray) -> Steps:
-        return Steps({k: v[idx] for k, v in self.cols.items()})
+        if self._rows is None:
+            return Steps(self._base, np.asarray(idx))
+        return Steps(self._base, self._rows[idx])
 
     def final(self) -> Steps:
-        """One row per step, the latest event winning, sorted by step."""
-        return self.take(latest_wins(self.cols["step"]))
+        """One row per step, the latest event winning, sorted by step (made once)."""
+        if self._final is None:
+            self._final = self.take(latest_wins(self["step"]))
+        return self._final
 
     def around(self, lo: int, hi: int) -> Steps:
-        s = self.cols["step"]
+        s = self["step"]
         return self.take(np.flatnonzero((s >= lo) & (s <= hi)))
 
 
@@ -58,6 +71,8 @@ class Ledger:
     bad_lines: int = 0
     scan: Scan | None = None
     stats: ReadStats = field(default_factory=ReadStats)
+    _samples: dict[int, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    _medians: dict[str, float | None] = field(default_factory=dict, repr=False)
 
     def kind(self, *kinds: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["kind"] in kinds]
@@ -74,8 +89,25 @@ class Ledger:
         """Health samples of every node written between t0 and t1."""
         return self.scan.fetch({"health"}, t0, t1) if self.scan is not None else []
 
-    def health_sample(self, n: int = 2000) -> list[dict[str, Any]]:
-        """At most ``n`` health samples spread evenly over the run: the run's baseline (medians)."""
+    def health_sample(self, n: int = 500) -> list[dict[str, Any]]:
+        """At most ``n`` health samples spread evenly over the run: the run's baseline (medians; 500
+        samples of 8 GPUs are 4,000 values a metric). Read once: every spike compares with it."""
+        if n not in self._samples:
+            self._samples[n] = self._health_sample(n)
+        return self._samples[n]
+
+    def health_medians(self, keys: tuple[str, ...]) -> dict[str, float | None]:
+        """The run's median of each GPU metric over :meth:`health_sample` (None: never measured)."""
+        from kit.tools.postmortem import gpu_values
+
+        out = self._medians
+        for key in keys:
+            if key not in out:
+                v = gpu_values(self.health_sample(), key)
+                out[key] = float(np.median(v)) if v else None
+        return {k: out[k] for k in keys}
+
+    def _health_sample(self, n: int) -> list[dict[str, Any]]:
         if self.scan is None or not len(self.scan.bulk):
             return []
         b = self.scan.bulk
@@ -103,8 +135,8 @@ def read_ledger(run_dir: str | Path, use_index: bool = True) -> Ledger:
     """A run's ledger for the postmortem (torn tails left out, junk counted)."""
     stats = ReadStats()
     sc = scan(run_dir, stats, use_index=use_index)
-    s = sc.steps
-    cols = {k: (s[k].astype(np.int64) if k == "step" else s[k].copy()) for k in STEP_FIELDS}
-    cols["file"] = s["file"].astype(np.int64)
-    cols["off"] = s["off"].copy()
+    s = sc.steps  # columns as views of the scan's records (no copies); the step numbers as integers
+    cols = {k: (s[k].astype(np.int64) if k == "step" else s[k]) for k in STEP_FIELDS}
+    cols["file"] = sc.step_file
+    cols["off"] = s["off"]
     return Ledger(Steps(cols), sc.events, stats.bad_lines + stats.invalid_events, sc, stats)

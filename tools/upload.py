@@ -59,13 +59,23 @@ class UploadResult:
     seconds: float
 
 
-def local_inventory(src: Path, jobs: int = 4) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file under ``src``; checked against its MANIFEST.json when it has one."""
+def local_inventory(src: Path, jobs: int = 4, progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under ``src``; checked against its MANIFEST.json when it has one.
+    ``progress``: a bar of the bytes hashed (hashing a large checkpoint takes minutes)."""
     if not src.is_dir():
         raise KitError(f"{src} is not a folder; give a checkpoint or export folder to upload")
     files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        digests = list(pool.map(sha256, files))
+    from kit.progress import Bars
+
+    with Bars(enabled=progress) as bars, ThreadPoolExecutor(max_workers=jobs) as pool:
+        task = bars.task("hashing", sum(p.stat().st_size for p in files), unit="bytes")
+
+        def one(p: Path) -> str:
+            d = sha256(p)
+            task.advance(p.stat().st_size)
+            return d
+
+        digests = list(pool.map(one, files))
     inv = {str(p.relative_to(src)): {"size": p.stat().st_size, "sha256": d}
            for p, d in zip(files, digests, strict=True)}
     listed = read_file_list(src)
@@ -106,6 +116,15 @@ class _Progress:
                 if files:
                     self.bar.advance(self.files, files)
 
+    def skip(self, nbytes: int) -> None:
+        """A file already at the destination: out of the bytes to send (counting it as sent would
+        make the transfer rate a lie), one more file done."""
+        if self.bar is not None:
+            with self.lock:
+                task = self.bar.tasks[self.bytes]
+                self.bar.update(self.bytes, total=max(0, (task.total or 0) - nbytes))
+                self.bar.advance(self.files, 1)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -136,7 +155,7 @@ def upload_folder(src: Path, url: str, jobs: int = 4, retries: int = 5, backoff_
     if not src.is_dir():
         raise KitError(f"{src} is not a folder; give a checkpoint or export folder to upload")
     probe(url, retries, backoff_s)
-    inv = local_inventory(src, jobs)
+    inv = local_inventory(src, jobs, progress)
     fs, root = open_fs(url)
     manifest = {"version": 1, "kind": "kit-upload", "created": time.time(), "source": src.name,
                 "files": inv}
@@ -166,7 +185,7 @@ def upload_folder(src: Path, url: str, jobs: int = 4, retries: int = 5, backoff_
                 lambda: _note(fs, note), f"reading the note of {rel}", retries, backoff_s) == line):
             with lock:
                 counts["skipped"] += 1
-            bar.advance(info["size"], 1)
+            bar.skip(info["size"])
             return
         if sizes.get(f"{JOURNAL}/{rel}.sha256") is not None:
             retrying(lambda: fs.rm_file(note), f"clearing the note of {rel}", retries, backoff_s)

@@ -139,11 +139,12 @@ def _records(path: Path, dtype: np.dtype, inode: int) -> tuple[dict[str, Any], n
                 return None  # written by a kit whose kind codes differ from ours
             if dtype is STEP_DTYPE and meta.get("columns") != list(COLUMNS):
                 return None
-            raw = f.read()
-    except OSError:
+            n = (os.fstat(f.fileno()).st_size - HEADER) // dtype.itemsize  # a torn last record is ignored
+            f.seek(HEADER)
+            recs = np.fromfile(f, dtype=dtype, count=max(0, n))  # straight into the array: no bytes copy
+    except (OSError, ValueError):
         return None
-    n = len(raw) // dtype.itemsize  # a torn last record (the writer died mid-write) is ignored
-    return meta, np.frombuffer(raw[: n * dtype.itemsize], dtype=dtype)
+    return meta, recs
 
 
 def load(ledger_dir: Path, name: str, jsonl: IO[bytes], size: int, inode: int) -> FileIndex | None:
@@ -298,7 +299,8 @@ def pread_events(path: Path, recs: np.ndarray, stats: ReadStats) -> list[Event]:
         return out
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
+    except OSError as err:  # gone since it was indexed, or unreadable: what it held is left out, counted
+        stats.unreadable += 1
         stats.last_error = f"{path.name}: {err.strerror}"
         return out
     try:
@@ -306,6 +308,9 @@ def pread_events(path: Path, recs: np.ndarray, stats: ReadStats) -> list[Event]:
             e = parse_line(os.pread(fd, length, off).rstrip(b"\n"), stats)
             if e is not None:
                 out.append(e)
+    except OSError as err:
+        stats.unreadable += 1
+        stats.last_error = f"{path.name}: {err.strerror}"
     finally:
         os.close(fd)
     return out

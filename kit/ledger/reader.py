@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +52,12 @@ class ReadStats:
     vanished_files: int = 0
     truncated_files: int = 0
     torn_tail: int = 0  # files whose last line is incomplete right now (being written, or a dead writer's)
+    unreadable: int = 0  # files (or parts) that could not be read (permissions, I/O errors): the answer lacks them
     last_error: str = ""
 
     def add(self, other: ReadStats) -> None:
         for name in ("events", "bad_lines", "invalid_events", "coerced", "unknown_kinds", "future_version",
-                     "vanished_files", "truncated_files"):
+                     "vanished_files", "truncated_files", "unreadable"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.last_error = other.last_error or self.last_error
 
@@ -138,16 +140,45 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _compile(spec: EventSpec) -> tuple[tuple[str, Callable[[Any], Any], bool], ...]:
-    return tuple((f.name, _float_nonfinite if f.type == "float" and f.nonfinite else _CHECKS[f.type], f.required)
-                 for f in spec.fields)
+_NESTED = {"list": list, "dict": dict, "json": object}  # checked by _depth_ok unless the line is shallow
+
+
+def _compile(spec: EventSpec) -> tuple[tuple[str, Callable[[Any], Any], bool, type | None], ...]:
+    return tuple((f.name, _float_nonfinite if f.type == "float" and f.nonfinite else _CHECKS[f.type], f.required,
+                  _NESTED.get(f.type)) for f in spec.fields)
 
 
 _COMPILED = {kind: _compile(spec) for kind, spec in KINDS.items()}
 
+_NOT_SHAPE = bytes(b for b in range(256) if b not in b'[]{}"\\')
+_QUOTED = re.compile(rb'"[^"]*"')
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
-def coerce(event: dict[str, Any], stats: ReadStats) -> Event | None:
-    """Check a decoded event against the schema, in place; None (counted) when it is unusable."""
+
+def shallow(raw: bytes) -> bool:
+    """True when nothing nested in this line can fail :func:`_depth_ok`, judged from its bytes: no string
+    longer than MAX_STR (the line is not), no integer of 19 digits or more, brackets at most MAX_DEPTH + 1
+    deep (the event object is one level) outside strings. Conservative (False sends the event through
+    the exact check); it saves walking every value of a health sample's GPUs in Python."""
+    if len(raw) > MAX_STR or _LONG_DIGITS.search(raw):
+        return False
+    shape = raw.translate(None, _NOT_SHAPE)
+    if b"\\" in shape:
+        return False  # an escaped quote: strings cannot be told apart by their quotes alone
+    shape = _QUOTED.sub(b"", shape)
+    if shape.count(b"[") + shape.count(b"{") <= MAX_DEPTH + 1:
+        return True
+    depth = deepest = 0
+    for c in shape:
+        depth += 1 if c in (91, 123) else -1  # [ {
+        deepest = max(deepest, depth)
+    return deepest <= MAX_DEPTH + 1
+
+
+def coerce(event: dict[str, Any], stats: ReadStats, raw: bytes | None = None) -> Event | None:
+    """Check a decoded event against the schema, in place; None (counted) when it is unusable. ``raw``:
+    the line it was decoded from, when there is one (nested fields are then checked from its bytes
+    when they can be, see :func:`shallow`)."""
     t = event.get("t")
     kind = event.get("kind")
     if type(kind) is not str or len(kind) > 64:
@@ -166,34 +197,41 @@ def coerce(event: dict[str, Any], stats: ReadStats) -> Event | None:
             del event[name]
             stats.coerced += 1
     checks = _COMPILED.get(kind)
+    flat: bool | None = None  # whether the line is shallow: judged once, when a nested field asks
     if checks is None:
         stats.unknown_kinds += 1
-        for k in [k for k, x in event.items() if not _depth_ok(x)]:
-            del event[k]
-            stats.coerced += 1
+        if raw is None or not shallow(raw):
+            for k in [k for k, x in event.items() if not _depth_ok(x)]:
+                del event[k]
+                stats.coerced += 1
         stats.events += 1
         return event
-    for name, check, required in checks:
-        raw = event.get(name, _MISSING)
-        if raw is _MISSING:
+    for name, check, required, nested in checks:
+        value = event.get(name, _MISSING)
+        if value is _MISSING:
             if required:
                 stats.invalid_events += 1
                 return None
             continue
-        if raw is None:
+        if value is None:
             del event[name]
             if required:
                 stats.invalid_events += 1
                 return None
             continue
-        val = check(raw)
+        if nested is not None and flat is None:
+            flat = raw is not None and shallow(raw)
+        if nested is not None and flat:  # the line's bytes vouch for what is nested: the type is enough
+            val = value if nested is object or type(value) is nested else _MISSING
+        else:
+            val = check(value)
         if val is _MISSING:
             del event[name]
             stats.coerced += 1
             if required:
                 stats.invalid_events += 1
                 return None
-        elif val is not raw:
+        elif val is not value:
             event[name] = val
     stats.events += 1
     return event
@@ -203,7 +241,7 @@ def nonconforming(event: dict[str, Any]) -> list[str]:
     """Fields of a writer's event (known kind) that the reader would make missing: a writer's bug."""
     checks = _COMPILED.get(event["kind"], ())
     bad = []
-    for name, check, _ in checks:
+    for name, check, _, _ in checks:
         v = event.get(name)
         if v is not None and check(_plain(v)) is _MISSING:
             bad.append(name)
@@ -230,7 +268,7 @@ def parse_line(raw: bytes, stats: ReadStats) -> Event | None:
     if type(event) is not dict:
         stats.bad_lines += 1
         return None
-    return coerce(event, stats)
+    return coerce(event, stats, raw)
 
 
 def event_time(e: Event) -> float:
@@ -253,6 +291,7 @@ def ledger_files(ldir: Path, stats: ReadStats | None = None) -> list[str]:
         return []
     except OSError as e:
         if stats is not None:
+            stats.unreadable += 1
             stats.last_error = f"{ldir}: {e.strerror}"
         return []
 
@@ -330,7 +369,7 @@ class Follower:
             if self.cursors.pop(name, None) is not None:
                 self.stats.vanished_files += 1
             return 0, False
-        except OSError as e:
+        except OSError as e:  # retried at the next poll (the first read of the run, a scan, counted it)
             self.stats.last_error = f"{name}: {e.strerror}"
             return 0, False
         cur.offset += len(data)
@@ -388,6 +427,7 @@ def tail(run_dir: str | Path, kinds: set[str] | frozenset[str] | None = None, ma
         except FileNotFoundError:
             continue
         except OSError as e:
+            stats.unreadable += 1
             stats.last_error = f"{name}: {e.strerror}"
             continue
         out.extend(parse_lines(data.split(b"\n")[:-1], stats, want))
@@ -424,6 +464,7 @@ def merged(run_dir: str | Path, stats: ReadStats | None = None) -> Iterator[Even
                     if e is not None:
                         yield event_time(e), n, e
         except OSError as err:
+            stats.unreadable += 1
             stats.last_error = f"{name}: {err.strerror}"
 
     for _, _, e in heapq.merge(*(one(n) for n in ledger_files(ldir, stats)), key=lambda x: (x[0], x[1])):

@@ -199,7 +199,9 @@ SPECS: tuple[EventSpec, ...] = (
         opt("pid", "int", "rank 0's pid"), opt("max_steps", "int", "trainer.max_steps"),
         opt("global_batch", "int", "samples per step"), opt("job_id", "str", "Slurm job id"),
         opt("restarts", "int", "SLURM_RESTART_COUNT"), opt("versions", "dict", "torch, deepspeed, transformers..."),
-        opt("layout", "dict", "parallel layout: tensor, pipeline, data"))),
+        opt("layout", "dict", "parallel layout: tensor, pipeline, data"),
+        opt("startup", "dict", "Unix time at the end of each start-up phase: process (started), trainer (built, "
+            "after the rendezvous), data (ready), engine (built), resumed (checkpoint loaded)"))),
     EventSpec("segment_signalled", "the job received Slurm's signal (time limit or preemption)", _C, (
         req("signal", "str", "signal name (SIGUSR2, SIGTERM)"), opt("job_id", "str", "Slurm job id"))),
     EventSpec("segment_ended", "a training segment ended (the trainer, or the hang watchdog)", _S, (
@@ -244,8 +246,10 @@ SPECS: tuple[EventSpec, ...] = (
         req("step", "int", "step"), req("tag", "str", "folder name"), req("bytes", "int", "size of its files"),
         req("seconds", "float", "total time of the save"), opt("reason", "str", "interval, save-now, signal..."),
         opt("consumed", "int", "samples consumed"),
-        opt("stall_s", "float", "how long the step loop paused for it (async saves: the snapshot)"),
-        opt("async", "bool", "written by the background writer"))),
+        opt("stall_s", "float", "how long the step loop paused for it (async saves: the wait for the previous "
+            "save, if any, and the snapshot)"),
+        opt("wait_s", "float", "of stall_s: waiting for the previous save still in flight"),
+        opt("async", "bool", "written by the background writer (false: synchronously, at least partly)"))),
     EventSpec("ckpt_loaded", "a segment resumed from a checkpoint", _S, (
         req("step", "int", "its step"), req("tag", "str", "its tag"),
         opt("skipped", "strs", "newer checkpoints passed over, and why"),
@@ -280,14 +284,22 @@ SPECS: tuple[EventSpec, ...] = (
         opt("step", "int", "last completed step"), opt("phase", "str", "setup, step, save, rollback"),
         opt("suspect_ranks", "ints", "ranks whose stacks differ"), opt("suspect_nodes", "strs", "their nodes"),
         opt("missing_ranks", "ints", "ranks that dumped no stack"), opt("groups", "list", "stack groups"),
-        opt("stacks", "str", "folder of the stack dumps"))),
+        opt("stacks", "str", "folder of the stack dumps"),
+        opt("suspect_coords", "list", "each suspect's rank, node, tensor, pipeline, data (kit.parallel.layout)"))),
     EventSpec("straggler", "a rank is slower than the others", _S, (
         req("rank", "int", "global rank"), req("slowdown", "float", "fraction slower than the median"),
         opt("step", "int", "step"), opt("node", "str", "its node"), opt("gpu", "int", "its CUDA device (-1: none)"),
+        opt("tensor", "int", "its tensor rank"), opt("pipeline", "int", "its pipeline stage"),
+        opt("data", "int", "its data-parallel replica"),
         opt("local_rank", "int", "local rank"), opt("fwd_s", "float", "its forward time"),
-        opt("median_fwd_s", "float", "the others' median"))),
+        opt("median_fwd_s", "float", "the others' median"),
+        opt("bar", "float", "the slowdown its recent mean had to exceed (kit.stragglers)"),
+        opt("noise", "float", "the run's window-to-window timing noise behind the bar"),
+        opt("incident", "str", "its alert's incident ('' before one is opened)"),
+        opt("state", "str", "open, opened, escalated"))),
     EventSpec("rank_timings", "every rank's phase timings (every health.straggler_interval steps)", _S, (
-        req("step", "int", "step"), req("ranks", "list", "one object per rank: rank, host, gpu, fwd_s...")),
+        req("step", "int", "step"), req("ranks", "list", "one object per rank: rank, host, gpu, slowdown, fwd_s..."),
+        opt("bar", "float", "the straggler bar at this gather"), opt("noise", "float", "the timing noise")),
         bulk=True),
     EventSpec("spike", "the spike detector flagged a step", _S, (
         req("step", "int", "the flagged step"), opt("loss", "float", "the loss of the step", nonfinite=True),
@@ -309,10 +321,17 @@ SPECS: tuple[EventSpec, ...] = (
     EventSpec("alert", "something an operator should know", "any writer", (
         req("severity", "str", "info, warning, error, critical"), req("message", "str", "what happened, what to do"),
         opt("step", "int", "step"), opt("node", "str", "node"), opt("rank", "int", "rank"),
+        opt("tensor", "int", "the rank's tensor rank"), opt("pipeline", "int", "its pipeline stage"),
+        opt("data", "int", "its data-parallel replica"),
+        opt("suspect_ranks", "ints", "a hang's suspects"), opt("suspect_nodes", "strs", "their nodes"),
+        opt("suspect_coords", "list", "their rank, node, tensor, pipeline, data"),
         opt("tag", "str", "checkpoint"), opt("condition", "str", "the condition's name (xid, nonfinite...)"),
-        opt("incident", "str", "one id per incident: escalations of one incident share it"))),
+        opt("incident", "str", "one id per incident: escalations of one incident share it"),
+        opt("escalated", "bool", "this alert raises an open incident's severity (kit.alerts)"))),
     EventSpec("alert_ack", "an operator acknowledged an alert (the monitor)", "kit monitor", (
-        req("alert_t", "float", "the alert's t"), opt("by", "str", "user"), opt("message", "str", "its message"))),
+        req("alert_t", "float", "the alert's t"), opt("by", "str", "user"), opt("message", "str", "its message"),
+        opt("incident", "str", "the incident acknowledged"),
+        opt("severity", "str", "the severity acknowledged: a later escalation asks again"))),
     EventSpec("control_ack", "the trainer consumed a control switch", _S, (
         req("switch", "str", "stop or save-now"), req("step", "int", "step it acted at"),
         opt("note", "str", "the switch file's text"))),
@@ -323,7 +342,10 @@ SPECS: tuple[EventSpec, ...] = (
         opt("slowest_node", "str", "the node the bandwidth test found slowest"),
         opt("busbw_gbps", "float", "all-reduce bus bandwidth"), opt("algbw_gbps", "float", "algorithm bandwidth"),
         opt("node_scores", "dict", "per node"), opt("node_measures", "dict", "per node"),
-        opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"))),
+        opt("seconds", "float", "wall time of this rank's preflight (checks, rendezvous, all-reduce)"),
+        opt("layout", "dict", "the recipe's layout at this world: tensor, pipeline, data (absent: data parallel)"),
+        opt("groups", "list", "each tensor group's all-reduce and pipeline pair's send/recv: dim, name, "
+            "ranks, nodes, time_ms, gbps, ratio to the median"))),
     # ---- added later (KIND_CODES: append only)
     EventSpec("amended", "the run's frozen run.toml was changed (kit amend, --amend on kit train/submit)",
               "kit amend/train/submit", (
@@ -333,6 +355,15 @@ SPECS: tuple[EventSpec, ...] = (
     EventSpec("chain_submit_failed", "a submission failed once a job may have been queued", "kit submit", (
         req("error", "str", "what failed"), opt("cancelled", "strs", "jobs cancelled"),
         opt("still_queued", "strs", "jobs that could not be cancelled (recorded as the chain's)"))),
+    EventSpec("segment_first_step", "a segment completed its first step: the end of its start-up", _S, (
+        req("step", "int", "the step"), opt("startup_s", "float", "seconds since rank 0's process started"),
+        opt("setup_s", "float", "seconds since the trainer was built (after the rendezvous)"))),
+    EventSpec("alert_cleared", "the condition behind an incident is over (kit.alerts)", "any writer", (
+        req("incident", "str", "the incident"), opt("message", "str", "what ended"),
+        opt("condition", "str", "the condition's name"), opt("step", "int", "step"), opt("node", "str", "node"),
+        opt("rank", "int", "rank"), opt("gpu", "int", "GPU index"),
+        opt("tensor", "int", "the rank's tensor rank"), opt("pipeline", "int", "its pipeline stage"),
+        opt("data", "int", "its data-parallel replica"))),
 )
 
 KINDS = {s.kind: s for s in SPECS}

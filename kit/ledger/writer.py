@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -55,6 +56,7 @@ class LedgerWriter:
         self.src = name
         self.seg = seg
         self.fsync = fsync
+        self._lock = threading.Lock()  # a background checkpoint writer emits too (kit.asyncsave)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh: IO[bytes] = open(self.path, "ab")  # noqa: SIM115 (owned for the writer's life)
@@ -145,14 +147,15 @@ class LedgerWriter:
             for name in bad:
                 event[name] = None
         data = (json.dumps(event, separators=(",", ":"), allow_nan=True, default=_json_default) + "\n").encode()
-        off = self._size
-        self._fh.write(data)
-        self._fh.flush()
-        self._size += len(data)
-        if self.fsync:
-            os.fsync(self._fh.fileno())
-        if self._events is not None and self._steps is not None:
-            self._index(event, kind, off, len(data))
+        with self._lock:  # the line, the size and the index record move together
+            off = self._size
+            self._fh.write(data)
+            self._fh.flush()
+            self._size += len(data)
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+            if self._events is not None and self._steps is not None:
+                self._index(event, kind, off, len(data))
         return event
 
     def _index(self, event: dict[str, Any], kind: str, off: int, length: int) -> None:
@@ -173,14 +176,17 @@ class LedgerWriter:
             self._close_index()  # readers fall back to parsing what is not indexed; the ledger goes on
 
     def alert(self, severity: str, message: str, **fields: Any) -> dict[str, Any]:
+        """An alert; without an ``incident`` id (kit.alerts) it is an incident of its own."""
         if severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}")
+        fields.setdefault("incident", f"{self.src}/{self.seg or '-'}/{time.time_ns():x}")
         return self.emit("alert", severity=severity, message=message, **fields)
 
     def close(self) -> None:
-        self._close_index()
-        if not self._fh.closed:
-            self._fh.close()
+        with self._lock:
+            self._close_index()
+            if not self._fh.closed:
+                self._fh.close()
 
     def __enter__(self) -> LedgerWriter:
         return self

@@ -12,8 +12,17 @@ agree; kit.parallel.mesh builds DeepSpeed's process groups from the same order.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
+
+
+class _Ranked(Protocol):
+    @property
+    def rank(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Ranked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +35,10 @@ class Coords:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def __str__(self) -> str:
+        """How events and alerts name the place: ``tensor 1, pipeline 0, data 3``."""
+        return f"tensor {self.tensor}, pipeline {self.pipeline}, data {self.data}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,3 +114,12 @@ def coords(rank: int, layout: Layout) -> Coords:
 def layout_of(cfg: Any, world: int) -> Layout:
     """The layout a recipe (kit.config.RunConfig) gives ``world`` ranks."""
     return Layout.of(cfg.parallel.tensor, cfg.parallel.pipeline, world)
+
+
+def placed(ranks: list[T], layout: Layout) -> list[T]:
+    """A rank table (kit.stragglers.RankInfo rows: ``rank`` and ``coords`` fields) with every rank's
+    coordinates filled in, so that health events and alerts name them; unchanged when the table is
+    not the layout's world (a set-up table from the environment, a partial one)."""
+    if len(ranks) != layout.world:
+        return ranks
+    return [dataclasses.replace(r, coords=layout.coords(r.rank)) for r in ranks]  # type: ignore[type-var]

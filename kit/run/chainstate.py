@@ -10,6 +10,7 @@ a crash, edited by hand) reads as what can be salvaged: fields of the wrong type
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import typing
@@ -135,17 +136,24 @@ def latest_step(rd: RunDir) -> int:
 
 
 
+@functools.cache
+def _hints(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field[Any], ...]]:
+    """A dataclass's resolved field types and fields (resolving them costs ~1 ms: once per class, not per
+    record of a long chain)."""
+    return typing.get_type_hints(cls), dataclasses.fields(cls)
+
+
 def _typed(cls: type, d: dict[str, Any]) -> Any:
     """``cls(**d)`` keeping only the fields whose values have the declared type; None when a required
     field is unusable."""
-    hints = typing.get_type_hints(cls)
+    hints, fields = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in fields:
         if f.name in d and _fits(hints[f.name], d[f.name]):
             v = d[f.name]
             kwargs[f.name] = float(v) if hints[f.name] is float else v
     if any(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs
-           for f in dataclasses.fields(cls)):
+           for f in fields):
         return None
     return cls(**kwargs)
 

@@ -82,9 +82,9 @@ class Inputs:
 
     @classmethod
     def from_scan(cls, scan: Scan) -> Inputs:
-        s = scan.steps
-        return cls(np.asarray(s["t"], dtype=np.float64), np.asarray(s["step"], dtype=np.float64),
-                   np.asarray(s["step_time"], dtype=np.float64), list(scan.events))
+        s = scan.steps  # columns copied out: a view would keep every column of the scan alive (the monitor)
+        return cls(np.ascontiguousarray(s["t"], dtype=np.float64), np.ascontiguousarray(s["step"], dtype=np.float64),
+                   np.ascontiguousarray(s["step_time"], dtype=np.float64), list(scan.events))
 
     @classmethod
     def from_events(cls, events: Iterable[Event]) -> Inputs:
@@ -346,15 +346,16 @@ def slurm_history(inp: Inputs, chain: ChainState) -> tuple[AcctRecord, ...]:
 
 
 def of_run(run_dir: Any, use_slurm: bool = True, history: Scan | None = None,
-           acct: Sequence[AcctRecord] | None = None) -> Account:
+           acct: Sequence[AcctRecord] | None = None, inputs: Inputs | None = None) -> Account:
     """The account of a run directory: its ledger (through the index), chain.json, its recipe and, with
-    ``use_slurm``, sacct. ``history`` and ``acct`` reuse a scan and a Slurm query already made."""
+    ``use_slurm``, sacct. ``history`` (a scan) or ``inputs`` (taken from one) and ``acct`` reuse what was
+    already read."""
     from kit.ledger.scan import scan
     from kit.run.chainstate import load_state
     from kit.rundir import RunDir
 
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    inp = Inputs.from_scan(history if history is not None else scan(rd.path))
+    inp = inputs if inputs is not None else Inputs.from_scan(history if history is not None else scan(rd.path))
     chain = load_state(rd)
     if acct is None:
         acct = slurm_history(inp, chain) if use_slurm else ()

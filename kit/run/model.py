@@ -46,6 +46,7 @@ class Segment:
     reason: str = ""
     host: str = ""
     world_size: int | None = None
+    layout: dict[str, int] | None = None  # segment_started's (tensor, pipeline, data); None before layouts existed
     restarts: int = 0
     first_step_t: float | None = None  # its first completed step: start-up ends here
 
@@ -66,11 +67,24 @@ class Ckpt:
 
 @dataclass(slots=True)
 class Alert:
+    """One incident (kit.alerts): its first alert's time ``t`` (the row key and what an ack names), its
+    worst severity so far, the latest message; cleared by kit or acknowledged by an operator."""
+
     t: float
     severity: str
     message: str
     src: str
     acked: bool = False
+    incident: str = ""
+    condition: str = ""
+    last_t: float | None = None
+    count: int = 1  # alert events folded into this incident (the first and its escalations)
+    acked_severity: str = ""  # an ack covers the incident up to this severity; an escalation asks again
+    cleared_t: float | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.cleared_t is None
 
 
 @dataclass
@@ -99,7 +113,9 @@ class RunModel:
     excluded: dict[str, str] = field(default_factory=dict)  # node -> why (kit.jobs excludes it from segments)
     ckpts: OrderedDict[str, Ckpt] = field(default_factory=OrderedDict)
     alerts: deque[Alert] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
+    incidents: dict[str, Alert] = field(default_factory=dict)  # incident id -> its row in ``alerts``
     acked: set[float] = field(default_factory=set)
+    acked_incidents: dict[str, str] = field(default_factory=dict)  # incident -> severity acknowledged
     health: dict[str, NodeHealth] = field(default_factory=dict)
     nvml_absent: dict[str, str] = field(default_factory=dict)
     stragglers: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
@@ -126,12 +142,10 @@ class RunModel:
         spikes: list[tuple[float, int, float]] = []
         if len(cols):
             keep = surviving(cols["step"])
-            kept = cols[keep]
-            values = np.stack([kept[k] for k in PLOTTED], axis=1) if len(kept) else np.zeros((0, len(PLOTTED)))
-            self.curves.load(kept["step"].astype(np.int64), kept["t"], values)
-            flagged = cols[(cols["spike"] > 0) & np.isfinite(cols["loss"])]
-            spikes = list(zip(flagged["t"].tolist(), flagged["step"].astype(np.int64).tolist(),
-                              flagged["loss"].tolist(), strict=True))
+            self.curves.load(cols["step"], cols["t"], plotted(cols), None if bool(keep.all()) else keep)
+            flagged = np.flatnonzero((cols["spike"] > 0) & np.isfinite(cols["loss"]))
+            spikes = list(zip(cols["t"][flagged].tolist(), cols["step"][flagged].astype(np.int64).tolist(),
+                              cols["loss"][flagged].tolist(), strict=True))
             self.kinds["step"] = len(cols)
             last = [e for (_, kind), e in bulk_latest if kind == "step"]
             self.last = dict(last[-1]) if last else {}
@@ -139,9 +153,9 @@ class RunModel:
             if self.last.get("step") != self.step:  # the latest step line could not be read back
                 self.last = {"step": self.step, "t": self.step_t, "spike": decode_enum("spike", cols["spike"][-1])}
             self._span(float(cols["t"][0]), self.step_t)
-        for code in np.unique(scan.bulk["kind"]).tolist() if len(scan.bulk) else []:
-            kind = scan.kinds[code] if code < len(scan.kinds) else "?"
-            self.kinds[kind] = int(np.count_nonzero(scan.bulk["kind"] == code))
+        for code, count in enumerate(np.bincount(scan.bulk["kind"]).tolist() if len(scan.bulk) else []):
+            if count:
+                self.kinds[scan.kinds[code] if code < len(scan.kinds) else "?"] = count
         if len(scan.bulk):
             self._span(float(scan.bulk["t"][0]), float(scan.bulk["t"][-1]))
         for e in scan.events:
@@ -154,7 +168,7 @@ class RunModel:
         for t, step, loss in sorted(spikes):
             self._add_spike(step, loss, t)
         if len(cols):  # each segment's first completed step (start-up ends there)
-            ts = cols["t"]
+            ts = np.ascontiguousarray(cols["t"])  # searchsorted copies a strided column on every call
             for sg in self.segments.values():
                 if sg.started_t is not None and sg.first_step_t is None:
                     i = int(np.searchsorted(ts, sg.started_t, "left"))
@@ -221,6 +235,7 @@ class RunModel:
         s.started_t, s.start_step = t, _int(e.get("step"))
         s.job_id = text(e.get("job_id")) or s.job_id
         s.host, s.world_size = text(e.get("host")), _int(e.get("world_size"))
+        s.layout = _layout(e.get("layout"))
         s.restarts = _int(e.get("restarts")) or 0
         self.max_steps = _int(e.get("max_steps")) or self.max_steps
         s.ended_t, s.reason = None, ""
@@ -274,19 +289,55 @@ class RunModel:
             c.deleted = True
 
     def _alert(self, e: dict[str, Any], t: float) -> None:
+        """One row per incident (kit.alerts): an escalation raises its severity and asks for a new ack.
+        An alert without an incident id (older ledgers) is an incident of its own."""
         sev = text(e.get("severity")) or "warning"
-        self.alerts.append(Alert(t, sev, text(e.get("message"), 500), text(e.get("src")), acked=t in self.acked))
+        inc = text(e.get("incident")) or f"@{t!r}"
+        msg = text(e.get("message"), 500)
+        a = self.incidents.get(inc)
+        if a is None:
+            a = Alert(t, sev, msg, text(e.get("src")), incident=inc, condition=text(e.get("condition")), last_t=t)
+            if t in self.acked:
+                a.acked_severity = sev
+            a.acked_severity = _worse(a.acked_severity, self.acked_incidents.get(inc, ""))
+            self.alerts.append(a)
+            self.incidents[inc] = a
+            if len(self.incidents) > 2 * MAX_ALERTS:  # rows evicted from the deque leave the index too
+                self.incidents = {x.incident: x for x in self.alerts}
+        else:
+            a.count += 1
+            a.message, a.last_t = msg, max(t, a.last_t or t)
+            a.severity = _worse(a.severity, sev)
+            a.cleared_t = None if (a.cleared_t or 0) <= t else a.cleared_t
+        a.acked = _covers(a.acked_severity, a.severity)
 
     def _alert_ack(self, e: dict[str, Any], t: float) -> None:
+        """An ack names the incident (and the alert's time, for older ledgers); it covers the incident up
+        to the severity it was shown at (``severity``; when absent, the incident's severity now)."""
         at = num(e.get("alert_t"))
-        if at is None:
+        inc = text(e.get("incident"))
+        if at is None and not inc:
             raise ValueError("alert_t")
-        self.acked.add(at)
-        if len(self.acked) > 4 * MAX_ALERTS:
-            self.acked = set(sorted(self.acked)[-2 * MAX_ALERTS:])
-        for a in self.alerts:
-            if a.t == at:
-                a.acked = True
+        a = self.incidents.get(inc) if inc else None
+        if a is None and at is not None:
+            a = next((x for x in self.alerts if x.t == at), None)
+        sev = text(e.get("severity")) or (a.severity if a is not None else "critical")
+        if at is not None:
+            self.acked.add(at)
+            if len(self.acked) > 4 * MAX_ALERTS:
+                self.acked = set(sorted(self.acked)[-2 * MAX_ALERTS:])
+        if inc:
+            self.acked_incidents[inc] = _worse(self.acked_incidents.get(inc, ""), sev)
+            if len(self.acked_incidents) > 4 * MAX_ALERTS:
+                self.acked_incidents = dict(list(self.acked_incidents.items())[-2 * MAX_ALERTS:])
+        if a is not None:
+            a.acked_severity = _worse(a.acked_severity, sev)
+            a.acked = _covers(a.acked_severity, a.severity)
+
+    def _alert_cleared(self, e: dict[str, Any], t: float) -> None:
+        a = self.incidents.get(text(e.get("incident")))
+        if a is not None and (a.last_t or a.t) <= t:
+            a.cleared_t = t
 
     def _health(self, e: dict[str, Any], t: float) -> None:
         node = text(e.get("node"))
@@ -338,8 +389,51 @@ class RunModel:
         from kit.ledger import SEVERITIES
 
         floor = SEVERITIES.index(min_severity)
-        return [a for a in self.alerts if not a.acked and a.severity in SEVERITIES
+        return [a for a in self.alerts if not a.acked and a.open and a.severity in SEVERITIES
                 and SEVERITIES.index(a.severity) >= floor]
+
+    def open_incidents(self, condition: str) -> list[Alert]:
+        """Incidents of one kind (``straggler``, ``temp``...) that kit has not cleared."""
+        return [a for a in self.alerts if a.open and a.condition == condition]
+
+
+def _rank(severity: str) -> int:
+    from kit.ledger import SEVERITIES
+
+    return SEVERITIES.index(severity) if severity in SEVERITIES else len(SEVERITIES)  # unknown: worst
+
+
+def _worse(a: str, b: str) -> str:
+    """The more severe of two levels ("" is none)."""
+    if not a or not b:
+        return a or b
+    return a if _rank(a) >= _rank(b) else b
+
+
+def _covers(acked: str, severity: str) -> bool:
+    return bool(acked) and _rank(acked) >= _rank(severity)
+
+
+def plotted(cols: Any) -> Any:
+    """The plotted metrics of a scan's step records as an (n x len(PLOTTED)) array: a view of the records
+    when the index keeps them side by side in that order (it does: kit.ledger.index.COLUMNS), else a copy."""
+    import numpy as np
+
+    from kit.ledger.index import COLUMNS, STEP_DTYPE
+
+    first = COLUMNS.index(PLOTTED[0]) if PLOTTED[0] in COLUMNS else -1
+    if (first >= 0 and COLUMNS[first:first + len(PLOTTED)] == PLOTTED and cols.dtype == STEP_DTYPE
+            and cols.strides[0] == STEP_DTYPE.itemsize):
+        return cols.view(np.float64).reshape(len(cols), len(COLUMNS))[:, first:first + len(PLOTTED)]
+    return np.stack([np.asarray(cols[k], dtype=np.float64) for k in PLOTTED], axis=1)
+
+
+def _layout(v: Any) -> dict[str, int] | None:
+    """A segment's layout, when it is three positive integers (anything else is not shown)."""
+    if not isinstance(v, dict):
+        return None
+    d = {k: _int(v.get(k)) for k in ("tensor", "pipeline", "data")}
+    return {k: x for k, x in d.items() if x is not None} if all(x and x > 0 for x in d.values()) else None
 
 
 def _int(v: Any) -> int | None:
@@ -369,6 +463,7 @@ _HANDLERS: dict[str, Any] = {
     "ckpt_deleted": RunModel._ckpt,
     "alert": RunModel._alert,
     "alert_ack": RunModel._alert_ack,
+    "alert_cleared": RunModel._alert_cleared,
     "health": RunModel._health,
     "nvml_absent": RunModel._nvml_absent,
     "spike": RunModel._spike,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 TIMEOUT_S = 10.0
+TIMED_OUT = "timed out after"  # in the error of a command that did not answer within its timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class QueueInfo:
     jobs: dict[str, JobInfo] = field(default_factory=dict)
     history: tuple[AcctRecord, ...] = ()
     error: str = ""
+    gave_up: str = ""  # a query that timed out: the answer lacks what it would have said (the summary says so)
 
     def running(self) -> JobInfo | None:
         return next((j for j in self.jobs.values() if j.state in ("RUNNING", "COMPLETING")), None)
@@ -70,7 +72,7 @@ def run(cmd: list[str], timeout: float = TIMEOUT_S) -> tuple[str, str]:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        return "", f"{cmd[0]} timed out after {timeout:.0f} s"
+        return "", f"{cmd[0]} {TIMED_OUT} {timeout:.0f} s"
     except OSError as e:
         return "", f"{cmd[0]}: {e.strerror}"
     if p.returncode != 0:
@@ -140,10 +142,14 @@ def squeue(job_id: str = "", name: str = "") -> list[JobInfo]:
 
 def sacct(job_ids: list[str]) -> list[AcctRecord]:
     """History of the given jobs, every requeued run included, oldest first; [] if sacct fails."""
+    return _sacct(job_ids)[0]
+
+
+def _sacct(job_ids: list[str]) -> tuple[list[AcctRecord], str]:
     if not job_ids:
-        return []
-    out, _ = run(["sacct", "-n", "-X", "-D", "-P", "-j", ",".join(job_ids),
-                  "-o", "JobID,State,Submit,Eligible,Start,End,Elapsed,NodeList,ExitCode"])
+        return [], ""
+    out, err = run(["sacct", "-n", "-X", "-D", "-P", "-j", ",".join(job_ids),
+                    "-o", "JobID,State,Submit,Eligible,Start,End,Elapsed,NodeList,ExitCode"])
     rows = []
     for line in out.splitlines():
         f = line.split("|")
@@ -152,7 +158,7 @@ def sacct(job_ids: list[str]) -> list[AcctRecord]:
         rows.append(AcctRecord(f[0], f[1].split()[0] if f[1] else "", parse_time(f[2]), parse_time(f[3]),
                                parse_time(f[4]), parse_time(f[5]), parse_duration(f[6]), f[7], f[8]))
     rows.sort(key=lambda r: r.submit or 0)
-    return rows
+    return rows, err
 
 
 def query(job_ids: list[str], history: bool = False) -> QueueInfo:
@@ -167,9 +173,11 @@ def query(job_ids: list[str], history: bool = False) -> QueueInfo:
     jobs = {j.job_id: j for j in squeue_rows(out)}
     missing = [j for j in ids if j not in jobs]
     records: list[AcctRecord] = []
+    acct_err = ""
     if (missing or history) and shutil.which("sacct"):
-        records = sacct(ids if history else missing)
+        records, acct_err = _sacct(ids if history else missing)
         for r in records:
             if r.job_id in missing:
                 jobs[r.job_id] = JobInfo(r.job_id, r.state, start=r.start, end=r.end, nodes=r.nodes, source="sacct")
-    return QueueInfo(True, jobs, tuple(records) if history else (), err)
+    gave_up = "; ".join(e for e in (err, acct_err) if TIMED_OUT in e)
+    return QueueInfo(True, jobs, tuple(records) if history else (), err, gave_up)

@@ -45,38 +45,49 @@ class Curves:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def load(self, steps: Any, t: Any, values: Any) -> None:
-        """Replace everything with a whole history at once (numpy: ``steps`` strictly increasing,
-        ``t`` their times, ``values`` a (n, len(names)) float array, non-finite = N/A). The result is
-        what :meth:`add` would build step by step, in a fraction of the time (the cold start of a
-        million-step run)."""
+    def load(self, steps: Any, t: Any, values: Any, keep: Any = None) -> None:
+        """Replace everything with a whole history at once: what :meth:`add` would build step by step,
+        in a fraction of the time (the cold start of a million-step run).
+
+        numpy arrays with one row per step event (strided views of a scan's records are fine, and
+        are not copied): ``steps``, ``t``, ``values`` (n x len(names) floats; non-finite = N/A) and
+        ``keep``: the rows that count (kit.ledger.scan.surviving: a replayed step drops what came after
+        it; None = every row), whose steps are strictly increasing. Two passes over the rows as they
+        are, all metrics at once (the bucket sums and minimums); a bucket whose sum or minimum is not
+        finite (an N/A inside), or that holds a dropped row, is redone alone from its rows; a metric
+        with many such buckets (never measured: all N/A) is redone with masks."""
         import numpy as np
 
-        steps = np.asarray(steps, dtype=np.int64)
-        n = len(steps)
+        values = values if isinstance(values, np.ndarray) else np.stack(list(values), axis=1)
+        n_all = len(steps)
+        rows = np.arange(n_all) if keep is None else np.flatnonzero(keep)
+        kept = np.asarray(steps[rows], dtype=np.int64)
+        n = len(kept)
         self.__init__(self.names, self.capacity, self.recent.maxlen or 4096)  # type: ignore[misc]
         if n == 0:
             return
-        vals = np.asarray(values, dtype=np.float64).reshape(n, len(self.names))
-        ok = np.isfinite(vals)
-        stride = 1
-        while len(np.unique(steps // stride)) > self.capacity:
-            stride *= 2
-        self.stride = stride
-        keys = steps // stride
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        self.stride = stride = _stride(kept, self.capacity)
+        keys = kept // stride
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])  # in kept rows
         ends = np.r_[starts[1:], n] - 1
-        sums = np.add.reduceat(np.where(ok, vals, 0.0), starts, axis=0)
-        counts = np.add.reduceat(ok.astype(np.int64), starts, axis=0)
-        mins = np.minimum.reduceat(np.where(ok, vals, INF), starts, axis=0)
-        self.keys = keys[starts].tolist()
-        self.first = steps[starts].tolist()
-        self.last = steps[ends].tolist()
-        self.t = np.asarray(t, dtype=np.float64)[ends].tolist()
-        self.sums, self.counts, self.mins = sums.tolist(), counts.tolist(), mins.tolist()
+        at = rows[starts]  # the buckets in all rows: [at[i], at[i + 1]), the last one to the end
+        holes = np.zeros(len(starts), dtype=bool)  # buckets with a dropped row inside
+        if keep is not None and n < n_all:
+            gone = np.flatnonzero(~np.asarray(keep, dtype=bool))
+            b = np.searchsorted(at, gone, "right") - 1
+            holes[b[b >= 0]] = True
+        sums, counts, mins = _buckets(values, at, holes, np.diff(np.r_[starts, n]), keep, rows, starts)
         k = self.recent.maxlen or 4096
-        tail_vals = np.where(ok[-k:], vals[-k:], np.nan).tolist()
-        for step, tt, row in zip(steps[-k:].tolist(), np.asarray(t)[-k:].tolist(), tail_vals, strict=True):
+        tail_rows = rows[-k:]
+        tail = np.asarray(values[tail_rows], dtype=np.float64)
+        self.keys = keys[starts].tolist()
+        self.first = kept[starts].tolist()
+        self.last = kept[ends].tolist()
+        self.t = np.asarray(t[rows[ends]], dtype=np.float64).tolist()
+        self.sums, self.counts, self.mins = sums.tolist(), counts.tolist(), mins.tolist()
+        tail_vals = np.where(np.isfinite(tail), tail, np.nan).tolist()
+        tail_t = np.asarray(t[tail_rows], dtype=np.float64).tolist()
+        for step, tt, row in zip(kept[-k:].tolist(), tail_t, tail_vals, strict=True):
             self.recent.append((step, tt, [None if v != v else v for v in row]))
 
     @property
@@ -189,6 +200,53 @@ class Curves:
                 keep = bisect.bisect_left(xs, rx[0])
                 xs, ys = xs[:keep] + rx, ys[:keep] + ry
         return xs, ys
+
+
+def _buckets(values: Any, at: Any, holes: Any, size: Any, keep: Any, rows: Any,
+             starts: Any) -> tuple[Any, Any, Any]:
+    """(sums, counts, minimums), buckets x metrics, N/A and dropped rows left out (see Curves.load)."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        sums = np.add.reduceat(values, at, axis=0).astype(np.float64)
+        mins = np.minimum.reduceat(values, at, axis=0).astype(np.float64)
+    counts = np.repeat(size.astype(np.int64)[:, None], values.shape[1], axis=1)
+    bad = ~np.isfinite(sums) | ~np.isfinite(mins) | holes[:, None]
+    masked = np.flatnonzero(bad.sum(axis=0) > 64)  # metrics with many N/A: masks over the kept rows
+    for j in masked.tolist():
+        c = np.asarray(values[rows, j], dtype=np.float64)
+        ok = np.isfinite(c)
+        sums[:, j] = np.add.reduceat(np.where(ok, c, 0.0), starts)
+        counts[:, j] = np.add.reduceat(ok, starts, dtype=np.int64)
+        mins[:, j] = np.minimum.reduceat(np.where(ok, c, INF), starts)
+        bad[:, j] = False
+    ends = np.r_[at[1:], len(values)]
+    for i in np.flatnonzero(bad.any(axis=1)).tolist():  # the few others, bucket by bucket
+        seg = np.asarray(values[at[i]:ends[i]], dtype=np.float64)
+        if keep is not None:
+            seg = seg[np.asarray(keep[at[i]:ends[i]], dtype=bool)]
+        ok = np.isfinite(seg)
+        redo = bad[i]
+        sums[i, redo] = np.where(ok, seg, 0.0).sum(axis=0)[redo]
+        counts[i, redo] = ok.sum(axis=0)[redo]
+        mins[i, redo] = np.where(ok, seg, INF).min(axis=0, initial=INF)[redo]
+    return sums, counts, mins
+
+
+def _stride(steps: Any, capacity: int) -> int:
+    """The smallest power of two that leaves at most ``capacity`` buckets of increasing ``steps`` (what
+    doubling from 1 finds): start from the stride the span alone guarantees, halve while it still fits."""
+    import numpy as np
+
+    if len(steps) <= capacity:
+        return 1
+    first, last = int(steps[0]), int(steps[-1])
+    stride = 1
+    while last // stride - first // stride + 1 > capacity:  # keys first//s..last//s: at most that many
+        stride *= 2
+    while stride > 1 and np.count_nonzero(np.diff(steps // (stride // 2))) + 1 <= capacity:
+        stride //= 2
+    return stride
 
 
 def clean(v: object) -> float | None:

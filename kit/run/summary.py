@@ -26,10 +26,12 @@ from kit.run.queue import JobInfo, QueueInfo
 
 HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
 EXIT = {HEALTHY: 0, DEGRADED: 1, DOWN: 2}
+INCOMPLETE = 3  # the exit status when part of the answer could not be read (RunSummary.incomplete): never silent
 STALL_FLOOR_S = 600.0  # no step for this long (or 20 step times, whichever is longer) = stalled
 STARTUP_S = 1800.0  # from segment start to the first step: data, model build, checkpoint load
 IDLE_CHAIN_S = 86400.0  # a requeued run with no new segment for a day is degraded
-RECENT_S = 3600.0  # spikes and stragglers within the last hour degrade the run
+HOST_KEYS = ("mem_pct", "mem_avail_gib", "cpu_pct", "load1", "fs_free_gib", "net_rx_mbps", "net_tx_mbps")
+RECENT_S = 3600.0  # spikes within the last hour degrade the run (stragglers: while their incident is open)
 DROP = 0.8  # recent throughput under 80% of the run's median is a drop
 STARTUP_S_DEFAULT = 60.0  # a segment's start-up before anything is measured (imports, rendezvous, resume)
 METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops", "mfu", "step_time")
@@ -99,9 +101,9 @@ def _degradations(m: RunModel, now: float, phase: str) -> list[str]:
     spikes = [s for s in m.spikes if now - s[2] <= RECENT_S]
     if spikes:
         out.append(f"{len(spikes)} loss spike(s) in the last hour (step {spikes[-1][0]})")
-    slow = [s for s in m.stragglers if isinstance(s.get("t"), int | float) and now - s["t"] <= RECENT_S]
+    slow = [a for a in m.open_incidents("straggler") if not a.acked]  # kit.stragglers clears them on recovery
     if slow:
-        out.append(f"straggler: rank {slow[-1].get('rank')} x{slow[-1].get('slowdown')}")
+        out.append(f"{len(slow)} straggler incident(s) open: {slow[-1].message[:100]}")
     if phase == "running":
         drop = throughput_drop(m)
         if drop is not None and drop < DROP:
@@ -157,6 +159,7 @@ class SegmentView:
     time_left: str = ""
     host: str = ""
     world_size: int | None = None
+    layout: dict[str, int] | None = None
     start_step: int | None = None
     end_step: int | None = None
     restarts: int = 0
@@ -182,6 +185,7 @@ class AlertView:
     message: str
     src: str
     acked: bool
+    incident: str = ""
 
 
 @dataclass(slots=True)
@@ -230,6 +234,8 @@ class RunSummary:
     health: dict[str, Any]
     reader: dict[str, Any]
     goodput: dict[str, Any] | None = None  # kit.run.goodput.Account.block(): ETTR, last day, biggest loss
+    incomplete: list[str] = field(default_factory=list)  # what could not be read: the verdict lacks it (exit 3)
+    layout: dict[str, Any] | None = None  # the newest segment's: tensor, pipeline, data, world, label (layout_view)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (``--json``): the fields, with the metrics and the finish estimate also at the top
@@ -252,14 +258,17 @@ def summarize(m: RunModel, now: float, q: QueueInfo | None = None, chain: ChainS
     more = _degradations(m, now, phase)
     if more and level == HEALTHY:
         level = DEGRADED
+    missing = incomplete(m.reader, q)
     segments = _segments(m, now, q, chain)
     ck = next((c for c in reversed(m.ckpts.values()) if c.t is not None and not c.deleted), None)
     nxt = q.pending() if q and q.available else None
     gpus = [g for n in m.health.values() for g in n.gpus]
     finish = estimate_finish(m, now, q, chain, segments, time_limit_s, done=phase in ("finished", "stopped"))
-    alerts = [AlertView(a.t, a.severity, a.message, a.src, a.acked) for a in m.alerts_newest() if not a.acked][:20]
+    alerts = [AlertView(a.t, a.severity, a.message, a.src, a.acked, a.incident)
+              for a in m.alerts_newest() if not a.acked and a.open][:20]
     return RunSummary(
-        run=m.name, path=m.path, status=level, exit=EXIT[level], phase=phase, reasons=reasons + more,
+        run=m.name, path=m.path, status=level, exit=INCOMPLETE if missing else EXIT[level], phase=phase,
+        reasons=reasons + more + [f"incomplete: {why}" for why in missing],
         step=m.step, max_steps=m.max_steps,
         to_go=(m.max_steps - m.step) if m.max_steps is not None and m.step is not None else None,
         last_event_age_s=(now - m.last_t) if m.last_t else None, step_age_s=(now - m.step_t) if m.step_t else None,
@@ -281,15 +290,41 @@ def summarize(m: RunModel, now: float, q: QueueInfo | None = None, chain: ChainS
         doctor=None if not m.doctor else {"ok": m.doctor["ok"], "t": m.doctor["t"]},
         excluded_nodes=sorted(set(m.excluded) | set(chain.excluded_nodes)),
         health={"nodes": len(m.health), "gpus": len(gpus), "problems": sum(bool(g.problems()) for g in gpus),
-                "nvml_absent": sorted(m.nvml_absent)},
-        reader=_reader(m.reader, m), goodput=goodput,
+                "nvml_absent": sorted(m.nvml_absent),
+                # each node's latest host readings (kit.health): memory, load, disk, network
+                "hosts": {n.node: {"t": n.t, **{k: n.host.get(k) for k in HOST_KEYS}}
+                          for n in sorted(m.health.values(), key=lambda n: n.node)[:64]}},
+        reader=_reader(m.reader, m), goodput=goodput, incomplete=missing,
+        layout=layout_view(next((s.layout for s in reversed(segments) if s.layout), None)),
     )
+
+
+def incomplete(r: ReadStats, q: QueueInfo | None) -> list[str]:
+    """What this summary could not read, in words: ledger files (or parts) the reader had to leave out, a
+    Slurm query that timed out. Nothing else gives up (there is no time limit on reading the ledger)."""
+    out = []
+    if r.unreadable:
+        out.append(f"{r.unreadable} ledger file(s) or part(s) could not be read ({r.last_error}); "
+                   "their events are left out: check the run directory's permissions and filesystem")
+    if q is not None and q.gave_up:
+        out.append(f"Slurm did not answer ({q.gave_up}); the chain's state is from the ledger alone")
+    return out
+
+
+def layout_view(layout: dict[str, int] | None) -> dict[str, Any] | None:
+    """``{tensor, pipeline, data, world, label}`` (label ``TP2 x PP2 x DP2``) from a segment_started's
+    layout; what ``kit status`` and the monitor's Overview and GPUs tabs show."""
+    if not layout:
+        return None
+    t, p, d = (int(layout.get(k, 1)) for k in ("tensor", "pipeline", "data"))
+    return {"tensor": t, "pipeline": p, "data": d, "world": t * p * d, "label": f"TP{t} x PP{p} x DP{d}"}
 
 
 def _reader(r: ReadStats, m: RunModel) -> dict[str, Any]:
     return {"events": r.events, "bad_lines": r.bad_lines, "invalid_events": r.invalid_events, "coerced": r.coerced,
             "unknown_kinds": r.unknown_kinds, "future_version": r.future_version, "vanished_files": r.vanished_files,
             "truncated_files": r.truncated_files, "torn_tail": r.torn_tail, "junk_events": m.junk_events,
+            "unreadable": r.unreadable,
             "last_error": r.last_error, "unknown": dict(sorted(m.unknown_kinds.items())[:10])}
 
 
@@ -306,7 +341,7 @@ def _segments(m: RunModel, now: float, q: QueueInfo | None, chain: ChainState) -
             started_t=s.started_t, ended_t=s.ended_t,
             elapsed_s=((s.ended_t or now) - s.started_t) if s.started_t else None,
             time_left_s=job.time_left_s if job else None, time_left=_clock(job.time_left_s) if job else "",
-            host=s.host, world_size=s.world_size, start_step=s.start_step, end_step=s.end_step,
+            host=s.host, world_size=s.world_size, layout=s.layout, start_step=s.start_step, end_step=s.end_step,
             restarts=s.restarts, nodes=list(rec.nodes) if rec else []))
     seen = {s.seg for s in out}
     for rec in chain.segments:  # allocations that never started a trainer (preflight, crash in set-up)
@@ -402,19 +437,22 @@ def collect(run_dir: Any, now: float | None = None, use_slurm: bool = True) -> t
     """Read a run directory (its ledger through the index, chain.json, its recipe) and Slurm, and
     summarize it. Never raises for what is in the run directory: an unreadable one is a summary that
     says "down" and why."""
-    from kit.ledger.scan import scan
-    from kit.run.goodput import of_run
+    from kit.ledger.scan import bulk_read, scan
+    from kit.run.goodput import Inputs, of_run
     from kit.rundir import RunDir
 
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     now = time.time() if now is None else now
     model = RunModel(rd.path.name, str(rd.path))
     limit = recipe_facts(rd, model)
-    history = scan(rd.path, model.reader)
-    model.load_scan(history)
-    chain = load_state(rd)
-    q = query_for(model, chain) if use_slurm else None
-    acc = of_run(rd, history=history, acct=q.history if q else ())
+    with bulk_read():  # the whole history in a few big arrays, once (kit.ledger.scan.bulk_read)
+        history = scan(rd.path, model.reader)
+        model.load_scan(history)
+        inputs = Inputs.from_scan(history)
+        del history  # its step records (120 MB a million steps) are not needed by the account
+        chain = load_state(rd)
+        q = query_for(model, chain) if use_slurm else None
+        acc = of_run(rd, inputs=inputs, acct=q.history if q else ())
     return summarize(model, now, q, chain, limit, goodput=acc.block()), model
 
 
@@ -451,4 +489,5 @@ def unreadable(name: str, path: str, why: str) -> dict[str, Any]:
     return {"run": name, "path": path, "status": DOWN, "exit": EXIT[DOWN], "phase": "unreadable", "reasons": [why]}
 
 
-__all__ = ["DEGRADED", "DOWN", "EXIT", "HEALTHY", "JobInfo", "RunSummary", "collect", "dur", "summarize", "worst"]
+__all__ = ["DEGRADED", "DOWN", "EXIT", "HEALTHY", "INCOMPLETE", "JobInfo", "RunSummary", "collect", "dur", "incomplete",
+           "summarize", "worst"]

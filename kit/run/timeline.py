@@ -133,9 +133,15 @@ class Timeline:
             k = k if 1 <= k <= 1_000_000_000 else 1
             t0 = int(tt[0])
             first = min(max(t0 - (k - 1) * dt, a, min(w.trainer_start or a, t0)), t0)
-            labs = np.where(self.redone[r0:r1], REDONE, PRODUCTIVE)
-            self._add(np.concatenate([[a, first], tt[:-1]]), np.concatenate([[STARTUP], labs]),
-                      np.concatenate([[-1], np.arange(r0, r1)]))
+            red = self.redone[r0:r1]
+            labs = np.where(red, REDONE, PRODUCTIVE)
+            # Each step's interval is a piece; a run of pieces with the same label (and, redone, the same
+            # cause) is one piece: the same partition with a few pieces per segment, not a million.
+            key = red.astype(np.int8) * 2 + (red & self.by_rollback[r0:r1])
+            keep = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+            starts = np.concatenate([[first], tt[:-1]])[keep]
+            self._add(np.concatenate([[a], starts]), np.concatenate([[STARTUP], labs[keep]]),
+                      np.concatenate([[-1], r0 + keep]))
             progress, work, lost = int(tt[-1]), PRODUCTIVE, REDONE
             self.first.append(first)
             self.last.append(progress)
