@@ -156,19 +156,22 @@ def test_killed_rank_resubmits_from_last_checkpoint(tmp_path: Path, slurm: None,
     state = _wait_ended(sub.run_dir)
     assert state["end_reason"] == "done", state
     first, *rest = state["segments"]
-    assert first["outcome"] == "crash" and first["ckpt_after"] == 4, first
+    events = read_all(sub.run_dir)
+    # checkpoint.async_save: step 4's files may still be in flight when rank 1 dies after step 5, so the
+    # last complete checkpoint is the newest one the ledger says was committed (2 or 4), not a fixed step
+    saved = [e["step"] for e in _kinds(events, "ckpt_saved") if e.get("seg") == first["seg"]]
+    assert first["outcome"] == "crash" and saved and first["ckpt_after"] == max(saved) in (2, 4), (first, saved)
     assert first["exit_codes"]["1"] == -9, "rank 1 died of SIGKILL"
     assert first["implicated"] == [first["nodes"][0]]
     assert len(state["job_ids"]) == 2, "a crash resubmits under a new job id"
     assert rest[-1]["outcome"] == "finished"
 
-    events = read_all(sub.run_dir)
     ended = _kinds(events, "allocation_ended")
     assert ended[0]["outcome"] == "crash" and ended[0]["decision"] == "resubmit"
     requeued = _kinds(events, "chain_requeued")
     assert requeued[0]["how"] == "resubmit" and requeued[0]["reason"].startswith("crash")
     loaded = [e for e in _kinds(events, "ckpt_loaded") if e["seg"] == rest[0]["seg"]]
-    assert loaded and loaded[0]["step"] == 4, "resumed from the last complete checkpoint"
+    assert loaded and loaded[0]["step"] == first["ckpt_after"], "resumed from the last complete checkpoint"
     alerts = [e["message"] for e in _kinds(events, "alert")]
     assert any("crash" in m and "resubmitting" in m for m in alerts), alerts
     # A one-node cluster cannot lose its only node: the node is a suspect, not excluded.
