@@ -196,8 +196,9 @@ def test_kill_during_save_then_bit_exact_resume(runs: dict[str, RunDir], killed:
                                                 name: str) -> None:
     """Rank 0 is SIGKILLed while the step-8 checkpoint is being written (DeepSpeed's files are there,
     the manifest is not): step 4 stays `latest`; the next segment resumes from it and replays steps
-    5-8 (and any step the first segment went on to) bit for bit: the same losses as before the kill and the same step-8 checkpoint tensors as the
-    files every rank had written for step 8 before the kill (copied aside at the fault point)."""
+    5-8 (and any step the first segment went on to) bit for bit: the same losses as before the kill,
+    and the same step-8 checkpoint tensors as the files written for step 8 before the kill (copied
+    aside at the fault point)."""
     rd, seen = runs[name], killed[name]
     assert seen["a"].reason == "crashed", seen
     assert seen["latest"] == "step_0000004" and not seen["manifest8"], "step 8 never completed"
