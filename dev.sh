@@ -64,6 +64,7 @@ case "${1:-}" in
     fi
     echo "[dev] ruff"; ruff check .
     echo "[dev] mypy"; mypy kit jobs monitor tools
-    echo "[dev] pytest"; exec python -m pytest "$@" ;;
+    # --durations: every run (CI included) ends with the 25 slowest tests, so it shows where time goes
+    echo "[dev] pytest"; exec python -m pytest --durations=25 "$@" ;;
   *) echo "usage: bash dev.sh {demo|test|setup} [args]"; exit 2 ;;
 esac

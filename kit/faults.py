@@ -7,8 +7,10 @@ reached at that step (on the given rank only, when ``:rankN`` is given; at every
 never set it; it costs one dict lookup.
 ``=enospc`` raises OSError(ENOSPC) there instead (a write that finds this rank's own disk full);
 ``=raise`` raises :class:`FaultInjected` (an unexpected error in the middle of an operation, to test
-what is undone). Value faults (``loss.nan@15:rank1``: that rank's loss becomes NaN) are asked with
-:func:`fault_active`.
+what is undone). ``=wait`` is a gate the test opens: the process creates ``NAME@STEP.rankR.reached`` in
+the folder KIT_FAULTS_GATE, then waits until the test creates ``NAME@STEP.go`` there (:func:`reached`,
+:func:`release`), so a test orders processes by events instead of by how fast each one is. Value
+faults (``loss.nan@15:rank1``: that rank's loss becomes NaN) are asked with :func:`fault_active`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import errno
 import os
 import signal
 import time
+from pathlib import Path
 
 from kit import envvars
 
@@ -50,6 +53,8 @@ def fault_point(name: str, step: int, rank: int) -> None:
             if action == "hang":
                 while True:
                     time.sleep(3600)
+            elif action == "wait":
+                _wait_for_go(name, step, rank)
             elif action.startswith("sleep"):
                 time.sleep(float(action[5:] or 1))
             elif action == "exit":
@@ -60,6 +65,33 @@ def fault_point(name: str, step: int, rank: int) -> None:
                 raise FaultInjected(f"fault point {name} at step {step}")
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _gate(name: str, step: int) -> Path:
+    folder = os.environ.get(envvars.FAULTS_GATE)
+    if not folder:
+        raise RuntimeError(f"fault point {name}=wait needs {envvars.FAULTS_GATE} (the test's gate folder)")
+    return Path(folder) / f"{name}@{step}"
+
+
+def _wait_for_go(name: str, step: int, rank: int) -> None:
+    gate = _gate(name, step)
+    gate.parent.mkdir(parents=True, exist_ok=True)
+    gate.with_name(f"{gate.name}.rank{rank}.reached").touch()
+    while not gate.with_name(gate.name + ".go").exists():
+        time.sleep(0.05)
+
+
+def reached(gate_dir: Path, name: str, step: int) -> list[int]:
+    """Test side: the ranks that have reached the ``=wait`` fault point ``name`` at ``step`` (and wait)."""
+    prefix = f"{name}@{step}.rank"
+    return sorted(int(p.name[len(prefix):-len(".reached")]) for p in gate_dir.glob(f"{prefix}*.reached"))
+
+
+def release(gate_dir: Path, name: str, step: int) -> None:
+    """Test side: let the processes waiting at ``name`` at ``step`` go on (and any that reach it later)."""
+    gate_dir.mkdir(parents=True, exist_ok=True)
+    (gate_dir / f"{name}@{step}.go").touch()
 
 
 def fault_active(name: str, step: int, rank: int) -> bool:

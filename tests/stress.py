@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="times to run the concurrency tests (default 3)")
     p.add_argument("--load", type=int, default=os.cpu_count() or 2, help="spinning processes (default: one per core)")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. -k stream)")
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)  # pytest's own options (-k, -x, ...) go to pytest
+    args.pytest_args = [*unknown, *args.pytest_args]
     if args.runs < 1 or args.load < 0:
         p.error("--runs must be at least 1 and --load at least 0")
     spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(args.load)]

@@ -34,25 +34,35 @@ def _cfg(tmp: Path, name: str, **extra: Any) -> RunConfig:
     return load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(tmp / "runs", name, **base))
 
 
-def _wait_ended(run_dir: Path, timeout: float = 150) -> dict[str, Any]:
+def _wait_ended(run_dir: Path, timeout: float = 300, max_segments: int = 12) -> dict[str, Any]:
+    """Wait for the chain's end, event by event: ``timeout`` bounds the wait for the NEXT sign of progress
+    (a new ledger line, a change of slurm/chain.json), not the whole chain, so a busy machine that makes
+    every segment slower cannot fail it while a chain that stops moving (or loops) still does."""
     from kit.jobs import slurmctl
+    from kit.ledger import read_all
 
     end = time.time() + timeout
     state: dict[str, Any] = {}
+    seen: tuple[int, str] = (0, "")
     while time.time() < end:
         try:
-            state = json.loads((run_dir / "slurm" / "chain.json").read_text())
+            text = (run_dir / "slurm" / "chain.json").read_text()
+            state = json.loads(text)
         except (FileNotFoundError, ValueError):
-            state = {}
+            text, state = "", {}
         if state.get("state") == "ended" and not slurmctl.is_active(state.get("job_id", "")):
             return state
+        assert len(state.get("segments", [])) <= max_segments, f"the chain keeps going: {state}"
+        now = (len(read_all(run_dir)), text)
+        if now != seen:
+            seen, end = now, time.time() + timeout
         time.sleep(1)
     logs = sorted((run_dir / "slurm" / "submitit").glob("*.err"))
     tail = logs[-1].read_text()[-3000:] if logs else "(no logs)"
-    raise AssertionError(f"chain did not end in {timeout} s; state {state}\nlast log:\n{tail}")
+    raise AssertionError(f"chain made no progress for {timeout} s; state {state}\nlast log:\n{tail}")
 
 
-def _wait_for(run_dir: Path, pred: Any, timeout: float = 90) -> list[dict[str, Any]]:
+def _wait_for(run_dir: Path, pred: Any, timeout: float = 300) -> list[dict[str, Any]]:
     from kit.ledger import read_all
 
     end = time.time() + timeout
@@ -108,7 +118,7 @@ def test_three_segment_chain_is_bit_identical_to_one_run(tmp_path: Path, slurm: 
     ref = create_run(ref_cfg, log=lambda m: None)
     assert run_local_segment(ref, ref_cfg, seg="ref", quiet=True).reason == "done"
 
-    state = _wait_ended(sub.run_dir, timeout=240)
+    state = _wait_ended(sub.run_dir)
     assert state["end_reason"] == "done", state
     segs = state["segments"]
     assert len(segs) >= 3 and all(s["outcome"] == "clean" for s in segs[:-1]), segs
@@ -122,7 +132,8 @@ def test_three_segment_chain_is_bit_identical_to_one_run(tmp_path: Path, slurm: 
     assert [e["restarts"] for e in started] == list(range(len(segs)))
     assert all(e["job_id"] == sub.job_id and e["versions"]["torch"] for e in started)
     for e in _kinds(events, "allocation_started"):
-        assert e["nodes"] and 50 < e["job_end"] - e["t"] < 70, "the trainer is given the job's end (KIT_DEADLINE)"
+        # the job's end (KIT_DEADLINE) is within its 1-min limit of the start (how far in depends on load)
+        assert e["nodes"] and 0 < e["job_end"] - e["t"] < 70, "the trainer is given the job's end"
 
     mine = _final_tensors(sub.run_dir / "checkpoints" / "step_0000012")
     theirs = _final_tensors(ref.path / "checkpoints" / "step_0000012")
@@ -142,22 +153,25 @@ def test_killed_rank_resubmits_from_last_checkpoint(tmp_path: Path, slurm: None,
     monkeypatch.setenv("KIT_FAULTS_SEGMENTS", "1")  # the first segment only
     cfg = _cfg(tmp_path, "kill", **{"trainer.max_steps": 8, "slurm.time_limit": "00:05:00"})
     sub = submit(cfg, log=lambda m: None)
-    state = _wait_ended(sub.run_dir, timeout=150)
+    state = _wait_ended(sub.run_dir)
     assert state["end_reason"] == "done", state
     first, *rest = state["segments"]
-    assert first["outcome"] == "crash" and first["ckpt_after"] == 4, first
+    events = read_all(sub.run_dir)
+    # checkpoint.async_save: step 4's files may still be in flight when rank 1 dies after step 5, so the
+    # last complete checkpoint is the newest one the ledger says was committed (2 or 4), not a fixed step
+    saved = [e["step"] for e in _kinds(events, "ckpt_saved") if e.get("seg") == first["seg"]]
+    assert first["outcome"] == "crash" and saved and first["ckpt_after"] == max(saved) in (2, 4), (first, saved)
     assert first["exit_codes"]["1"] == -9, "rank 1 died of SIGKILL"
     assert first["implicated"] == [first["nodes"][0]]
     assert len(state["job_ids"]) == 2, "a crash resubmits under a new job id"
     assert rest[-1]["outcome"] == "finished"
 
-    events = read_all(sub.run_dir)
     ended = _kinds(events, "allocation_ended")
     assert ended[0]["outcome"] == "crash" and ended[0]["decision"] == "resubmit"
     requeued = _kinds(events, "chain_requeued")
     assert requeued[0]["how"] == "resubmit" and requeued[0]["reason"].startswith("crash")
     loaded = [e for e in _kinds(events, "ckpt_loaded") if e["seg"] == rest[0]["seg"]]
-    assert loaded and loaded[0]["step"] == 4, "resumed from the last complete checkpoint"
+    assert loaded and loaded[0]["step"] == first["ckpt_after"], "resumed from the last complete checkpoint"
     alerts = [e["message"] for e in _kinds(events, "alert")]
     assert any("crash" in m and "resubmitting" in m for m in alerts), alerts
     # A one-node cluster cannot lose its only node: the node is a suspect, not excluded.
@@ -185,14 +199,14 @@ def test_signal_requeue_attach_and_stop(tmp_path: Path, slurm: None, deepspeed_o
 
     slurmctl.cancel(sub.job_id, signal="USR2")
     events = _wait_for(sub.run_dir, lambda ev: any(e["kind"] == "step" and e.get("seg") == f"{sub.job_id}_1"
-                                                   for e in ev), timeout=120)
+                                                   for e in ev))
     first_end = [e for e in _kinds(events, "segment_ended") if e["seg"] == f"{sub.job_id}_0"]
     assert first_end and first_end[0]["reason"] == "signal" and first_end[0]["signal"] == "SIGUSR2"
     assert _kinds(events, "segment_signalled")
     assert [e["how"] for e in _kinds(events, "chain_requeued")] == ["requeue"]
 
     stop(RunDir(sub.run_dir), "test says stop")
-    state = _wait_ended(sub.run_dir, timeout=90)
+    state = _wait_ended(sub.run_dir)
     assert state["end_reason"] == "stop"
     assert [s["outcome"] for s in state["segments"]] == ["clean", "finished"]
     from kit.ledger import read_all
@@ -213,7 +227,7 @@ def test_crash_loop_stops_with_alert(tmp_path: Path, slurm: None, deepspeed_ok: 
     monkeypatch.setenv("KIT_FAULTS", "step.after@1:rank1")
     cfg = _cfg(tmp_path, "loop", **{"chain.crash_loop_limit": 2, "slurm.time_limit": "00:05:00"})
     sub = submit(cfg, log=lambda m: None)
-    state = _wait_ended(sub.run_dir, timeout=150)
+    state = _wait_ended(sub.run_dir)
     assert state["end_reason"] == "crash_loop"
     assert [s["outcome"] for s in state["segments"]] == ["crash", "crash"]
     events = read_all(sub.run_dir)
@@ -242,10 +256,12 @@ def test_frozen_rank_is_stopped_and_the_slurm_chain_resumes(no_leftovers: Path, 
     assert sub.executor == "slurm", "Slurm went away: submit fell back to the local executor"
     wait_steps(sub.run_dir, sub.job_id, 5, timeout=300)
     os.kill(rank_pid(sub.run_dir, 1), signal.SIGSTOP)
-    # The next job depends on this one (afterany): the chain can only end within the bound below if the
-    # frozen job ended long before its 10-minute limit.
     state = _wait_ended(sub.run_dir, timeout=400)
     assert state["end_reason"] == "done", state
+    # The frozen job ended on its own long before its 10-minute limit (from the ledger, not a stopwatch).
+    alloc = read_all(sub.run_dir, {"allocation_started", "allocation_ended"})
+    held = next(e["t"] for e in alloc if e["kind"] == "allocation_ended") - alloc[0]["t"]
+    assert alloc[0]["kind"] == "allocation_started" and held < 450, f"the frozen job held its allocation {held:.0f} s"
     first, *rest = state["segments"]
     assert first["outcome"] == "hang" and rest and rest[-1]["outcome"] == "finished", state["segments"]
     assert first["job_id"] == sub.job_id and len(state["job_ids"]) == 2, "a hang resubmits under a new job"

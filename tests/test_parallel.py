@@ -4,14 +4,21 @@ launcher (torchrun + kit.segment), against the plain data-parallel run of the sa
 One module fixture trains each layout once (shared by the tests that read it): plain DP4, TP2xDP2,
 PP2xDP2 (4 ranks) and TP2xPP2xDP2 (8 ranks), 20 steps each at global batch 8 (micro 2 x grad_accum x
 data), ZeRO-1, no dropout (tensor and pipeline ranks draw dropout masks of other shapes, so only the
-dropout-free arithmetic can be compared), checkpoints every 4 steps. The layouts' runs stop at step 20
+dropout-free arithmetic can be compared), checkpoints every 4 steps. Each layout's run is itself the
+kill-during-save scenario: its first segment is killed while the step-8 checkpoint is being written,
+its second resumes from step 4 and trains on to step 20 (one run serves both proofs: the resumed run
+must replay steps 5-8 bit for bit and still match the plain run). The layouts' runs stop at step 20
 of a 24-step schedule (a simulated allocation boundary) so the reshape test can go on from there; the
 plain run goes to 24.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,7 @@ import torch
 from conftest import ROOT, tiny_overrides
 
 from kit import checkpoint as ck
+from kit import faults
 from kit.config import RunConfig, load_recipe
 from kit.data import prepare
 from kit.launch import SegmentOutcome, create_run, run_local_segment
@@ -61,8 +69,49 @@ def max_delta(a: dict[int, float], b: dict[int, float]) -> float:
     return max(abs(a[s] - b[s]) for s in steps)
 
 
+KILL = "ckpt.before_manifest"  # the fault point: the ranks' files are written, the manifest is not
+
+
+def killed_during_save_then_resumed(cfg: RunConfig, gate: Path, written: Path) -> tuple[RunDir, dict[str, Any]]:
+    """Segment "a": the step-8 save stops at its fault point (every rank's files written, no manifest),
+    the test copies the step-8 folder aside (the uninterrupted run's step 8, whole), then SIGKILLs rank 0
+    there. Segment "b" resumes and trains to step 20. Returns the run and what was seen after the kill."""
+    from tests.test_chain_local import rank_pid
+
+    rd = create_run(cfg, log=lambda m: None)
+    env = {"KIT_FAULTS": f"{KILL}@8=wait", "KIT_FAULTS_GATE": str(gate)}
+    seen: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: seen.update(
+        a=run_local_segment(rd, cfg, seg="a", extra_env=env, quiet=True)))
+    runner.start()
+    try:
+        # the event, with a generous bound: with checkpoint.async_save (the default) rank 0's writer reaches
+        # the point once every rank's files are durable; a synchronous save passes it on every rank
+        want = list(range(cfg.trainer.nproc)) if not cfg.checkpoint.async_save else [0]
+        end = time.monotonic() + 900
+        while faults.reached(gate, KILL, 8)[:len(want)] != want:
+            assert runner.is_alive() and time.monotonic() < end, ("not every rank reached the step-8 save", seen)
+            time.sleep(0.2)
+        shutil.copytree(rd.checkpoints / "step_0000008", written)
+        os.kill(rank_pid(rd.path, 0), signal.SIGKILL)
+    finally:
+        faults.release(gate, KILL, 8)  # the other ranks go on into the save's collective and fail there
+        runner.join(timeout=600)
+    assert not runner.is_alive(), "segment a did not end after its rank 0 was killed"
+    seen["latest"] = (rd.checkpoints / "latest").read_text()
+    seen["manifest8"] = (rd.checkpoints / "step_0000008" / ck.MANIFEST).exists()
+    seen["b"] = run_local_segment(rd, cfg, stop_after_steps=STEPS - 4, seg="b", quiet=True)
+    return rd, seen
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunDir]:
+def killed() -> dict[str, dict[str, Any]]:
+    """What each layout's first segment left (filled by ``runs``)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, killed: dict[str, dict[str, Any]]) -> dict[str, RunDir]:
     base = tmp_path_factory.mktemp("parallel")
     plain = layout_cfg(base, "plain", 1, 1, 4)
     prepare(plain, base / "data", log=lambda m: None)
@@ -71,9 +120,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunDir]:
     assert (o.reason, o.step) == ("done", MAX_STEPS), o
     out["plain"] = rd
     for name, (t, p, n) in LAYOUTS.items():
-        rd, o = train(layout_cfg(base, name, t, p, n), name, stop_after=STEPS)
-        assert (o.reason, o.step) == ("segment_limit", STEPS), (name, o)
+        rd, seen = killed_during_save_then_resumed(layout_cfg(base, name, t, p, n), base / f"gate-{name}",
+                                                   base / f"{name}-step8-written")
+        assert (seen["b"].reason, seen["b"].step) == ("segment_limit", STEPS), (name, seen)
         out[name] = rd
+        killed[name] = {**seen, "written": base / f"{name}-step8-written"}
     out["base"] = RunDir(base)
     return out
 
@@ -141,25 +192,27 @@ def same_checkpoint_tensors(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_kill_during_save_then_bit_exact_resume(runs: dict[str, RunDir], name: str) -> None:
+def test_kill_during_save_then_bit_exact_resume(runs: dict[str, RunDir], killed: dict[str, dict[str, Any]],
+                                                name: str) -> None:
     """Rank 0 is SIGKILLed while the step-8 checkpoint is being written (DeepSpeed's files are there,
     the manifest is not): step 4 stays `latest`; the next segment resumes from it and replays steps
-    5-10 bit for bit: the same losses and the same step-8 checkpoint tensors as the uninterrupted run."""
-    t, p, n = LAYOUTS[name]
-    cfg = layout_cfg(runs["base"].path, f"{name}-killed", t, p, n)
-    rd, out = train(cfg, "a", faults="ckpt.before_manifest@8:rank0")
-    assert out.reason == "crashed"
-    assert (rd.checkpoints / "step_0000008").is_dir() and not (rd.checkpoints / "step_0000008" / ck.MANIFEST).exists()
-    assert (rd.checkpoints / "latest").read_text() == "step_0000004"
-    rd, out = train(cfg, "b", stop_after=6)
-    assert (out.reason, out.step) == ("segment_limit", 10)
+    5-8 (and any step the first segment went on to) bit for bit: the same losses as before the kill,
+    and the same step-8 checkpoint tensors as the files written for step 8 before the kill (copied
+    aside at the fault point)."""
+    rd, seen = runs[name], killed[name]
+    assert seen["a"].reason == "crashed", seen
+    assert seen["latest"] == "step_0000004" and not seen["manifest8"], "step 8 never completed"
     loaded = [e for e in read_all(rd.path, {"ckpt_loaded"}) if e.get("seg") == "b"]
     assert [e["tag"] for e in loaded] == ["step_0000004"]
     assert "step_0000008: incomplete (no MANIFEST.json), ignored" in loaded[0]["skipped"]
-    full, resumed = metric(runs[name]), metric(rd)
-    assert sorted(resumed) == list(range(1, 11))
-    assert all(resumed[s] == full[s] for s in resumed), {s: (resumed[s], full[s]) for s in resumed}
-    same_checkpoint_tensors(rd.checkpoints / "step_0000008", runs[name].checkpoints / "step_0000008")
+    steps = read_all(rd.path, {"step"})
+    before = {e["step"]: e["loss"] for e in steps if e.get("seg") == "a"}
+    after = {e["step"]: e["loss"] for e in steps if e.get("seg") == "b"}
+    # with an asynchronous save the loop went on past step 8 while the save was held: those steps count too
+    assert set(range(1, 9)) <= set(before) and sorted(after) == list(range(5, STEPS + 1))
+    replayed = sorted(set(before) & set(after))
+    assert all(after[s] == before[s] for s in replayed), {s: (after[s], before[s]) for s in replayed}
+    same_checkpoint_tensors(rd.checkpoints / "step_0000008", seen["written"])
 
 
 def hf_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,14 @@ from kit.ledger import read_all
 from kit.tools.remote import verify_url
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.usefixtures("deepspeed_ok")]
+
+
+def wait_until(cond: Callable[[], bool], what: str, bound_s: float) -> None:
+    """Wait for an event (a generous bound: it only says how long to wait before calling it lost)."""
+    end = time.monotonic() + bound_s
+    while not cond():
+        assert time.monotonic() < end, f"not seen within {bound_s} s: {what}"
+        time.sleep(0.1)
 
 
 def stream_cmd(run: Path, url: str, *extra: str) -> list[str]:
@@ -87,25 +98,49 @@ def test_stream_live_run_restart_retention(tiny_cfg: Any, tmp_path: Path) -> Non
 
 def test_the_trainer_keeps_what_a_lagging_stream_has_not_shipped_within_its_bound(tiny_cfg: Any,
                                                                                    tmp_path: Path) -> None:
-    """A real run with checkpoint.keep_last = 1 and a stream that stalls 30 s after its first upload
-    (kit fault point), so the run saves steps 4, 6 and 8 while nothing after step 2 is shipped. The
-    stream's hold (checkpoint.stream_hold_max = 1) makes the trainer keep one unshipped checkpoint
-    (step 4) beyond keep_last; the other (6) is deleted, and the trainer says so in an alert."""
+    """A real run with checkpoint.keep_last = 1 and a stream that stalls right after its first upload
+    (a kit fault point that waits for the test's go), so the run saves steps 4, 6 and 8 while nothing
+    after step 2 is shipped. The stream's hold (checkpoint.stream_hold_max = 1) makes the trainer keep
+    one unshipped checkpoint (step 4) beyond keep_last; the other (6) is deleted, and the trainer says
+    so in an alert. Ordered by events, not speed: the trainer waits after step 3 (past step 2's save)
+    until the stream has uploaded step 2, and the stream waits there until the run has ended."""
     from kit import checkpoint as ck
+    from kit import faults
     from kit.launch import create_run, run_local_segment
 
     cfg = tiny_cfg("held", **{"checkpoint.keep_last": 1, "checkpoint.stream_hold_max": 1})
     rd = create_run(cfg, log=lambda *a: None)
     url = f"file://{tmp_path / 'remote'}"
+    gate = tmp_path / "gate"
     stream = subprocess.Popen(stream_cmd(rd.path, url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env=dict(os.environ, KIT_FAULTS="stream.after_upload@2=sleep30"))
+                              env=dict(os.environ, KIT_FAULTS="stream.after_upload@2=wait", KIT_FAULTS_GATE=str(gate)))
+    result: dict[str, Any] = {}
+
+    def train() -> None:
+        result["out"] = run_local_segment(rd, cfg, quiet=True, extra_env={
+            "KIT_FAULTS": "step.after@3=wait", "KIT_FAULTS_GATE": str(gate)})
+
+    runner = threading.Thread(target=train)
+    runner.start()
     try:
-        out = run_local_segment(rd, cfg, quiet=True)
-        assert out.reason == "done"
-        assert stream.wait(timeout=240) == 0
+        wait_until(lambda: faults.reached(gate, "stream.after_upload", 2) or stream.poll() is not None,
+                   "the stream uploaded step 2", 600)
+        assert stream.poll() is None, stream.stderr.read().decode()[-3000:] if stream.stderr else ""
+        wait_until(lambda: faults.reached(gate, "step.after", 3) or not runner.is_alive(),
+                   "the trainer finished step 3 (after saving step 2)", 600)
+        faults.release(gate, "step.after", 3)  # the stream is stuck after step 2: the run goes on to the end
+        runner.join(timeout=900)
+        assert not runner.is_alive(), "the run did not end"
+        assert result["out"].reason == "done", result["out"]
+        faults.release(gate, "stream.after_upload", 2)  # the stream catches up after the run has ended
+        assert stream.wait(timeout=300) == 0
     finally:
+        faults.release(gate, "step.after", 3)
+        faults.release(gate, "stream.after_upload", 2)
+        runner.join(timeout=900)
         if stream.poll() is None:
             stream.kill()
+            stream.wait()
     events = read_all(rd.path)
     saved8 = next(e["t"] for e in events if e["kind"] == "ckpt_saved" and e["step"] == 8)
     uploads = {e["tag"]: e["t"] for e in events if e["kind"] == "ckpt_uploaded" and e.get("what") == "checkpoint"}

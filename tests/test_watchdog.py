@@ -185,10 +185,15 @@ def test_a_rank_stuck_in_setup_ends_the_segment_with_hang(
         deepspeed_ok: None, tiny_cfg: Any, capfd: pytest.CaptureFixture[str]) -> None:
     """A real 2-rank run; rank 1 blocks in setup, before DeepSpeed's initialisation, so rank 0 waits in
     the engine's first collective and no step ever completes. The setup watchdog (started before the
-    rendezvous) must fire at health.setup_timeout_s, name rank 1, and end both ranks with HANG."""
+    rendezvous) must fire at health.setup_timeout_s, name rank 1, and end both ranks with HANG.
+    Bounds for a busy machine: 45 s of setup (rank 0 must be in DeepSpeed's initialisation when it
+    fires), a generous allowance for the watchdog's poll, and the clean segment after it gets an
+    amended bound (its setup is not what is tested; its handover to the step watchdog is)."""
+    from kit.amend import amend_overrides
     from kit.launch import create_run, run_local_segment
 
-    cfg = tiny_cfg("setuphang", **{"health.setup_timeout_s": 30.0, "health.hang_grace_s": 10.0,
+    bound = 45.0
+    cfg = tiny_cfg("setuphang", **{"health.setup_timeout_s": bound, "health.hang_grace_s": 10.0,
                                    "health.hang_floor_s": 2.0, "health.hang_ceiling_s": 600.0})
     rd = create_run(cfg, log=lambda *a: None)
     t0 = time.monotonic()
@@ -198,9 +203,9 @@ def test_a_rank_stuck_in_setup_ends_the_segment_with_hang(
     assert logs.err.count(f"exitcode  : {exitcodes.HANG}") == 2, logs.err[-3000:]
     assert out.reason == "hang"
     [hang] = [e for e in read_all(rd.path, {"hang"}) if e["seg"] == "s1"]
-    assert hang["phase"] == "setup" and hang["bound_s"] == 30.0 and hang["step"] == -1
-    assert 30.0 <= hang["stalled_s"] < 40.0
-    assert wall < 30.0 + 60, "ended by the setup watchdog, not by the 600 s ceiling or a timeout"
+    assert hang["phase"] == "setup" and hang["bound_s"] == bound and hang["step"] == -1
+    assert bound <= hang["stalled_s"] < bound + 30.0, "fired at its bound (+ a poll on a busy machine)"
+    assert wall < 600, "ended by the setup watchdog, not by the 600 s step ceiling or a timeout"
     assert hang["suspect_ranks"] == [1] and hang["suspect_nodes"] == [hostname()]
     folder = rd.path / hang["stacks"]
     assert sorted(p.name for p in folder.glob("r*.txt")) == ["r00000.txt", "r00001.txt"]
@@ -209,9 +214,12 @@ def test_a_rank_stuck_in_setup_ends_the_segment_with_hang(
     alert = [a for a in read_all(rd.path, {"alert"}) if a["seg"] == "s1" and a["severity"] == "critical"]
     assert "setup did not finish" in alert[0]["message"] and "suspect ranks 1" in alert[0]["message"]
     assert not read_all(rd.path, {"segment_started"}), "setup never finished"
-    # without the fault, the same run sets up within the bound and trains (the watchdog hands over)
-    again = run_local_segment(rd, cfg, seg="s2", quiet=True)
+    # without the fault, the same run sets up and trains (the setup watchdog hands over to the step one)
+    amend_overrides(rd, ["health.setup_timeout_s=900", "health.hang_floor_s=300"], who="test",
+                    reason="a busy machine's setup", log=lambda m: None)
+    again = run_local_segment(rd, rd.load_config(), seg="s2", quiet=True)
     assert (again.reason, again.step) == ("done", cfg.trainer.max_steps)
+    assert not [e for e in read_all(rd.path, {"hang"}) if e["seg"] == "s2"]
 
 
 def test_setup_ranks_and_stamp_from_the_environment() -> None:
