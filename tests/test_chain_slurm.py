@@ -127,7 +127,12 @@ def test_three_segment_chain_is_bit_identical_to_one_run(tmp_path: Path, slurm: 
     assert [s["restarts"] for s in segs] == list(range(len(segs)))
 
     events = read_all(sub.run_dir)
-    assert len(_kinds(events, "chain_requeued")) == len(segs) - 1
+    # Every requeue leads to exactly one new allocation. Under load an allocation can reach its 1-min
+    # limit before its trainer records a segment (the requeue then says "signal"): count allocations.
+    allocations = _kinds(events, "allocation_started")
+    requeued = _kinds(events, "chain_requeued")
+    assert len(requeued) == len(allocations) - 1 and len(allocations) >= len(segs), (
+        [(e.get("reason"), e.get("how")) for e in requeued], len(allocations), len(segs))
     started = _kinds(events, "segment_started")
     assert [e["restarts"] for e in started] == list(range(len(segs)))
     assert all(e["job_id"] == sub.job_id and e["versions"]["torch"] for e in started)
