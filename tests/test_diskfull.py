@@ -87,7 +87,7 @@ failures, nodes = g.agree()
 err = diskfull.error(7, failures, nodes)
 # one write(2) of one line: under PYTHONUNBUFFERED print() writes the text and its newline apart and
 # the two ranks' lines interleave in the shared pipe
-line = f"RANK{rank} {type(err).__name__} blamed={err.nodes if hasattr(err, 'nodes') else None} :: {err}\n"
+line = f"RANK{rank} {type(err).__name__} blamed={err.nodes if hasattr(err, 'nodes') else None} :: {err}\\n"
 os.write(1, line.encode())
 dist.destroy_process_group()
 """
