@@ -43,11 +43,15 @@ def _wait_ended(run: Path, timeout: float) -> dict[str, Any]:
 
 
 def _stalls_within(events: list[dict[str, Any]], t0: float, t1: float) -> float:
-    """Seconds of checkpoint stall (a synchronous save's whole time, an async save's stall_s) in [t0, t1]."""
+    """Seconds in [t0, t1] that were not training: checkpoint stalls (a synchronous save's whole time, an
+    async save's stall_s) and live evaluations (the account books them as evaluation, not as redone work)."""
     out = 0.0
     for e in events:
         if e["kind"] == "ckpt_saved" and t0 <= e["t"] - e["seconds"] and e["t"] <= t1:
             out += e.get("stall_s", e["seconds"])
+        elif (e["kind"] == "eval" and e.get("by", "live") == "live" and e.get("seconds") is not None
+              and t0 <= e["t"] - e["seconds"] and e["t"] <= t1):
+            out += e["seconds"]
     return out
 
 
