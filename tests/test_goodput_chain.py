@@ -47,8 +47,12 @@ def _stalls_within(events: list[dict[str, Any]], t0: float, t1: float) -> float:
     async save's stall_s) and live evaluations (the account books them as evaluation, not as redone work)."""
     out = 0.0
     for e in events:
-        if e["kind"] == "ckpt_saved" and t0 <= e["t"] - e["seconds"] and e["t"] <= t1:
-            out += e.get("stall_s", e["seconds"])
+        if e["kind"] == "ckpt_saved":
+            # the stall is the save's first stall_s seconds; an async save's event comes when its writer
+            # commits, possibly after t1, while its stall lies within [t0, t1]
+            start, stall = e["t"] - e["seconds"], e.get("stall_s", e["seconds"])
+            if t0 <= start and start + stall <= t1:
+                out += stall
         elif (e["kind"] == "eval" and e.get("by", "live") == "live" and e.get("seconds") is not None
               and t0 <= e["t"] - e["seconds"] and e["t"] <= t1):
             out += e["seconds"]
