@@ -125,6 +125,7 @@ class RankReport:
     host: str
     rc: int
     t_end: float
+    stopped: bool = False  # the driver terminated it after the segment ended (it outlived its peers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +166,14 @@ def implicated_nodes(reports: list[RankReport], world_size: int, nodes: list[str
     per_node = max(1, world_size // max(1, len(nodes)))
     seen = {r.rank for r in reports}
     # Killed by a signal, except the ones Slurm sends to end or preempt a job.
-    blamed = [r.host for r in reports if r.rc < 0 and -r.rc not in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)]
+    # A rank its driver stopped (still running after the segment ended) was killed by kit, not by its node:
+    # it waited on a dead peer; blaming it would exclude a healthy node (and keep the bad one).
+    blamed = [r.host for r in reports
+              if r.rc < 0 and not r.stopped and -r.rc not in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)]
     blamed += [nodes[min(rank // per_node, len(nodes) - 1)] for rank in range(world_size) if rank not in seen and nodes]
     if not blamed:
-        failed = sorted((r for r in reports if r.rc not in (0, exitcodes.REQUEUE)), key=lambda r: r.t_end)
+        failed = sorted((r for r in reports if r.rc not in (0, exitcodes.REQUEUE) and not r.stopped),
+                        key=lambda r: r.t_end)
         blamed = [failed[0].host] if failed else []
     return sorted(set(blamed))
 

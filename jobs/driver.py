@@ -90,6 +90,7 @@ class Driver:
         self.child: subprocess.Popen[bytes] | None = None
         self.pending_signal = ""
         self.forwarded = False
+        self.stopped = False  # this segment's trainer was terminated by this driver (_stop_child)
         self.job_end: float | None = None  # when Slurm will kill this allocation (rank 0, from squeue)
 
     @property
@@ -121,10 +122,11 @@ class Driver:
             return str(go["reason"])
         if i:
             self.pending_signal = ""  # local loop: a new segment; under Slurm an early signal is kept
+        self.stopped = False
         rc = self._run_child(seg, i)
         _write_json(folder / f"r{self.dist.rank}.json",
                     {"rank": self.dist.rank, "host": os.environ.get("SLURMD_NODENAME") or hostname(), "rc": rc,
-                     "t_end": time.time()})
+                     "t_end": time.time(), "stopped": self.stopped})
         if self.is_main:
             decision = self._end(seg, folder, rc)
             _write_json(folder / DECISION, {"action": decision.action, "reason": decision.reason})
@@ -192,6 +194,7 @@ class Driver:
               f"{self.child.pid}) is still running after health.exit_grace_s = {self.cfg.health.exit_grace_s:g} s; "
               "terminating it", file=sys.stderr, flush=True)
         rc = procs.stop(self.child)
+        self.stopped = True  # its exit status is this driver's doing, not a sign of its node's health
         try:  # each rank's driver has its own ledger file (one writer per file)
             with LedgerWriter(self.rd.path, writer_name("driver", self.dist.rank), seg=seg) as led:
                 led.alert("warning", f"rank {self.dist.rank}'s trainer (pid {self.child.pid}) was still running "
@@ -358,7 +361,8 @@ class Driver:
         for f in files:
             try:
                 d = json.loads(f.read_text())
-                out.append(ch.RankReport(int(d["rank"]), str(d["host"]), int(d["rc"]), float(d["t_end"])))
+                out.append(ch.RankReport(int(d["rank"]), str(d["host"]), int(d["rc"]), float(d["t_end"]),
+                                         bool(d.get("stopped", False))))
             except (ValueError, KeyError):
                 continue
         return out

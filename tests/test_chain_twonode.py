@@ -76,7 +76,8 @@ def test_two_node_segments_and_a_failed_node_excluded(tmp_path: Path, three_node
     bad = first["nodes"][1]
     assert first["implicated"] == [bad] and state["excluded_nodes"] == [bad]
     assert len(second["nodes"]) == 2 and bad not in second["nodes"], "the failed node was excluded"
-    assert second["outcome"] == "finished" and second["ckpt_before"] == 2
+    # step 2's checkpoint is an async save: it may not be committed when rank 1 dies after step 3
+    assert second["outcome"] == "finished" and second["ckpt_before"] == first["ckpt_after"] in (0, 2), (first, second)
 
     events = read_all(sub.run_dir)
     assert [e["node"] for e in events if e["kind"] == "node_excluded"] == [bad]

@@ -138,6 +138,12 @@ def test_classify_and_blame() -> None:
     # A hang: the usual rule would blame b (above); the watchdog's stack comparison named a.
     assert ch.implicated_nodes(reports, 4, ["a", "b"], hang_suspects=["a"]) == ["a"]
     assert ch.implicated_nodes(reports[:2], 2, ["a"], hang_suspects=[]) == ["a"], "no suspects: usual rule"
+    # rank 1 (node b) SIGKILLed; rank 0 (node a) waited on it until its driver stopped it (-9 too): the
+    # driver's own kill is no evidence against node a (a CI run excluded the healthy node before this)
+    waited = [ch.RankReport(0, "a", -9, 70.0, stopped=True), ch.RankReport(1, "b", -9, 10.0)]
+    assert ch.implicated_nodes(waited, 2, ["a", "b"]) == ["b"]
+    assert ch.implicated_nodes([ch.RankReport(0, "a", 1, 70.0, stopped=True), ch.RankReport(1, "b", 1, 10.0)],
+                               2, ["a", "b"]) == ["b"], "the first to fail on its own"
 
 
 def test_state_roundtrip_and_torn_file(tmp_path: Path) -> None:
