@@ -475,7 +475,10 @@ class Trainer:
         if self.health:
             self.health.stop()
             self.health = None
-        self.saver.close()  # a save in flight (ending on an error): bounded wait, said in the ledger if lost
+        # A save in flight (ending on an error): a bounded wait, said in the ledger if lost. Half the driver's
+        # exit grace: a peer that died mid-save never sends its record, and past the grace the driver kills
+        # this rank before it could say the save was lost.
+        self.saver.close(timeout_s=max(5.0, 0.5 * self.cfg.health.exit_grace_s))
         if self.sink:
             self.sink.close()
             self.sink = None
