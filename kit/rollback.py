@@ -46,6 +46,9 @@ class RollbackPolicy:
         before, _ = ck.find_resume(root, before_step=spike - 1)
         if before is not None:
             ck.pin(root, before.tag, f"last checkpoint before the spike at step {spike}")
+        job = self.saver.pending  # an async save still being written is the newest before the spike:
+        if job is not None and job.step < spike:  # pin it now (retention reads pins when it commits)
+            ck.pin(root, ck.tag_for(job.step), f"last checkpoint before the spike at step {spike}")
         self.saver.pin_next = f"first checkpoint after the spike at step {spike}"
 
     def choose(self, spike: int) -> tuple[str | None, str]:
