@@ -12,10 +12,8 @@ they read the ZeRO files.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import pytest
 from kit import checkpoint as ck
 from kit.ledger import read_all
 from kit.tools.remote import UploadError, classify, probe
-from tests.test_upload import BUCKET, _free_port, make_folder, s3  # noqa: F401 (s3: a fixture)
+from tests.test_upload import BUCKET, _free_port, make_folder, s3, wait_for_port  # noqa: F401 (s3: a fixture)
 
 SLOW_RETRIES = ("--retries", "5", "--backoff", "30")
 
@@ -61,15 +59,7 @@ def s3_auth() -> Iterator[str]:
     proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"))
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
+        wait_for_port(proc, port)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -34,6 +34,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_port(proc: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> None:
+    """Until ``proc`` (a moto server) accepts connections on ``port``; raises if it exits or never does."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, str]]:
     """A moto S3 server on a loopback port, credentials and endpoint in the environment (as in production)."""
@@ -48,15 +61,7 @@ def s3() -> Iterator[dict[str, str]]:
 
     s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem (and its endpoint) per process
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
+        wait_for_port(proc, port)
         import boto3
 
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
