@@ -45,6 +45,17 @@ def _wait_steps(run_dir: Path, proc: subprocess.Popen[str], n: int, timeout: flo
     raise AssertionError(f"{n} steps not reached in {timeout} s")
 
 
+
+def _finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """`kit train`'s output once it exits (within ``timeout``); killed, never left behind, if it does not."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def test_kill_9_of_torchrun_leaves_no_rank(no_leftovers: Path, deepspeed_ok: None) -> None:
     """kill -9 of the launcher (torchrun under `kit train`): both ranks die with it (their parent-death
     signal), instead of training on as orphans of pid 1; `kit train` says the segment failed. The ranks
@@ -77,11 +88,11 @@ def test_kit_train_exits_with_hang_after_a_frozen_rank(no_leftovers: Path, deeps
     try:
         _wait_steps(run_dir, proc, 3)
         os.kill(rank_pid(run_dir, 1), signal.SIGSTOP)
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    out, err = _finish(proc, 240)
     assert proc.returncode == exitcodes.HANG == 77, err[-3000:]
     assert "segment ended: hang: the hang watchdog ended it" in out and "exit 77" in out, out
     [hang] = read_all(run_dir, {"hang"})
@@ -96,12 +107,7 @@ def test_a_rank_stuck_after_the_segment_ended_is_stopped(no_leftovers: Path, dee
     with it the rank. The run is done: exit 0."""
     proc, run_dir = _kit_train(no_leftovers / "runs", "teardown", "segment.teardown:rank1=hang", **{
         "trainer.max_steps": 4, "health.exit_grace_s": 5.0})
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = _finish(proc, 300)
     assert proc.returncode == 0, err[-3000:]
     assert "segment ended: done at step 4" in out and "is still running after health.exit_grace_s = 5 s" in err
     assert not wait_no_processes(str(run_dir), 60), "the stuck rank outlived the segment"
@@ -117,12 +123,7 @@ def test_a_full_disk_on_one_rank_ends_the_save_on_every_rank(no_leftovers: Path,
 
     proc, run_dir = _kit_train(no_leftovers / "runs", "rank1full", "ckpt.write@4:rank1=enospc", **{
         "trainer.max_steps": 8, "health.hang_ceiling_s": 600.0, "health.hang_floor_s": 300.0})
-    try:
-        out, err = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = _finish(proc, 400)
     assert proc.returncode == exitcodes.DISK_FULL == 79, err[-3000:]
     assert "segment ended: disk_full" in out and "exit 79" in out, out
     [ended] = read_all(run_dir, {"segment_ended"})
