@@ -153,13 +153,18 @@ def test_a_slowed_rank_under_a_pipeline_is_named_with_its_coordinates(deepspeed_
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_an_unloaded_run_raises_no_straggler_alert(deepspeed_ok: None, tiny_cfg: Any) -> None:
-    """The same run without a slow rank, timings gathered every 2 steps for 24 steps (12 windows, on a
-    machine other tests load unevenly): timings recorded, no straggler event, no straggler alert (a
-    failure shows every gather's bar and slowdowns)."""
+    """The same run without a slow rank, timings gathered every 2 steps for 24 steps (12 windows):
+    timings recorded, no straggler event, no straggler alert (a failure shows every gather's bar and
+    slowdowns).
+
+    The threshold is 50%, not the recipe's 5%: the other tests load this 2-core machine's cores
+    unevenly, and a CI run saw one of the two ranks 15-25% slower for five gathers in a row in its
+    5 ms forwards. That rank really was slower (the detector was right to call it); what this test
+    asks is that jitter, however it is spread, does not make a straggler of a rank that is not one."""
     from kit.launch import create_run, run_local_segment
 
     cfg = tiny_cfg("even", **{"trainer.max_steps": 24, "checkpoint.interval_steps": 8,
-                              "health.straggler_interval": 2})
+                              "health.straggler_interval": 2, "health.straggler_threshold": 0.5})
     rd = create_run(cfg, log=lambda *a: None)
     out = run_local_segment(rd, cfg, quiet=True)
     assert (out.reason, out.step) == ("done", 24)

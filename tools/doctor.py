@@ -16,6 +16,7 @@ From a login node, ``kit doctor RECIPE_OR_RUN`` runs it in one process; ``kit do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -310,8 +311,27 @@ def run(args: argparse.Namespace, verb: str) -> int:
     host = socket.gethostname().split(".")[0]
     report = preflight(cfg, run_dir, env, expect_gpus=None if launched else 0,
                        ledger="" if launched else f"doctor-cli-{host}")
+    _leave_group(together=not any(c.name == "net.collective" for c in report.failures))
     _print(report, args.json)
     return report.exit_code
+
+
+def _leave_group(together: bool) -> None:
+    """End the process group the preflight opened, together, before the interpreter exits.
+
+    Left to interpreter teardown, gloo's pair threads see the first rank to exit close its sockets
+    and abort the others (SIGABRT after a verdict already written: a CI run saw it); torchrun then
+    reports the whole preflight failed. A barrier first, so that no rank closes while a peer still
+    reads; not when a collective already failed (``together`` False): a dead peer would make the
+    barrier wait out the timeout again, and the verdict already says so."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if together:
+        with contextlib.suppress(RuntimeError, OSError):
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def _run_static(args: argparse.Namespace) -> int:
