@@ -75,12 +75,14 @@ def pipe_weights(rd: RunDir, tag: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def pp2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunDir]:
-    """PP 2 x DP 2 (4 ranks), 4 steps, evaluated at steps 2 and 4; and the same run without evaluation."""
+    """PP 2 x DP 2 (4 ranks), 4 steps, evaluated at steps 2 and 4; and the same run without evaluation.
+    Dropout is on, so an evaluation that moved the RNG would change the training that follows it."""
     base = tmp_path_factory.mktemp("pp2")
     out = {}
     for name, on in (("on", True), ("off", False)):
         cfg = layout_run(base, name, tensor=1, pipeline=2, **{"trainer.nproc": 4, "slurm.tasks_per_node": 4,
-                                                              "eval.enabled": on})
+                                                              "eval.enabled": on,
+                                                              "model.hidden_dropout": 0.1})
         rd = create_run(cfg, log=lambda m: None)
         assert run_local_segment(rd, cfg, seg="s0", quiet=True).reason == "done"
         out[name] = rd
@@ -110,10 +112,12 @@ def test_live_eval_at_pipeline_2_leaves_training_bit_identical(pp2: dict[str, Ru
 
 def test_live_eval_at_tensor_2_pipeline_2_and_its_cost_bound(tmp_path: Path) -> None:
     """TP 2 x PP 2 (4 ranks): evaluated at step 1, where an evaluation far over eval.max_fraction
-    stretches the interval (no evaluation at steps 2-4); the numbers agree with `kit eval` to rounding."""
+    stretches the interval (no evaluation at steps 2-4); the numbers agree with `kit eval` to rounding.
+    Evaluation batches of 3 and 2 sequences (training's are 2): the stages' send shapes are the
+    evaluation's own, not the training schedule's."""
     cfg = layout_run(tmp_path, "tp2pp2", tensor=2, pipeline=2, **{
         "trainer.nproc": 4, "slurm.tasks_per_node": 4, "eval.interval_steps": 1, "eval.max_fraction": 1e-9,
-        "checkpoint.interval_steps": 1})
+        "checkpoint.interval_steps": 1, "eval.sequences": 5, "eval.micro_batch_size": 3})
     rd = create_run(cfg, log=lambda m: None)
     assert run_local_segment(rd, cfg, seg="s0", quiet=True).reason == "done"
     live = live_evals(rd)
@@ -121,6 +125,7 @@ def test_live_eval_at_tensor_2_pipeline_2_and_its_cost_bound(tmp_path: Path) -> 
     assert live[1]["stretch"] == 1024 and "interval now 1024 steps" in live[1]["note"] and live[1]["fraction"] > 1e-9
     got = kit_eval(rd, 1)
     assert set(got["sources"]) == set(live[1]["sources"])
+    assert all(v["sequences"] == 5 for v in live[1]["sources"].values())
     for name, v in got["sources"].items():
         assert abs(v["loss"] - live[1]["sources"][name]["loss"]) < TOL, name
     assert got["live"]["max_abs_diff"] < TOL
