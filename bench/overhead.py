@@ -6,7 +6,9 @@ same data in two ways, in alternating ABBA blocks (bench/_overhead_worker.py):
   worker stops them before each bare block and checks: both counts are recorded);
 - kit: Trainer.step_once with everything the kit runs during training (ledger, TensorBoard thread,
   health sampler and watchdog threads, straggler timer hooks and gathers, spike guard, control checks).
-Checkpoints are out of the window. The figure is the ratio kit/bare of the per-step time, from the
+Checkpoints and live validation are out of the window (each has its own bound
+and bench: bench/checkpoint.py, bench/eval.py; the tiny recipe evaluates every 20 steps, which would
+put eval.max_fraction's 5% into the per-step figure). The figure is the ratio kit/bare of the per-step time, from the
 adjacent (paired) blocks: the mean of their log ratios, with a 95% interval (Student's t over the
 pairs, widened when neighbouring pairs are correlated, i.e. share the machine's drift; a bootstrap
 one beside it; bench/_stats.py). Wall time, the rank-0 process's CPU time (all its threads) and the
@@ -60,7 +62,7 @@ def run(hidden: int, layers: int, block: int, rounds: int, resolve: float = 0.0,
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", [
         f'run.name="h{hidden}"', f'run.runs_dir="{tmp}"', "trainer.max_steps=1000000",
         "checkpoint.interval_steps=1000000", f"model.hidden_size={hidden}", f"model.n_layer={layers}",
-        "trainer.nproc=2", "slurm.tasks_per_node=2", *LAYOUTS[layout],
+        "trainer.nproc=2", "slurm.tasks_per_node=2", "eval.enabled=false", *LAYOUTS[layout],
     ])
     rd = create_run(cfg, log=lambda m: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
