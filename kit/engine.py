@@ -104,7 +104,7 @@ def build_engine(cfg: RunConfig, world: int, rank: int = 0) -> Engine:
     seed_everything(cfg.run.seed)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else None
     built = build(cfg.model, cfg.data.vocab_size, layout, rank, dtype=dtype,
-                  alibi_wrong=fault_active(ALIBI_FAULT, 0, rank))
+                  alibi_wrong=fault_active(ALIBI_FAULT, 0, rank), seed=cfg.run.seed)
     o = cfg.optim
     optim = torch.optim.AdamW(built.module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                               weight_decay=o.weight_decay)

@@ -12,6 +12,8 @@ TFLOP/s per A100. ``tflops`` in the ledger uses c as the run actually computes (
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from kit.config import ModelSection, RunConfig
@@ -40,15 +42,98 @@ def bloom_config(m: ModelSection, vocab_size: int) -> Any:
     )
 
 
-def build_model(m: ModelSection, vocab_size: int) -> Any:
+def meta_model(m: ModelSection, vocab_size: int) -> Any:
+    """BloomForCausalLM on the meta device: its structure, names and shapes, and no memory; what
+    :func:`materialize` fills, or what AutoTP shards before it is filled (kit.parallel.model)."""
+    import torch
     from transformers import BloomForCausalLM
 
     config = bloom_config(m, vocab_size)
     config._attn_implementation = m.attn_implementation
-    model = BloomForCausalLM(config)
+    with torch.device("meta"):
+        model = BloomForCausalLM(config)
     if m.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def build_model(m: ModelSection, vocab_size: int, seed: int | None = None, dtype: Any = None) -> Any:
+    """The whole BloomForCausalLM with the run's initial weights (:func:`init_parameter`): what a plain
+    data-parallel run trains, ``kit eval`` scores and the tests compare layouts with. ``seed`` None
+    is torch's initial seed (what ``torch.manual_seed`` / kit.engine.seed_everything last set).
+    The global RNG is not touched: construction does not move the dropout stream."""
+    import torch
+
+    seed = torch.initial_seed() if seed is None else seed
+    model = meta_model(m, vocab_size)
+    config = model.config
+    materialize(model, lambda name, p: init_parameter(name, tuple(p.shape), config, seed), dtype)
+    return model
+
+
+# Initial weights: a function of (seed, Hugging Face name) only. The old construction drew every
+# parameter from the global RNG in module order, so a rank could only get its part by building the
+# whole model (700 GB of host memory for BLOOM-176B). Now each rank draws just the parameters it holds.
+TIED = {"lm_head.weight": "transformer.word_embeddings.weight"}  # BLOOM's tied output head
+LINEARS = frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"})
+
+
+def param_seed(seed: int, name: str) -> int:
+    """The generator seed of one parameter: a stable hash of (run seed, HF name), the same in every
+    process and Python version (never ``hash()``, which is salted per process)."""
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def init_parameter(name: str, shape: tuple[int, ...], config: Any, seed: int) -> Any:
+    """The initial value (float32) of BloomForCausalLM's parameter ``name``, BLOOM's scheme as
+    transformers' ``_init_weights`` applies it: Linear and Embedding weights normal(0,
+    initializer_range), biases zero, LayerNorm weights one; ``lm_head.weight`` is the tied word
+    embeddings. Random values come from a generator seeded by :func:`param_seed`, so a rank can draw
+    any one parameter (then keep its tensor shard) without the rest of the model."""
+    import torch
+
+    name = TIED.get(name, name)
+    owner, _, kind = name.rpartition(".")
+    module = owner.rpartition(".")[2]
+    norm = module.endswith("layernorm") or module == "ln_f"
+    if kind not in ("weight", "bias") or not (norm or module in LINEARS or module == "word_embeddings"):
+        raise KeyError(f"{name} is not a BloomForCausalLM parameter name")
+    if kind == "bias":
+        return torch.zeros(shape)
+    if norm:
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed(param_seed(seed, name))
+    return torch.empty(shape).normal_(0.0, config.initializer_range or 0.02, generator=g)
+
+
+def materialize(module: Any, value: Callable[[str, Any], Any], dtype: Any = None) -> None:
+    """Give every parameter of ``module`` (built on the meta device) real storage holding
+    ``value(name, meta_parameter)``, one parameter at a time. A parameter shared by several modules
+    (the tied embedding) stays one parameter; attributes DeepSpeed set on the meta parameters (AutoTP's
+    partition records, the pipeline's flags) are kept, which ``nn.Module.to_empty`` would drop."""
+    import torch
+    import torch.nn as nn
+
+    names = {id(p): n for n, p in module.named_parameters()}
+    made: dict[int, tuple[Any, Any]] = {}  # id(meta) -> (meta, real): the meta one kept alive for its id
+    for mod in module.modules():
+        for key, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                with torch.no_grad():
+                    v = value(names[id(p)], p).to(dtype or p.dtype)
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"{names[id(p)]}: initial value has shape {tuple(v.shape)}, "
+                                     f"the module holds {tuple(p.shape)}")
+                real = nn.Parameter(v, requires_grad=p.requires_grad)
+                real.__dict__.update(p.__dict__)
+                made[id(p)] = (p, real)
+            mod._parameters[key] = made[id(p)][1]
+    left = [n for n, b in module.named_buffers() if b.is_meta]
+    if left:
+        raise ValueError(f"buffers left on the meta device: {left}")
 
 
 def param_count(m: ModelSection, vocab_size: int) -> int:

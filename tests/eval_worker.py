@@ -75,7 +75,7 @@ def main() -> None:
         plain = None
         if rank == 0:  # a plain transformers model with the same initial weights: what `kit eval` does
             seed_everything(cfg.run.seed)
-            model = build_model(cfg.model, cfg.data.vocab_size)
+            model = build_model(cfg.model, cfg.data.vocab_size, seed=cfg.run.seed)
             if precision == "bf16":
                 model = model.to(torch.bfloat16)
             plain = summarize(es, score_all(model, es))["sources"]

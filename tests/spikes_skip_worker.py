@@ -31,7 +31,7 @@ def make_engine(stage: int, precision: str) -> tuple[Any, Any, Any]:
     cfg.batch.micro_batch_size, cfg.batch.grad_accum = 2, 2
     cfg.optim.warmup_steps, cfg.trainer.max_steps = 1, 10
     torch.manual_seed(0)
-    model = build_model(cfg.model, 300)
+    model = build_model(cfg.model, 300, seed=0)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)

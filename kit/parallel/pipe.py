@@ -15,9 +15,11 @@ Names: a stage's parameters are ``<layer>.<hf name inside the layer>`` and
 ``tied_modules.embed.word_embeddings.weight``; :func:`hf_name` and :func:`pipe_name` map them to and
 from BloomForCausalLM's names (the converter and the initial weights use them).
 
-Initial weights: every stage takes its layers' values from a BloomForCausalLM built with the run's
-seed, so a pipeline run starts from exactly the weights of a plain one (the tests compare them). That
-needs the whole model once in host memory at setup, as the plain and tensor-parallel paths already do.
+Initial weights: a stage's layers are built on the meta device (:class:`MetaPipelineModule`: no
+memory, no RNG) and kit.parallel.model fills each parameter from kit.model.init_parameter by its
+BloomForCausalLM name (:func:`hf_name`), after AutoTP sharded it if tensor > 1. A rank holds only its
+stage (and its tensor shard of it) plus one full parameter at a time while filling; a pipeline run
+still starts from exactly the weights of a plain one (the tests compare them).
 """
 
 from __future__ import annotations
@@ -100,21 +102,46 @@ def layer_specs(config: Any) -> list[Any]:
     return specs
 
 
-def build_pipeline(config: Any, topology: Any, checkpoint_blocks: bool, hf_state: dict[str, torch.Tensor]) -> Any:
-    """The PipelineModule of this rank's stage, its weights taken from ``hf_state`` (a
-    BloomForCausalLM state dict); the global RNG state is left as it was."""
+def _meta_pipeline_class() -> Any:
     from deepspeed.pipe import PipelineModule
 
+    class MetaPipelineModule(PipelineModule):
+        """A PipelineModule whose stage layers are built on the meta device. DeepSpeed's constructor
+        ends by moving the module to the accelerator and broadcasting the tied embedding from the
+        first stage; both need real storage, so they are skipped while constructing (the caller
+        materializes the stage; the tied copies are equal by construction: one value per HF name)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.__dict__["_constructing"] = True
+            super().__init__(*args, **kwargs)
+            self.__dict__["_constructing"] = False
+
+        def _build(self) -> None:
+            with torch.device("meta"):
+                super()._build()
+
+        def to(self, *args: Any, **kwargs: Any) -> Any:
+            return self if self.__dict__.get("_constructing") else super().to(*args, **kwargs)
+
+        def _synchronize_tied_weights(self) -> None:
+            if not self.__dict__.get("_constructing"):
+                super()._synchronize_tied_weights()
+
+    return MetaPipelineModule
+
+
+def build_pipeline(config: Any, topology: Any, checkpoint_blocks: bool) -> Any:
+    """The PipelineModule of this rank's stage, its parameters on the meta device (only this stage's
+    layers exist: LayerSpec builds lazily); kit.parallel.model fills them. The global RNG state is
+    left as it was."""
     rng = torch.get_rng_state()
-    net = PipelineModule(layers=layer_specs(config), topology=topology, loss_fn=causal_lm_loss(config.vocab_size),
-                         partition_method="type:BloomBlockPipe",
-                         activation_checkpoint_interval=1 if checkpoint_blocks else 0,
-                         checkpointable_layers=["BloomBlockPipe"])  # not the embedding: token ids carry no grad
+    net = _meta_pipeline_class()(layers=layer_specs(config), topology=topology,
+                                 loss_fn=causal_lm_loss(config.vocab_size),
+                                 partition_method="type:BloomBlockPipe",
+                                 activation_checkpoint_interval=1 if checkpoint_blocks else 0,
+                                 checkpointable_layers=["BloomBlockPipe"])  # not the embedding: token ids carry no grad
     torch.set_rng_state(rng)
     net.config = config  # AutoTP reads the model's shape from it
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            p.copy_(hf_state[hf_name(name, config.n_layer)])
     return net
 
 

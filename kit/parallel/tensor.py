@@ -21,6 +21,12 @@ the shapes disagree (an error); DeepSpeed's ``bloom`` preset instead builds alib
 i.e. the slopes of a smaller model, and trains silently wrong. :func:`install_alibi_slicing` puts a
 forward pre-hook on every attention module that keeps the rank's own heads of the full alibi:
 one fix for both model forms, independent of whether an attention mask was passed.
+
+Initial weights under tensor parallelism: AutoTP runs on the model (or stage) while it is still on
+the meta device; its partitioning of a meta tensor is only bookkeeping. Each sharded parameter then
+records (DeepSpeed's universal-checkpoint metadata, the same record `kit reshape` relies on) its full
+shape and an affine map of the pieces each rank holds; :func:`shard` cuts this rank's part of the
+full initial value by that record, so a rank never holds more than one full parameter at a time.
 """
 
 from __future__ import annotations
@@ -94,3 +100,39 @@ def _alibi_hook(n_head: int, local: int, first: int) -> Any:
         return args, kwargs
 
     return hook
+
+
+def full_shape(param: Any) -> tuple[int, ...]:
+    """The shape of the whole parameter of which ``param`` is this rank's AutoTP shard (its own shape
+    when AutoTP left it replicated)."""
+    from deepspeed.module_inject.layers import DS_AUTOTP_UC_META
+
+    meta = getattr(param, DS_AUTOTP_UC_META, None)
+    if not meta or meta.get("replicated"):
+        return tuple(param.shape)
+    return tuple(meta.get("logical_shape") or meta["original_shape"])
+
+
+def shard(full: Any, param: Any, tp_rank: int) -> Any:
+    """This rank's part of ``full`` (the whole initial value) for ``param`` (sharded by AutoTP, or
+    replicated), by the partition record AutoTP left on the parameter: its affine map, the pieces of
+    the full tensor (offset and strides) each rank holds, which is what DeepSpeed's universal
+    checkpoint uses to merge and re-split the same shards. A parameter without one is refused
+    rather than guessed."""
+    from deepspeed.module_inject.layers import DS_AUTOTP_UC_META
+
+    meta = getattr(param, DS_AUTOTP_UC_META, None)
+    if not meta or meta.get("replicated"):
+        return full
+    amap = (meta.get("conversion") or {}).get("affine_map")
+    if not amap:
+        raise NotImplementedError(f"AutoTP left no partition map on a parameter of shape {tuple(full.shape)} "
+                                  f"({meta}); kit cannot cut its initial value to this rank's shard")
+    ranks = amap["ranks"]
+    mine = ranks[tp_rank] if tp_rank in ranks else ranks[str(tp_rank)]
+    full = full.contiguous()
+    out = full.new_empty(mine["shard_shape"])
+    for piece in mine["pieces"]:
+        (src, src_strides), (dst, dst_strides) = piece["source"], piece["dest"]
+        out.as_strided(piece["shape"], dst_strides, dst).copy_(full.as_strided(piece["shape"], src_strides, src))
+    return out
