@@ -11,6 +11,11 @@ the layout (shard shapes, coordinates of every rank). Losses must match the plai
 does) really nothing at this layout? Engine A trains batches 1, 2 (refused), 3; engine B 1, 3. A's
 weights must not move during 2 and must equal B's bit for bit after 3, on every rank; a control C
 that applies 2 must differ.
+
+``parallel_worker.py TENSOR PIPELINE parts OUT.json``: what does each rank hold after
+kit.parallel.model.build of an 8-block model? Bytes of its real (non-meta) parameters, of its blocks,
+parameters left on the meta device, and whether every value equals the plain model's (a tensor shard
+its contiguous block of the plain parameter); and the whole model's bytes.
 """
 
 from __future__ import annotations
@@ -100,8 +105,48 @@ def skip_check(layout: Layout, rank: int, out: str) -> None:
             json.dump({"layout": str(layout), **{k: bool(v) for k, v in zip(keys, flags.tolist(), strict=True)}}, f)
 
 
+def parts_check(layout: Layout, rank: int, out: str) -> None:
+    from kit.model import build_model
+    from kit.parallel.pipe import hf_name
+
+    m = ModelSection(hidden_size=64, n_layer=8, n_head=4, seq_length=SEQ)
+    lm = build(m, VOCAB, layout, rank, seed=1234)
+    plain = dict(build_model(m, VOCAB, seed=1234).named_parameters())
+
+    def nbytes(params: list[tuple[str, torch.Tensor]]) -> int:
+        return sum(p.numel() * p.element_size() for _, p in params)
+
+    def equal(name: str, p: torch.Tensor) -> bool:
+        ref = plain[hf_name(name, m.n_layer) if lm.pipelined else name]
+        if ref.shape == p.shape:
+            return torch.equal(ref, p)
+        dim = [a != b for a, b in zip(ref.shape, p.shape, strict=True)].index(True)
+        return torch.equal(ref.chunk(layout.tensor, dim)[lm.mesh.coords.tensor], p)
+
+    def block(name: str) -> bool:
+        return (hf_name(name, m.n_layer) if lm.pipelined else name).startswith("transformer.h.")
+
+    held = list(lm.module.named_parameters())
+    real = [(n, p) for n, p in held if not p.is_meta]
+    row = {"rank": rank, "bytes": nbytes(real), "block_bytes": nbytes([(n, p) for n, p in real if block(n)]),
+           "meta_left": len(held) - len(real), "equal_to_plain": all(equal(n, p) for n, p in real)}
+    rows: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        full = list(plain.items())
+        with open(out, "w") as f:
+            json.dump({"layout": str(layout), "full_bytes": nbytes(full),
+                       "full_block_bytes": nbytes([(n, p) for n, p in full if n.startswith("transformer.h.")]),
+                       "ranks": rows}, f)
+
+
 def main() -> int:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    if sys.argv[3] == "parts":
+        parts_check(Layout.of(int(sys.argv[1]), int(sys.argv[2]), dist.get_world_size()), dist.get_rank(), sys.argv[4])
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
     if sys.argv[3] == "skip":
         layout = Layout.of(int(sys.argv[1]), int(sys.argv[2]), dist.get_world_size())
         skip_check(layout, dist.get_rank(), sys.argv[4])
