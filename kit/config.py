@@ -43,7 +43,8 @@ class RunSection:
     """Where run directories live (a shared filesystem on a cluster). Relative paths are relative to
     the current directory when the recipe is loaded, then frozen as absolute paths."""
     seed: int = 1234
-    """Seed for model init, data order and dropout. Same seed + same world size = same run."""
+    """Seed for model init (the same initial weights at every layout, docs/parallel.md), data order and
+    dropout. Same seed + same world size = same run."""
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ \t\n") or self.name.startswith("."):

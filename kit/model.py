@@ -8,6 +8,11 @@ B global batch (samples), s sequence length, l layers, h hidden size, V vocabula
 (forward + backward) or 4 with activation recomputation, which BigScience counted in its ~150
 TFLOP/s per A100. ``tflops`` in the ledger uses c as the run actually computes (hardware FLOPs);
 ``mfu`` uses c = 3 (model FLOPs) divided by the accelerator's dense bf16 peak.
+
+Initial weights: each parameter's is a function of (run seed, its BloomForCausalLM name) only
+(:func:`init_parameter`), so any rank can build just its part (kit.parallel.model) and every layout
+starts from the same model. This replaced drawing them from the global RNG while building the whole
+model: new runs start from other weights than before; resumed runs load checkpoints, unaffected.
 """
 
 from __future__ import annotations
