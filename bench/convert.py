@@ -150,7 +150,9 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
         from kit.tools.cli import main as kit_main
 
         phases = {}
-        conv.verify_source = _timed(conv.verify_source, "source_check", phases)
+        conv.verify_source = _timed(conv.verify_source, "source_check_whole_files", phases)
+        conv.check_pickles = _timed(conv.check_pickles, "source_check_pickles", phases)
+        conv.SourceCheck.finish = _timed(conv.SourceCheck.finish, "source_check_records_finish", phases)
         conv.write_weights = _timed(conv.write_weights, "write_weights", phases)
         ve.compare_weights = _timed(ve.compare_weights, "verify_weights", phases)
         ve.sampled_logits = _timed(ve.sampled_logits, "verify_logits", phases)
