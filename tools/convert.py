@@ -12,14 +12,19 @@ verified, so nothing at the destination looks complete before it is)::
 Memory and speed: each tensor's bytes go from the ZeRO partitions (tools.zero_reader) straight into
 its shard file, under a safetensors header built from the layout: fp32 copied file to file in the
 kernel, bf16 cast 16 MB at a time. Peak memory is the Python process plus a few 16 MB buffers, not one
-shard, and not 2.3x the model like DeepSpeed's zero_to_fp32. The time is mostly sha256 (of the source
-checkpoint, then of the shards for the manifest, as they are written), on several threads.
+shard, and not 2.3x the model like DeepSpeed's zero_to_fp32. The time is mostly sha256 of the shards
+for the manifest, as they are written, on two threads.
 
-Before converting, every byte of the source checkpoint is checked against its manifest (CRC-32:
-:func:`verify_source`). After, the result is verified against the checkpoint's own weights (the
-engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's own zero_to_fp32 reconstruction):
-every tensor bit for bit, one at a time, and the logits of the model's first blocks loaded with
-``from_pretrained`` (tools/verify_export.py). Memory stays near the largest tensor either way.
+The source is checked as it is read (tools.source_check): every file's size against the manifest, the
+pickles' zip records against torch.save's CRC-32s before anything is unpickled, and each fp32 partition
+record against its CRC-32, taken from the page cache on another thread as the writer copies it. Records
+no export byte comes from (the Adam moments: 3/4 of the checkpoint) are not read, so not checked;
+``--full-check`` checks every byte of every file against the manifest instead (:func:`verify_source`),
+and files the record check cannot cover are checked so anyway. After, the result is verified against
+the checkpoint's own weights (the engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's
+own zero_to_fp32 reconstruction): every tensor bit for bit, one at a time, and the logits of the
+model's first blocks loaded with ``from_pretrained`` (tools/verify_export.py). Memory stays near the
+largest tensor either way.
 
 Checkpoints written at a tensor x pipeline layout (kit.parallel) are read through
 tools.layout_reader: the same byte ranges, gathered from every model-parallel rank's partitions, with
@@ -53,7 +58,7 @@ from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.progress import NO_BARS, Bars
 from kit.rundir import RunDir, resolve_run
 from kit.tools.layout_reader import LayoutCheckpoint, open_checkpoint
-from kit.tools.source_check import SourceCheck, check_pickles
+from kit.tools.source_check import SourceCheck, check_pickles, verify_source
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
 
 Reader: TypeAlias = ZeroCheckpoint | LayoutCheckpoint  # a data-parallel checkpoint, or one of any layout
@@ -122,30 +127,6 @@ def _refuse_corrupt(ckpt: ck.Checkpoint, problems: list[str]) -> None:
     if problems:
         raise CheckpointError(f"checkpoint {ckpt.tag} is corrupt ({'; '.join(problems[:3])}); "
                               "choose another step with --step")
-
-
-def verify_source(ckpt: ck.Checkpoint, threads: int = 0, only: list[Path] | None = None) -> list[str]:
-    """Every byte of the checkpoint against its manifest: sizes, then each file's CRC-32 (sha256 for a
-    checkpoint saved before manifests had one), on several threads (zlib and hashlib release the GIL).
-    ``only``: hash just these files (those tools.source_check cannot check record by record).
-
-    This is ``kit convert --full-check``; the default checks only the records the conversion reads
-    (tools.source_check), as it reads them. Why CRC-32 here: the source is several times the export's
-    size (the Adam moments), and its sha256 was most of ``kit convert``'s time (bench/convert.py). A
-    CRC-32 still catches any changed byte; ``kit verify`` and resume keep checking sha256."""
-    problems = ck.verify(ckpt, hashes=False)
-    if problems:
-        return problems
-    files = sorted(ckpt.manifest.files.items(), key=lambda item: -item[1].size)  # big ones first
-    if only is not None:
-        names = {str(p.relative_to(ckpt.path)) for p in only}
-        files = [item for item in files if item[0] in names]
-    crc = all(info.crc32 for _, info in files)
-    key, digest = ("crc32", ck.crc32) if crc else ("sha256", ck.sha256)
-    with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: digest(ckpt.path / item[0]), files))
-    return [f"{rel}: {key} mismatch" for (rel, info), d in zip(files, digests, strict=True)
-            if d != (info.crc32 if crc else info.sha256)]
 
 
 def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
