@@ -399,8 +399,9 @@ def test_the_default_check_refuses_a_changed_weight(zero_runs: dict[int, RunDir]
                                                     capsys: Any) -> None:
     """`kit convert` (default check: the records it reads, against torch.save's CRC-32s, as it reads them):
     one byte changed inside a rank's fp32 partition is refused, naming the file and the record, and no
-    export appears (the staging folder is removed, never renamed into place). Also a byte changed in the
-    pickle (refused before anything is unpickled)."""
+    export appears (the staging folder is removed, never renamed into place), whether the bytes are
+    copied by the kernel (fp32) or read and cast (bf16). Also a byte changed in the pickle (refused
+    before anything is unpickled)."""
     rd = _copy_run(zero_runs[stage], tmp_path / "run")
     step4 = rd.checkpoints / "step_0000004"
     f, fp32, _ = _records_read(step4, 1)
@@ -412,6 +413,9 @@ def test_the_default_check_refuses_a_changed_weight(zero_runs: dict[int, RunDir]
     err = capsys.readouterr().err
     assert f"is corrupt ({f.name}: record {fp32.name} (fp32 weights the export is made of): crc32 mismatch" in err
     assert "Traceback" not in err
+    _nothing_at(out)
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out), "--dtype", "bf16"]) == 1
+    assert f"({f.name}: record {fp32.name} (fp32 weights" in capsys.readouterr().err  # read and cast: the same
     _nothing_at(out)
     _flip(f, fp32.start + fp32.size // 2)  # put back: converts again
     assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out), "--no-verify"]) == 0

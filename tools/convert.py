@@ -446,7 +446,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     progress bars (kit.progress: bytes written, the logits check).
 
     ``check_source``: check the bytes of the checkpoint that the conversion reads, while it reads them
-    (:func:`_source_check`: every file's size against the manifest, and each zip record read against
+    (tools.source_check: every file's size against the manifest, and each zip record read against
     the CRC-32 torch.save wrote), and refuse it before anything appears at ``out``. ``full_check``:
     every byte of every file against the manifest instead (:func:`verify_source`), on another thread
     while converting."""
@@ -468,16 +468,18 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     reader = open_checkpoint(ckpt.path, ck.layout_of(ckpt), expected_shapes(cfg), cfg.model.n_layer)
     check_model(reader, cfg, ckpt)
     extents = reader.file_extents()
-    records = SourceCheck(reader.optim_files, extents) if check_source and not full_check else None
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     checking = ThreadPoolExecutor(max_workers=1)
-    source = None
-    if records is not None and whole + records.whole:  # what cannot be checked record by record: whole files
-        source = checking.submit(verify_source, ckpt, only=whole + records.whole)
-    elif check_source and full_check:
-        source = checking.submit(verify_source, ckpt)
+    records: SourceCheck | None = None
+    source: Future[list[str]] | None = None
     try:
+        if check_source and not full_check:
+            records = SourceCheck(reader.optim_files, extents)
+            if whole + records.whole:  # what cannot be checked record by record: whole files, meanwhile
+                source = checking.submit(verify_source, ckpt, only=whole + records.whole)
+        elif check_source:
+            source = checking.submit(verify_source, ckpt)
         stage.mkdir(parents=True)
         item = 2 if dtype == "bf16" else 4
         task = bars.task(f"writing {dtype}", sum(p.numel for p in reader.params) * item, unit="bytes")
