@@ -14,6 +14,7 @@ import random
 import zlib
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,15 +49,15 @@ tensor_sets = st.dictionaries(
 
 @settings(max_examples=30, deadline=None)
 @given(tensor_sets)
-def test_records_are_torch_saves_bytes_and_crcs(tmp_path_factory: object, spec: dict[str, tuple[torch.dtype, int]]
-                                                ) -> None:
+def test_records_are_torch_saves_bytes_and_crcs(tmp_path_factory: pytest.TempPathFactory,
+                                                spec: dict[str, tuple[torch.dtype, int]]) -> None:
     """Every record's data offset and size give exactly the storage's bytes, and zlib's CRC-32 of them is
     the one the zip directory holds (torch.save's crc32 option is on by default)."""
     tensors = {k: torch.randint(0, 100, (n,)).to(dt) for k, (dt, n) in spec.items()}
     buf = io.BytesIO()
     torch.save(tensors, buf)
     raw = buf.getvalue()
-    path = Path(str(tmp_path_factory.mktemp("rec"))) / "t.pt"  # type: ignore[attr-defined]
+    path = tmp_path_factory.mktemp("rec") / "t.pt"
     path.write_bytes(raw)
     recs = {r.name: r for r in records(path)}
     assert any(name.endswith("data.pkl") for name in recs)
@@ -66,8 +67,8 @@ def test_records_are_torch_saves_bytes_and_crcs(tmp_path_factory: object, spec: 
     for k, t in tensors.items():
         off = meta[k].untyped_storage()._checkpoint_offset
         rec = next(r for r in recs.values() if r.start == off)
-        assert raw[rec.start:rec.start + rec.size] == t.numpy().tobytes() if t.dtype != torch.bfloat16 else \
-            raw[rec.start:rec.start + rec.size] == t.view(torch.int16).numpy().tobytes()
+        plain = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
+        assert raw[rec.start:rec.start + rec.size] == plain.numpy().tobytes(), k
 
 
 def _partitions(path: Path, names: list[str]) -> list[tuple[int, int]]:
@@ -79,13 +80,13 @@ def _partitions(path: Path, names: list[str]) -> list[tuple[int, int]]:
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(1, 40000), min_size=1, max_size=3), st.integers(0, 2**32 - 1), st.booleans())
-def test_pieces_in_any_order_and_a_flipped_byte(tmp_path_factory: object, sizes: list[int], seed: int,
+def test_pieces_in_any_order_and_a_flipped_byte(tmp_path_factory: pytest.TempPathFactory, sizes: list[int], seed: int,
                                                 flip: bool) -> None:
     """The writer reads the partitions in pieces, out of order, skipping some bytes (padding): the check
     puts them together and passes them; with one byte flipped in a partition's record (read or skipped)
     it names that file and record."""
     rng = random.Random(seed)
-    folder = Path(str(tmp_path_factory.mktemp("sc")))  # type: ignore[attr-defined]
+    folder = tmp_path_factory.mktemp("sc")
     path = folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     fp32 = {f"fp32_{i}": torch.randn(n) for i, n in enumerate(sizes)}
     _save(path, {**fp32, "exp_avg": torch.randn(100), "step": torch.tensor(3)})
