@@ -450,6 +450,7 @@ def test_the_default_check_leaves_adam_moments_to_the_full_check(zero_runs: dict
     capsys.readouterr()
     assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verify"]["ok"]
+    assert json.loads((out / ck.MANIFEST).read_text())["export"]["source_check"] == "records"
     got, want = load_file(str(out / "model.safetensors")), load_file(str(intact / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 

@@ -419,9 +419,10 @@ def write_config_and_tokenizer(rd: RunDir, cfg: RunConfig, stage: Path, dtype: s
 
 
 def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtype: str,
-                          verify: dict[str, Any], known: dict[str, str]) -> dict[str, Any]:
+                          verify: dict[str, Any], known: dict[str, str], source_check: str = "none") -> dict[str, Any]:
     """MANIFEST.json of the export, last (same ``files`` format as a checkpoint's manifest); ``known``:
-    hashes computed while writing."""
+    hashes computed while writing; ``source_check``: how the source was checked ("records": the zip
+    records read, "full": every byte, "none")."""
     files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != ck.MANIFEST)
     manifest = {
         "version": EXPORT_VERSION,
@@ -432,7 +433,7 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
         "export": {"tag": ckpt.tag, "step": ckpt.step, "run": cfg.run.name, "dtype": dtype,
                    "zero_stage": ckpt.manifest.kit.zero_stage, "config_digest": cfg.digest(),
                    "source_manifest_sha256": hashlib.sha256((ckpt.path / ck.MANIFEST).read_bytes()).hexdigest(),
-                   "verify": verify},
+                   "source_check": source_check, "verify": verify},
     }
     atomic_write_json(stage / ck.MANIFEST, manifest)
     return manifest
@@ -504,7 +505,8 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
                 raise CheckpointError(
                     f"the export of {ckpt.tag} does not reproduce the checkpoint's logits (max |diff| "
                     f"{result['max_abs_diff']:.3g} > tolerance {atol}; {weights}); nothing was written to {out}")
-        write_export_manifest(stage, ckpt, cfg, dtype, result, digests)
+        write_export_manifest(stage, ckpt, cfg, dtype, result, digests,
+                              ("full" if full_check else "records") if check_source else "none")
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
