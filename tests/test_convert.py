@@ -262,11 +262,23 @@ def test_fallback_paths_give_the_same_bytes(zero_runs: dict[int, RunDir], tmp_pa
     from kit.tools.zero_reader import ZeroCheckpoint
 
     rd = zero_runs[2]
-    fast = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "fast", "fp32")
+    fast = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "fast", "fp32", check_source=True)
     monkeypatch.setattr(conv._ShardFile, "kernel_copy", False)
-    buffered = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "buffered", "fp32")
+    buffered = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "buffered", "fp32", check_source=True)
     monkeypatch.setattr(ZeroCheckpoint, "file_extents", lambda self: None)
-    mapped = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "mapped", "fp32")
+    # no extents: the record check cannot follow the reads; every optimizer file is checked whole instead
+    ckpt = conv.pick_checkpoint(rd, 2)
+    whole = conv.verify_source
+    checked: list[list[Path]] = []
+
+    def verify_source(ckpt: ck.Checkpoint, only: list[Path] | None = None) -> list[str]:
+        checked.append(only or [])
+        return whole(ckpt, only=only)
+
+    monkeypatch.setattr(conv, "verify_source", verify_source)
+    mapped = conv.convert(rd, ckpt, tmp_path / "mapped", "fp32", check_source=True)
+    optim = sorted(f.name for f in (rd.checkpoints / "step_0000002").glob("*_optim_states.pt"))
+    assert len(optim) == 2 and [sorted(p.name for p in c) for c in checked] == [optim]
     assert fast.verify["bit_identical"] and buffered.verify["bit_identical"] and mapped.verify["bit_identical"]
     shards = sorted(p.name for p in (tmp_path / "fast").glob("*.safetensors"))
     assert shards
