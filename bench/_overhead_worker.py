@@ -4,7 +4,8 @@
 control and deadline checks, ledger and TensorBoard metrics (the TensorBoard thread), the health
 sampler thread, the hang watchdog thread and heartbeat, the straggler timer's hooks and gathers, the
 spike guard. "bare" steps are the plain DeepSpeed loop on the same engine and data: forward, backward,
-step, with NO kit hook on the engine and NO kit thread alive: before each bare block the kit's parts
+step (``train_batch`` on a pipeline engine, with kit's schedule and loss hooks taken off), with NO
+kit hook on the engine and NO kit thread alive: before each bare block the kit's parts
 are stopped (JobHealth.stop: sampler and watchdog threads joined, the timer's hooks and wrappers
 removed; the TensorBoard sink closed, its thread joined), and started again before each kit block
 (untimed; the sampler's first sample is awaited, so a kit block sees the sampler's steady state:
@@ -51,16 +52,25 @@ def main() -> None:
     tr = Trainer(cfg, rd, env, seg="bench")
     tr.setup()
     tr.begin_loop()
-    eng, data, st = tr.engine, tr.data, tr.state
-    assert data is not None
-    mb, ga, dp = cfg.batch.micro_batch_size, cfg.batch.grad_accum, env.world_size
+    eng, data, st, mesh, stepper = tr.engine, tr.data, tr.state, tr.mesh, tr.stepper
+    assert data is not None and mesh is not None and stepper is not None
+    mb, ga, dp, replica = cfg.batch.micro_batch_size, cfg.batch.grad_accum, tr.dp, mesh.coords.data
+    pipelined = stepper.pipelined
+
+    def micro_batches() -> Any:  # this replica's micro-batches, as the trainer reads them
+        for m in range(ga):
+            yield torch.from_numpy(data.batch(rank_micro_indices(st.consumed, mb, dp, replica, m)))
 
     def bare_step() -> None:
-        for m in range(ga):
-            x = torch.from_numpy(data.batch(rank_micro_indices(st.consumed, mb, dp, env.rank, m)))
-            out = eng(input_ids=x, labels=x)
-            eng.backward(out.loss)
-            eng.step()
+        """DeepSpeed's own loop: train_batch on a pipeline engine (its schedule, its optimizer step, its
+        loss_fn: kit's hooks are off), forward/backward/step otherwise (AutoTP's or plain)."""
+        if pipelined:
+            eng.train_batch(data_iter=((x, x) for x in micro_batches()))
+        else:
+            for x in micro_batches():
+                out = eng(input_ids=x, labels=x)
+                eng.backward(out.loss)
+                eng.step()
         st.consumed += tr.global_batch
 
     def kit_step() -> None:
@@ -73,8 +83,10 @@ def main() -> None:
         if tr.sink is not None:
             tr.sink.close()
             tr.sink = None
+        stepper.unhook()
 
     def kit_on() -> None:
+        stepper.rehook()
         tr.health = JobHealth.start(cfg, tr.rd, env, tr.seg, eng, tr.ledger)  # a collective: every rank
         if env.is_main:
             tr.sink = MetricSink(tr.ledger, tr.rd.tensorboard, purge_step=st.step + 1)
@@ -86,7 +98,8 @@ def main() -> None:
     def hooks() -> int:
         """Forward hooks on the module and method wrappers on the engine (DeepSpeed's own included)."""
         return len(eng.module._forward_hooks) + len(eng.module._forward_pre_hooks) + \
-            sum(1 for k in ("backward", "step") if k in eng.__dict__)
+            sum(1 for k in ("backward", "step", "_INSTRUCTION_MAP") if k in eng.__dict__) + \
+            (1 if pipelined and eng.module.loss_fn is not stepper.deepspeed_loss_fn else 0)
 
     checks: dict[str, Any] = {"bare_kit_threads": set(), "bare_hooks": 0, "kit_threads": set(), "kit_hooks": 0}
     for _ in range(5):  # warm-up: both paths

@@ -6,7 +6,9 @@ same data in two ways, in alternating ABBA blocks (bench/_overhead_worker.py):
   worker stops them before each bare block and checks: both counts are recorded);
 - kit: Trainer.step_once with everything the kit runs during training (ledger, TensorBoard thread,
   health sampler and watchdog threads, straggler timer hooks and gathers, spike guard, control checks).
-Checkpoints are out of the window. The figure is the ratio kit/bare of the per-step time, from the
+Checkpoints and live validation are out of the window (each has its own bound
+and bench: bench/checkpoint.py, bench/eval.py; the tiny recipe evaluates every 20 steps, which would
+put eval.max_fraction's 5% into the per-step figure). The figure is the ratio kit/bare of the per-step time, from the
 adjacent (paired) blocks: the mean of their log ratios, with a 95% interval (Student's t over the
 pairs, widened when neighbouring pairs are correlated, i.e. share the machine's drift; a bootstrap
 one beside it; bench/_stats.py). Wall time, the rank-0 process's CPU time (all its threads) and the
@@ -15,6 +17,12 @@ the target (issue 16) is to resolve 1%; each line says how many pairs that would
 measured; raise --rounds until it does on a busy machine.
 
     python bench/overhead.py [--shapes 64x2,256x4] [--block 8] [--resolve 1.0] [--minutes 40] [--rounds 600]
+                             [--layouts dp2,tp2,pp2]
+
+``--layouts``: the 2 ranks as data parallel (dp2, the default), tensor parallel (tp2: AutoTP, its bare
+blocks step the same AutoTP engine) or a 2-stage pipeline (pp2: bare blocks are DeepSpeed's own
+``train_batch`` with kit's schedule and loss hooks taken off, kit.parallel.stepper.Stepper.unhook).
+Other layouts than dp2 alone write bench/results/overhead-<layouts>.json.
 Target (issue 2): overhead <= 2% of step time (aim for 1%). The tiny default model (~20-60 ms steps
 on 2 CPU ranks) is the worst case for a fixed per-step cost; real GPU steps take seconds.
 Writes bench/results/overhead.json with the machine's load.
@@ -38,8 +46,15 @@ import genrun
 ROOT = Path(__file__).resolve().parent.parent
 
 
+LAYOUTS = {  # 2 ranks each (this machine has 2 cores); the seed's layouts use ZeRO-1 across them
+    "dp2": [],
+    "tp2": ["parallel.tensor=2", "deepspeed.zero_stage=1"],
+    "pp2": ["parallel.pipeline=2", "deepspeed.zero_stage=1"],
+}
+
+
 def run(hidden: int, layers: int, block: int, rounds: int, resolve: float = 0.0,
-        budget_s: float = float("inf")) -> dict[str, Any]:
+        budget_s: float = float("inf"), layout: str = "dp2") -> dict[str, Any]:
     from kit.config import load_recipe
     from kit.launch import create_run
 
@@ -47,6 +62,7 @@ def run(hidden: int, layers: int, block: int, rounds: int, resolve: float = 0.0,
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", [
         f'run.name="h{hidden}"', f'run.runs_dir="{tmp}"', "trainer.max_steps=1000000",
         "checkpoint.interval_steps=1000000", f"model.hidden_size={hidden}", f"model.n_layer={layers}",
+        "trainer.nproc=2", "slurm.tasks_per_node=2", "eval.enabled=false", *LAYOUTS[layout],
     ])
     rd = create_run(cfg, log=lambda m: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -65,7 +81,8 @@ def run(hidden: int, layers: int, block: int, rounds: int, resolve: float = 0.0,
     wall = _stats.paired_ratio(times["bare"], times["kit"])
     cpu = _stats.paired_ratio(times["bare_cpu"], times["kit_cpu"])
     cpu_all = _stats.paired_ratio(times["bare_cpu_all"], times["kit_cpu_all"])
-    return {"hidden": hidden, "layers": layers, "block_steps": block, "rounds": len(times["bare"]) // 2,
+    return {"layout": layout, "hidden": hidden, "layers": layers, "block_steps": block,
+            "rounds": len(times["bare"]) // 2,
             "max_rounds": rounds, "stopped": stopped, "checks": checks,
             "bare_ms_per_step": round(wall["median_a"] * 1e3, 3), "kit_ms_per_step": round(wall["median_b"] * 1e3, 3),
             "wall": wall, "cpu": cpu, "cpu_all_ranks": cpu_all,
@@ -81,15 +98,21 @@ def main() -> int:
                     help="stop once every rank's CPU overhead is known to +- this many %% (0: every round)")
     ap.add_argument("--minutes", type=float, default=40.0, help="time budget per shape (default 40)")
     ap.add_argument("--shapes", default="64x2,256x4", help="comma-separated HIDDENxLAYERS models")
+    ap.add_argument("--layouts", default="dp2",
+                    help=f"comma-separated layouts of the 2 ranks: {', '.join(LAYOUTS)} (default dp2)")
     args = ap.parse_args()
+    layouts = args.layouts.split(",")
+    if unknown := [x for x in layouts if x not in LAYOUTS]:
+        raise SystemExit(f"--layouts: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
     load = os.getloadavg()
     results = []
-    for shape in args.shapes.split(","):
+    for layout, shape in ((x, s) for x in layouts for s in args.shapes.split(",")):
         h, n = (int(x) for x in shape.split("x"))
-        r = run(h, n, args.block, args.rounds, args.resolve, 60 * args.minutes)
+        r = run(h, n, args.block, args.rounds, args.resolve, 60 * args.minutes, layout)
         results.append(r)
         w, c = r["wall"], r["cpu"]
-        print(f"hidden {h} x {n} layers: bare {r['bare_ms_per_step']:.2f} / kit {r['kit_ms_per_step']:.2f} ms/step "
+        print(f"{layout}, hidden {h} x {n} layers: bare {r['bare_ms_per_step']:.2f} / "
+              f"kit {r['kit_ms_per_step']:.2f} ms/step "
               f"(medians); kit threads in kit blocks {r['checks']['kit_threads']}, in bare blocks none; kit hooks "
               f"on the engine {r['checks']['kit_hooks']} in kit blocks, {r['checks']['bare_hooks']} in bare blocks; "
               f"{r['rounds']} rounds, stopped: {r['stopped']}", flush=True)
@@ -102,12 +125,14 @@ def main() -> int:
             print(f"  target <= 2% ({what}): {verdict}; resolves 1%: {'yes' if x['half_width_pct'] <= 1 else 'no'}",
                   flush=True)
     doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), **genrun.machine(load), "ranks": 2, "backend": "gloo",
+           "layouts": layouts,
            "target_pct": 2.0, "results": results,
-           "resolves_1pct": {f"{r['hidden']}x{r['layers']}": {k: r[k]["half_width_pct"] <= 1.0
+           "resolves_1pct": {f"{r['layout']} {r['hidden']}x{r['layers']}": {k: r[k]["half_width_pct"] <= 1.0
                                                                 for k in ("wall", "cpu", "cpu_all_ranks")}
                              for r in results}}
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "overhead.json").write_text(json.dumps(doc, indent=1) + "\n")
+    name = "overhead.json" if layouts == ["dp2"] else f"overhead-{'-'.join(layouts)}.json"
+    (ROOT / "bench" / "results" / name).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 

@@ -11,12 +11,18 @@ What makes the numbers trustworthy (docs/eval.md):
   all-reduced (a sum of one value and zeros is exact). Per-source totals are then added in a fixed
   order on every rank. So DP 1, DP 2, ``kit eval`` of the checkpoint and of its Hugging Face export
   compute the same forward passes on the same batches and agree exactly. (Tensor parallelism splits
-  the matrix products, so its numbers agree with ``kit eval``'s to rounding, as its training does;
-  pipeline layouts are not evaluated live yet: ``kit eval`` and ``kit stream --eval`` score their
-  checkpoints.)
+  the matrix products, so its numbers agree with ``kit eval``'s to rounding, as its training does.)
+- Under a pipeline (``parallel.pipeline > 1``) every stage of the replica takes the same batches in
+  the same order: it runs its own layers of the PipelineModule (kit.parallel.pipe.stage_forward) and
+  sends the boundary activation to the next stage's rank at its tensor and data coordinates
+  (torch.distributed send/recv); the last stage's first tensor rank scores the logits and writes
+  them, the other ranks contribute zeros. Not ``PipelineEngine.eval_batch``: it would average over
+  the data-parallel group, barrier the world and use the training micro-batch count and the engine's
+  cached activation shapes and buffers. At tensor 1 the numbers equal ``kit eval``'s exactly.
 - Training does not notice: the forward passes run under ``torch.no_grad()`` in eval mode on the
-  engine's module (no engine call, no optimizer, no data sampler), the RNG state is saved and restored,
-  and the train/eval flag is put back. Training with and without evaluation is bit-identical.
+  engine's module (no engine call, no optimizer, no data sampler, no pipeline buffer or micro-batch
+  counter), the RNG state is saved and restored, and the train/eval flag is put back. Training with
+  and without evaluation is bit-identical (tested plain, at ZeRO 1-3, bf16, and at pipeline 2).
 - The cost is bounded: the evaluator measures an evaluation against the training time of an interval;
   above ``eval.max_fraction`` it stretches the interval (doubling, on the grid of ``interval_steps``),
   and the ``eval`` event says so. The stretch is kept in the checkpoint manifest, so a resumed segment
@@ -144,10 +150,15 @@ def eval_set_from_texts(tok: Any, texts: dict[str, list[str]], seq: int, sequenc
 def score_batch(model: Any, x: Any) -> Any:
     """Summed next-token loss of each row of ``x`` (float64, shape [rows]), in fp32 from the logits.
     Every path (live, checkpoint, export) scores with this one function."""
+    return row_losses(model(input_ids=x, use_cache=False).logits, x)
+
+
+def row_losses(logits: Any, x: Any) -> Any:
+    """Summed next-token loss of each row of ``x`` from its ``logits`` (float64, shape [rows]): the
+    one loss every path uses (a plain model's logits, or a pipeline's last stage's)."""
     import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=x, use_cache=False).logits
     rows, cols = x.shape
     # Targets shifted left, the last position ignored (-100: a loss of exactly 0), so the logits are used
     # in place: no copy of a [rows, cols - 1, vocab] slice (the vocabulary makes it the largest tensor).
@@ -166,6 +177,36 @@ def score_into(model: Any, es: EvalSet, out: Any, batches: Iterable[int]) -> Non
         x = torch.from_numpy(es.sources[k].windows[a:z]).to(out.device)
         at = es.offsets[k] + a
         out[at:at + (z - a)] = score_batch(model, x)
+
+
+def score_stage_into(module: Any, es: EvalSet, out: Any, batches: Iterable[int], where: Placement,
+                     hidden: int, dtype: Any) -> None:
+    """Score some batches through a pipeline: this rank runs its stage's layers of the PipelineModule
+    (kit.parallel.pipe.stage_forward) and passes the boundary activation (one tensor [rows, seq,
+    hidden] in the engine's dtype: kit's pipeline layers pass one) to the same tensor rank and replica
+    of the next stage with a point-to-point send; the last stage scores the logits into ``out``.
+    Every stage of a replica takes the same batches in the same order, so the sends pair up. The
+    caller owns no_grad, eval mode and the device."""
+    import torch
+    import torch.distributed as dist
+
+    from kit.parallel.pipe import stage_forward
+
+    first, last = where.stage == 0, where.stage == where.stages - 1
+    for b in batches:
+        k, a, z = es.batches[b]
+        ids = torch.from_numpy(es.sources[k].windows[a:z]).to(out.device)
+        if first:
+            x = ids
+        else:
+            x = torch.empty((z - a, es.seq_length, hidden), dtype=dtype, device=out.device)
+            dist.recv(x.view(torch.uint8), src=where.prev)  # as bytes: any dtype, bit for bit
+        y = stage_forward(module, x)
+        if last:
+            at = es.offsets[k] + a
+            out[at:at + (z - a)] = row_losses(y, ids)
+        else:
+            dist.send(y.contiguous().view(torch.uint8), dst=where.next)
 
 
 def score_all(model: Any, es: EvalSet, device: Any = "cpu") -> list[float]:
@@ -274,21 +315,33 @@ def needed_stretch(eval_s: float, step_s: float, interval: int, max_fraction: fl
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Where this rank scores: its model replica (data-parallel index) among ``replicas``; ``writes``:
-    it is the one rank of its replica whose results count (the tensor ranks of a replica compute the
-    same logits); ``rank`` and ``world`` place its timings in the all-reduce over every rank."""
+    it is the one rank of its replica whose results count (the first tensor rank of the last stage:
+    the tensor ranks of a stage compute the same logits); ``rank`` and ``world`` place its timings in
+    the all-reduce over every rank. Under a pipeline: its ``stage`` of ``stages``, and the ranks of
+    the previous and next stage at its tensor and data coordinates (-1: none), its send partners."""
 
     replica: int = 0
     replicas: int = 1
     writes: bool = True
     rank: int = 0
     world: int = 1
-    pipelined: bool = False
+    stage: int = 0
+    stages: int = 1
+    prev: int = -1
+    next: int = -1
+
+    @property
+    def pipelined(self) -> bool:
+        return self.stages > 1
 
     @classmethod
     def of(cls, mesh: Any, rank: int, world: int) -> Placement:
         """From a kit.parallel.mesh.Mesh (its coordinates and layout)."""
         c, layout = mesh.coords, mesh.layout
-        return cls(c.data, layout.data, c.tensor == 0, rank, world, layout.pipeline > 1)
+        last = c.pipeline == layout.pipeline - 1
+        prev = layout.rank(c.tensor, c.pipeline - 1, c.data) if c.pipeline > 0 else -1
+        nxt = layout.rank(c.tensor, c.pipeline + 1, c.data) if not last else -1
+        return cls(c.data, layout.data, c.tensor == 0 and last, rank, world, c.pipeline, layout.pipeline, prev, nxt)
 
 
 class Evaluator:
@@ -310,7 +363,7 @@ class Evaluator:
         self.watch = LossWatch(cfg.eval.alert_margin, cfg.eval.alert_window)
         self._times: list[float] = []  # step seconds since the last evaluation (this rank)
         self._last_step = -1
-        self.active = bool(cfg.eval.enabled and es is not None and es.sources and not where.pipelined)
+        self.active = bool(cfg.eval.enabled and es is not None and es.sources)
 
     @classmethod
     def build(cls, cfg: RunConfig, data_dir: Path, engine: Any, where: Placement, ledger: Any,
@@ -322,14 +375,12 @@ class Evaluator:
         dp = where.replicas
         if cfg.eval.enabled and es is None:
             log(f"eval: {data_dir} was prepared before held-out splits existed: no validation for this run")
-        elif es is not None and where.pipelined:
-            log("eval: no live validation with parallel.pipeline > 1 (not supported yet): score the checkpoints "
-                "with `kit eval RUN --step N` or `kit stream --eval`")
         elif es is not None:
             for note in es.notes:
                 log(f"eval: not evaluated: {note}")
             log(f"eval: {len(es.sources)} sources, {es.sequences} sequences ({es.tokens:,} tokens) every "
-                f"{cfg.eval.interval_steps} steps, in {len(es.batches)} batches over {dp} data-parallel rank(s)")
+                f"{cfg.eval.interval_steps} steps, in {len(es.batches)} batches over {dp} data-parallel rank(s)"
+                + (f" through {where.stages} pipeline stages" if where.pipelined else ""))
         if resumed:
             ev.restore(resumed)
         return ev
@@ -374,9 +425,14 @@ class Evaluator:
         vec = torch.zeros(es.sequences + 2 * where.world, dtype=torch.float64, device=eng.device)
         try:
             module.eval()
+            batches = range(where.replica, len(es.batches), where.replicas)
             with torch.no_grad():
-                score_into(module, es, vec, range(where.replica, len(es.batches), where.replicas))
-            if not where.writes:  # another tensor rank of this replica writes the same numbers
+                if where.pipelined:  # the stage's own layers, activations sent on: no engine call (see above)
+                    score_stage_into(module, es, vec, batches, where, module.config.hidden_size,
+                                     next(module.parameters()).dtype)
+                else:
+                    score_into(module, es, vec, batches)
+            if not where.writes:  # another rank of this replica writes the numbers (or none: an earlier stage)
                 vec.zero_()
         finally:
             module.train(was_training)

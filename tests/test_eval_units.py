@@ -152,6 +152,32 @@ def test_batches_cover_every_sequence_once_and_any_sharding_covers_every_batch(s
     assert sorted(b for s in shards for b in s) == list(range(len(es.batches)))
 
 
+@settings(max_examples=80, deadline=None)
+@given(tensor=st.integers(1, 4), pipeline=st.integers(1, 5), data=st.integers(1, 4))
+def test_placement_at_any_layout_pairs_the_stages_and_writes_once_per_replica(tensor: int, pipeline: int,
+                                                                              data: int) -> None:
+    """Every rank's send partner receives from it (same tensor and data coordinates, the next stage), the
+    first stage receives from no one and the last sends to no one, and exactly one rank of each
+    replica writes: the first tensor rank of the last stage."""
+    from kit.parallel.layout import Layout
+    from kit.parallel.mesh import Mesh
+
+    layout = Layout(tensor, pipeline, data)
+    where = [Placement.of(Mesh(layout, r), r, layout.world) for r in range(layout.world)]
+    for r, w in enumerate(where):
+        c = layout.coords(r)
+        assert (w.replica, w.replicas, w.stage, w.stages, w.rank) == (c.data, data, c.pipeline, pipeline, r)
+        assert w.pipelined == (pipeline > 1)
+        assert (w.prev == -1) == (c.pipeline == 0) and (w.next == -1) == (c.pipeline == pipeline - 1)
+        if w.next != -1:
+            nxt = layout.coords(w.next)
+            assert (nxt.tensor, nxt.pipeline, nxt.data) == (c.tensor, c.pipeline + 1, c.data)
+            assert where[w.next].prev == r
+    writers = [w.replica for w in where if w.writes]
+    assert sorted(writers) == list(range(data))
+    assert all(w.stage == pipeline - 1 and layout.coords(w.rank).tensor == 0 for w in where if w.writes)
+
+
 def test_summary_is_the_token_mean_per_source() -> None:
     es = EvalSet(5, 2, (EvalSource("a", "fr", np.zeros((2, 5), dtype=np.int64)),
                         EvalSource("b", "", np.zeros((1, 5), dtype=np.int64))))

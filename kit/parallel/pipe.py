@@ -151,3 +151,12 @@ def pipe_name(name: str, n_layer: int) -> str:
     if not m:
         raise KeyError(f"{name} is not a BloomForCausalLM parameter name")
     return f"{int(m.group(1)) + FIRST_BLOCK}.{m.group(2)}"
+
+
+def stage_forward(net: Any, x: torch.Tensor) -> torch.Tensor:
+    """This stage's layers of ``net`` (a PipelineModule) applied to ``x``, for evaluation: what
+    ``net.forward`` computes, without its activation checkpointing (nothing to save under no_grad) and
+    without touching its state (``forward`` advances the micro-batch counter that seeds layers)."""
+    for layer in net.forward_funcs:
+        x = layer(x)
+    return x

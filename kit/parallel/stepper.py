@@ -88,6 +88,7 @@ class Stepper:
 
         eng._INSTRUCTION_MAP = {**type(eng)._INSTRUCTION_MAP, OptimizerStep: optimizer_step}
         inner = eng.module.loss_fn
+        self.deepspeed_loss_fn = inner  # DeepSpeed's own, for bench/overhead's bare blocks (unhook)
 
         def loss_fn(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             loss: torch.Tensor = inner(outputs, labels)
@@ -98,3 +99,16 @@ class Stepper:
             return loss
 
         eng.module.loss_fn = loss_fn
+        self.kit_hooks = {"instructions": eng._INSTRUCTION_MAP, "loss_fn": loss_fn}
+
+    def unhook(self) -> None:
+        """Leave the pipeline engine exactly as DeepSpeed built it (bench/overhead's bare blocks measure
+        DeepSpeed's own loop on the same engine); :meth:`rehook` puts kit's hooks back."""
+        if self.pipelined:
+            del self.engine._INSTRUCTION_MAP  # back to the class's map
+            self.engine.module.loss_fn = self.deepspeed_loss_fn
+
+    def rehook(self) -> None:
+        if self.pipelined:
+            self.engine._INSTRUCTION_MAP = self.kit_hooks["instructions"]
+            self.engine.module.loss_fn = self.kit_hooks["loss_fn"]
