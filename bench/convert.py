@@ -5,10 +5,15 @@ with 2 real DeepSpeed ranks at ZeRO-2 and at ZeRO-3, and checkpointed (skipped w
 is already there: ``--runs``). Then, per checkpoint, each in a fresh process (so peak RSS is its own):
 
 - ``kit_cli``: ``kit convert RUN --step 1 --dtype fp32`` as users run it (the CLI verb, in-process after
-  its imports): the check of every source byte against the manifest (CRC-32), the conversion, the
-  verification of the export (every weight exactly, the first blocks' logits through from_pretrained),
-  the ledger events. Its phases are timed (``phases``); beside it, untimed, what the source check costs
-  with sha256 (checkpoints whose manifest predates the CRC-32). The targets are this route's;
+  its imports): the default source check (every file's size; each zip record the conversion reads, the
+  fp32 partitions and the pickles, against torch.save's CRC-32, as it reads them: tools.source_check),
+  the conversion, the verification of the export (every weight exactly, the first blocks' logits through
+  from_pretrained), the ledger events. Its phases are timed (``phases``; ``source_check_records_finish``
+  is what is left of the record check once the last shard is written). The targets are this route's;
+- ``kit_cli_full``: the same with ``--full-check``: every byte of the source checkpoint against its
+  manifest (CRC-32; 4x the export with the Adam moments), on another thread while converting (the
+  default before issue 16's record check); beside it, untimed, what that check costs with sha256
+  (checkpoints whose manifest predates the CRC-32);
 - ``kit``: the conversion step alone: tools.convert.convert writing fp32 safetensors shards
   (``--shard-size``), no source check, no verification;
 - ``copy``: shutil.copyfile of the exported shards (the same bytes) to another folder (sendfile:
@@ -141,7 +146,7 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
         t0, cpu0 = time.perf_counter(), _cpu()  # the source's hash check above: kit convert does it, not timed
         exp = convert(rd, ckpt, Path(out), "bf16" if kind == "kit_bf16" else "fp32", parse_size(shard), verify=False)
         nbytes = exp.bytes
-    elif kind == "kit_cli":  # the command as users run it: source check, conversion, verification, ledger
+    elif kind in ("kit_cli", "kit_cli_full"):  # the command as users run it: source check, conversion, verify
         import contextlib
         import io
 
@@ -150,13 +155,16 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
         from kit.tools.cli import main as kit_main
 
         phases = {}
-        conv.verify_source = _timed(conv.verify_source, "source_check", phases)
+        conv.verify_source = _timed(conv.verify_source, "source_check" if kind == "kit_cli_full"
+                                    else "source_check_whole_files", phases)
+        conv.check_pickles = _timed(conv.check_pickles, "source_check_pickles", phases)
+        conv.SourceCheck.finish = _timed(conv.SourceCheck.finish, "source_check_records_finish", phases)
         conv.write_weights = _timed(conv.write_weights, "write_weights", phases)
         ve.compare_weights = _timed(ve.compare_weights, "verify_weights", phases)
         ve.sampled_logits = _timed(ve.sampled_logits, "verify_logits", phases)
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             rc = kit_main(["convert", run, "--step", "1", "--out", out, "--dtype", "fp32", "--shard-size", shard,
-                           "--json"])
+                           "--json", *(["--full-check"] if kind == "kit_cli_full" else [])])
         if rc != 0:
             raise SystemExit(f"kit convert exited {rc}")
         done = json.loads(printed.getvalue())
@@ -199,12 +207,13 @@ def child(kind: str, run: str, out: str, shard: str) -> dict[str, Any]:
                               "import_s": import_s, "bytes": nbytes,
                               "mb_per_s": nbytes / seconds / 1e6,
                               "peak_rss_mb": _peak_rss_mb()}
-    if kind in ("kit", "kit_bf16", "kit_cli"):
+    if kind in ("kit", "kit_bf16", "kit_cli", "kit_cli_full"):
         result["phases"] = {**{k: round(v, 3) for k, v in phases.items()},
                             "final_fsync": round(time.perf_counter() - t_sync, 3)}
-    if kind == "kit_cli":
+    if kind in ("kit_cli", "kit_cli_full"):
         result["verify"] = {k: verified[k] for k in ("ok", "bit_identical", "weights_identical", "weights_compared",
                                                        "logits_layers", "reference")}
+    if kind == "kit_cli_full":
         from kit import checkpoint as ck
         from kit.rundir import RunDir
         from kit.tools.convert import pick_checkpoint
@@ -319,6 +328,7 @@ def main() -> int:
         print(f"ZeRO-{stage}: checkpoint {ckpt_bytes / 1e9:.2f} GB", flush=True)
         kit = measure("kit", run, runs / f"out-kit-{stage}", a.shard_size, a.repeat)
         cli = measure("kit_cli", run, runs / f"out-cli-{stage}", a.shard_size, a.repeat)
+        full = measure("kit_cli_full", run, runs / f"out-full-{stage}", a.shard_size, a.repeat)
         copy = measure("copy", runs / f"out-kit-{stage}", runs / f"out-copy-{stage}", a.shard_size, a.repeat)
         user = measure("copy_userspace", runs / f"out-kit-{stage}", runs / f"out-user-{stage}", a.shard_size,
                        a.repeat)
@@ -326,10 +336,12 @@ def main() -> int:
                          a.repeat)
         bf16 = measure("kit_bf16", run, runs / f"out-bf16-{stage}", a.shard_size, a.repeat)
         ds = measure("zero_to_fp32", run, runs / f"out-ds-{stage}", a.shard_size, a.repeat)
-        r = {"checkpoint_bytes": ckpt_bytes, "kit": kit, "kit_cli": cli, "copy": copy, "copy_userspace": user,
+        r = {"checkpoint_bytes": ckpt_bytes, "kit": kit, "kit_cli": cli, "kit_cli_full": full, "copy": copy,
+             "copy_userspace": user,
              "copy_sha256": hashed, "kit_bf16": bf16, "zero_to_fp32": ds,
              "command_throughput_vs_copy": cli["mb_per_s"] / copy["mb_per_s"],
              "command_peak_rss_vs_zero_to_fp32": cli["peak_rss_mb"] / ds["peak_rss_mb"],
+             "command_full_check_throughput_vs_copy": full["mb_per_s"] / copy["mb_per_s"],
              "throughput_vs_copy": kit["mb_per_s"] / copy["mb_per_s"],
              "throughput_vs_copy_userspace": kit["mb_per_s"] / user["mb_per_s"],
              "throughput_vs_copy_sha256": kit["mb_per_s"] / hashed["mb_per_s"],
@@ -352,9 +364,10 @@ def main() -> int:
         print(f"ZeRO-{stage}: `kit convert` as users run it (source check, conversion, verification): "
               f"{r['command_throughput_vs_copy']:.2f}x a copy's throughput (target >= 0.5), peak RSS "
               f"{r['command_peak_rss_vs_zero_to_fp32']:.2f}x zero_to_fp32's (target <= 0.5): "
-              f"{'MET' if r['ok'] else 'NOT MET'}; phases {cli['phases']}; verify {cli['verify']}; the source "
-              f"check with sha256 (older manifests) would take {cli['source_check_sha256_one_thread_untimed_s']} s "
-              "on one thread", flush=True)
+              f"{'MET' if r['ok'] else 'NOT MET'}; phases {cli['phases']}; verify {cli['verify']}", flush=True)
+        print(f"ZeRO-{stage}: with --full-check (every source byte): {r['command_full_check_throughput_vs_copy']:.2f}x "
+              f"a copy; phases {full['phases']}; the same check with sha256 (older manifests) would take "
+              f"{full['source_check_sha256_one_thread_untimed_s']} s on one thread", flush=True)
         print(f"ZeRO-{stage}: the conversion step alone: throughput kit/copy = {r['throughput_vs_copy']:.2f} ("
               f"vs a user-space copy {r['throughput_vs_copy_userspace']:.2f}; vs copy+sha256 "
               f"{r['throughput_vs_copy_sha256']:.2f}; zero_to_fp32/copy "
@@ -371,7 +384,7 @@ def main() -> int:
         print(f"ZeRO-{stage}: a save's hashing: sha256 {sv['sha256_cpu_s']} CPU-s, sha256 + CRC-32 "
               f"{sv['sha256_and_crc32_cpu_s']} (+{sv['crc32_extra_cpu_s_per_gb']} CPU-s per GB, "
               f"+{sv['crc32_extra_pct_of_hashing']}%)", flush=True)
-        for d in ("out-kit", "out-cli", "out-copy", "out-user", "out-hash", "out-bf16", "out-ds"):
+        for d in ("out-kit", "out-cli", "out-full", "out-copy", "out-user", "out-hash", "out-bf16", "out-ds"):
             shutil.rmtree(runs / f"{d}-{stage}", ignore_errors=True)
     results["load_avg_after"] = os.getloadavg()
     results["when"] = time.strftime("%Y-%m-%dT%H:%M:%S")

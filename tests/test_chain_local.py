@@ -3,15 +3,14 @@ loops segments inside one local job (real DeepSpeed ranks, real submitit LocalEx
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.chainwait import wait_chain
 from tests.conftest import ROOT, processes_of, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
@@ -30,13 +29,7 @@ def test_local_executor_chain(tmp_path: Path, deepspeed_ok: None, monkeypatch: p
     assert sub.executor == "local" and not sub.attached
     with pytest.raises(SubmitError, match="local chain in progress"):
         submit(cfg, log=lambda m: None)  # never two chains on one run
-    state: dict[str, object] = {}
-    end = time.time() + 900  # generous: on a loaded 2-core machine a segment's start-up alone took 120 s
-    while time.time() < end:
-        state = json.loads((sub.run_dir / "slurm" / "chain.json").read_text())
-        if state["state"] == "ended":
-            break
-        time.sleep(1)
+    state = wait_chain(sub.run_dir, timeout=400)  # per sign of progress: a start-up took 120 s on a loaded machine
     sub.job.wait()
     assert state["end_reason"] == "done", state
     segs: list[dict[str, object]] = state["segments"]  # type: ignore[assignment]
@@ -44,22 +37,6 @@ def test_local_executor_chain(tmp_path: Path, deepspeed_ok: None, monkeypatch: p
     assert {s["job_id"] for s in segs} == {sub.job_id}, "one local job loops the segments"
     resumed = [e["step"] for e in read_all(sub.run_dir, {"ckpt_loaded"})]
     assert resumed == [4], "the second segment resumed from the first one's checkpoint"
-
-
-def _wait_state(run_dir: Path, pred: Any, timeout: float) -> dict[str, Any]:
-    end = time.time() + timeout
-    state: dict[str, Any] = {}
-    while time.time() < end:
-        try:
-            state = json.loads((run_dir / "slurm" / "chain.json").read_text())
-        except (FileNotFoundError, ValueError):
-            state = {}
-        if pred(state):
-            return state
-        time.sleep(1)
-    logs = sorted((run_dir / "slurm" / "submitit").glob("*_log.err"))
-    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in logs[-2:])
-    raise AssertionError(f"chain condition not met in {timeout} s; state {state}\n{tails}")
 
 
 def rank_pid(run_dir: Path, rank: int, timeout: float = 120) -> int:
@@ -114,7 +91,7 @@ def test_frozen_rank_is_stopped_and_the_local_chain_resumes(no_leftovers: Path, 
     wait_steps(sub.run_dir, "", 5)  # past the first save: the watchdog's bound comes from step times (~3 s)
     frozen = rank_pid(sub.run_dir, 1)
     os.kill(frozen, signal.SIGSTOP)
-    state = _wait_state(sub.run_dir, lambda s: s.get("state") == "ended", timeout=400)
+    state = wait_chain(sub.run_dir, timeout=400)
     sub.job.wait()
     assert state["end_reason"] == "done", state
     first, *rest = state["segments"]
@@ -155,7 +132,7 @@ def test_disk_full_ends_the_chain_named_keeps_the_checkpoint_and_blames_no_node(
     mount_tmpfs(ckpts, f"{int(2.5 * need) // 1024}k")
     try:
         sub = submit(cfg, log=lambda m: None)
-        state = _wait_state(sub.run_dir, lambda s: s.get("state") == "ended", timeout=400)
+        state = wait_chain(sub.run_dir, timeout=400)
         sub.job.wait()
         assert state["end_reason"] == "disk_full", state
         [seg] = state["segments"]

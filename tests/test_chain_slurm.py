@@ -8,7 +8,6 @@ Segment lengths depend on slurmctld's 30 s limit checks: assertions say "at leas
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from kit.config import RunConfig
+from tests.chainwait import ended, wait_chain
 from tests.conftest import ROOT, tiny_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.deepspeed]
@@ -35,31 +35,11 @@ def _cfg(tmp: Path, name: str, **extra: Any) -> RunConfig:
 
 
 def _wait_ended(run_dir: Path, timeout: float = 300, max_segments: int = 12) -> dict[str, Any]:
-    """Wait for the chain's end, event by event: ``timeout`` bounds the wait for the NEXT sign of progress
-    (a new ledger line, a change of slurm/chain.json), not the whole chain, so a busy machine that makes
-    every segment slower cannot fail it while a chain that stops moving (or loops) still does."""
+    """The chain ended and its last Slurm job left the queue (tests/chainwait: bounded per sign of progress)."""
     from kit.jobs import slurmctl
-    from kit.ledger import read_all
 
-    end = time.time() + timeout
-    state: dict[str, Any] = {}
-    seen: tuple[int, str] = (0, "")
-    while time.time() < end:
-        try:
-            text = (run_dir / "slurm" / "chain.json").read_text()
-            state = json.loads(text)
-        except (FileNotFoundError, ValueError):
-            text, state = "", {}
-        if state.get("state") == "ended" and not slurmctl.is_active(state.get("job_id", "")):
-            return state
-        assert len(state.get("segments", [])) <= max_segments, f"the chain keeps going: {state}"
-        now = (len(read_all(run_dir)), text)
-        if now != seen:
-            seen, end = now, time.time() + timeout
-        time.sleep(1)
-    logs = sorted((run_dir / "slurm" / "submitit").glob("*.err"))
-    tail = logs[-1].read_text()[-3000:] if logs else "(no logs)"
-    raise AssertionError(f"chain made no progress for {timeout} s; state {state}\nlast log:\n{tail}")
+    return wait_chain(run_dir, lambda s: ended(s) and not slurmctl.is_active(s.get("job_id", "")), timeout,
+                      max_segments)
 
 
 def _wait_for(run_dir: Path, pred: Any, timeout: float = 300) -> list[dict[str, Any]]:

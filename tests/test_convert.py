@@ -262,11 +262,23 @@ def test_fallback_paths_give_the_same_bytes(zero_runs: dict[int, RunDir], tmp_pa
     from kit.tools.zero_reader import ZeroCheckpoint
 
     rd = zero_runs[2]
-    fast = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "fast", "fp32")
+    fast = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "fast", "fp32", check_source=True)
     monkeypatch.setattr(conv._ShardFile, "kernel_copy", False)
-    buffered = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "buffered", "fp32")
+    buffered = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "buffered", "fp32", check_source=True)
     monkeypatch.setattr(ZeroCheckpoint, "file_extents", lambda self: None)
-    mapped = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "mapped", "fp32")
+    # no extents: the record check cannot follow the reads; every optimizer file is checked whole instead
+    ckpt = conv.pick_checkpoint(rd, 2)
+    whole = conv.verify_source
+    checked: list[list[Path]] = []
+
+    def verify_source(ckpt: ck.Checkpoint, only: list[Path] | None = None) -> list[str]:
+        checked.append(only or [])
+        return whole(ckpt, only=only)
+
+    monkeypatch.setattr(conv, "verify_source", verify_source)
+    mapped = conv.convert(rd, ckpt, tmp_path / "mapped", "fp32", check_source=True)
+    optim = sorted(f.name for f in (rd.checkpoints / "step_0000002").glob("*_optim_states.pt"))
+    assert len(optim) == 2 and [sorted(p.name for p in c) for c in checked] == [optim]
     assert fast.verify["bit_identical"] and buffered.verify["bit_identical"] and mapped.verify["bit_identical"]
     shards = sorted(p.name for p in (tmp_path / "fast").glob("*.safetensors"))
     assert shards
@@ -278,9 +290,10 @@ def test_fallback_paths_give_the_same_bytes(zero_runs: dict[int, RunDir], tmp_pa
 
 def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], tmp_path: Path,
                                                   capsys: Any) -> None:
-    """kit convert checks every source byte (CRC-32 from the manifest, or sha256 where an older manifest
-    has none): one byte changed anywhere in any file (the fp32 masters, the Adam moments, the module,
-    a rank's RNG state, the pickles' own structure) is refused, and nothing is written."""
+    """The full check (pick_checkpoint's, `kit convert --full-check`) covers every source byte (CRC-32 from
+    the manifest, or sha256 where an older manifest has none): one byte changed anywhere in any file (the
+    fp32 masters, the Adam moments, the module, a rank's RNG state, the pickles' own structure) is refused,
+    and nothing is written."""
     import random
 
     from kit.tools.convert import pick_checkpoint
@@ -303,7 +316,8 @@ def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], 
                 data[where] ^= bit  # put it back before the next one
             f.write_bytes(bytes(data))
         assert pick_checkpoint(rd, 4).tag == "step_0000004"  # restored: accepted again
-        # the command checks while it converts (other threads): refused all the same, nothing written
+        # --full-check: the command checks every byte while it converts (other threads): refused all the same,
+        # nothing written (the default checks only what it reads: test_the_default_check_*)
         rel = max(manifest.files, key=lambda r: manifest.files[r].size)
         data = bytearray((step4 / rel).read_bytes())
         data[len(data) // 2] ^= 0x04
@@ -311,7 +325,7 @@ def test_any_changed_byte_of_the_source_is_caught(zero_runs: dict[int, RunDir], 
         out = tmp_path / f"out{stage}" / "hf"
         out.parent.mkdir()
         capsys.readouterr()
-        assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out)]) == 1
+        assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out), "--full-check"]) == 1
         err = capsys.readouterr().err
         assert f"is corrupt ({rel}: crc32 mismatch" in err and "Traceback" not in err
         _nothing_at(out)
@@ -354,3 +368,106 @@ def test_weights_outside_the_logits_sample_are_checked_too(zero_runs: dict[int, 
         result = ve.verify_export(rd, rd.load_config(), ckpt, out, "fp32")
         assert result["bit_identical"] and result["max_abs_diff"] == 0  # the sampled block's logits agree...
         assert not result["ok"] and result["differing_weights"] == [name]  # ...the weights do not
+
+
+def _records_read(step: Path, rank: int) -> tuple[Path, Any, Any]:
+    """A rank's optimizer file, the zip record of its fp32 partition (what the export is made of) and that
+    of its Adam first moment (which no export reads)."""
+    from kit.tools.source_check import records
+    from kit.tools.zero_reader import ZeroCheckpoint
+
+    reader = ZeroCheckpoint(step)
+    f = reader.optim_files[rank]
+    extents = reader.file_extents()
+    assert extents is not None
+    recs = records(f)
+    fp32 = next(r for r in recs if r.start <= extents[rank][0][0] < r.start + r.size)
+
+    def exp_avg(obj: Any) -> Any:  # the first Adam moment, wherever the stage's optimizer state keeps it
+        if isinstance(obj, dict):
+            if isinstance(obj.get("exp_avg"), torch.Tensor):
+                return obj["exp_avg"]
+            obj = list(obj.values())
+        if isinstance(obj, list | tuple):
+            return next((t for t in map(exp_avg, obj) if t is not None), None)
+        return None
+
+    off = exp_avg(torch.load(f, map_location="meta", weights_only=False)).untyped_storage()._checkpoint_offset
+    moment = next(r for r in recs if r.start == off)
+    assert fp32 != moment
+    return f, fp32, moment
+
+
+def _flip(f: Path, where: int) -> None:
+    with open(f, "r+b") as fh:
+        fh.seek(where)
+        b = fh.read(1)[0]
+        fh.seek(where)
+        fh.write(bytes([b ^ 0x20]))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_default_check_refuses_a_changed_weight(zero_runs: dict[int, RunDir], stage: int, tmp_path: Path,
+                                                    capsys: Any) -> None:
+    """`kit convert` (default check: the records it reads, against torch.save's CRC-32s, as it reads them):
+    one byte changed inside a rank's fp32 partition is refused, naming the file and the record, and no
+    export appears (the staging folder is removed, never renamed into place), whether the bytes are
+    copied by the kernel (fp32) or read and cast (bf16). Also a byte changed in the pickle (refused
+    before anything is unpickled)."""
+    rd = _copy_run(zero_runs[stage], tmp_path / "run")
+    step4 = rd.checkpoints / "step_0000004"
+    f, fp32, _ = _records_read(step4, 1)
+    _flip(f, fp32.start + fp32.size // 2)
+    out = tmp_path / "out" / "hf"
+    out.parent.mkdir()
+    capsys.readouterr()
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"is corrupt ({f.name}: record {fp32.name} (fp32 weights the export is made of): crc32 mismatch" in err
+    assert "Traceback" not in err
+    _nothing_at(out)
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out), "--dtype", "bf16"]) == 1
+    assert f"({f.name}: record {fp32.name} (fp32 weights" in capsys.readouterr().err  # read and cast: the same
+    _nothing_at(out)
+    _flip(f, fp32.start + fp32.size // 2)  # put back: converts again
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out), "--no-verify"]) == 0
+    shutil.rmtree(out)
+
+    from kit.tools.source_check import records
+
+    pkl = next(r for r in records(f) if r.name.endswith("data.pkl"))
+    _flip(f, pkl.start + pkl.size - 3)
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"is corrupt ({f.name}: record {pkl.name}: crc32 mismatch" in err and "Traceback" not in err
+    _nothing_at(out)
+
+
+def test_the_default_check_leaves_adam_moments_to_the_full_check(zero_runs: dict[int, RunDir], tmp_path: Path,
+                                                                 capsys: Any) -> None:
+    """A byte changed in an Adam moment's record is NOT refused by the default check, by design: no export
+    byte comes from it (the export is the fp32 partitions), the export is bit-identical to the intact
+    checkpoint's and verified, and checking the moments was 3/4 of the source's bytes (most of the
+    command's time, bench/convert.py). `kit convert --full-check` (every byte against the manifest)
+    refuses it, and `kit verify` would."""
+    from safetensors.torch import load_file
+
+    rd = _copy_run(zero_runs[2], tmp_path / "run")
+    step4 = rd.checkpoints / "step_0000004"
+    f, _, moment = _records_read(step4, 0)
+    intact = tmp_path / "intact"
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(intact)]) == 0
+    _flip(f, moment.start + moment.size // 3)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verify"]["ok"]
+    assert json.loads((out / ck.MANIFEST).read_text())["export"]["source_check"] == "records"
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(intact / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+    full = tmp_path / "full"
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(full), "--full-check"]) == 1
+    err = capsys.readouterr().err
+    assert f"is corrupt ({f.relative_to(step4)}: crc32 mismatch" in err and "Traceback" not in err
+    _nothing_at(full)

@@ -268,6 +268,33 @@ def copy_run(src: RunDir, dst: Path) -> RunDir:
     return RunDir(dst)
 
 
+def test_convert_checks_the_records_it_reads_at_a_layout(runs: dict[str, RunDir], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """At TP2xPP2, `kit convert`'s default source check covers the fp32 partitions of every model-parallel
+    rank (tools.source_check, record by record): one byte changed in the last stage's second tensor
+    shard's partition is refused, naming the file and record, and no export appears."""
+    from kit.tools.cli import main as kit_main
+    from kit.tools.source_check import records
+    from kit.tools.zero_reader import ZeroCheckpoint
+
+    rd = copy_run(runs["tp2pp2"], tmp_path / "run")
+    step = rd.checkpoints / ck.tag_for(STEPS)
+    reader = ZeroCheckpoint(step, mp_rank=3)
+    extents = reader.file_extents()
+    assert extents is not None
+    f, (off, numel) = reader.optim_files[1], extents[1][0]
+    rec = next(r for r in records(f) if r.start <= off < r.start + r.size)
+    data = bytearray(f.read_bytes())
+    data[off + 4 * (numel // 2) + 1] ^= 0x08
+    f.write_bytes(bytes(data))
+    out = tmp_path / "hf"
+    capsys.readouterr()
+    assert kit_main(["convert", str(rd.path), "--step", str(STEPS), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"is corrupt ({f.name}: record {rec.name} (fp32 weights the export is made of): crc32 mismatch" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.partial")]
+
+
 @pytest.mark.parametrize(("src", "args"), [("tp2", ["--world-size", "4"]),
                                            ("plain", ["--tensor", "2", "--world-size", "4", "--step", "20"])])
 def test_reshape_between_tp2dp2_and_dp4_then_resume(runs: dict[str, RunDir], src: str, args: list[str],

@@ -12,14 +12,19 @@ verified, so nothing at the destination looks complete before it is)::
 Memory and speed: each tensor's bytes go from the ZeRO partitions (tools.zero_reader) straight into
 its shard file, under a safetensors header built from the layout: fp32 copied file to file in the
 kernel, bf16 cast 16 MB at a time. Peak memory is the Python process plus a few 16 MB buffers, not one
-shard, and not 2.3x the model like DeepSpeed's zero_to_fp32. The time is mostly sha256 (of the source
-checkpoint, then of the shards for the manifest, as they are written), on several threads.
+shard, and not 2.3x the model like DeepSpeed's zero_to_fp32. The time is mostly sha256 of the shards
+for the manifest, as they are written, on two threads.
 
-Before converting, every byte of the source checkpoint is checked against its manifest (CRC-32:
-:func:`verify_source`). After, the result is verified against the checkpoint's own weights (the
-engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's own zero_to_fp32 reconstruction):
-every tensor bit for bit, one at a time, and the logits of the model's first blocks loaded with
-``from_pretrained`` (tools/verify_export.py). Memory stays near the largest tensor either way.
+The source is checked as it is read (tools.source_check): every file's size against the manifest, the
+pickles' zip records against torch.save's CRC-32s before anything is unpickled, and each fp32 partition
+record against its CRC-32, taken from the page cache on another thread as the writer copies it. Records
+no export byte comes from (the Adam moments: 3/4 of the checkpoint) are not read, so not checked;
+``--full-check`` checks every byte of every file against the manifest instead (:func:`verify_source`),
+and files the record check cannot cover are checked so anyway. After, the result is verified against
+the checkpoint's own weights (the engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's
+own zero_to_fp32 reconstruction): every tensor bit for bit, one at a time, and the logits of the
+model's first blocks loaded with ``from_pretrained`` (tools/verify_export.py). Memory stays near the
+largest tensor either way.
 
 Checkpoints written at a tensor x pipeline layout (kit.parallel) are read through
 tools.layout_reader: the same byte ranges, gathered from every model-parallel rank's partitions, with
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +58,7 @@ from kit.ledger import LedgerWriter, NullLedger, hostname
 from kit.progress import NO_BARS, Bars
 from kit.rundir import RunDir, resolve_run
 from kit.tools.layout_reader import LayoutCheckpoint, open_checkpoint
+from kit.tools.source_check import SourceCheck, check_pickles, verify_source
 from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpoint, advise
 
 Reader: TypeAlias = ZeroCheckpoint | LayoutCheckpoint  # a data-parallel checkpoint, or one of any layout
@@ -120,25 +127,6 @@ def _refuse_corrupt(ckpt: ck.Checkpoint, problems: list[str]) -> None:
     if problems:
         raise CheckpointError(f"checkpoint {ckpt.tag} is corrupt ({'; '.join(problems[:3])}); "
                               "choose another step with --step")
-
-
-def verify_source(ckpt: ck.Checkpoint, threads: int = 0) -> list[str]:
-    """Every byte of the checkpoint against its manifest: sizes, then each file's CRC-32 (sha256 for a
-    checkpoint saved before manifests had one), on several threads (zlib and hashlib release the GIL).
-
-    Why CRC-32 here: the source is several times the export's size (the Adam moments), and its sha256
-    was most of ``kit convert``'s time (bench/convert.py). A CRC-32 still catches any changed byte;
-    ``kit verify`` and resume keep checking sha256."""
-    problems = ck.verify(ckpt, hashes=False)
-    if problems:
-        return problems
-    files = sorted(ckpt.manifest.files.items(), key=lambda item: -item[1].size)  # big ones first
-    crc = all(info.crc32 for _, info in files)
-    key, digest = ("crc32", ck.crc32) if crc else ("sha256", ck.sha256)
-    with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: digest(ckpt.path / item[0]), files))
-    return [f"{rel}: {key} mismatch" for (rel, info), d in zip(files, digests, strict=True)
-            if d != (info.crc32 if crc else info.sha256)]
 
 
 def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -231,9 +219,10 @@ class _ShardFile:
             view = view[n:]
             self._advance(n)
 
-    def sendfile(self, in_fd: int, offset: int, count: int) -> None:
+    def sendfile(self, in_fd: int, offset: int, count: int, seen: Callable[[int, int], None] | None = None) -> None:
         """Append ``count`` bytes of another file, copied in the kernel (sendfile(2)); where the file
-        systems refuse that, through a buffer in this process."""
+        systems refuse that, through a buffer in this process. ``seen(offset, n)`` after each step (the
+        source check takes their CRC-32 while they are in the page cache)."""
         while count > 0:
             if self.kernel_copy:
                 try:
@@ -251,6 +240,8 @@ class _ShardFile:
             if sent <= 0:
                 raise CheckpointError(f"a ZeRO partition file ended early (offset {offset}); the checkpoint "
                                       "is damaged")
+            if seen:
+                seen(offset, sent)
             offset, count = offset + sent, count - sent
             if self.kernel_copy:
                 self._advance(sent)
@@ -286,7 +277,9 @@ class _ShardFile:
 
 
 def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
-                  then: Any = None, advance: Callable[[int], None] | None = None) -> tuple[int, int, dict[str, str]]:
+                  then: Any = None, advance: Callable[[int], None] | None = None,
+                  extents: list[list[tuple[int, int]]] | bool | None = True,
+                  check: SourceCheck | None = None) -> tuple[int, int, dict[str, str]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
 
     Each shard is its safetensors header (built here, from the layout alone) followed by each tensor's
@@ -298,7 +291,9 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
     - otherwise, through the mmapped partitions in CHUNK windows (madvise POPULATE_READ, cast or
       written as is, DONTNEED).
 
-    Either way resident memory stays at a few CHUNKs whatever the model size.
+    Either way resident memory stays at a few CHUNKs whatever the model size. ``extents``: the
+    reader's file_extents() when the caller has them (True: find them here). ``check``: told of every
+    range read from the optimizer files (tools.source_check: their CRC-32 is taken on the way).
 
     Two threads hash the shards (for the export's manifest) as they grow (:class:`_ShardFile`) and one
     fsyncs each finished shard, while the next is written; ``then()`` (the small files) runs once the last
@@ -313,14 +308,17 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
     weight_map = {reader.params[i].name: fname for fname, idx in zip(names, plan, strict=True) for i in idx}
     td = torch_dtype(dtype)
     item = 2 if dtype == "bf16" else 4
-    extents = reader.file_extents()
+    if extents is True:
+        extents = reader.file_extents()
+    assert extents is not True
     buf = torch.empty(0 if extents and dtype == "fp32" else CHUNK, dtype=torch.uint8)
     raw_bytes = bytearray(CHUNK if extents and dtype != "fp32" else 4)
     raw = torch.frombuffer(raw_bytes, dtype=torch.float32)
     per_chunk = CHUNK // 4
 
-    def write_cast(out: _ShardFile, in_fd: int, offset: int, count: int) -> None:
-        """``count`` fp32 elements at ``offset`` of a file, cast to the output dtype."""
+    def write_cast(out: _ShardFile, r: int, offset: int, count: int) -> None:
+        """``count`` fp32 elements at ``offset`` of file ``r``, cast to the output dtype."""
+        in_fd = srcs[r]
         view = memoryview(raw_bytes)
         for i in range(0, count, per_chunk):
             k = min(per_chunk, count - i)
@@ -331,6 +329,8 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
                     raise CheckpointError(f"a ZeRO partition file ended early (offset {offset}); the checkpoint "
                                           "is damaged")
                 got += n
+            if check:
+                check.sent(r, offset + 4 * i, 4 * k)
             cast = buf[:k * item]
             cast.view(td).copy_(raw[:k])
             out.write(cast.numpy())
@@ -372,9 +372,10 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
                         spec = by_name[name]
                         for r, g, a, count in reader.ranges(spec):
                             if extents and dtype == "fp32":
-                                out.sendfile(srcs[r], extents[r][g][0] + 4 * a, 4 * count)
+                                seen = functools.partial(check.sent, r) if check else None
+                                out.sendfile(srcs[r], extents[r][g][0] + 4 * a, 4 * count, seen)
                             elif extents:
-                                write_cast(out, srcs[r], extents[r][g][0] + 4 * a, count)
+                                write_cast(out, r, extents[r][g][0] + 4 * a, count)
                             else:
                                 assert parts is not None
                                 write_mapped(out, parts[r][g].detach()[a:a + count])
@@ -418,9 +419,10 @@ def write_config_and_tokenizer(rd: RunDir, cfg: RunConfig, stage: Path, dtype: s
 
 
 def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtype: str,
-                          verify: dict[str, Any], known: dict[str, str]) -> dict[str, Any]:
+                          verify: dict[str, Any], known: dict[str, str], source_check: str = "none") -> dict[str, Any]:
     """MANIFEST.json of the export, last (same ``files`` format as a checkpoint's manifest); ``known``:
-    hashes computed while writing."""
+    hashes computed while writing; ``source_check``: how the source was checked ("records": the zip
+    records read, "full": every byte, "none")."""
     files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != ck.MANIFEST)
     manifest = {
         "version": EXPORT_VERSION,
@@ -431,7 +433,7 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
         "export": {"tag": ckpt.tag, "step": ckpt.step, "run": cfg.run.name, "dtype": dtype,
                    "zero_stage": ckpt.manifest.kit.zero_stage, "config_digest": cfg.digest(),
                    "source_manifest_sha256": hashlib.sha256((ckpt.path / ck.MANIFEST).read_bytes()).hexdigest(),
-                   "verify": verify},
+                   "source_check": source_check, "verify": verify},
     }
     atomic_write_json(stage / ck.MANIFEST, manifest)
     return manifest
@@ -440,13 +442,15 @@ def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtyp
 def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_bytes: int = 2 * 10**9,
             verify: bool = True, atol: float = 0.0, force: bool = False,
             ledger: LedgerWriter | NullLedger | None = None, progress: Any = None,
-            check_source: bool = False, bars: Bars = NO_BARS) -> Export:
+            check_source: bool = False, bars: Bars = NO_BARS, full_check: bool = False) -> Export:
     """Convert one checkpoint into ``out`` (a local folder); raises KitError on any problem. ``bars``:
     progress bars (kit.progress: bytes written, the logits check).
 
-    ``check_source``: check every byte of the checkpoint against its manifest (:func:`verify_source`)
-    on other threads while converting, and refuse it before anything appears at ``out``: the reads of
-    the check overlap the conversion's work (on a parallel filesystem, most of the check is waiting)."""
+    ``check_source``: check the bytes of the checkpoint that the conversion reads, while it reads them
+    (tools.source_check: every file's size against the manifest, and each zip record read against
+    the CRC-32 torch.save wrote), and refuse it before anything appears at ``out``. ``full_check``:
+    every byte of every file against the manifest instead (:func:`verify_source`), on another thread
+    while converting."""
     from kit.tools.verify_export import verify_export
 
     led = ledger or NullLedger()
@@ -457,27 +461,42 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     if dtype not in DTYPES:
         raise KitError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     t0 = time.perf_counter()
+    whole: list[Path] = []
+    if check_source and not full_check:  # before anything is unpickled: sizes, then the pickles' records
+        _refuse_corrupt(ckpt, ck.verify(ckpt, hashes=False))
+        problems, whole = check_pickles([ckpt.path / rel for rel in ckpt.manifest.files if rel.endswith(".pt")])
+        _refuse_corrupt(ckpt, problems)
     reader = open_checkpoint(ckpt.path, ck.layout_of(ckpt), expected_shapes(cfg), cfg.model.n_layer)
     check_model(reader, cfg, ckpt)
+    extents = reader.file_extents()
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     checking = ThreadPoolExecutor(max_workers=1)
-    source = checking.submit(verify_source, ckpt) if check_source else None
+    records: SourceCheck | None = None
+    source: Future[list[str]] | None = None
     try:
+        if check_source and not full_check:
+            records = SourceCheck(reader.optim_files, extents)
+            if whole + records.whole:  # what cannot be checked record by record: whole files, meanwhile
+                source = checking.submit(verify_source, ckpt, only=whole + records.whole)
+        elif check_source:
+            source = checking.submit(verify_source, ckpt)
         stage.mkdir(parents=True)
         item = 2 if dtype == "bf16" else 4
         task = bars.task(f"writing {dtype}", sum(p.numel for p in reader.params) * item, unit="bytes")
         shards, nbytes, digests = write_weights(  # the small files while the last shards are hashed
             reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype),
-            advance=task.advance)
+            advance=task.advance, extents=extents, check=records)
         seconds = time.perf_counter() - t0
-        if source is not None:  # a corrupt source must not be verified against, nor exported
-            _refuse_corrupt(ckpt, source.result())
+        # a corrupt source must not be verified against, nor exported
+        _refuse_corrupt(ckpt, (records.finish() if records else []) + (source.result() if source else []))
         result: dict[str, Any] = {"skipped": True}
         if verify:
             with bars.phase("logits check"):
                 result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
             led.emit("ckpt_verified", tag=ckpt.tag, where="export", **result)
+            if not result["ok"] and check_source and not full_check:  # the reference's bytes were not checked:
+                _refuse_corrupt(ckpt, verify_source(ckpt))  # is it a damaged checkpoint? (then say so)
             if not result["ok"]:
                 weights = ("its weights are bit-identical to the checkpoint's, so the arithmetic differs: "
                            "pass --atol (e.g. 1e-5) if this machine's kernels are not reproducible"
@@ -486,13 +505,16 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
                 raise CheckpointError(
                     f"the export of {ckpt.tag} does not reproduce the checkpoint's logits (max |diff| "
                     f"{result['max_abs_diff']:.3g} > tolerance {atol}; {weights}); nothing was written to {out}")
-        write_export_manifest(stage, ckpt, cfg, dtype, result, digests)
+        write_export_manifest(stage, ckpt, cfg, dtype, result, digests,
+                              ("full" if full_check else "records") if check_source else "none")
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
     except OSError as e:
         raise _write_error(e, out) from None
     finally:
+        if records is not None:
+            records.close()
         checking.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(stage, ignore_errors=True)
     export = Export(out, ckpt.tag, ckpt.step, dtype, shards, nbytes, round(seconds, 3), result)
@@ -571,6 +593,9 @@ def add_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--atol", type=seconds(0.0), default=0.0,
                    help="largest accepted |logit difference| (default 0: exact)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--full-check", action="store_true",
+                   help="check every byte of the source checkpoint against its manifest (default: the bytes "
+                        "the conversion reads, against torch.save's CRC-32s, as it reads them)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -583,13 +608,14 @@ def run(args: argparse.Namespace, verb: str) -> int:
         probe(url)  # before hours of conversion: a destination that cannot work fails now
     elif args.out:
         check_destination(Path(args.out), args.force)
-    ckpt = pick_checkpoint(rd, args.step, check=False)  # convert() checks every byte while it converts
+    ckpt = pick_checkpoint(rd, args.step, check=False)  # convert() checks the source while it converts
     dtype = args.dtype or rd.load_config().deepspeed.precision
     out = Path(args.out) if args.out and not url else rd.exports / f"{ckpt.tag}-{dtype}"
     with LedgerWriter(rd.path, f"convert-{hostname()}-{os.getpid()}") as led:
         with Bars(enabled=not args.json) as bars:
             exp = convert(rd, ckpt, out, dtype, args.shard_size, verify=not args.no_verify,
-                          atol=args.atol, force=args.force or bool(url), ledger=led, check_source=True, bars=bars)
+                          atol=args.atol, force=args.force or bool(url), ledger=led, check_source=True, bars=bars,
+                          full_check=args.full_check)
         result: dict[str, Any] = {"tag": exp.tag, "step": exp.step, "out": str(exp.out), "dtype": exp.dtype,
                                   "shards": exp.shards, "bytes": exp.bytes, "seconds": exp.seconds,
                                   "verify": exp.verify}
