@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[stress] run {i + 1}/{args.runs}: {summary}", flush=True)
             for f in failed:
                 print(f"[stress]   failed: {f}", flush=True)
-            if out.returncode not in (0, 1):  # not a test failure: a broken suite (collection, usage)
+            if failed or out.returncode not in (0, 1):  # what failed, or a broken suite (collection, usage)
                 print(out.stdout[-3000:] + out.stderr[-3000:], flush=True)
     finally:
         for sp in spinners:

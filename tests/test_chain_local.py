@@ -68,6 +68,26 @@ def wait_steps(run_dir: Path, seg_prefix: str, n: int, timeout: float = 240) -> 
     raise AssertionError(f"{n} steps not reached in {timeout} s")
 
 
+def wait_committed(run_dir: Path, step: int, timeout: float = 240) -> None:
+    """Until the checkpoint of ``step`` is committed (its ``ckpt_saved``). Saves are asynchronous: a rank
+    frozen before its part of a save is on disk leaves that save uncommitted (a stress run froze rank 1
+    one step after the step-4 save began: the chain then rightly resumed from step 0)."""
+    from kit.ledger import read_all
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if any(e["step"] == step for e in read_all(run_dir, {"ckpt_saved"})):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the checkpoint of step {step} was not committed in {timeout} s")
+
+
+def newest_saved(run_dir: Path, seg: str) -> int:
+    from kit.ledger import read_all
+
+    return max(e["step"] for e in read_all(run_dir, {"ckpt_saved"}) if e.get("seg") == seg)
+
+
 FROZEN = {"trainer.max_steps": 10, "checkpoint.interval_steps": 4, "doctor.enabled": False,
           "slurm.time_limit": "00:05:00", "health.hang_floor_s": 3.0, "health.hang_ceiling_s": 120.0,
           "health.hang_factor": 5.0, "health.hang_grace_s": 5.0, "health.exit_grace_s": 5.0,
@@ -89,6 +109,7 @@ def test_frozen_rank_is_stopped_and_the_local_chain_resumes(no_leftovers: Path, 
     cfg = load_recipe(ROOT / "jobs" / "tiny.toml", tiny_overrides(no_leftovers / "runs", "frozen", **FROZEN))
     sub = submit(cfg, log=lambda m: None)
     wait_steps(sub.run_dir, "", 5)  # past the first save: the watchdog's bound comes from step times (~3 s)
+    wait_committed(sub.run_dir, 4)
     frozen = rank_pid(sub.run_dir, 1)
     os.kill(frozen, signal.SIGSTOP)
     state = wait_chain(sub.run_dir, timeout=400)
@@ -102,9 +123,14 @@ def test_frozen_rank_is_stopped_and_the_local_chain_resumes(no_leftovers: Path, 
     stopped = [a for a in read_all(sub.run_dir, {"alert"}) if "the driver terminated it" in a["message"]]
     assert stopped and stopped[0]["rank"] == 1 and stopped[0]["seg"] == first["seg"]
     loaded = [e for e in read_all(sub.run_dir, {"ckpt_loaded"}) if e["seg"] == rest[0]["seg"]]
-    assert loaded and loaded[0]["step"] == 4, "the next segment resumed from the checkpoint of step 4"
+    assert loaded and loaded[0]["step"] == newest_saved(sub.run_dir, first["seg"]) >= 4, \
+        "the next segment resumed from the first one's newest committed checkpoint"
     [hang] = [e for e in read_all(sub.run_dir, {"hang"}) if e["seg"] == first["seg"]]
-    assert hang["suspect_ranks"] == [1] and hang["bound_s"] < 60
+    assert hang["suspect_ranks"] == [1]
+    if hang["phase"] == "step":  # frozen between saves: the bound comes from the step times (~3 s here)
+        assert hang["bound_s"] < 60, hang
+    else:  # frozen as rank 0 began the step-8 save (a stress run): a save may take long, the ceiling applies
+        assert (hang["phase"], hang["bound_s"]) == ("save", FROZEN["health.hang_ceiling_s"]), hang
 
 
 def test_disk_full_ends_the_chain_named_keeps_the_checkpoint_and_blames_no_node(
