@@ -200,7 +200,9 @@ def test_a_rank_stuck_in_setup_ends_the_segment_with_hang(
     out = run_local_segment(rd, cfg, seg="s1", extra_env={"KIT_FAULTS": "setup.before_engine:rank1=hang"})
     wall = time.monotonic() - t0
     logs = capfd.readouterr()
-    assert logs.err.count(f"exitcode  : {exitcodes.HANG}") == 2, logs.err[-3000:]
+    # The first rank to exit with HANG makes torchrun SIGTERM the other (a CI run saw it reach rank 1 before
+    # rank 1's own HANG exit): at least one HANG exit in torchrun's summary; both ranks' stacks below.
+    assert logs.err.count(f"exitcode  : {exitcodes.HANG}") >= 1, logs.err[-3000:]
     assert out.reason == "hang"
     [hang] = [e for e in read_all(rd.path, {"hang"}) if e["seg"] == "s1"]
     assert hang["phase"] == "setup" and hang["bound_s"] == bound and hang["step"] == -1
