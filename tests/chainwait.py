@@ -43,3 +43,16 @@ def wait_chain(run_dir: Path, until: Callable[[dict[str, Any]], bool] = ended, t
     logs = sorted((run_dir / "slurm" / "submitit").glob("*.err"))
     tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in logs[-2:]) or "(no logs)"
     raise AssertionError(f"chain made no progress for {timeout} s; state {state}\n{tails}")
+
+
+def wait_ledger(run_dir: Path, pred: Callable[[list[dict[str, Any]]], bool], what: str,
+                timeout: float = 300, kinds: set[str] | None = None) -> list[dict[str, Any]]:
+    """The run's events (of ``kinds``, or all) once ``pred(events)`` holds; ``what`` names the wait in
+    the failure."""
+    end = time.time() + timeout
+    while time.time() < end:
+        events = read_all(run_dir, kinds)
+        if pred(events):
+            return events
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not seen in the ledger within {timeout} s")

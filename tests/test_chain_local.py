@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chainwait import wait_chain
+from tests.chainwait import wait_chain, wait_ledger
 from tests.conftest import ROOT, processes_of, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
@@ -57,29 +57,16 @@ def rank_pid(run_dir: Path, rank: int, timeout: float = 120) -> int:
 
 
 def wait_steps(run_dir: Path, seg_prefix: str, n: int, timeout: float = 240) -> None:
-    from kit.ledger import read_all
-
-    end = time.time() + timeout
-    while time.time() < end:
-        steps = [e for e in read_all(run_dir, {"step"}) if str(e.get("seg", "")).startswith(seg_prefix)]
-        if len(steps) >= n:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{n} steps not reached in {timeout} s")
+    wait_ledger(run_dir, lambda ev: sum(str(e.get("seg", "")).startswith(seg_prefix) for e in ev) >= n,
+                f"{n} steps", timeout, {"step"})
 
 
 def wait_committed(run_dir: Path, step: int, timeout: float = 240) -> None:
     """Until the checkpoint of ``step`` is committed (its ``ckpt_saved``). Saves are asynchronous: a rank
     frozen before its part of a save is on disk leaves that save uncommitted (a stress run froze rank 1
     one step after the step-4 save began: the chain then rightly resumed from step 0)."""
-    from kit.ledger import read_all
-
-    end = time.time() + timeout
-    while time.time() < end:
-        if any(e["step"] == step for e in read_all(run_dir, {"ckpt_saved"})):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"the checkpoint of step {step} was not committed in {timeout} s")
+    wait_ledger(run_dir, lambda ev: any(e["step"] == step for e in ev), f"the commit of step {step}'s checkpoint",
+                timeout, {"ckpt_saved"})
 
 
 def newest_saved(run_dir: Path, seg: str) -> int:

@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kit.config import RunConfig
-from tests.chainwait import ended, wait_chain
+from tests.chainwait import ended, wait_chain, wait_ledger
 from tests.conftest import ROOT, tiny_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.deepspeed]
@@ -43,15 +42,7 @@ def _wait_ended(run_dir: Path, timeout: float = 300, max_segments: int = 12) -> 
 
 
 def _wait_for(run_dir: Path, pred: Any, timeout: float = 300) -> list[dict[str, Any]]:
-    from kit.ledger import read_all
-
-    end = time.time() + timeout
-    while time.time() < end:
-        events = read_all(run_dir)
-        if pred(events):
-            return events
-        time.sleep(0.5)
-    raise AssertionError(f"ledger condition not met in {timeout} s")
+    return wait_ledger(run_dir, pred, "the awaited events", timeout)
 
 
 def _kinds(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
