@@ -32,7 +32,7 @@ its imports (reported apart as import_s) and stops after its output is fsynced. 
 where its time went (``phases``: wall seconds of each step of convert(), and, untimed, of the check of
 the source checkpoint's hashes that ``kit convert`` does first).
 
-Each route runs ``--repeat`` times (default 3); the fastest run counts, the largest peak RSS counts.
+Each route runs ``--repeat`` times (default 5); the fastest run counts, the largest peak RSS counts.
 Targets (issues 7, 16): `kit convert` as users run it (kit_cli) >= 0.5x the copy's throughput and
 <= 0.5x zero_to_fp32's peak RSS; the conversion step alone is printed beside it.
 Writes bench/results/convert.json with the machine's load before and after.
@@ -293,7 +293,7 @@ def measure(kind: str, run: Path, out: Path, shard: str, repeat: int) -> dict[st
     runs = []
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        env = dict(os.environ, DS_ACCELERATOR="cpu")  # torch's threads as an operator's shell leaves them
         proc = subprocess.run([sys.executable, __file__, "--child", kind, str(run), str(out), shard],
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -312,7 +312,7 @@ def main() -> int:
     p.add_argument("--runs", default="/tmp/bench-convert", help="where the two runs live (kept for reruns)")
     p.add_argument("--shard-size", default="200MB", help="output shard size for kit and for save_pretrained")
     p.add_argument("--stages", default="2,3")
-    p.add_argument("--repeat", type=int, default=3, help="runs per route; the fastest counts")
+    p.add_argument("--repeat", type=int, default=5, help="runs per route; the fastest counts")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:

@@ -82,6 +82,11 @@ def test_convert_each_zero_stage_bit_identical(zero_runs: dict[int, RunDir], sta
     assert verified[-1]["ok"] and verified[-1]["bit_identical"] and verified[-1]["atol"] == 0.0
     assert verified[-1]["weights_identical"] and verified[-1]["differing_weights"] == []
     assert verified[-1]["reference"] == ("deepspeed zero_to_fp32" if stage == 3 else "engine module weights")
+    # every tensor checked without reading the reference again: by the CRC-32s torch.save wrote for the module
+    # (ZeRO-1/2), or against zero_to_fp32's tensors' own (ZeRO-3); the export's from its bytes as written
+    way = "crc32" if stage == 3 else "saved_crc32"
+    assert verified[-1]["weights_compared_by"] == {"saved_crc32": 0, "crc32": 0, "bytes": 0,
+                                                   way: verified[-1]["weights_compared"]}
     converted = read_all(rd.path, {"ckpt_converted"})
     assert converted[-1]["tag"] == "step_0000004" and converted[-1]["shards"] == len(shards)
 
@@ -440,6 +445,51 @@ def test_the_default_check_refuses_a_changed_weight(zero_runs: dict[int, RunDir]
     assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert f"is corrupt ({f.name}: record {pkl.name}: crc32 mismatch" in err and "Traceback" not in err
+    _nothing_at(out)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_a_bad_copy_is_refused_and_told_from_a_damaged_checkpoint(zero_runs: dict[int, RunDir], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 kernel_copy: bool) -> None:
+    """The fp32 partitions' CRC-32s are taken from the export's bytes as written (one read for the manifest's
+    sha256, the source check and the verification): a byte that goes wrong in the copy (after it left the
+    intact checkpoint) is refused, said to be the copy's fault, not the checkpoint's, and no export appears.
+    The corruption is injected into the written file before the hashing thread can read it (the test's
+    stand-in for failing memory or disk; the kernel's copy cannot be made to fail here)."""
+    import os
+
+    import kit.tools.convert as conv
+    from kit.tools.convert import convert, pick_checkpoint
+
+    rd = zero_runs[2]
+    monkeypatch.setattr(conv._ShardFile, "kernel_copy", kernel_copy)
+    sendfile, calls = conv._ShardFile.sendfile, []
+
+    def bad_copy(self: Any, in_fd: int, offset: int, count: int, source: int = -1) -> None:
+        calls.append(count)
+        if len(calls) != 5:
+            return sendfile(self, in_fd, offset, count, source)
+        at = self.written + count // 2
+        advance = self._advance
+        self._advance = lambda n: None  # hold the bytes back from the hashing thread until they are damaged
+        try:
+            sendfile(self, in_fd, offset, count, source)
+        finally:
+            self._advance = advance
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x04]), at)
+        finally:
+            os.close(fd)
+        self._advance(count)
+
+    monkeypatch.setattr(conv._ShardFile, "sendfile", bad_copy)
+    out = tmp_path / "hf"
+    with pytest.raises(CheckpointError, match="differs from the checkpoint's bytes, which are intact: the copy "
+                                              "went wrong"):
+        convert(rd, pick_checkpoint(rd, 4), out, check_source=True)
+    assert len(calls) > 5
     _nothing_at(out)
 
 

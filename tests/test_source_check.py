@@ -19,22 +19,32 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kit import crc as kit_crc
 from kit.tools.source_check import SourceCheck, check_pickles, crc32_combine, records
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=3000), st.binary(max_size=3000))
-def test_crc32_combine_is_zlibs(a: bytes, b: bytes) -> None:
-    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+@given(st.binary(max_size=3000), st.binary(max_size=3000), st.integers(0, 2**32 - 1))
+def test_crc32_and_combine_are_zlibs(a: bytes, b: bytes, start: int) -> None:
+    """kit.crc (ISA-L's where installed, as in CI) and the pure-Python combine (its fallback) against zlib."""
+    assert kit_crc.crc32(a, start) == zlib.crc32(a, start) and kit_crc.crc32(b) == zlib.crc32(b)
+    for combine in (crc32_combine, kit_crc.py_crc32_combine):
+        assert combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
 def test_crc32_combine_of_long_runs() -> None:
     """Lengths with high bits set (the operators for large powers of two, which a 2 GB record needs)."""
     data = random.Random(1).randbytes(1 << 20)
-    for cut in (1, 4095, 1 << 19, (1 << 20) - 7):
-        assert crc32_combine(zlib.crc32(data[:cut]), zlib.crc32(data[cut:]), len(data) - cut) == zlib.crc32(data)
+    for combine in (crc32_combine, kit_crc.py_crc32_combine):
+        for cut in (1, 4095, 1 << 19, (1 << 20) - 7):
+            assert combine(zlib.crc32(data[:cut]), zlib.crc32(data[cut:]), len(data) - cut) == zlib.crc32(data)
+
+
+def test_the_fast_crc_is_installed() -> None:
+    """isal is a dependency (requirements/lock.txt): without it every check runs at zlib's speed, 4x slower."""
+    assert kit_crc.IMPLEMENTATION == "isal"
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -12,18 +12,25 @@ verified, so nothing at the destination looks complete before it is)::
 Memory and speed: each tensor's bytes go from the ZeRO partitions (tools.zero_reader) straight into
 its shard file, under a safetensors header built from the layout: fp32 copied file to file in the
 kernel, bf16 cast 16 MB at a time. Peak memory is the Python process plus a few 16 MB buffers, not one
-shard, and not 2.3x the model like DeepSpeed's zero_to_fp32. The time is mostly sha256 of the shards
-for the manifest, as they are written, on two threads.
+shard, and not 2.3x the model like DeepSpeed's zero_to_fp32.
+
+One read of the export: each shard is read back from the page cache as it grows (:meth:`_ShardFile.digest`),
+on two threads, for three things at once: its sha256 (the manifest), the CRC-32 of each tensor (the
+verification), and the CRC-32 of each fp32 piece copied from the checkpoint (the source check). So the
+command costs about the conversion alone plus the logits check (bench/convert.py).
 
 The source is checked as it is read (tools.source_check): every file's size against the manifest, the
 pickles' zip records against torch.save's CRC-32s before anything is unpickled, and each fp32 partition
-record against its CRC-32, taken from the page cache on another thread as the writer copies it. Records
-no export byte comes from (the Adam moments: 3/4 of the checkpoint) are not read, so not checked;
-``--full-check`` checks every byte of every file against the manifest instead (:func:`verify_source`),
-and files the record check cannot cover are checked so anyway. After, the result is verified against
-the checkpoint's own weights (the engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's
-own zero_to_fp32 reconstruction): every tensor bit for bit, one at a time, and the logits of the
-model's first blocks loaded with ``from_pretrained`` (tools/verify_export.py). Memory stays near the
+record against its CRC-32, put together from the pieces' CRC-32s (for bf16, read again from the page
+cache on another thread, since the export holds cast bytes). A fp32 record whose CRC-32 does not match is
+read again from the checkpoint, to tell a damaged checkpoint from a bad copy. Records no export byte
+comes from (the Adam moments: 3/4 of the checkpoint) are not read, so not checked; ``--full-check``
+checks every byte of every file against the manifest instead (:func:`verify_source`), and files the
+record check cannot cover are checked so anyway. After, the result is verified against the checkpoint's
+own weights (the engine's module weights, ZeRO-1/2 in the same dtype, or DeepSpeed's own zero_to_fp32
+reconstruction): every tensor (by CRC-32: the export's as written against the CRC-32s torch.save wrote
+for the module, or the reference tensor's own; byte for byte where neither can be had) and the logits of
+the model's first blocks loaded with ``from_pretrained`` (tools/verify_export.py). Memory stays near the
 largest tensor either way.
 
 Checkpoints written at a tensor x pipeline layout (kit.parallel) are read through
@@ -37,8 +44,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -52,6 +59,7 @@ from typing import Any, TypeAlias
 
 from kit import checkpoint as ck
 from kit.config import RunConfig
+from kit.crc import crc32, crc32_combine
 from kit.errors import CheckpointError, KitError
 from kit.fsio import atomic_write_json, fsync_path
 from kit.ledger import LedgerWriter, NullLedger, hostname
@@ -129,16 +137,23 @@ def _refuse_corrupt(ckpt: ck.Checkpoint, problems: list[str]) -> None:
                               "choose another step with --step")
 
 
+_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
 def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of the run's model, built on the meta device (no memory)."""
+    """Parameter names and shapes of the run's model, built on the meta device (no memory); once per
+    model description in a process (a conversion asks twice)."""
     import torch
     from transformers import BloomForCausalLM
 
     from kit.model import bloom_config
 
-    with torch.device("meta"):
-        model = BloomForCausalLM(bloom_config(cfg.model, cfg.data.vocab_size))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    key = f"{cfg.model!r} {cfg.data.vocab_size}"
+    if key not in _SHAPES:
+        with torch.device("meta"):
+            model = BloomForCausalLM(bloom_config(cfg.model, cfg.data.vocab_size))
+        _SHAPES[key] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return dict(_SHAPES[key])
 
 
 def check_model(reader: Reader, cfg: RunConfig, ckpt: ck.Checkpoint) -> list[str]:
@@ -193,19 +208,24 @@ class _ShardFile:
     """One shard being written, hashed as it grows: the writer appends and reports each step
     (:meth:`write`, :meth:`sendfile`), a pool thread reads the new bytes back from the page cache and
     hashes them (:meth:`digest`), so hashing starts with the first bytes, not after the whole shard.
-    pread, hashlib and sendfile release the GIL: the two go on in parallel on two cores."""
+    pread, hashlib and sendfile release the GIL: the two go on in parallel on two cores.
+
+    ``check``: the source check (tools.source_check.SourceCheck), told the CRC-32 of each piece of a
+    ZeRO partition copied unchanged (fp32), from the same reads: the source is then not read twice."""
 
     STEP = 8 << 20  # the largest single write or sendfile: the hashing thread follows at that distance
     READ = 1 << 20  # hashing reads: cache-sized
     kernel_copy = True  # sendfile(2) works here (set False, for the process, at its first refusal)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, check: SourceCheck | None = None) -> None:
         self.path = path
+        self.check = check
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written = 0
         self.closed = False
         self.buf: bytearray | None = None
         self.cond = threading.Condition()
+        self.pieces: list[tuple[int, int, int, int]] = []  # (position here, source file, its offset, bytes)
 
     def _advance(self, n: int) -> None:
         with self.cond:
@@ -219,10 +239,12 @@ class _ShardFile:
             view = view[n:]
             self._advance(n)
 
-    def sendfile(self, in_fd: int, offset: int, count: int, seen: Callable[[int, int], None] | None = None) -> None:
-        """Append ``count`` bytes of another file, copied in the kernel (sendfile(2)); where the file
-        systems refuse that, through a buffer in this process. ``seen(offset, n)`` after each step (the
-        source check takes their CRC-32 while they are in the page cache)."""
+    def sendfile(self, in_fd: int, offset: int, count: int, source: int = -1) -> None:
+        """Append ``count`` bytes of another file (``source``: its index in the source check), copied in
+        the kernel (sendfile(2)); where the file systems refuse that, through a buffer in this process."""
+        if self.check is not None and source >= 0:
+            with self.cond:  # before its bytes count as written: the hashing thread sees the piece first
+                self.pieces.append((self.written, source, offset, count))
         while count > 0:
             if self.kernel_copy:
                 try:
@@ -240,8 +262,6 @@ class _ShardFile:
             if sent <= 0:
                 raise CheckpointError(f"a ZeRO partition file ended early (offset {offset}); the checkpoint "
                                       "is damaged")
-            if seen:
-                seen(offset, sent)
             offset, count = offset + sent, count - sent
             if self.kernel_copy:
                 self._advance(sent)
@@ -253,12 +273,24 @@ class _ShardFile:
                 os.close(self.fd)
             self.cond.notify()
 
-    def digest(self) -> str:
-        """sha256 of everything written, once the writer has closed (a pool thread runs this)."""
+    def digest(self) -> tuple[str, dict[str, int]]:
+        """sha256 of everything written, once the writer has closed (a pool thread runs this), and, from
+        the same reads, the CRC-32 of each tensor's bytes and of each copied piece (told to the source
+        check). The tensors are those the file's own header names (parsed from the bytes read back, not
+        taken from the writer), so the verification can check every tensor of the export as written
+        against the checkpoint's CRC-32s without reading it again (tools.verify_export). A tensor's
+        CRC-32 is its pieces' put together (crc32_combine); tensors the header does not lay out plainly
+        get none (compared by bytes)."""
         h = hashlib.sha256()
         buf = bytearray(self.READ)
         view = memoryview(buf)
         pos = 0
+        head = bytearray()
+        spans: list[tuple[int, int, str]] | None = []  # file offsets [start, end) of each tensor, in file order
+        crcs: dict[str, int] = {}
+        k, crc = 0, 0  # the tensor being read, its CRC so far
+        pieces = self.pieces  # appended to by the writer, before the bytes they cover count as written
+        j, piece_crc, piece_open = 0, 0, False  # the next piece, the CRC so far of the one being read
         with open(self.path, "rb", buffering=0) as f:
             while True:
                 with self.cond:
@@ -266,21 +298,70 @@ class _ShardFile:
                         self.cond.wait()
                     end = self.written
                 if pos == end:
-                    return h.hexdigest()
+                    crcs.update((name, 0) for s0, s1, name in (spans or [])[k:] if s0 == s1 == pos)  # empty, last
+                    return h.hexdigest(), crcs
                 while pos < end:
                     got = os.preadv(f.fileno(), [view[:min(self.READ, end - pos)]], pos)
                     if got <= 0:
                         raise CheckpointError(f"{self.path} shrank while it was written; is another process "
                                               "writing the same export?")
                     h.update(view[:got])
+                    if spans is not None and not spans and len(head) < (8 << 20):  # the header: the spans
+                        head += view[:got]
+                        spans = _tensor_spans(bytes(head))  # None: not laid out plainly; []: not whole yet
+                    a, b = pos, pos + got
+                    while spans and k < len(spans) and spans[k][0] < b:  # this read's tensor bytes
+                        s0, s1, name = spans[k]
+                        a = max(a, s0)
+                        while a < min(b, s1):  # a piece's bytes, or (not copied: cast) the tensor's own
+                            while not piece_open and j < len(pieces) and (  # pieces not to be had whole here:
+                                    pieces[j][0] < a or pieces[j][0] < s1 < pieces[j][0] + pieces[j][3]):
+                                j += 1  # left to the source check to read itself
+                            if j < len(pieces) and (piece_open or pieces[j][0] == a):
+                                at, source, offset, n = pieces[j]
+                                stop = min(b, at + n)
+                                piece_crc, piece_open = crc32(view[a - pos:stop - pos], piece_crc), True
+                                if stop == at + n:  # the piece is whole: its CRC to the check and the tensor
+                                    assert self.check is not None
+                                    self.check.known(source, offset, n, piece_crc)
+                                    crc = crc32_combine(crc, piece_crc, n)
+                                    piece_crc, piece_open, j = 0, False, j + 1
+                            else:
+                                nxt = pieces[j][0] if j < len(pieces) and pieces[j][0] > a else s1
+                                stop = min(b, s1, nxt)
+                                crc = crc32(view[a - pos:stop - pos], crc)
+                            a = stop
+                        if s1 > b:
+                            break
+                        crcs[name], crc, k = crc, 0, k + 1
                     pos += got
+
+
+def _tensor_spans(head: bytes) -> list[tuple[int, int, str]] | None:
+    """The file offsets of each tensor of a safetensors file, from its first bytes: [] while the header
+    is not whole yet; None if it is not a plain layout (unreadable, overlapping or out-of-order tensors)."""
+    if len(head) < 8:
+        return []
+    n = int.from_bytes(head[:8], "little")
+    if len(head) < 8 + n:
+        return [] if n < (8 << 20) else None
+    try:
+        header = json.loads(head[8:8 + n])
+        spans = sorted((8 + n + int(v["data_offsets"][0]), 8 + n + int(v["data_offsets"][1]), k)
+                       for k, v in header.items() if k != "__metadata__")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    if any(s1 < s0 for s0, s1, _ in spans) or any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
+        return None
+    return spans
 
 
 def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
                   then: Any = None, advance: Callable[[int], None] | None = None,
                   extents: list[list[tuple[int, int]]] | bool | None = True,
-                  check: SourceCheck | None = None) -> tuple[int, int, dict[str, str]]:
-    """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file).
+                  check: SourceCheck | None = None) -> tuple[int, int, dict[str, str], dict[str, int]]:
+    """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file,
+    CRC-32 per tensor as read back from the shards: :meth:`_ShardFile.digest`).
 
     Each shard is its safetensors header (built here, from the layout alone) followed by each tensor's
     bytes, copied from the ZeRO partitions straight into the file:
@@ -348,7 +429,7 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
             advise(piece, MADV_DONTNEED)
 
     total = 0
-    hashes: dict[str, Future[str]] = {}
+    hashes: dict[str, Future[tuple[str, dict[str, int]]]] = {}
     syncs: list[Future[None]] = []
     with contextlib.ExitStack() as stack:
         hashing = stack.enter_context(ThreadPoolExecutor(max_workers=2))
@@ -363,7 +444,7 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
                 mapped.close()
                 parts = mapped.enter_context(reader.open())
             header, order = safetensors_header([(p.name, p.shape, p.numel * item) for p in specs], dtype)
-            out = _ShardFile(stage / fname)
+            out = _ShardFile(stage / fname, check)
             hashes[fname] = hashing.submit(out.digest)
             try:
                 with torch.no_grad():
@@ -371,9 +452,8 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
                     for name in order:
                         spec = by_name[name]
                         for r, g, a, count in reader.ranges(spec):
-                            if extents and dtype == "fp32":
-                                seen = functools.partial(check.sent, r) if check else None
-                                out.sendfile(srcs[r], extents[r][g][0] + 4 * a, 4 * count, seen)
+                            if extents and dtype == "fp32":  # the source check learns CRCs from out.digest
+                                out.sendfile(srcs[r], extents[r][g][0] + 4 * a, 4 * count, r)
                             elif extents:
                                 write_cast(out, r, extents[r][g][0] + 4 * a, count)
                             else:
@@ -389,13 +469,15 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
                 progress(fname)
         if then:
             then()
-        digests = {fname: f.result() for fname, f in hashes.items()}
+        done = {fname: f.result() for fname, f in hashes.items()}
+        digests = {fname: d for fname, (d, _) in done.items()}
+        crcs = {name: crc for _, by_name in done.values() for name, crc in by_name.items()}
         for f in syncs:
             f.result()
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return n, total, digests
+    return n, total, digests, crcs
 
 
 def write_config_and_tokenizer(rd: RunDir, cfg: RunConfig, stage: Path, dtype: str) -> None:
@@ -451,7 +533,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     the CRC-32 torch.save wrote), and refuse it before anything appears at ``out``. ``full_check``:
     every byte of every file against the manifest instead (:func:`verify_source`), on another thread
     while converting."""
-    from kit.tools.verify_export import verify_export
+    from kit.tools.verify_export import verify_export, warm_up
 
     led = ledger or NullLedger()
     out = Path(out)
@@ -471,7 +553,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     extents = reader.file_extents()
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
-    checking = ThreadPoolExecutor(max_workers=1)
+    checking = ThreadPoolExecutor(max_workers=2)  # the whole-file check; warm_up
     records: SourceCheck | None = None
     source: Future[list[str]] | None = None
     try:
@@ -482,18 +564,21 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
         elif check_source:
             source = checking.submit(verify_source, ckpt)
         stage.mkdir(parents=True)
+        warm = checking.submit(warm_up) if verify else None  # while the shards are written
         item = 2 if dtype == "bf16" else 4
         task = bars.task(f"writing {dtype}", sum(p.numel for p in reader.params) * item, unit="bytes")
-        shards, nbytes, digests = write_weights(  # the small files while the last shards are hashed
+        shards, nbytes, digests, crcs = write_weights(  # the small files while the last shards are hashed
             reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype),
             advance=task.advance, extents=extents, check=records)
         seconds = time.perf_counter() - t0
         # a corrupt source must not be verified against, nor exported
         _refuse_corrupt(ckpt, (records.finish() if records else []) + (source.result() if source else []))
         result: dict[str, Any] = {"skipped": True}
+        if warm:
+            warm.result()
         if verify:
             with bars.phase("logits check"):
-                result = verify_export(rd, cfg, ckpt, stage, dtype, atol)
+                result = verify_export(rd, cfg, ckpt, stage, dtype, atol, crcs)
             led.emit("ckpt_verified", tag=ckpt.tag, where="export", **result)
             if not result["ok"] and check_source and not full_check:  # the reference's bytes were not checked:
                 _refuse_corrupt(ckpt, verify_source(ckpt))  # is it a damaged checkpoint? (then say so)

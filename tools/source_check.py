@@ -8,9 +8,11 @@ default) the CRC-32 of every record in the zip's central directory. So the conve
 what it uses, as it uses it:
 
 - the records it reads weights from (the fp32 partitions, located by
-  tools.zero_reader.ZeroCheckpoint.file_extents): each range the writer copies is read back at once from
-  the page cache (it was just copied from there) and its CRC-32 taken on a worker thread
-  (:meth:`SourceCheck.sent`); at the end the pieces are put together in the record's order
+  tools.zero_reader.ZeroCheckpoint.file_extents): the CRC-32 of each range the writer copies unchanged
+  (fp32) is taken from the export's copy of it, as the export is read back for its sha256
+  (:meth:`SourceCheck.known`); a range it casts (bf16) is read back from the page cache (it was just
+  read from there) and its CRC-32 taken on a worker thread (:meth:`SourceCheck.sent`); at the end the
+  pieces are put together in the record's order
   (:func:`crc32_combine`), with the bytes the conversion skipped (alignment padding) read to fill the
   gaps, and compared with the record's CRC-32;
 - every other record of the files it unpickles (the pickles, format and byte-order records), at once;
@@ -30,13 +32,12 @@ import os
 import struct
 import threading
 import zipfile
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 from kit import checkpoint as ck
+from kit.crc import crc32, crc32_combine
 
 READ = 1 << 20  # bytes read back at a time
 AHEAD = 256 << 20  # the most bytes sent but not yet checked: the writer waits beyond (stays in the page cache)
@@ -68,45 +69,6 @@ def verify_source(ckpt: ck.Checkpoint, threads: int = 0, only: list[Path] | None
         digests = list(pool.map(lambda item: digest(ckpt.path / item[0]), files))
     return [f"{rel}: {key} mismatch" for (rel, info), d in zip(files, digests, strict=True)
             if d != (info.crc32 if crc else info.sha256)]
-
-
-# ------------------------------------------------------------------------------------------ CRC-32 algebra
-
-
-def _times(mat: tuple[int, ...], vec: int) -> int:
-    out, i = 0, 0
-    while vec:
-        if vec & 1:
-            out ^= mat[i]
-        vec >>= 1
-        i += 1
-    return out
-
-
-@cache
-def _zeros_operator(k: int) -> tuple[int, ...]:
-    """The GF(2) matrix that appends 2**k zero bytes to a (raw) CRC-32 register (zlib's crc32_combine)."""
-    if k == 0:  # one zero byte: eight one-bit shifts of the reflected polynomial
-        one_bit = (0xEDB88320, *(1 << n for n in range(31)))
-        op = one_bit
-        for _ in range(3):
-            op = tuple(_times(op, op[n]) for n in range(32))
-        return op
-    prev = _zeros_operator(k - 1)
-    return tuple(_times(prev, prev[n]) for n in range(32))
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of A + B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine, which Python's
-    zlib does not expose). The operators for each power of two are cached: a combine is a few
-    dozen 32-bit matrix-vector products, whatever the lengths."""
-    k = 0
-    while len2:
-        if len2 & 1:
-            crc1 = _times(_zeros_operator(k), crc1)
-        len2 >>= 1
-        k += 1
-    return crc1 ^ crc2
 
 
 # ------------------------------------------------------------------------------------------ zip records
@@ -141,13 +103,13 @@ def records(path: Path) -> list[Record]:
 
 
 def crc_of_range(fd: int, start: int, size: int, buf: memoryview) -> int:
-    """CRC-32 of ``size`` bytes of an open file from ``start`` (zlib releases the GIL)."""
+    """CRC-32 of ``size`` bytes of an open file from ``start`` (kit.crc releases the GIL)."""
     crc, pos, end = 0, start, start + size
     while pos < end:
         got = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
         if got <= 0:
             raise EOFError(f"the file ends at {pos}, before {end}")
-        crc = zlib.crc32(buf[:got], crc)
+        crc = crc32(buf[:got], crc)
         pos += got
     return crc
 
@@ -163,6 +125,7 @@ class _Member:
     record: Record
     runs: dict[int, list[int]] = field(default_factory=dict)  # start -> [end, crc]: contiguous pieces
     ends: dict[int, int] = field(default_factory=dict)  # end -> start of the run ending there
+    derived: bool = False  # some pieces' CRC-32s were taken from the export's copy of them (SourceCheck.known)
 
 
 def _partition_records(path: Path, groups: list[tuple[int, int]]) -> list[_Member] | None:
@@ -256,27 +219,40 @@ class SourceCheck:
             self._ahead += nbytes
         self._pending.append(self._pool.submit(self._crc_piece, file, offset, nbytes))
 
+    def known(self, file: int, offset: int, nbytes: int, crc: int) -> None:
+        """The CRC-32 of ``nbytes`` of file ``file`` at ``offset``, taken elsewhere: from the export's
+        bytes as they were read back for its sha256 (tools.convert; fp32 pieces are copied unchanged).
+        Nothing is read here. A record put together from such pieces that does not match is read again
+        from the checkpoint itself in :meth:`finish`, to tell a damaged source from a bad copy."""
+        if file in self._members and nbytes > 0:
+            self._pending.append(self._pool.submit(self._add_piece, file, offset, nbytes, crc, True))
+
     def _crc_piece(self, file: int, offset: int, nbytes: int) -> None:
         try:
-            member = next((m for m in self._members[file] if m.record.start <= offset
-                           and offset + nbytes <= m.record.start + m.record.size), None)
-            if member is None:  # the writer read outside the records it was to read: check the whole file
-                self.problems.append(f"{self.files[file].name}: bytes {offset}-{offset + nbytes} are outside "
-                                     "the fp32 partitions' records; this checkpoint's layout is not understood")
-                return
-            crc = crc_of_range(self._fds[file], offset, nbytes, self._buf)
-            start = member.ends.pop(offset, None)
-            if start is not None:  # continues a run: extend it
-                run = member.runs[start]
-                run[0], run[1] = offset + nbytes, crc32_combine(run[1], crc, nbytes)
-            else:
-                start = offset
-                member.runs[start] = [offset + nbytes, crc]
-            member.ends[offset + nbytes] = start
+            self._add_piece(file, offset, nbytes, None, False)
         finally:
             with self._cond:
                 self._ahead -= nbytes
                 self._cond.notify()
+
+    def _add_piece(self, file: int, offset: int, nbytes: int, crc: int | None, derived: bool) -> None:
+        member = next((m for m in self._members[file] if m.record.start <= offset
+                       and offset + nbytes <= m.record.start + m.record.size), None)
+        if member is None:  # the writer read outside the records it was to read: check the whole file
+            self.problems.append(f"{self.files[file].name}: bytes {offset}-{offset + nbytes} are outside "
+                                 "the fp32 partitions' records; this checkpoint's layout is not understood")
+            return
+        if crc is None:
+            crc = crc_of_range(self._fds[file], offset, nbytes, self._buf)
+        member.derived |= derived
+        start = member.ends.pop(offset, None)
+        if start is not None:  # continues a run: extend it
+            run = member.runs[start]
+            run[0], run[1] = offset + nbytes, crc32_combine(run[1], crc, nbytes)
+        else:
+            start = offset
+            member.runs[start] = [offset + nbytes, crc]
+        member.ends[offset + nbytes] = start
 
     def finish(self) -> list[str]:
         """Wait for the worker, fill every record's unread gaps, compare each with its CRC-32."""
@@ -285,8 +261,15 @@ class SourceCheck:
                 fut.result()
             for i, members in self._members.items():
                 for m in members:
-                    if self._crc_of(m, self._fds[i]) != m.record.crc:
-                        self.problems.append(f"{self.files[i].name}: record {m.record.name} (fp32 weights the "
+                    if self._crc_of(m, self._fds[i]) == m.record.crc:
+                        continue
+                    rec = m.record
+                    if m.derived and crc_of_range(self._fds[i], rec.start, rec.size, self._buf) == rec.crc:
+                        self.problems.append(f"the export's copy of {self.files[i].name}: record {rec.name} "
+                                             "differs from the checkpoint's bytes, which are intact: the copy "
+                                             "went wrong (failing memory or disk on this node?); run again")
+                    else:
+                        self.problems.append(f"{self.files[i].name}: record {rec.name} (fp32 weights the "
                                              "export is made of): crc32 mismatch")
         except EOFError as e:
             self.problems.append(f"a ZeRO optimizer file is shorter than its zip directory says ({e})")

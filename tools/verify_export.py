@@ -14,8 +14,12 @@ The export is read with safetensors' own reader and transformers' from_pretraine
 
 What is checked, and why it is bounded (issue 16: verification held two whole models, twice the
 model in memory, more than DeepSpeed's converter itself):
-1. weights: every tensor of the export against the reference, bit for bit, one tensor at a time; the
-   reference's file pages are dropped behind (madvise), so memory stays at about the largest tensor;
+1. weights: every tensor of the export against the reference, one tensor at a time: by CRC-32 where
+   tools.convert gives the export's tensors' CRC-32s (taken from the shards as written, in the read for
+   the manifest's sha256): against the CRC-32s torch.save wrote for the module weights (ZeRO-1/2: no
+   weight read at all; :func:`saved_record_check`), or the reference tensor's own CRC-32 (zero_to_fp32);
+   otherwise (and for a tensor not proven so) bit for bit. The reference's file pages are dropped behind
+   (madvise), so memory stays at about the largest tensor;
 2. logits: a model of the first ``SAMPLE_LAYERS`` blocks (embeddings, blocks 0..k-1, final norm,
    tied head: every kind of module the model has) loaded with from_pretrained from the export, and
    the same blocks from the reference, on a fixed batch. The weights of the other blocks are covered
@@ -23,7 +27,7 @@ model in memory, more than DeepSpeed's converter itself):
    arithmetic, which are the same for every block.
 ``ok`` needs both: weights identical, and logits within ``atol`` (default 0: bit-identical).
 
-Both models compute from weights in freshly allocated (64-byte aligned) memory. Why: safetensors
+Both models compute from weights in 64-byte aligned memory (copied there where they are not). Why: safetensors
 places tensors at whatever offset the header length gives (8-byte granularity), torch.load's mmap at
 64-byte boundaries, and MKL's AVX-512 kernels may sum in another order for differently aligned
 operands (Intel's "conditional numerical reproducibility" caveat). Equal weights at different
@@ -36,7 +40,6 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,7 @@ from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, MODEL_STATE
 BATCH_SEED = 0
 BATCH_SHAPE = (1, 32)  # 32 positions x the vocabulary: enough logits to see any difference, cheap at any size
 SAMPLE_LAYERS = 2  # blocks in the logits check (the model's first ones)
+ALIGN = 64  # bytes: both models compute from weights aligned so (see above)
 DROP_EVERY = 64 << 20  # bytes of reference read between two drops of its file pages
 
 
@@ -70,6 +74,7 @@ class Reference:
         import torch
 
         self.dtype = dtype
+        self.path = ckpt.path
         self.module: dict[str, Any] | None = None
         self.mapped = False  # module tensors are file mappings (their pages can be given back)
         self.lazy: dict[str, Any] = {}
@@ -96,6 +101,11 @@ class Reference:
             self.lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag, lazy_mode=True)
         self.kind = "deepspeed zero_to_fp32"
         self._flat = {id(f): f for t in self.lazy.values() for rank in getattr(t, "flat_groups", []) for f in rank}
+
+    def saved_check(self, crcs: dict[str, int], names: set[str]) -> set[str]:
+        """The reference tensors proven equal to the export's by the CRC-32s torch.save wrote, where the
+        reference is the engine's module weights as saved (:func:`saved_record_check`); else none."""
+        return saved_record_check(self.path / MODEL_STATES_Z12, crcs, names)[0] if self.mapped else set()
 
     def names(self) -> list[str]:
         return list(self.module if self.module is not None else self.lazy)
@@ -180,40 +190,121 @@ def layout_module_state(ckpt: ck.Checkpoint, layout: Layout, full_shapes: dict[s
     return state
 
 
-def _export_tensors(export: Path) -> Iterator[tuple[str, Any]]:
-    """Every tensor of the export through safetensors' own reader, one at a time."""
-    from safetensors import safe_open
-
+def _export_shards(export: Path) -> list[Path]:
     index = export / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
         ["model.safetensors"]
-    for shard in shards:
-        with safe_open(str(export / shard), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+    return [export / n for n in names]
 
 
-def compare_weights(ref: Reference, export: Path) -> tuple[list[str], int]:
-    """Names of the tensors that differ (or are missing on either side), and how many were compared."""
+def saved_record_check(path: Path, crcs: dict[str, int], names: set[str]) -> tuple[set[str], int]:
+    """Which tensors of a ``module`` state dict saved whole (ZeRO-1/2's model states) are proven equal to the
+    export by CRC-32 alone, without reading a weight: torch.save wrote the CRC-32 of each storage (zip
+    record); the module's tensors are views into storages (in training dtype they all share DeepSpeed's
+    flat buffer), so a record's CRC-32 is put together (kit.crc.crc32_combine) from the export's
+    tensor CRC-32s (``crcs``) in storage order, with any bytes between tensors (padding) read from the
+    file. A record whose CRC-32 matches proves every tensor in it; the tensors of one that does not (or
+    cannot be put together so: overlapping views, a tensor with no CRC) are returned to be compared byte
+    for byte. Returns (proven names, records checked)."""
+    import torch
+
+    from kit.crc import crc32_combine
+    from kit.tools.source_check import crc_of_range, records
+
+    by_start = {r.start: r for r in records(path) if r.stored and r.crc}
+    module = torch.load(path, map_location="meta", weights_only=False)["module"]  # file offsets, no data
+    views: dict[int, list[tuple[int, int, str]]] = {}
+    for name, t in module.items():
+        start = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+        if name in names and isinstance(start, int) and start in by_start and t.is_contiguous():
+            views.setdefault(start, []).append((t.storage_offset() * t.element_size(), t.numel() * t.element_size(),
+                                                name))
+    proven: set[str] = set()
+    buf = memoryview(bytearray(1 << 20))
+    with open(path, "rb", buffering=0) as f:
+        for start, spans in views.items():
+            rec = by_start[start]
+            same: dict[tuple[int, int], list[str]] = {}  # views of the same bytes (a tied weight): one CRC
+            for off, n, name in spans:
+                same.setdefault((off, n), []).append(name)
+            crc, pos, ok = 0, 0, True
+            for (off, n), alike in sorted(same.items()):
+                known = [crcs[a] for a in alike if a in crcs]
+                if off < pos or not known:
+                    ok = False
+                    break
+                if off > pos:
+                    crc = crc32_combine(crc, crc_of_range(f.fileno(), start + pos, off - pos, buf), off - pos)
+                crc, pos = crc32_combine(crc, known[0], n), off + n
+            if ok and pos < rec.size:
+                crc = crc32_combine(crc, crc_of_range(f.fileno(), start + pos, rec.size - pos, buf), rec.size - pos)
+            if ok and crc == rec.crc:
+                proven.update(name for alike in same.values() for name in alike)
+    return proven, len(views)
+
+
+def _st_dtype(t: Any) -> str:
+    """safetensors' name of a tensor's dtype ("F32", "BF16", ...)."""
+    return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(str(t.dtype).removeprefix("torch."), "")
+
+
+def tensor_crc(t: Any) -> int:
+    """CRC-32 of a tensor's bytes (kit.crc)."""
+    import torch
+
+    from kit.crc import crc32
+
+    return crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def compare_weights(ref: Reference, export: Path,
+                    crcs: dict[str, int] | None = None) -> tuple[list[str], int, dict[str, int]]:
+    """Names of the tensors that differ (or are missing on either side), how many were compared, and
+    how many each way ("saved_crc32", "crc32", "bytes").
+
+    ``crcs``: the CRC-32 of each export tensor, taken from the shards as they were written (tools.convert
+    reads every byte back for the manifest's sha256 anyway). A tensor that has one is compared by it:
+    against the CRC-32 torch.save wrote for the reference tensor (the engine's module weights: nothing
+    read at all), or else against the reference tensor's own CRC-32; the rest byte for byte, the export
+    read with safetensors' reader. A CRC-32 differs for any change of up to 32 consecutive bits and for
+    all but 1 in 2^32 other changes."""
+    from safetensors import safe_open
     from transformers import BloomForCausalLM
 
+    crcs = crcs or {}
     tied = dict(BloomForCausalLM._tied_weights_keys)
     wanted = set(ref.names())
+    saved = ref.saved_check(crcs, wanted) if crcs else set()
     differing, seen = [], set()
-    for name, got in _export_tensors(export):
-        seen.add(name)
-        if name not in wanted:
-            differing.append(name)
-            continue
-        want = ref.get(name)
-        if got.dtype != ref.dtype and got.is_floating_point():
-            got = got.to(ref.dtype)  # a layout's reference is in the training dtype (as from_pretrained casts)
-        if not same_bits(want, got):
-            differing.append(name)
-        ref.done(want)
-        del got
+    how = {"saved_crc32": 0, "crc32": 0, "bytes": 0}
+    for shard in _export_shards(export):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                seen.add(name)
+                if name not in wanted:
+                    differing.append(name)
+                    continue
+                want = ref.get(name)  # the module's: a file mapping, nothing read yet
+                sl = f.get_slice(name)
+                plain = want.dtype == ref.dtype and sl.get_dtype() == _st_dtype(want)
+                if plain and name in saved:
+                    same = tuple(sl.get_shape()) == tuple(want.shape)
+                    how["saved_crc32"] += 1
+                elif name in crcs and plain:
+                    same = tuple(sl.get_shape()) == tuple(want.shape) and tensor_crc(want) == crcs[name]
+                    how["crc32"] += 1
+                else:
+                    how["bytes"] += 1
+                    got = f.get_tensor(name)
+                    if got.dtype != ref.dtype and got.is_floating_point():
+                        got = got.to(ref.dtype)  # a layout's reference is in the training dtype (as from_pretrained)
+                    same = same_bits(want, got)
+                    del got
+                if not same:
+                    differing.append(name)
+                ref.done(want)
     differing += sorted(n for n in wanted - seen if tied.get(n) not in seen)
-    return sorted(differing), len(seen)
+    return sorted(differing), len(seen), how
 
 
 def same_bits(a: Any, b: Any) -> bool:
@@ -244,17 +335,21 @@ def _prefix_config(cfg: RunConfig, layers: int) -> Any:
 def sampled_logits(cfg: RunConfig, ref: Reference, export: Path) -> tuple[Any, Any]:
     """Logits of the first blocks: loaded from the export by from_pretrained, and built from the reference.
     One model at a time, so memory holds one prefix (and its file pages are given back)."""
+    return export_logits(cfg, ref.dtype, export), reference_logits(cfg, ref)
+
+
+def export_logits(cfg: RunConfig, dtype: Any, export: Path) -> Any:
+    """The first blocks' logits of the model ``from_pretrained`` loads from the export."""
     import torch
-    from transformers import AutoModelForCausalLM, BloomForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     config = _prefix_config(cfg, SAMPLE_LAYERS)
-    batch = fixed_batch(cfg)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "weights of the other blocks not used": that is the point
     try:
-        got_model = AutoModelForCausalLM.from_pretrained(str(export), config=config, dtype=ref.dtype,
+        got_model = AutoModelForCausalLM.from_pretrained(str(export), config=config, dtype=dtype,
                                                          attn_implementation=config._attn_implementation,
                                                          local_files_only=True)
     finally:
@@ -262,8 +357,15 @@ def sampled_logits(cfg: RunConfig, ref: Reference, export: Path) -> tuple[Any, A
     _own_memory(got_model)
     got_model.eval()
     with torch.no_grad():
-        got = got_model(input_ids=batch).logits
-    del got_model
+        return got_model(input_ids=fixed_batch(cfg)).logits
+
+
+def reference_logits(cfg: RunConfig, ref: Reference) -> Any:
+    """The same blocks' logits built from the checkpoint's own weights."""
+    import torch
+    from transformers import BloomForCausalLM
+
+    config = _prefix_config(cfg, SAMPLE_LAYERS)
     with torch.device("meta"):
         ref_model = BloomForCausalLM(config)
     keep = set(ref_model.state_dict()) - set(BloomForCausalLM._tied_weights_keys)  # tied: one copy, tie_weights
@@ -284,32 +386,50 @@ def sampled_logits(cfg: RunConfig, ref: Reference, export: Path) -> tuple[Any, A
     ref.drop()
     ref_model.eval()
     with torch.no_grad():
-        want = ref_model(input_ids=batch).logits
-    return got, want
+        return ref_model(input_ids=fixed_batch(cfg)).logits
+
+
+def warm_up() -> None:
+    """Build what ``from_pretrained`` builds on its first call in a process (transformers' table of
+    checkpoint renamings: about a thousand regular expressions, 0.15-0.2 s here): tools.convert runs this
+    on a thread while the shards are written, where the time is hidden behind the copy."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # another transformers: nothing to warm
+        return
+    get_checkpoint_conversion_mapping("bloom")
 
 
 def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path, dtype_name: str,
-                  atol: float = 0.0) -> dict[str, Any]:
+                  atol: float = 0.0, crcs: dict[str, int] | None = None) -> dict[str, Any]:
     """Compare every weight exactly and the first blocks' logits (``ok``: weights identical and logits
     within ``atol``); returns the ledger fields (ok, bit_identical, max_abs_diff, weights_identical,
-    differing_weights, atol, reference, ...)."""
+    differing_weights, weights_compared_by, atol, reference, ...). ``crcs``: the export's tensors'
+    CRC-32s as written (tools.convert).
+
+    One thing after another: the reference's logits computed on a thread while the shards were written
+    slowed the writing by as much (two busy cores), and beside the weights' comparison, ZeRO-3's reference
+    tensors and the prefix models took the command over half of DeepSpeed's converter's memory
+    (bench/convert.py)."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    ref = Reference(ckpt, dtype, cfg)
-    differing, compared = compare_weights(ref, export)
+    ref = Reference(ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name], cfg)
+    differing, compared, how = compare_weights(ref, export, crcs)
     got, want = sampled_logits(cfg, ref, export)
     diff = float((got.float() - want.float()).abs().max())
     return {"ok": not differing and diff <= atol, "bit_identical": bool(torch.equal(got, want)),
             "max_abs_diff": diff, "weights_identical": not differing, "differing_weights": differing[:5],
-            "weights_compared": compared, "logits_layers": min(SAMPLE_LAYERS, cfg.model.n_layer),
+            "weights_compared": compared, "weights_compared_by": how,
+            "logits_layers": min(SAMPLE_LAYERS, cfg.model.n_layer),
             "atol": atol, "reference": ref.kind, "batch": list(fixed_batch(cfg).shape), "dtype": dtype_name}
 
 
 def _own_memory(model: Any) -> None:
-    """Move every parameter into fresh tensors (torch's allocator aligns them to 64 bytes), off the
-    file mappings they were loaded into; shared (tied) parameters stay one object."""
+    """Move every parameter that is not 64-byte aligned into a fresh tensor (torch's allocator aligns
+    them to 64 bytes); shared (tied) parameters stay one object. Aligned ones (torch.save's records are)
+    stay where they are: copying the embedding was most of the logits check's time."""
     import torch
 
     for p in model.parameters():  # parameters() yields a shared Parameter once
-        p.data = p.data.clone(memory_format=torch.contiguous_format)
+        if p.data.data_ptr() % ALIGN or not p.data.is_contiguous():
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
