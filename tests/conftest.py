@@ -264,7 +264,7 @@ def no_leftovers(tmp_path: Path):  # type: ignore[no-untyped-def]
 # writer, chain vs Slurm, the watchdog, signals): marked `concurrency`, run under load by tests/stress.py.
 CONCURRENCY = ("test_stream", "test_monitor", "test_monitor_tmux", "test_monitor_slurm", "test_chain_local",
                "test_chain_slurm", "test_chain_twonode", "test_watchdog", "test_stragglers", "test_trainer",
-               "test_spikes_run", "test_summary", "test_faults", "test_goodput_chain")
+               "test_spikes_run", "test_summary", "test_faults", "test_goodput_chain", "test_train_procs")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
