@@ -188,19 +188,24 @@ def plan_shards(reader: Reader, dtype: str, shard_bytes: int) -> list[list[int]]
 
 ST_DTYPE = {"bf16": "BF16", "fp32": "F32"}
 CHUNK = 16 << 20  # bytes of fp32 read at a time when weights go through this process
+HEADER_ALIGN = 64  # the tensors' bytes begin at a multiple of this (safetensors_header)
 
 
 def safetensors_header(entries: list[tuple[str, tuple[int, ...], int]], dtype: str) -> tuple[bytes, list[str]]:
     """The header that safetensors' ``save_file(..., metadata={"format": "pt"})`` writes for tensors of one
-    dtype, and the order their bytes follow it: names sorted, compact JSON padded with spaces to 8 bytes,
-    after its little-endian u64 length (the format spec; the files are byte-identical to save_file's)."""
+    dtype, and the order their bytes follow it: names sorted, compact JSON after its little-endian u64
+    length (the format spec), padded with spaces (the spec allows any) so that the tensors' bytes begin at
+    a multiple of 64 bytes, not save_file's 8. Why: a reader that maps the file (from_pretrained) then
+    finds every tensor whose predecessors' sizes are multiples of 64 bytes (all of BLOOM's, hidden a
+    multiple of 16) at a 64-byte aligned address, as kernels want and as the logits check needs it
+    (tools/verify_export.py: otherwise it copies the prefix's weights, the embedding included)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     off = 0
     for name, shape, nbytes in sorted(entries):
         header[name] = {"dtype": ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % HEADER_ALIGN)
     return len(raw).to_bytes(8, "little") + raw, sorted(name for name, _, _ in entries)
 
 
@@ -357,7 +362,7 @@ def _tensor_spans(head: bytes) -> list[tuple[int, int, str]] | None:
 
 
 def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
-                  then: Any = None, advance: Callable[[int], None] | None = None,
+                  advance: Callable[[int], None] | None = None,
                   extents: list[list[tuple[int, int]]] | bool | None = True,
                   check: SourceCheck | None = None) -> tuple[int, int, dict[str, str], dict[str, int]]:
     """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file,
@@ -376,10 +381,10 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
     reader's file_extents() when the caller has them (True: find them here). ``check``: told of every
     range read from the optimizer files (tools.source_check: their CRC-32 is taken on the way).
 
-    Two threads hash the shards (for the export's manifest) as they grow (:class:`_ShardFile`) and one
-    fsyncs each finished shard, while the next is written; ``then()`` (the small files) runs once the last
-    shard is written, while the hashing catches up. Hashing is the largest cost (sha256 is slower than
-    the kernel's copy); bench/convert.py compares with a plain copy and with a copy plus sha256.
+    Two threads hash the shards (for the export's manifest, and each tensor's and copied piece's CRC-32) as
+    they grow (:class:`_ShardFile`) and one fsyncs each finished shard, while the next is written. Hashing
+    is the largest cost (sha256 is slower than the kernel's copy); bench/convert.py compares with a plain
+    copy and with a copy plus sha256.
     """
     import torch
 
@@ -467,8 +472,6 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
             syncs.append(syncing.submit(fsync_path, out.path))
             if progress:
                 progress(fname)
-        if then:
-            then()
         done = {fname: f.result() for fname, f in hashes.items()}
         digests = {fname: d for fname, (d, _) in done.items()}
         crcs = {name: crc for _, by_name in done.values() for name, crc in by_name.items()}
@@ -553,7 +556,7 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
     extents = reader.file_extents()
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
-    checking = ThreadPoolExecutor(max_workers=2)  # the whole-file check; warm_up
+    checking = ThreadPoolExecutor(max_workers=3)  # the whole-file check; the small files; warm_up
     records: SourceCheck | None = None
     source: Future[list[str]] | None = None
     try:
@@ -564,12 +567,13 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
         elif check_source:
             source = checking.submit(verify_source, ckpt)
         stage.mkdir(parents=True)
-        warm = checking.submit(warm_up) if verify else None  # while the shards are written
+        small = checking.submit(write_config_and_tokenizer, rd, cfg, stage, dtype)  # while the shards are written,
+        warm = checking.submit(warm_up) if verify else None  # as is what from_pretrained builds on first use
         item = 2 if dtype == "bf16" else 4
         task = bars.task(f"writing {dtype}", sum(p.numel for p in reader.params) * item, unit="bytes")
-        shards, nbytes, digests, crcs = write_weights(  # the small files while the last shards are hashed
-            reader, stage, dtype, shard_bytes, progress, then=lambda: write_config_and_tokenizer(rd, cfg, stage, dtype),
-            advance=task.advance, extents=extents, check=records)
+        shards, nbytes, digests, crcs = write_weights(reader, stage, dtype, shard_bytes, progress,
+                                                      advance=task.advance, extents=extents, check=records)
+        small.result()
         seconds = time.perf_counter() - t0
         # a corrupt source must not be verified against, nor exported
         _refuse_corrupt(ckpt, (records.finish() if records else []) + (source.result() if source else []))

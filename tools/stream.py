@@ -211,7 +211,8 @@ class Streamer:
 
         o = self.opts
         local = self.rd.exports / f"{c.tag}-hf"
-        exp = convert(self.rd, c, local, o.dtype, atol=o.atol, force=True, ledger=self.led)
+        exp = convert(self.rd, c, local, o.dtype, atol=o.atol, force=True, ledger=self.led,
+                      check_source=True)  # as `kit convert`: the records it reads, against torch.save's CRC-32s
         dest = self.remote("hf", c.tag)
         res = upload_folder(exp.out, dest, o.jobs, o.retries, o.backoff_s, o.progress)
         self.led.emit("ckpt_uploaded", tag=c.tag, url=res.url, step=c.step, sent=res.sent, skipped=res.skipped,
