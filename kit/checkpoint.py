@@ -90,10 +90,12 @@ def _field(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
-    """One file of a checkpoint or export folder: its size and sha256, as written."""
+    """One file of a checkpoint or export folder: its size and digests, as written. A checkpoint lists
+    sha256 and CRC-32 (older ones sha256 only); an export lists CRC-32 (older ones sha256:
+    tools.convert._ShardFile.digest says why)."""
 
     size: int
-    sha256: str
+    sha256: str  # "" where the manifest lists none (an export)
     crc32: str = ""  # zlib CRC-32, 8 hex digits (kit convert's fast check); "" in older manifests
 
     @classmethod
@@ -108,6 +110,11 @@ class FileEntry:
         if self.crc32:
             out["crc32"] = self.crc32
         return out
+
+    def matches(self, sha256: str, crc32: str) -> bool:
+        """Whether a file with these digests (:func:`digests`) is the one listed: every digest the entry
+        has must match; an entry with none matches nothing (its manifest is damaged)."""
+        return bool(self.sha256 or self.crc32) and self.sha256 in ("", sha256) and self.crc32 in ("", crc32)
 
 
 def read_files(d: dict[str, Any], where: str) -> dict[str, FileEntry]:

@@ -279,3 +279,25 @@ def test_manifest_digests_are_sha256_and_crc32_of_the_bytes(tmp_path: Path) -> N
     for name, data in blobs.items():
         assert files[name] == ck.FileEntry(len(data), hashlib.sha256(data).hexdigest(), f"{zlib.crc32(data):08x}")
         assert ck.crc32(folder / name) == files[name].crc32
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=3000), flip=st.integers(min_value=0), lists=st.sampled_from(["both", "sha256",
+                                                                                             "crc32", "none"]))
+def test_a_file_entry_matches_its_own_bytes_and_no_changed_byte(tmp_path_factory: pytest.TempPathFactory,
+                                                                data: bytes, flip: int, lists: str) -> None:
+    """FileEntry.matches (what kit upload checks a folder with): an entry with whichever digests its manifest
+    lists (a checkpoint's sha256 and CRC-32, an export's CRC-32, an old export's sha256) matches the digests
+    of its own bytes and not those of the same bytes with one bit flipped; one that lists none matches
+    nothing (a damaged manifest)."""
+    p = tmp_path_factory.mktemp("entry") / "f.bin"
+    p.write_bytes(data)
+    sha, crc = ck.digests(p)
+    entry = ck.FileEntry(len(data), sha if lists in ("both", "sha256") else "",
+                         crc if lists in ("both", "crc32") else "")
+    assert entry.matches(sha, crc) == (lists != "none")
+    if data:
+        changed = bytearray(data)
+        changed[flip % len(data)] ^= 1 << (flip % 8)
+        p.write_bytes(bytes(changed))
+        assert not entry.matches(*ck.digests(p))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,11 @@ def test_convert_each_zero_stage_bit_identical(zero_runs: dict[int, RunDir], sta
                                                    way: verified[-1]["weights_compared"]}
     converted = read_all(rd.path, {"ckpt_converted"})
     assert converted[-1]["tag"] == "step_0000004" and converted[-1]["shards"] == len(shards)
+    # the manifest: every file's size and CRC-32 (the shards' taken as they were read back, written side by side)
+    manifest = json.loads((out / ck.MANIFEST).read_text())
+    assert manifest["version"] == 2 and manifest["files"] == {
+        p.name: {"size": p.stat().st_size, "crc32": f"{zlib.crc32(p.read_bytes()):08x}"}
+        for p in out.iterdir() if p.name != ck.MANIFEST}
 
     tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     assert tok.eos_token_id == 2 and tok.pad_token_id == 3
@@ -101,7 +107,8 @@ def test_convert_bf16_from_fp32_training(zero_runs: dict[int, RunDir], tmp_path:
     from kit.tools.convert import convert, pick_checkpoint
 
     rd = zero_runs[2]
-    exp = convert(rd, pick_checkpoint(rd, 2), tmp_path / "bf16", "bf16")
+    exp = convert(rd, pick_checkpoint(rd, 2), tmp_path / "bf16", "bf16", shard_bytes=100_000)
+    assert exp.shards >= 3  # written side by side (write_weights' writers), each cast through its own buffers
     assert exp.verify["bit_identical"] and exp.verify["reference"] == "deepspeed zero_to_fp32"
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["use_cache"] is True
@@ -194,13 +201,16 @@ def test_verification_names_a_wrong_weight(zero_runs: dict[int, RunDir], tmp_pat
     assert not result["weights_identical"] and result["differing_weights"] == [name]
 
 
+@pytest.mark.parametrize("shard", ["2GB", "40KB"])
 def test_a_full_destination_is_one_clear_error_and_leaves_nothing(zero_runs: dict[int, RunDir], full_fs: Path,
-                                                                   capsys: Any) -> None:
+                                                                   capsys: Any, shard: str) -> None:
     """0.5 MB of weights onto a real 64 KiB filesystem: one red line that says the disk is full, and no
-    partial folder left behind (kit upload's full-destination path is tested in test_upload.py)."""
+    partial folder left behind (kit upload's full-destination path is tested in test_upload.py). In one
+    shard, and in 40 KB shards written side by side: the writer that meets the full disk stops the others
+    and its error is the one told."""
     rd = zero_runs[2]
     out = full_fs / "hf"
-    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out)]) == 1
+    assert kit_main(["convert", str(rd.path), "--step", "4", "--out", str(out), "--shard-size", shard]) == 1
     err = capsys.readouterr().err
     assert "is full; free space or choose another --out" in err and "Traceback" not in err
     assert list(full_fs.iterdir()) == []
@@ -267,9 +277,11 @@ def test_fallback_paths_give_the_same_bytes(zero_runs: dict[int, RunDir], tmp_pa
     from kit.tools.zero_reader import ZeroCheckpoint
 
     rd = zero_runs[2]
-    fast = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "fast", "fp32", check_source=True)
+    shard = 100_000  # several shards: written side by side where the extents are known, one by one when mapped
+    fast = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "fast", "fp32", shard, check_source=True)
     monkeypatch.setattr(conv._ShardFile, "kernel_copy", False)
-    buffered = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "buffered", "fp32", check_source=True)
+    buffered = conv.convert(rd, conv.pick_checkpoint(rd, 2), tmp_path / "buffered", "fp32", shard,
+                            check_source=True)
     monkeypatch.setattr(ZeroCheckpoint, "file_extents", lambda self: None)
     # no extents: the record check cannot follow the reads; every optimizer file is checked whole instead
     ckpt = conv.pick_checkpoint(rd, 2)
@@ -281,12 +293,12 @@ def test_fallback_paths_give_the_same_bytes(zero_runs: dict[int, RunDir], tmp_pa
         return whole(ckpt, only=only)
 
     monkeypatch.setattr(conv, "verify_source", verify_source)
-    mapped = conv.convert(rd, ckpt, tmp_path / "mapped", "fp32", check_source=True)
+    mapped = conv.convert(rd, ckpt, tmp_path / "mapped", "fp32", shard, check_source=True)
     optim = sorted(f.name for f in (rd.checkpoints / "step_0000002").glob("*_optim_states.pt"))
     assert len(optim) == 2 and [sorted(p.name for p in c) for c in checked] == [optim]
     assert fast.verify["bit_identical"] and buffered.verify["bit_identical"] and mapped.verify["bit_identical"]
     shards = sorted(p.name for p in (tmp_path / "fast").glob("*.safetensors"))
-    assert shards
+    assert len(shards) >= 3
     for name in shards:
         data = (tmp_path / "fast" / name).read_bytes()
         assert (tmp_path / "buffered" / name).read_bytes() == data
@@ -521,3 +533,57 @@ def test_the_default_check_leaves_adam_moments_to_the_full_check(zero_runs: dict
     err = capsys.readouterr().err
     assert f"is corrupt ({f.relative_to(step4)}: crc32 mismatch" in err and "Traceback" not in err
     _nothing_at(full)
+
+
+def test_the_exports_crc32s_guard_it_until_upload_which_takes_its_sha256(zero_runs: dict[int, RunDir],
+                                                                         tmp_path: Path, capsys: Any) -> None:
+    """The export's manifest lists CRC-32s, not sha256 (tools.convert._ShardFile.digest says why): `kit verify`
+    checks them, a byte changed in a shard after the conversion is named and `kit upload` refuses to send
+    it; a clean export uploads with each file's sha256, taken as the upload read it, in KIT_UPLOAD.json."""
+    import hashlib
+
+    from kit.errors import KitError as Refused
+    from kit.tools.upload import upload_folder
+
+    rd = zero_runs[1]
+    out = tmp_path / "hf"
+    assert kit_main(["convert", str(rd.path), "--step", "2", "--out", str(out), "--shard-size", "100KB",
+                     "--json"]) == 0
+    capsys.readouterr()
+    assert kit_main(["verify", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    up = upload_folder(out, f"file://{tmp_path}/remote")
+    sent = json.loads((tmp_path / "remote" / "KIT_UPLOAD.json").read_text())["files"]
+    assert up.sent == len(sent) and {rel: info["sha256"] for rel, info in sent.items()} == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+
+    shard = sorted(out.glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10  # a weight's byte, the size unchanged
+    shard.write_bytes(bytes(data))
+    assert kit_main(["verify", str(out), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["problems"] == [f"{shard.name}: crc32 mismatch"]
+    with pytest.raises(Refused, match=rf"does not match its MANIFEST.json \({shard.name}\): it is corrupt"):
+        upload_folder(out, f"file://{tmp_path}/remote2")
+    assert not (tmp_path / "remote2" / "KIT_UPLOAD.json").exists()
+
+
+def test_zero3_reference_crcs_without_the_copy_equal_deepspeeds_tensors(zero_runs: dict[int, RunDir],
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ZeRO-3's weights' check takes each zero_to_fp32 tensor's CRC-32 where its chunks lie (gathered_crc)
+    instead of from the copy DeepSpeed's contiguous() makes: for every tensor of a real ZeRO-3 checkpoint
+    the two are the same CRC-32; and where it cannot (another DeepSpeed's tensors), the copy is CRC'd as
+    before and the export still verifies."""
+    from kit.tools import verify_export as ve
+    from kit.tools.convert import convert, pick_checkpoint
+
+    rd = zero_runs[3]
+    ckpt = pick_checkpoint(rd, 4)
+    ref = ve.Reference(ckpt, torch.float32, rd.load_config())
+    assert ref.lazy and ref.kind == "deepspeed zero_to_fp32"
+    for name, t in ref.lazy.items():
+        assert ve.gathered_crc(t) == ve.tensor_crc(t.contiguous()), name
+    monkeypatch.setattr(ve, "gathered_crc", lambda t: None)
+    exp = convert(rd, ckpt, tmp_path / "hf", "fp32", check_source=True)
+    assert exp.verify["ok"] and exp.verify["weights_compared_by"]["crc32"] == exp.verify["weights_compared"]

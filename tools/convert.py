@@ -6,7 +6,7 @@ verified, so nothing at the destination looks complete before it is)::
     config.json, generation_config.json        from the run's frozen run.toml
     model-0000i-of-0000n.safetensors + index   sharded (model.safetensors when one shard)
     tokenizer.json, tokenizer_config.json      the run's tokenizer; AutoTokenizer loads it offline
-    MANIFEST.json                              written last: every file's size and sha256, the
+    MANIFEST.json                              written last: every file's size and CRC-32, the
                                                source checkpoint, the verification result
 
 Memory and speed: each tensor's bytes go from the ZeRO partitions (tools.zero_reader) straight into
@@ -14,8 +14,9 @@ its shard file, under a safetensors header built from the layout: fp32 copied fi
 kernel, bf16 cast 16 MB at a time. Peak memory is the Python process plus a few 16 MB buffers, not one
 shard, and not 2.3x the model like DeepSpeed's zero_to_fp32.
 
-One read of the export: each shard is read back from the page cache as it grows (:meth:`_ShardFile.digest`),
-on two threads, for three things at once: its sha256 (the manifest), the CRC-32 of each tensor (the
+Shards are written side by side (a writer per core, up to WRITERS), and each is read back from the page
+cache as it grows (:meth:`_ShardFile.digest`) for three things at once: its CRC-32 (the manifest; the
+sha256 is taken by ``kit upload``, which reads every byte anyway), the CRC-32 of each tensor (the
 verification), and the CRC-32 of each fp32 piece copied from the checkpoint (the source check). So the
 command costs about the conversion alone plus the logits check (bench/convert.py).
 
@@ -72,7 +73,7 @@ from kit.tools.zero_reader import MADV_DONTNEED, MADV_POPULATE_READ, ZeroCheckpo
 Reader: TypeAlias = ZeroCheckpoint | LayoutCheckpoint  # a data-parallel checkpoint, or one of any layout
 
 DTYPES = ("bf16", "fp32")
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: files list size and crc32 (1: size and sha256)
 
 
 def parse_size(text: str) -> int:
@@ -189,6 +190,7 @@ def plan_shards(reader: Reader, dtype: str, shard_bytes: int) -> list[list[int]]
 ST_DTYPE = {"bf16": "BF16", "fp32": "F32"}
 CHUNK = 16 << 20  # bytes of fp32 read at a time when weights go through this process
 HEADER_ALIGN = 64  # the tensors' bytes begin at a multiple of this (safetensors_header)
+WRITERS = 4  # at most this many shards written at once (write_weights)
 
 
 def safetensors_header(entries: list[tuple[str, tuple[int, ...], int]], dtype: str) -> tuple[bytes, list[str]]:
@@ -210,10 +212,10 @@ def safetensors_header(entries: list[tuple[str, tuple[int, ...], int]], dtype: s
 
 
 class _ShardFile:
-    """One shard being written, hashed as it grows: the writer appends and reports each step
+    """One shard being written, read back as it grows: the writer appends and reports each step
     (:meth:`write`, :meth:`sendfile`), a pool thread reads the new bytes back from the page cache and
-    hashes them (:meth:`digest`), so hashing starts with the first bytes, not after the whole shard.
-    pread, hashlib and sendfile release the GIL: the two go on in parallel on two cores.
+    takes their CRC-32s (:meth:`digest`), starting with the first bytes, not after the whole shard.
+    pread, kit.crc and sendfile release the GIL: the two go on in parallel.
 
     ``check``: the source check (tools.source_check.SourceCheck), told the CRC-32 of each piece of a
     ZeRO partition copied unchanged (fp32), from the same reads: the source is then not read twice."""
@@ -279,14 +281,21 @@ class _ShardFile:
             self.cond.notify()
 
     def digest(self) -> tuple[str, dict[str, int]]:
-        """sha256 of everything written, once the writer has closed (a pool thread runs this), and, from
-        the same reads, the CRC-32 of each tensor's bytes and of each copied piece (told to the source
-        check). The tensors are those the file's own header names (parsed from the bytes read back, not
-        taken from the writer), so the verification can check every tensor of the export as written
-        against the checkpoint's CRC-32s without reading it again (tools.verify_export). A tensor's
-        CRC-32 is its pieces' put together (crc32_combine); tensors the header does not lay out plainly
-        get none (compared by bytes)."""
-        h = hashlib.sha256()
+        """The file's CRC-32 (8 hex digits, for the export's manifest), once the writer has closed (a pool
+        thread runs this), and, from the same reads, the CRC-32 of each tensor's bytes and of each copied
+        piece (told to the source check). The tensors are those the file's own header names (parsed from
+        the bytes read back, not taken from the writer), so the verification can check every tensor of the
+        export as written against the checkpoint's CRC-32s without reading it again (tools.verify_export).
+        A tensor's CRC-32 is its pieces' put together (crc32_combine); tensors the header does not lay out
+        plainly get none (compared by bytes).
+
+        Why CRC-32 and not sha256 for the manifest: sha256 (OpenSSL, 1.7 GB/s a core here) was half the
+        command's CPU time and, on a two-core node, what kept it under half a copy's speed
+        (bench/convert.py); ISA-L's CRC-32 is ~15x faster. It catches any accidental change (an integrity
+        check, as the checkpoints' CRC-32s are for ``kit convert``); ``kit upload`` takes each file's
+        sha256 as it reads it to send (it always did, to check it against this manifest) and writes it
+        into the destination's KIT_UPLOAD.json, where the hub and ``kit verify URL`` use it."""
+        file_crc = 0
         buf = bytearray(self.READ)
         view = memoryview(buf)
         pos = 0
@@ -304,13 +313,13 @@ class _ShardFile:
                     end = self.written
                 if pos == end:
                     crcs.update((name, 0) for s0, s1, name in (spans or [])[k:] if s0 == s1 == pos)  # empty, last
-                    return h.hexdigest(), crcs
+                    return f"{file_crc:08x}", crcs
                 while pos < end:
                     got = os.preadv(f.fileno(), [view[:min(self.READ, end - pos)]], pos)
                     if got <= 0:
                         raise CheckpointError(f"{self.path} shrank while it was written; is another process "
                                               "writing the same export?")
-                    h.update(view[:got])
+                    file_crc = crc32(view[:got], file_crc)
                     if spans is not None and not spans and len(head) < (8 << 20):  # the header: the spans
                         head += view[:got]
                         spans = _tensor_spans(bytes(head))  # None: not laid out plainly; []: not whole yet
@@ -361,11 +370,17 @@ def _tensor_spans(head: bytes) -> list[tuple[int, int, str]] | None:
     return spans
 
 
+class _Stopped(Exception):
+    """A shard writer stopped because another one failed (write_weights raises that one's error)."""
+
+
 def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, progress: Any = None,
                   advance: Callable[[int], None] | None = None,
                   extents: list[list[tuple[int, int]]] | bool | None = True,
-                  check: SourceCheck | None = None) -> tuple[int, int, dict[str, str], dict[str, int]]:
-    """Write the safetensors shards (and their index); returns (shards, bytes, sha256 per shard file,
+                  check: SourceCheck | None = None,
+                  writers: int = 0,
+                  syncs: list[Future[None]] | None = None) -> tuple[int, int, dict[str, str], dict[str, int]]:
+    """Write the safetensors shards (and their index); returns (shards, bytes, CRC-32 per shard file,
     CRC-32 per tensor as read back from the shards: :meth:`_ShardFile.digest`).
 
     Each shard is its safetensors header (built here, from the layout alone) followed by each tensor's
@@ -377,14 +392,18 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
     - otherwise, through the mmapped partitions in CHUNK windows (madvise POPULATE_READ, cast or
       written as is, DONTNEED).
 
-    Either way resident memory stays at a few CHUNKs whatever the model size. ``extents``: the
+    Either way resident memory stays at a few CHUNKs per writer whatever the model size. ``extents``: the
     reader's file_extents() when the caller has them (True: find them here). ``check``: told of every
     range read from the optimizer files (tools.source_check: their CRC-32 is taken on the way).
 
-    Two threads hash the shards (for the export's manifest, and each tensor's and copied piece's CRC-32) as
-    they grow (:class:`_ShardFile`) and one fsyncs each finished shard, while the next is written. Hashing
-    is the largest cost (sha256 is slower than the kernel's copy); bench/convert.py compares with a plain
-    copy and with a copy plus sha256.
+    ``writers`` threads (0: one per core, at most WRITERS) write shards side by side when the partitions'
+    file extents are known: a kernel copy runs at one core's memory-copy speed, and one writer left the
+    other cores idle (two writers: 0.79 s -> 0.62 s for 1 GB here, bench/convert.py). Through memory maps
+    (no extents) one writer, shard after shard, so each shard's pages can be given back. A thread per
+    shard being written reads it back as it grows (:class:`_ShardFile`: its CRC-32 for the manifest, and
+    each tensor's and copied piece's), and one fsyncs each finished shard. ``syncs``: where given, the
+    fsyncs' futures are put there and not waited for (the caller waits before its commit point: the logits
+    check needs the bytes in the page cache, not on disk, and the last shard's fsync is then not in its way).
     """
     import torch
 
@@ -397,15 +416,16 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
     if extents is True:
         extents = reader.file_extents()
     assert extents is not True
-    buf = torch.empty(0 if extents and dtype == "fp32" else CHUNK, dtype=torch.uint8)
-    raw_bytes = bytearray(CHUNK if extents and dtype != "fp32" else 4)
-    raw = torch.frombuffer(raw_bytes, dtype=torch.float32)
     per_chunk = CHUNK // 4
+    by_name = {p.name: p for p in reader.params}
+    writers = max(1, min(writers or WRITERS, os.cpu_count() or 1, n)) if extents else 1
 
-    def write_cast(out: _ShardFile, r: int, offset: int, count: int) -> None:
-        """``count`` fp32 elements at ``offset`` of file ``r``, cast to the output dtype."""
+    def write_cast(out: _ShardFile, r: int, offset: int, count: int, raw_bytes: bytearray, buf: Any) -> None:
+        """``count`` fp32 elements at ``offset`` of file ``r``, cast to the output dtype (through this
+        writer's buffers)."""
         in_fd = srcs[r]
         view = memoryview(raw_bytes)
+        raw = torch.frombuffer(raw_bytes, dtype=torch.float32)
         for i in range(0, count, per_chunk):
             k = min(per_chunk, count - i)
             got = 0
@@ -421,7 +441,7 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
             cast.view(td).copy_(raw[:k])
             out.write(cast.numpy())
 
-    def write_mapped(out: _ShardFile, src: Any) -> None:
+    def write_mapped(out: _ShardFile, src: Any, buf: Any) -> None:
         for i in range(0, src.numel(), per_chunk):
             piece = src[i:i + per_chunk]
             advise(piece, MADV_POPULATE_READ)
@@ -433,49 +453,79 @@ def write_weights(reader: Reader, stage: Path, dtype: str, shard_bytes: int, pro
                 out.write(cast.numpy())
             advise(piece, MADV_DONTNEED)
 
+    def write_shard(k: int, parts: list[list[Any]] | None) -> int:
+        """Shard ``k``, whole: its bytes written, its read-back started, its fsync queued."""
+        fname = names[k]
+        specs = [reader.params[i] for i in plan[k]]
+        buf = torch.empty(0 if extents and dtype == "fp32" else CHUNK, dtype=torch.uint8)
+        raw_bytes = bytearray(CHUNK if extents and dtype != "fp32" else 4)
+        header, order = safetensors_header([(p.name, p.shape, p.numel * item) for p in specs], dtype)
+        out = _ShardFile(stage / fname, check)
+        hashes[fname] = hashing.submit(out.digest)
+        written = 0
+        try:
+            with torch.no_grad():
+                out.write(header)
+                for name in order:
+                    spec = by_name[name]
+                    for r, g, a, count in reader.ranges(spec):
+                        if stop.is_set():
+                            raise _Stopped  # another writer failed: its error is the one raised
+                        if extents and dtype == "fp32":  # the source check learns CRCs from out.digest
+                            out.sendfile(srcs[r], extents[r][g][0] + 4 * a, 4 * count, r)
+                        elif extents:
+                            write_cast(out, r, extents[r][g][0] + 4 * a, count, raw_bytes, buf)
+                        else:
+                            assert parts is not None
+                            write_mapped(out, parts[r][g].detach()[a:a + count], buf)
+                    written += spec.numel * item
+                    if advance:  # a progress bar's bytes written (rich's bars take a lock)
+                        advance(spec.numel * item)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            out.close()  # also on an error: the hashing thread must not wait for bytes that never come
+        pending.append(syncing.submit(fsync_path, out.path))
+        return written
+
     total = 0
     hashes: dict[str, Future[tuple[str, dict[str, int]]]] = {}
-    syncs: list[Future[None]] = []
+    wait_syncs = syncs is None
+    pending: list[Future[None]] = [] if syncs is None else syncs
+    stop = threading.Event()
     with contextlib.ExitStack() as stack:
-        hashing = stack.enter_context(ThreadPoolExecutor(max_workers=2))
-        syncing = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        hashing = stack.enter_context(ThreadPoolExecutor(max_workers=writers + 1))
+        syncing = ThreadPoolExecutor(max_workers=1)  # left running (the caller waits) where syncs was given
+        stack.callback(syncing.shutdown, wait=wait_syncs)
         srcs = [stack.enter_context(open(f, "rb")).fileno() for f in reader.optim_files] if extents else []
-        mapped = stack.enter_context(contextlib.ExitStack())
-        parts: list[list[Any]] | None = None
-        by_name = {p.name: p for p in reader.params}
-        for k, fname in enumerate(names):
-            specs = [reader.params[i] for i in plan[k]]
-            if not extents and (parts is None or advise.fn is None):  # no madvise: drop the pages per shard
-                mapped.close()
-                parts = mapped.enter_context(reader.open())
-            header, order = safetensors_header([(p.name, p.shape, p.numel * item) for p in specs], dtype)
-            out = _ShardFile(stage / fname, check)
-            hashes[fname] = hashing.submit(out.digest)
+        if writers > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-writer"))
+            jobs = [pool.submit(write_shard, k, None) for k in range(n)]
             try:
-                with torch.no_grad():
-                    out.write(header)
-                    for name in order:
-                        spec = by_name[name]
-                        for r, g, a, count in reader.ranges(spec):
-                            if extents and dtype == "fp32":  # the source check learns CRCs from out.digest
-                                out.sendfile(srcs[r], extents[r][g][0] + 4 * a, 4 * count, r)
-                            elif extents:
-                                write_cast(out, r, extents[r][g][0] + 4 * a, count)
-                            else:
-                                assert parts is not None
-                                write_mapped(out, parts[r][g].detach()[a:a + count])
-                        total += spec.numel * item
-                        if advance:  # a progress bar's bytes written
-                            advance(spec.numel * item)
-            finally:
-                out.close()  # also on an error: the hashing thread must not wait for bytes that never come
-            syncs.append(syncing.submit(fsync_path, out.path))
-            if progress:
-                progress(fname)
+                for fname, job in zip(names, jobs, strict=True):
+                    total += job.result()
+                    if progress:
+                        progress(fname)
+            except BaseException as e:
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                errors = [j.exception() for j in jobs if j.done() and not j.cancelled()]
+                raise next((x for x in errors if x is not None and not isinstance(x, _Stopped)), e) from None
+        else:
+            mapped = stack.enter_context(contextlib.ExitStack())
+            parts: list[list[Any]] | None = None
+            for k, fname in enumerate(names):
+                if not extents and (parts is None or advise.fn is None):  # no madvise: drop the pages per shard
+                    mapped.close()
+                    parts = mapped.enter_context(reader.open())
+                total += write_shard(k, parts)
+                if progress:
+                    progress(fname)
         done = {fname: f.result() for fname, f in hashes.items()}
         digests = {fname: d for fname, (d, _) in done.items()}
-        crcs = {name: crc for _, by_name in done.values() for name, crc in by_name.items()}
-        for f in syncs:
+        crcs = {name: crc for _, tensors in done.values() for name, crc in tensors.items()}
+        for f in pending if wait_syncs else []:
             f.result()
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -505,15 +555,16 @@ def write_config_and_tokenizer(rd: RunDir, cfg: RunConfig, stage: Path, dtype: s
 
 def write_export_manifest(stage: Path, ckpt: ck.Checkpoint, cfg: RunConfig, dtype: str,
                           verify: dict[str, Any], known: dict[str, str], source_check: str = "none") -> dict[str, Any]:
-    """MANIFEST.json of the export, last (same ``files`` format as a checkpoint's manifest); ``known``:
-    hashes computed while writing; ``source_check``: how the source was checked ("records": the zip
-    records read, "full": every byte, "none")."""
+    """MANIFEST.json of the export, last (a checkpoint manifest's ``files`` format, each file's size and
+    CRC-32: no sha256, see :meth:`_ShardFile.digest`); ``known``: CRC-32s taken while writing;
+    ``source_check``: how the source was checked ("records": the zip records read, "full": every byte,
+    "none")."""
     files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != ck.MANIFEST)
     manifest = {
         "version": EXPORT_VERSION,
         "kind": "hf-export",
         "created": time.time(),
-        "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "sha256": known.get(p.name) or ck.sha256(p)}
+        "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "crc32": known.get(p.name) or ck.crc32(p)}
                   for p in files},
         "export": {"tag": ckpt.tag, "step": ckpt.step, "run": cfg.run.name, "dtype": dtype,
                    "zero_stage": ckpt.manifest.kit.zero_stage, "config_digest": cfg.digest(),
@@ -571,8 +622,10 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
         warm = checking.submit(warm_up) if verify else None  # as is what from_pretrained builds on first use
         item = 2 if dtype == "bf16" else 4
         task = bars.task(f"writing {dtype}", sum(p.numel for p in reader.params) * item, unit="bytes")
+        syncs: list[Future[None]] = []  # the shards' fsyncs: waited for before the manifest, the commit point
         shards, nbytes, digests, crcs = write_weights(reader, stage, dtype, shard_bytes, progress,
-                                                      advance=task.advance, extents=extents, check=records)
+                                                      advance=task.advance, extents=extents, check=records,
+                                                      syncs=syncs)
         small.result()
         seconds = time.perf_counter() - t0
         # a corrupt source must not be verified against, nor exported
@@ -594,6 +647,8 @@ def convert(rd: RunDir, ckpt: ck.Checkpoint, out: Path, dtype: str = "", shard_b
                 raise CheckpointError(
                     f"the export of {ckpt.tag} does not reproduce the checkpoint's logits (max |diff| "
                     f"{result['max_abs_diff']:.3g} > tolerance {atol}; {weights}); nothing was written to {out}")
+        for f in syncs:
+            f.result()
         write_export_manifest(stage, ckpt, cfg, dtype, result, digests,
                               ("full" if full_check else "records") if check_source else "none")
         if out.exists():

@@ -221,12 +221,18 @@ def exists(url: str) -> bool:
     return bool(retrying(lambda: fs.exists(root), f"reading {redact(url)}", retries=2))
 
 
-def sha256_remote(fs: Any, path: str) -> str:
-    h = hashlib.sha256()
+def digest_remote(fs: Any, path: str, kind: str = "sha256") -> str:
+    """A remote file's sha256 (hex) or CRC-32 (8 hex digits, as manifests write it), read once."""
+    from kit.crc import crc32
+
+    h, crc = hashlib.sha256(), 0
     with fs.open(path, "rb", block_size=CHUNK) as f:
         while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+            if kind == "sha256":
+                h.update(chunk)
+            else:
+                crc = crc32(chunk, crc)
+    return h.hexdigest() if kind == "sha256" else f"{crc:08x}"
 
 
 def read_json(fs: Any, path: str) -> dict[str, Any] | None:
@@ -240,8 +246,10 @@ def read_json(fs: Any, path: str) -> dict[str, Any] | None:
 
 
 def check_files(files: dict[str, dict[str, Any]], size_of: Callable[[str], int | None],
-                hash_of: Callable[[str], str] | None, jobs: int = 4) -> list[str]:
-    """Problems of a folder against a manifest's ``files`` (sizes always, hashes when asked)."""
+                hash_of: Callable[[str, str], str] | None, jobs: int = 4) -> list[str]:
+    """Problems of a folder against a manifest's ``files`` (sizes always, hashes when asked).
+    ``hash_of(rel, kind)``: the file's digest of that kind, "sha256" where the entry lists one (a
+    checkpoint, an upload), else "crc32" (an export: tools.convert writes CRC-32s)."""
     def one(item: tuple[str, dict[str, Any]]) -> str:
         rel, info = item
         size = size_of(rel)
@@ -249,8 +257,12 @@ def check_files(files: dict[str, dict[str, Any]], size_of: Callable[[str], int |
             return f"{rel}: missing"
         if size != info["size"]:
             return f"{rel}: size {size} != {info['size']}"
-        if hash_of is not None and hash_of(rel) != info["sha256"]:
-            return f"{rel}: sha256 mismatch"
+        if hash_of is not None:
+            kind = next((k for k in ("sha256", "crc32") if info.get(k)), "")
+            if not kind:
+                return f"{rel}: the manifest lists no sha256 or crc32 for it (damaged manifest)"
+            if hash_of(rel, kind) != info[kind]:
+                return f"{rel}: {kind} mismatch"
         return ""
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -275,8 +287,8 @@ def verify_url(url: str, hashes: bool = True, jobs: int = 4) -> tuple[dict[str, 
         except FileNotFoundError:
             return None
 
-    def hash_of(rel: str) -> str:
-        return retrying(lambda: sha256_remote(fs, f"{root}/{rel}"), f"reading {rel}", retries=2)
+    def hash_of(rel: str, kind: str) -> str:
+        return retrying(lambda: digest_remote(fs, f"{root}/{rel}", kind), f"reading {rel}", retries=2)
 
     return manifest, check_files(manifest.get("files", {}), lambda rel: retrying(
         lambda: size_of(rel), f"reading {rel}", retries=2), hash_of if hashes else None, jobs)
@@ -284,15 +296,18 @@ def verify_url(url: str, hashes: bool = True, jobs: int = 4) -> tuple[dict[str, 
 
 def verify_local(path: Path, hashes: bool = True, jobs: int = 4) -> tuple[dict[str, Any] | None, list[str]]:
     """Check a local folder (a checkpoint, an export) against its MANIFEST.json; (its files, problems)."""
-    from kit.checkpoint import MANIFEST, read_file_list, sha256
+    from kit.checkpoint import MANIFEST, crc32, read_file_list, sha256
 
     listed = read_file_list(path)
     if listed is None:
         return None, [f"no {MANIFEST}: {path} is incomplete (or not a checkpoint or export)"]
-    files = {rel: {"size": f.size, "sha256": f.sha256} for rel, f in listed.items()}
+    files = {rel: f.to_dict() for rel, f in listed.items()}
 
     def size_of(rel: str) -> int | None:
         p = path / rel
         return p.stat().st_size if p.is_file() else None
 
-    return {"files": files}, check_files(files, size_of, (lambda rel: sha256(path / rel)) if hashes else None, jobs)
+    def hash_of(rel: str, kind: str) -> str:
+        return sha256(path / rel) if kind == "sha256" else crc32(path / rel)
+
+    return {"files": files}, check_files(files, size_of, hash_of if hashes else None, jobs)

@@ -9,7 +9,7 @@ what it uses, as it uses it:
 
 - the records it reads weights from (the fp32 partitions, located by
   tools.zero_reader.ZeroCheckpoint.file_extents): the CRC-32 of each range the writer copies unchanged
-  (fp32) is taken from the export's copy of it, as the export is read back for its sha256
+  (fp32) is taken from the export's copy of it, as the export is read back for its CRC-32s
   (:meth:`SourceCheck.known`); a range it casts (bf16) is read back from the page cache (it was just
   read from there) and its CRC-32 taken on a worker thread (:meth:`SourceCheck.sent`); at the end the
   pieces are put together in the record's order
@@ -221,7 +221,7 @@ class SourceCheck:
 
     def known(self, file: int, offset: int, nbytes: int, crc: int) -> None:
         """The CRC-32 of ``nbytes`` of file ``file`` at ``offset``, taken elsewhere: from the export's
-        bytes as they were read back for its sha256 (tools.convert; fp32 pieces are copied unchanged).
+        bytes as they were read back for its CRC-32s (tools.convert; fp32 pieces are copied unchanged).
         Nothing is read here. A record put together from such pieces that does not match is read again
         from the checkpoint itself in :meth:`finish`, to tell a damaged source from a bad copy."""
         if file in self._members and nbytes > 0:

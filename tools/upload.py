@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kit.checkpoint import MANIFEST, read_file_list, sha256
+from kit.checkpoint import MANIFEST, digests, read_file_list
 from kit.errors import CheckpointError, KitError
 from kit.faults import fault_point
 from kit.tools.remote import (
@@ -60,8 +60,10 @@ class UploadResult:
 
 
 def local_inventory(src: Path, jobs: int = 4, progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file under ``src``; checked against its MANIFEST.json when it has one.
-    ``progress``: a bar of the bytes hashed (hashing a large checkpoint takes minutes)."""
+    """Size and sha256 of every file under ``src``; checked against its MANIFEST.json when it has one
+    (by the hashes it lists: a checkpoint's sha256, an export's CRC-32; both come from the one read,
+    kit.checkpoint.digests). ``progress``: a bar of the bytes hashed (hashing a large checkpoint takes
+    minutes)."""
     if not src.is_dir():
         raise KitError(f"{src} is not a folder; give a checkpoint or export folder to upload")
     files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
@@ -70,17 +72,16 @@ def local_inventory(src: Path, jobs: int = 4, progress: bool = False) -> dict[st
     with Bars(enabled=progress) as bars, ThreadPoolExecutor(max_workers=jobs) as pool:
         task = bars.task("hashing", sum(p.stat().st_size for p in files), unit="bytes")
 
-        def one(p: Path) -> str:
-            d = sha256(p)
+        def one(p: Path) -> tuple[str, str]:
+            d = digests(p)
             task.advance(p.stat().st_size)
             return d
 
-        digests = list(pool.map(one, files))
-    inv = {str(p.relative_to(src)): {"size": p.stat().st_size, "sha256": d}
-           for p, d in zip(files, digests, strict=True)}
+        hashed = dict(zip((str(p.relative_to(src)) for p in files), pool.map(one, files), strict=True))
+    inv = {rel: {"size": (src / rel).stat().st_size, "sha256": sha} for rel, (sha, _) in hashed.items()}
     listed = read_file_list(src)
     if listed is not None:
-        bad = [rel for rel, info in listed.items() if inv.get(rel, {}).get("sha256") != info.sha256]
+        bad = [rel for rel, info in listed.items() if rel not in hashed or not info.matches(*hashed[rel])]
         if bad:
             raise CheckpointError(f"{src} does not match its {MANIFEST} ({', '.join(bad[:3])}): it is corrupt; "
                                   "it was not uploaded")
@@ -332,7 +333,7 @@ def run(args: argparse.Namespace, verb: str) -> int:
         print(json.dumps({"target": redact(target), "ok": ok, "files": n, "hashes": not args.quick,
                           "problems": problems}, indent=1))
     elif ok:
-        print(f"{redact(target)}: OK, {n} file(s) match the manifest ({'sizes' if args.quick else 'sizes and sha256'})")
+        print(f"{redact(target)}: OK, {n} file(s) match the manifest ({'sizes' if args.quick else 'sizes and hashes'})")
     if not ok:
         if not args.json:
             for prob in problems[:20]:

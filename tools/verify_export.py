@@ -16,7 +16,7 @@ What is checked, and why it is bounded (issue 16: verification held two whole mo
 model in memory, more than DeepSpeed's converter itself):
 1. weights: every tensor of the export against the reference, one tensor at a time: by CRC-32 where
    tools.convert gives the export's tensors' CRC-32s (taken from the shards as written, in the read for
-   the manifest's sha256): against the CRC-32s torch.save wrote for the module weights (ZeRO-1/2: no
+   the manifest's CRC-32s): against the CRC-32s torch.save wrote for the module weights (ZeRO-1/2: no
    weight read at all; :func:`saved_record_check`), or the reference tensor's own CRC-32 (zero_to_fp32);
    otherwise (and for a tensor not proven so) bit for bit. The reference's file pages are dropped behind
    (madvise), so memory stays at about the largest tensor;
@@ -115,6 +115,21 @@ class Reference:
             return self.module[name]
         t = self.lazy[name]
         return (t.contiguous() if hasattr(t, "contiguous") else t).to(self.dtype)
+
+    def crc(self, name: str) -> int | None:
+        """The CRC-32 of the reference tensor ``name`` without copying it (:func:`gathered_crc`), where it
+        is a zero_to_fp32 tensor already in the export dtype (fp32); else None (:meth:`get` it)."""
+        import torch
+
+        t = self.lazy.get(name) if self.module is None and self.dtype == torch.float32 else None
+        if t is None:
+            return None
+        crc = gathered_crc(t)
+        if crc is not None:
+            self._read += 4 * int(t.shape.numel())
+            if self._read >= DROP_EVERY:
+                self.drop()
+        return crc
 
     def drop(self) -> None:
         """Give back every file page read so far (the next reads fault them in again from the page cache)."""
@@ -257,13 +272,53 @@ def tensor_crc(t: Any) -> int:
     return crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def gathered_crc(t: Any) -> int | None:
+    """CRC-32 of a DeepSpeed zero_to_fp32 ``GatheredTensor`` (its lazy ZeRO-3 tensor) as its
+    ``contiguous()`` would make it, without making it: the same chunks, chosen by the same steps as
+    DeepSpeed's (every rank's slices of the flat groups the tensor's range touches, then the first
+    numel elements), CRC'd where they lie (the flat groups are memory mappings) instead of copied
+    together by torch.cat. The copy into fresh memory was most of the ZeRO-3 weights' check
+    (bench/convert.py). None where ``t`` is not such a tensor (another DeepSpeed: the caller copies)."""
+    import math
+
+    import torch
+
+    from kit.crc import crc32
+
+    try:
+        flat_groups, bounds = t.flat_groups, t.flat_groups_offset
+        offset, end_idx, left = t.offset, t.offset + t.partitioned_numel, math.prod(t.shape)
+    except AttributeError:
+        return None
+    crc = 0
+    for groups in flat_groups:  # DeepSpeed's GatheredTensor.contiguous, step for step
+        start_group_id = end_group_id = None
+        for group_id in range(len(bounds) - 1):
+            if bounds[group_id] <= offset < bounds[group_id + 1]:
+                start_group_id = group_id
+            if bounds[group_id] < end_idx <= bounds[group_id + 1]:
+                end_group_id = group_id
+                break
+        if start_group_id is None or end_group_id is None:
+            return None
+        for group_id in range(start_group_id, end_group_id + 1):
+            chunk = groups[group_id][offset - bounds[group_id]:min(end_idx, bounds[group_id + 1]) - bounds[group_id]]
+            take = min(chunk.numel(), left)
+            if take <= 0:
+                break
+            if chunk.dtype != torch.float32 or not chunk.is_contiguous():
+                return None
+            crc, left = crc32(chunk[:take].view(torch.uint8).numpy(), crc), left - take
+    return crc if left == 0 else None
+
+
 def compare_weights(ref: Reference, export: Path,
                     crcs: dict[str, int] | None = None) -> tuple[list[str], int, dict[str, int]]:
     """Names of the tensors that differ (or are missing on either side), how many were compared, and
     how many each way ("saved_crc32", "crc32", "bytes").
 
     ``crcs``: the CRC-32 of each export tensor, taken from the shards as they were written (tools.convert
-    reads every byte back for the manifest's sha256 anyway). A tensor that has one is compared by it:
+    reads every byte back for the manifest's CRC-32s anyway). A tensor that has one is compared by it:
     against the CRC-32 torch.save wrote for the reference tensor (the engine's module weights: nothing
     read at all), or else against the reference tensor's own CRC-32; the rest byte for byte, the export
     read with safetensors' reader. A CRC-32 differs for any change of up to 32 consecutive bits and for
@@ -284,8 +339,14 @@ def compare_weights(ref: Reference, export: Path,
                 if name not in wanted:
                     differing.append(name)
                     continue
-                want = ref.get(name)  # the module's: a file mapping, nothing read yet
                 sl = f.get_slice(name)
+                if name in crcs and sl.get_dtype() == "F32" and (fast := ref.crc(name)) is not None:
+                    same = tuple(sl.get_shape()) == tuple(ref.lazy[name].shape) and fast == crcs[name]
+                    how["crc32"] += 1  # the zero_to_fp32 tensor's CRC-32, taken where its chunks lie
+                    if not same:
+                        differing.append(name)
+                    continue
+                want = ref.get(name)  # the module's: a file mapping, nothing read yet
                 plain = want.dtype == ref.dtype and sl.get_dtype() == _st_dtype(want)
                 if plain and name in saved:
                     same = tuple(sl.get_shape()) == tuple(want.shape)
