@@ -18,16 +18,16 @@ is already there: ``--runs``). Then, per checkpoint, each in a fresh process (so
   (``--shard-size``), no source check, no verification;
 - ``copy``: shutil.copyfile of the exported shards (the same bytes) to another folder (sendfile:
   the bytes stay in the kernel), and ``copy_userspace``: the same through a buffer in this process;
-  ``copy_sha256``: the sendfile copy, then the sha256 of each copied shard (what kit's manifest needs
-  too: the least a converter that hashes its output must do, so kit's floor on this machine);
+  ``copy_sha256``: the sendfile copy, then the sha256 of each copied shard (what kit's manifest needed
+  before it listed CRC-32s, and what ``kit upload`` does as it reads each file: for comparison);
 - ``kit_bf16``: kit writing bf16 shards (half the bytes, cast on the way), for information;
 - ``zero_to_fp32``: DeepSpeed's get_fp32_state_dict_from_zero_checkpoint, then
   BloomForCausalLM.load_state_dict and save_pretrained (the documented route).
 
 What is compared: the same output bytes (the fp32 shards), from the same page-cache-warm sources.
 kit's time covers everything ``convert(..., verify=False)`` does: read the ZeRO layout, check the model,
-write the shards, index, config and tokenizer files, hash every file for MANIFEST.json, fsync the
-shards; the copies only copy (and, for copy_sha256, hash) the shards. Every route's clock starts after
+write the shards (side by side), index, config and tokenizer files, CRC-32 every file for MANIFEST.json,
+fsync the shards; the copies only copy (and, for copy_sha256, hash) the shards. Every route's clock starts after
 its imports (reported apart as import_s) and stops after its output is fsynced. kit also reports
 where its time went (``phases``: wall seconds of each step of convert(), and, untimed, of the check of
 the source checkpoint's hashes that ``kit convert`` does first).
