@@ -469,15 +469,27 @@ def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path,
     differing_weights, weights_compared_by, atol, reference, ...). ``crcs``: the export's tensors'
     CRC-32s as written (tools.convert).
 
-    One thing after another: the reference's logits computed on a thread while the shards were written
-    slowed the writing by as much (two busy cores), and beside the weights' comparison, ZeRO-3's reference
-    tensors and the prefix models took the command over half of DeepSpeed's converter's memory
-    (bench/convert.py)."""
+    Mostly one thing after another: the reference's logits computed on a thread while the shards were
+    written slowed the writing by as much (two busy cores), and the two logits computed side by side
+    gained nothing. Where the weights' check copies nothing (a fp32 export of ZeRO-3: the zero_to_fp32
+    tensors' CRC-32s taken where their chunks lie, :meth:`Reference.crc`) it runs on a thread beside the
+    logits check, in the single-threaded parts of that (from_pretrained, the reference's gathering):
+    -0.1 s (bench/convert.py). Where it copies (the reference tensors of other dtypes, of layouts), it
+    runs first: beside the prefix models those copies took the command over half of DeepSpeed's
+    converter's memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     ref = Reference(ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name], cfg)
-    differing, compared, how = compare_weights(ref, export, crcs)
-    got, want = sampled_logits(cfg, ref, export)
+    if ref.module is None and ref.dtype == torch.float32 and crcs:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-check") as pool:
+            weights = pool.submit(compare_weights, ref, export, crcs)
+            got, want = sampled_logits(cfg, ref, export)
+            differing, compared, how = weights.result()
+    else:
+        differing, compared, how = compare_weights(ref, export, crcs)
+        got, want = sampled_logits(cfg, ref, export)
     diff = float((got.float() - want.float()).abs().max())
     return {"ok": not differing and diff <= atol, "bit_identical": bool(torch.equal(got, want)),
             "max_abs_diff": diff, "weights_identical": not differing, "differing_weights": differing[:5],
