@@ -31,18 +31,22 @@ KILL_STEP = 31
 
 def _stalls_within(events: list[dict[str, Any]], t0: float, t1: float) -> float:
     """Seconds in [t0, t1] that were not training: checkpoint stalls (a synchronous save's whole time, an
-    async save's stall_s) and live evaluations (the account books them as evaluation, not as redone work)."""
+    async save's stall_s) and live evaluations (the account books them as evaluation, not as redone work),
+    each by its overlap with [t0, t1]: a save begins right after its step's event, and its start, recorded
+    as t - seconds with seconds rounded to the millisecond, can fall just before t0 (a CI run: the save at
+    step 20 started 0.1 ms before step 20's event by that arithmetic, and its 12 ms stall is inside)."""
+    def overlap(start: float, end: float) -> float:
+        return max(0.0, min(end, t1) - max(start, t0))
+
     out = 0.0
     for e in events:
         if e["kind"] == "ckpt_saved":
             # the stall is the save's first stall_s seconds; an async save's event comes when its writer
             # commits, possibly after t1, while its stall lies within [t0, t1]
-            start, stall = e["t"] - e["seconds"], e.get("stall_s", e["seconds"])
-            if t0 <= start and start + stall <= t1:
-                out += stall
-        elif (e["kind"] == "eval" and e.get("by", "live") == "live" and e.get("seconds") is not None
-              and t0 <= e["t"] - e["seconds"] and e["t"] <= t1):
-            out += e["seconds"]
+            start = e["t"] - e["seconds"]
+            out += overlap(start, start + e.get("stall_s", e["seconds"]))
+        elif e["kind"] == "eval" and e.get("by", "live") == "live" and e.get("seconds") is not None:
+            out += overlap(e["t"] - e["seconds"], e["t"])
     return out
 
 
