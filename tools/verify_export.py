@@ -483,6 +483,8 @@ def verify_export(rd: RunDir, cfg: RunConfig, ckpt: ck.Checkpoint, export: Path,
 
     ref = Reference(ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name], cfg)
     if ref.module is None and ref.dtype == torch.float32 and crcs:
+        # both threads only read ``ref``'s file mappings (torch.load's mmap: MAP_PRIVATE, never written);
+        # a drop() by either gives pages back that the other's next read faults in again from the page cache
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-check") as pool:
             weights = pool.submit(compare_weights, ref, export, crcs)
             got, want = sampled_logits(cfg, ref, export)
